@@ -1,0 +1,159 @@
+//! The command line: parse arguments, load and validate config, run one command. Every
+//! failure ends here with a message and a distinct exit code.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, Host, ValidConfig};
+use crate::shell::runtime::{self, exit_code};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Edge ingestion appliance: QUIC in, durable Kafka-format log, Kafka upstream"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance: one pinned executor per core, partitions recovered and
+    /// served, admin endpoint on admin.listen. Stops cleanly on SIGINT/SIGTERM.
+    Serve {
+        /// Config file; without it the embedded default (firmware-config/weir.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use the first N usable CPUs instead of engine.cores.
+        #[arg(long)]
+        cores: Option<usize>,
+    },
+    /// Verify a data directory or one partition: every batch CRC, offset continuity,
+    /// index agreement. Exits 1 naming the first problem's file and byte offset.
+    Inspect {
+        path: PathBuf,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and validate a config, print every problem, exit 2 if there is one.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConfig, ConfigError> {
+    let host = Host::probe();
+    let (config, origin) = match path {
+        Some(path) => (Config::load(path)?, path.display().to_string()),
+        None => (Config::embedded(), "(embedded default)".to_owned()),
+    };
+    let valid = config.validate(&host, &origin)?;
+    match cores {
+        Some(count) => valid.with_core_count(count, &host),
+        None => Ok(valid),
+    }
+}
+
+/// Runs the command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Serve { config, cores } => {
+            let valid = match load_config(config.as_ref(), cores) {
+                Ok(valid) => valid,
+                Err(error) => {
+                    eprintln!("weir: {error}");
+                    return exit_code::BAD_CONFIG;
+                }
+            };
+            let shutdown = Arc::new(AtomicBool::new(false));
+            if let Err(error) = runtime::shutdown_on_signals(&shutdown) {
+                eprintln!("weir: fatal: cannot install signal handlers: {error}");
+                return exit_code::CORE_FAILED;
+            }
+            match runtime::serve(valid, shutdown) {
+                Ok(()) => exit_code::CLEAN,
+                Err(fatal) => {
+                    eprintln!("weir: fatal: {fatal}");
+                    fatal.exit_code()
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load_config(config.as_ref(), None) {
+            Ok(valid) => {
+                let partitions: u32 = valid.config.topics.iter().map(|topic| topic.partitions).sum();
+                println!(
+                    "config ok: {} cores {:?}, {} topics, {partitions} partitions, data in {}",
+                    valid.cores.len(),
+                    valid.cores,
+                    valid.config.topics.len(),
+                    valid.config.data_dir.display()
+                );
+                exit_code::CLEAN
+            }
+            Err(error) => {
+                eprintln!("weir: {error}");
+                exit_code::BAD_CONFIG
+            }
+        },
+        Command::Inspect { path, json } => inspect(&path, json),
+    }
+}
+
+fn inspect(path: &std::path::Path, json: bool) -> i32 {
+    let total = crate::inspect::total_bytes(path);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("verifying {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    if total < (64 << 20) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let result = crate::inspect::inspect(path, |bytes| bar.inc(bytes));
+    bar.finish_and_clear();
+    match result {
+        Ok(summary) => {
+            if json {
+                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+            } else {
+                let mut totals = (0u64, 0u64, 0u64, 0u64);
+                for partition in &summary.partitions {
+                    println!(
+                        "{}: {} segments, {} batches, {} records, {} bytes, offsets {}..{}: ok",
+                        partition.name,
+                        partition.segments,
+                        partition.batches,
+                        partition.records,
+                        partition.bytes,
+                        partition.start_offset,
+                        partition.next_offset
+                    );
+                    totals.0 += partition.segments;
+                    totals.1 += partition.batches;
+                    totals.2 += partition.records;
+                    totals.3 += partition.bytes;
+                }
+                println!(
+                    "ok: {} partitions, {} segments, {} batches, {} records, {} bytes verified",
+                    summary.partitions.len(),
+                    totals.0,
+                    totals.1,
+                    totals.2,
+                    totals.3
+                );
+            }
+            exit_code::CLEAN
+        }
+        Err(problem) => {
+            eprintln!("weir inspect: problem: {problem}");
+            exit_code::PROBLEMS_FOUND
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! The operator's config: parsed from TOML, then validated as a whole before any core
+//! starts. Every field has a default (the embedded `firmware-config/weir.toml` states
+//! them all), a unit carried in its name, and a documented cost.
+//!
+//! Two tiers (TigerBeetle, Iggy): what is stamped into files (the batch format, the
+//! direct I/O alignment) lives in `crate::core::log` as constants; what an operator
+//! tunes lives here. Validation reports every bad field with its path and why; unknown
+//! keys are errors, not silently ignored.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::core::log::batch::BATCH_BYTES_MAX;
+
+/// The embedded default config: exactly `firmware-config/weir.toml`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../firmware-config/weir.toml");
+
+/// The alignment of every direct I/O write position and size (stamped into the format:
+/// segment files are laid out in these pages).
+pub const DIRECT_IO_ALIGNMENT_BYTES: u64 = 4096;
+/// The most cores weir will pin executors to.
+pub const CORES_MAX: usize = 1024;
+/// The most partitions of one topic.
+pub const TOPIC_PARTITIONS_MAX: u32 = 4096;
+/// The most topics.
+pub const TOPICS_MAX: usize = 256;
+/// Kafka's own topic name limit.
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+/// Index positions are u32: no segment may be larger.
+pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64 + 1 - DIRECT_IO_ALIGNMENT_BYTES;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default = "default_topics")]
+    pub topics: Vec<TopicConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EngineConfig {
+    #[serde(default)]
+    pub cores: CoreSelection,
+    #[serde(default = "default_io_memory_bytes")]
+    pub io_memory_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogConfig {
+    #[serde(default = "default_segment_bytes_max")]
+    pub segment_bytes_max: ByteSize,
+    #[serde(default = "default_segment_age_s_max")]
+    pub segment_age_s_max: Seconds,
+    #[serde(default = "default_index_interval_bytes")]
+    pub index_interval_bytes: ByteSize,
+    #[serde(default = "default_preallocate_bytes")]
+    pub preallocate_bytes: ByteSize,
+    #[serde(default = "default_flush_delay_us_max")]
+    pub flush_delay_us_max: Micros,
+    #[serde(default = "default_flush_bytes_max")]
+    pub flush_bytes_max: ByteSize,
+    #[serde(default = "default_appends_pending_max")]
+    pub appends_pending_max: u32,
+    #[serde(default = "default_partition_bytes_max")]
+    pub partition_bytes_max: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TopicConfig {
+    pub name: String,
+    pub partitions: u32,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./weir-data")
+}
+fn default_io_memory_bytes() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_segment_bytes_max() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_segment_age_s_max() -> Seconds {
+    Seconds(3600)
+}
+fn default_index_interval_bytes() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_preallocate_bytes() -> ByteSize {
+    ByteSize(32 << 20)
+}
+fn default_flush_delay_us_max() -> Micros {
+    Micros(250)
+}
+fn default_flush_bytes_max() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_appends_pending_max() -> u32 {
+    4096
+}
+fn default_partition_bytes_max() -> ByteSize {
+    ByteSize(8 << 30)
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+fn default_topics() -> Vec<TopicConfig> {
+    vec![TopicConfig { name: "telemetry".to_owned(), partitions: 4 }]
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { cores: CoreSelection::default(), io_memory_bytes: default_io_memory_bytes() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes_max: default_segment_bytes_max(),
+            segment_age_s_max: default_segment_age_s_max(),
+            index_interval_bytes: default_index_interval_bytes(),
+            preallocate_bytes: default_preallocate_bytes(),
+            flush_delay_us_max: default_flush_delay_us_max(),
+            flush_bytes_max: default_flush_bytes_max(),
+            appends_pending_max: default_appends_pending_max(),
+            partition_bytes_max: default_partition_bytes_max(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: default_admin_listen() }
+    }
+}
+
+/// Which CPUs get an executor: `"all"` (every online CPU this process may run on) or
+/// a list of CPU ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CoreSelection {
+    #[default]
+    All,
+    List(Vec<usize>),
+}
+
+impl<'de> Deserialize<'de> for CoreSelection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CoresVisitor;
+        impl<'de> Visitor<'de> for CoresVisitor {
+            type Value = CoreSelection;
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("\"all\" or a list of CPU ids such as [0, 1]")
+            }
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                if value == "all" {
+                    Ok(CoreSelection::All)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(value), &self))
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut cores = Vec::new();
+                while let Some(core) = seq.next_element::<usize>()? {
+                    if cores.len() >= CORES_MAX {
+                        return Err(de::Error::custom(format!("more than {CORES_MAX} cores")));
+                    }
+                    cores.push(core);
+                }
+                Ok(CoreSelection::List(cores))
+            }
+        }
+        deserializer.deserialize_any(CoresVisitor)
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"64 KiB"`, `"1 GiB"`, `"10 MB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+/// A duration in microseconds: an integer, or a string with a unit (`"250us"`, `"2 ms"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Micros(pub u64);
+
+/// A duration in seconds: an integer, or a string with a unit (`"90 s"`, `"1 h"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub u64);
+
+fn split_number_unit(text: &str) -> Option<(u64, &str)> {
+    let text = text.trim();
+    let digits_end = text.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(text.len());
+    if digits_end == 0 {
+        return None;
+    }
+    let number = text[..digits_end].replace('_', "").parse().ok()?;
+    Some((number, text[digits_end..].trim()))
+}
+
+fn byte_unit(unit: &str) -> Option<u64> {
+    Some(match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    })
+}
+
+fn time_unit_ns(unit: &str) -> Option<u64> {
+    Some(match unit {
+        "ns" => 1,
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
+        _ => return None,
+    })
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (number, unit) = split_number_unit(text).ok_or_else(|| format!("{text:?} is not a size such as \"64 KiB\""))?;
+    match byte_unit(unit) {
+        Some(scale) => number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large")),
+        None if time_unit_ns(unit).is_some() => {
+            Err(format!("wrong unit in {text:?}: this field is a size in bytes (B, KiB, MiB, GiB, KB, MB, GB)"))
+        }
+        None => Err(format!("unknown unit {unit:?} in {text:?}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")),
+    }
+}
+
+fn parse_duration(text: &str, unit_ns: u64, unit_name: &str) -> Result<u64, String> {
+    let (number, unit) =
+        split_number_unit(text).ok_or_else(|| format!("{text:?} is not a duration such as \"250 us\""))?;
+    let scale_ns = match time_unit_ns(unit) {
+        Some(scale) => scale,
+        None if unit.is_empty() => unit_ns,
+        None if byte_unit(unit).is_some() => {
+            return Err(format!("wrong unit in {text:?}: this field is a duration (ns, us, ms, s, min, h, d)"))
+        }
+        None => return Err(format!("unknown unit {unit:?} in {text:?}: use ns, us, ms, s, min, h or d")),
+    };
+    let total_ns = number.checked_mul(scale_ns).ok_or_else(|| format!("{text:?} is too large"))?;
+    if total_ns % unit_ns != 0 {
+        return Err(format!("{text:?} is not a whole number of {unit_name}"));
+    }
+    Ok(total_ns / unit_ns)
+}
+
+macro_rules! unit_deserialize {
+    ($type:ident, $expecting:literal, $parse:expr) => {
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct UnitVisitor;
+                impl<'de> Visitor<'de> for UnitVisitor {
+                    type Value = $type;
+                    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                        formatter.write_str($expecting)
+                    }
+                    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Self::Value, E> {
+                        Ok($type(value))
+                    }
+                    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Self::Value, E> {
+                        u64::try_from(value).map($type).map_err(|_| E::custom(format!("{value} is negative")))
+                    }
+                    fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                        let parse: fn(&str) -> Result<u64, String> = $parse;
+                        parse(value).map($type).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_any(UnitVisitor)
+            }
+        }
+    };
+}
+
+unit_deserialize!(ByteSize, "a size: bytes as an integer, or a string such as \"64 KiB\"", parse_bytes);
+unit_deserialize!(Micros, "microseconds as an integer, or a string such as \"250 us\"", |text| parse_duration(
+    text,
+    1_000,
+    "microseconds"
+));
+unit_deserialize!(Seconds, "seconds as an integer, or a string such as \"1 h\"", |text| parse_duration(
+    text,
+    1_000_000_000,
+    "seconds"
+));
+
+/// One problem with the config: the field's path and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub path: String,
+    pub why: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}: {}", self.path, self.why)
+    }
+}
+
+/// Why a config cannot be used; every problem found is listed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}", render_problems(origin, problems))]
+    Invalid { origin: String, problems: Vec<ConfigProblem> },
+}
+
+fn render_problems(origin: &str, problems: &[ConfigProblem]) -> String {
+    let mut text =
+        format!("invalid config {origin} ({} problem{}):", problems.len(), if problems.len() == 1 { "" } else { "s" });
+    for problem in problems {
+        text.push_str(&format!("\n  {problem}"));
+    }
+    text
+}
+
+/// The facts about this host that validation checks the config against.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// CPU ids that are online and in this process's affinity mask.
+    pub usable_cpus: BTreeSet<usize>,
+}
+
+impl Host {
+    pub fn probe() -> Host {
+        Host { usable_cpus: crate::shell::sys::usable_cpus() }
+    }
+}
+
+/// A config that passed validation, with the cores resolved to CPU ids.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    pub config: Config,
+    pub cores: Vec<usize>,
+}
+
+impl Config {
+    /// Parses TOML; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut unknown = Vec::new();
+        let deserializer = toml::Deserializer::new(text);
+        let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let result: Result<Config, _> =
+            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(deserializer, &mut note_unknown));
+        let mut problems: Vec<ConfigProblem> =
+            unknown.into_iter().map(|path| ConfigProblem { path, why: "unknown key".to_owned() }).collect();
+        match result {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError::Invalid { origin: origin.to_owned(), problems }),
+            Err(error) => {
+                let path = error.path().to_string();
+                let inner = error.into_inner();
+                let why = inner.message().trim().to_owned();
+                let path = if path == "." { "(top level)".to_owned() } else { path };
+                problems.push(ConfigProblem { path, why });
+                Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
+            }
+        }
+    }
+
+    /// The embedded default config.
+    pub fn embedded() -> Config {
+        Config::parse(DEFAULT_CONFIG_TOML, "(embedded default)").expect("the embedded default config parses")
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks every field against the others and against `host`.
+    pub fn validate(self, host: &Host, origin: &str) -> Result<ValidConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |path: &str, why: String| problems.push(ConfigProblem { path: path.to_owned(), why });
+
+        let cores: Vec<usize> = match &self.engine.cores {
+            CoreSelection::All => host.usable_cpus.iter().copied().collect(),
+            CoreSelection::List(list) => list.clone(),
+        };
+        if cores.is_empty() {
+            problem("engine.cores", "no cores: name at least one CPU id, or \"all\"".into());
+        }
+        let mut seen = BTreeSet::new();
+        for core in &cores {
+            if !seen.insert(*core) {
+                problem("engine.cores", format!("core {core} is listed twice"));
+            } else if !host.usable_cpus.contains(core) {
+                problem(
+                    "engine.cores",
+                    format!(
+                        "core {core} does not exist or is not usable here (usable: {})",
+                        cpu_list(&host.usable_cpus)
+                    ),
+                );
+            }
+        }
+
+        let log = &self.log;
+        let alignment = DIRECT_IO_ALIGNMENT_BYTES;
+        let aligned = |value: u64| value % alignment == 0;
+        if !aligned(log.segment_bytes_max.0) {
+            problem(
+                "log.segment_bytes_max",
+                format!("{} is not a multiple of the {alignment}-byte direct I/O alignment", log.segment_bytes_max.0),
+            );
+        }
+        if log.segment_bytes_max.0 < 16 * alignment || log.segment_bytes_max.0 > SEGMENT_BYTES_LIMIT {
+            problem(
+                "log.segment_bytes_max",
+                format!("{} is outside 64 KiB..={SEGMENT_BYTES_LIMIT} bytes", log.segment_bytes_max.0),
+            );
+        }
+        if log.segment_bytes_max.0 < log.flush_bytes_max.0 {
+            problem(
+                "log.segment_bytes_max",
+                "must be at least log.flush_bytes_max: a batch never spans segments".into(),
+            );
+        }
+        if !aligned(log.preallocate_bytes.0) || log.preallocate_bytes.0 == 0 {
+            problem(
+                "log.preallocate_bytes",
+                format!(
+                    "{} is not a positive multiple of the {alignment}-byte direct I/O alignment",
+                    log.preallocate_bytes.0
+                ),
+            );
+        }
+        if log.flush_bytes_max.0 < alignment || log.flush_bytes_max.0 > BATCH_BYTES_MAX as u64 {
+            problem(
+                "log.flush_bytes_max",
+                format!(
+                    "{} is outside {alignment}..={BATCH_BYTES_MAX} bytes (the largest batch)",
+                    log.flush_bytes_max.0
+                ),
+            );
+        }
+        if log.flush_delay_us_max.0 > 1_000_000 {
+            problem("log.flush_delay_us_max", format!("{} us is over the 1 s limit", log.flush_delay_us_max.0));
+        }
+        if log.index_interval_bytes.0 < alignment || log.index_interval_bytes.0 > log.segment_bytes_max.0 {
+            problem("log.index_interval_bytes", format!("must be within {alignment}..=log.segment_bytes_max"));
+        }
+        if log.segment_age_s_max.0 == 0 {
+            problem("log.segment_age_s_max", "must be at least 1 s".into());
+        }
+        if log.appends_pending_max == 0 || log.appends_pending_max > 1 << 20 {
+            problem("log.appends_pending_max", "must be within 1..=1048576".into());
+        }
+        if log.partition_bytes_max.0 < 2 * log.segment_bytes_max.0 {
+            problem("log.partition_bytes_max", "must be at least twice log.segment_bytes_max".into());
+        }
+        let io_memory_needed = 2 * log.flush_bytes_max.0 + 2 * alignment;
+        if self.engine.io_memory_bytes.0 < io_memory_needed {
+            problem(
+                "engine.io_memory_bytes",
+                format!(
+                    "{} is less than the {io_memory_needed} bytes one flush needs (2 x log.flush_bytes_max)",
+                    self.engine.io_memory_bytes.0
+                ),
+            );
+        }
+        if self.admin.listen.parse::<SocketAddr>().is_err() {
+            problem("admin.listen", format!("{:?} is not an address such as 127.0.0.1:9464", self.admin.listen));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            problem("data_dir", "is empty".into());
+        }
+        if self.topics.is_empty() {
+            problem("topics", "at least one topic is needed".into());
+        }
+        if self.topics.len() > TOPICS_MAX {
+            problem("topics", format!("more than {TOPICS_MAX} topics"));
+        }
+        let mut names = BTreeSet::new();
+        for (index, topic) in self.topics.iter().enumerate() {
+            let path = format!("topics[{index}]");
+            let name_ok = !topic.name.is_empty()
+                && topic.name.len() <= TOPIC_NAME_BYTES_MAX
+                && topic.name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+                && topic.name != "."
+                && topic.name != "..";
+            if !name_ok {
+                problem(
+                    &format!("{path}.name"),
+                    format!("{:?} is not a topic name (1..=249 of a-z A-Z 0-9 . _ -)", topic.name),
+                );
+            }
+            if !names.insert(topic.name.clone()) {
+                problem(&format!("{path}.name"), format!("topic {:?} is defined twice", topic.name));
+            }
+            if topic.partitions == 0 || topic.partitions > TOPIC_PARTITIONS_MAX {
+                problem(
+                    &format!("{path}.partitions"),
+                    format!("{} is outside 1..={TOPIC_PARTITIONS_MAX}", topic.partitions),
+                );
+            }
+        }
+        if problems.is_empty() {
+            Ok(ValidConfig { config: self, cores })
+        } else {
+            Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
+        }
+    }
+}
+
+fn cpu_list(cpus: &BTreeSet<usize>) -> String {
+    cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+}
+
+impl ValidConfig {
+    /// The partitions core `core_index` (0-based position in `cores`) owns: partition p
+    /// of every topic lives on core p mod N.
+    pub fn partitions_of_core(&self, core_index: usize) -> Vec<(String, u32)> {
+        let core_count = self.cores.len();
+        let mut owned = Vec::new();
+        for topic in &self.config.topics {
+            for partition in 0..topic.partitions {
+                if partition as usize % core_count == core_index {
+                    owned.push((topic.name.clone(), partition));
+                }
+            }
+        }
+        owned
+    }
+
+    /// Replaces the cores with the first `count` usable CPUs (the `--cores N` option).
+    pub fn with_core_count(mut self, count: usize, host: &Host) -> Result<ValidConfig, ConfigError> {
+        if count == 0 || count > host.usable_cpus.len() {
+            return Err(ConfigError::Invalid {
+                origin: "--cores".to_owned(),
+                problems: vec![ConfigProblem {
+                    path: "--cores".to_owned(),
+                    why: format!("{count} cores asked for, this host has {} usable", host.usable_cpus.len()),
+                }],
+            });
+        }
+        self.cores = host.usable_cpus.iter().copied().take(count).collect();
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host { usable_cpus: [0, 1].into_iter().collect() }
+    }
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        let result = Config::parse(text, "test").and_then(|config| config.validate(&host(), "test"));
+        match result {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let valid = Config::embedded().validate(&host(), "embedded").unwrap();
+        assert_eq!(valid.cores, vec![0, 1]);
+        assert_eq!(valid.config.data_dir, PathBuf::from("./weir-data"));
+        assert_eq!(valid.config.log.flush_bytes_max, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_path() {
+        let found = problems("colour = 1\n[log]\nsegment_bytez_max = 5\n[engine]\nfoo = 2\n");
+        let paths: Vec<_> = found.iter().map(|problem| problem.path.as_str()).collect();
+        assert_eq!(paths, ["colour", "log.segment_bytez_max", "engine.foo"]);
+        assert!(found.iter().all(|problem| problem.why == "unknown key"));
+    }
+
+    #[test]
+    fn wrong_unit_is_reported() {
+        let found = problems("[log]\nsegment_bytes_max = \"5 ms\"\n");
+        assert_eq!(found[0].path, "log.segment_bytes_max");
+        assert!(found[0].why.contains("wrong unit"), "{}", found[0].why);
+        let found = problems("[log]\nflush_delay_us_max = \"4 KiB\"\n");
+        assert!(found[0].why.contains("wrong unit"), "{}", found[0].why);
+    }
+
+    #[test]
+    fn units_convert() {
+        let config = Config::parse(
+            "[log]\nsegment_bytes_max = \"64 MiB\"\nflush_delay_us_max = \"2ms\"\nsegment_age_s_max = \"1 h\"\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(config.log.segment_bytes_max, ByteSize(64 << 20));
+        assert_eq!(config.log.flush_delay_us_max, Micros(2000));
+        assert_eq!(config.log.segment_age_s_max, Seconds(3600));
+    }
+
+    #[test]
+    fn misalignment_missing_core_and_bad_topic_are_all_reported() {
+        let found = problems(
+            "[engine]\ncores = [0, 7]\n[log]\nsegment_bytes_max = 1000000\n[[topics]]\nname = \"a b\"\npartitions = 0\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|line| line.starts_with("engine.cores: core 7 does not exist")), "{text:?}");
+        assert!(
+            text.iter().any(|line| line.starts_with("log.segment_bytes_max: 1000000 is not a multiple")),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|line| line.starts_with("topics[0].name:")), "{text:?}");
+        assert!(text.iter().any(|line| line.starts_with("topics[0].partitions:")), "{text:?}");
+    }
+
+    #[test]
+    fn partitions_spread_over_cores() {
+        let valid = Config::embedded().validate(&host(), "embedded").unwrap();
+        assert_eq!(valid.partitions_of_core(0), vec![("telemetry".into(), 0), ("telemetry".into(), 2)]);
+        assert_eq!(valid.partitions_of_core(1), vec![("telemetry".into(), 1), ("telemetry".into(), 3)]);
+    }
+}

@@ -1,0 +1,51 @@
+//! Retention planning: which whole segments the shipper's progress lets the log delete.
+//!
+//! Only sealed segments that lie wholly below the offset the caller names are deleted,
+//! oldest first, and only while the partition is over its byte budget. The active
+//! segment is never a candidate.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedSegment {
+    pub base_offset: i64,
+    /// One past the segment's last offset (the next segment's base).
+    pub next_offset: i64,
+    pub bytes: u64,
+}
+
+/// How many of the oldest `sealed` segments (ordered by base offset) to delete so the
+/// partition (sealed plus `active_bytes`) gets within `budget_bytes`, deleting only
+/// segments whose every offset is below `below_offset`.
+pub fn plan_deletions(sealed: &[SealedSegment], active_bytes: u64, budget_bytes: u64, below_offset: i64) -> usize {
+    let mut total: u64 = sealed.iter().map(|segment| segment.bytes).sum::<u64>() + active_bytes;
+    let mut count = 0;
+    for segment in sealed {
+        if total <= budget_bytes || segment.next_offset > below_offset {
+            break;
+        }
+        total -= segment.bytes;
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments() -> Vec<SealedSegment> {
+        vec![
+            SealedSegment { base_offset: 0, next_offset: 100, bytes: 1000 },
+            SealedSegment { base_offset: 100, next_offset: 200, bytes: 1000 },
+            SealedSegment { base_offset: 200, next_offset: 300, bytes: 1000 },
+        ]
+    }
+
+    #[test]
+    fn deletes_only_while_over_budget_and_below_offset() {
+        assert_eq!(plan_deletions(&segments(), 500, 10_000, 1000), 0, "under budget");
+        assert_eq!(plan_deletions(&segments(), 500, 2000, 1000), 2);
+        assert_eq!(plan_deletions(&segments(), 500, 0, 1000), 3);
+        assert_eq!(plan_deletions(&segments(), 500, 0, 199), 1, "second segment holds offset 199");
+        assert_eq!(plan_deletions(&segments(), 500, 0, 0), 0);
+    }
+}

@@ -1,0 +1,4 @@
+//! weir's deterministic core: code that takes bytes, completions and time and returns
+//! what to do. Nothing under `core` performs I/O or reads a clock.
+
+pub mod log;

@@ -1,0 +1,13 @@
+//! weir: an edge ingestion appliance. Devices write telemetry over QUIC; a
+//! thread-per-core engine appends every record to a durable, Kafka-format partition log
+//! on NVMe with direct I/O; the log ships upstream to Kafka exactly once.
+//!
+//! `core` is pure and deterministic; `shell` does the I/O; `config` is validated
+//! before any core starts.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod inspect;
+pub mod shell;

@@ -1,0 +1,13 @@
+//! weir's entry point: parse arguments, set up logging, run one command, exit with its
+//! code. Everything else lives in the library.
+
+use clap::Parser;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let code = weir::cli::run(weir::cli::Cli::parse());
+    std::process::exit(code);
+}

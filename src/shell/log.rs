@@ -1,0 +1,953 @@
+//! A partition's log on one core: recovery at open, group commit, reads by offset,
+//! retention, and a clean close.
+//!
+//! Ownership: one flusher task per partition owns the active segment's files and is the
+//! only writer. Appenders hand it records over a bounded local channel (backpressure
+//! when `appends_pending_max` are queued) and wait on a one-shot reply that arrives only
+//! after the batch holding their records was written and `fdatasync`ed. Readers share
+//! the segment file handles and never see bytes beyond the durable end.
+//!
+//! Durability rules: a failed write or fdatasync poisons the partition; nothing is
+//! retried (the page state after a failed fsync is unknown) and every later append gets
+//! `LogError::Poisoned`. Recovery cuts only a torn tail (see `core::log::recovery`);
+//! corruption before the tail refuses the open, naming file and byte offset.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_channel::oneshot;
+use futures_lite::future;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+
+use crate::config::{LogConfig, DIRECT_IO_ALIGNMENT_BYTES};
+use crate::core::log::batch::{self, BatchError, Record, BATCH_BYTES_MAX};
+use crate::core::log::index::{self, IndexEntry, INDEX_ENTRY_BYTES};
+use crate::core::log::recovery::{
+    find_later_batch, scan_window, InvalidBatch, ScanCursor, ScanStop, SCAN_WINDOW_BYTES,
+};
+use crate::core::log::retention::{plan_deletions, SealedSegment};
+use crate::core::log::segment::{self, align_down, plan_append};
+use crate::shell::disk::{sync_directory, DirectFile, DiskError};
+use crate::shell::metrics::PartitionMetrics;
+
+/// The log's tunables, taken from `[log]` in the config.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub segment_bytes_max: u64,
+    pub segment_age_max: Duration,
+    pub index_interval_bytes: u64,
+    pub preallocate_bytes: u64,
+    pub flush_delay_max: Duration,
+    pub flush_bytes_max: usize,
+    pub appends_pending_max: usize,
+    pub partition_bytes_max: u64,
+}
+
+impl LogOptions {
+    pub fn from_config(config: &LogConfig) -> LogOptions {
+        LogOptions {
+            segment_bytes_max: config.segment_bytes_max.0,
+            segment_age_max: Duration::from_secs(config.segment_age_s_max.0),
+            index_interval_bytes: config.index_interval_bytes.0,
+            preallocate_bytes: config.preallocate_bytes.0,
+            flush_delay_max: Duration::from_micros(config.flush_delay_us_max.0),
+            flush_bytes_max: config.flush_bytes_max.0 as usize,
+            appends_pending_max: config.appends_pending_max as usize,
+            partition_bytes_max: config.partition_bytes_max.0,
+        }
+    }
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions::from_config(&LogConfig::default())
+    }
+}
+
+/// What made a partition refuse appends for good (until restart and recovery).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoisonCause {
+    pub operation: &'static str,
+    pub path: PathBuf,
+    pub position: u64,
+    pub kind: std::io::ErrorKind,
+}
+
+impl std::fmt::Display for PoisonCause {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} {} at byte {} failed ({})", self.operation, self.path.display(), self.position, self.kind)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    #[error("partition {partition}: {source} (the partition is now poisoned)")]
+    Disk { partition: String, source: DiskError },
+    #[error("partition {partition} is poisoned after an earlier disk error: {cause}")]
+    Poisoned { partition: String, cause: PoisonCause },
+    #[error("partition {partition}: {path}: byte {position}: {reason}")]
+    Corrupt { partition: String, path: PathBuf, position: u64, reason: InvalidBatch },
+    #[error("partition {partition}: {path}: {why}")]
+    Layout { partition: String, path: PathBuf, why: String },
+    #[error("records of {bytes} bytes exceed the {max} bytes of one batch (log.flush_bytes_max)")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("an append needs at least one record")]
+    Empty,
+    #[error("partition {partition} is closed")]
+    Closed { partition: String },
+    #[error("partition {partition}: offset {requested} is below the log start {start}")]
+    OffsetOutOfRange { partition: String, requested: i64, start: i64 },
+}
+
+/// A segment file handle readers share with the writer.
+#[derive(Clone)]
+struct SegmentView {
+    base_offset: i64,
+    file: Rc<DirectFile>,
+    /// Durable end (bytes) for the active segment; the exact size for a sealed one.
+    end_position: u64,
+    next_offset: i64,
+    index: Rc<Vec<IndexEntry>>,
+}
+
+/// State shared between the flusher, appenders and readers of one partition.
+struct Shared {
+    name: String,
+    directory: PathBuf,
+    options: LogOptions,
+    metrics: PartitionMetrics,
+    /// Every segment, sealed and active, by base offset. The last is active.
+    segments: BTreeMap<i64, SegmentView>,
+    poisoned: Option<PoisonCause>,
+    closed: bool,
+}
+
+impl Shared {
+    fn next_offset(&self) -> i64 {
+        self.segments.values().next_back().map_or(0, |segment| segment.next_offset)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|segment| segment.end_position).sum()
+    }
+}
+
+struct PendingAppend {
+    records: Vec<Record>,
+    /// Upper bound of these records' bytes inside any batch (headers excluded).
+    bound_bytes: usize,
+    reply: oneshot::Sender<Result<i64, LogError>>,
+}
+
+enum Message {
+    Append(PendingAppend),
+    Close(oneshot::Sender<Result<(), LogError>>),
+}
+
+/// A handle to one partition's log. Cheap to clone; every clone talks to the same
+/// flusher on the same core.
+#[derive(Clone)]
+pub struct PartitionLog {
+    shared: Rc<RefCell<Shared>>,
+    sender: Rc<LocalSender<Message>>,
+}
+
+/// Summary of a partition, for metrics, `weir inspect` and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStats {
+    pub start_offset: i64,
+    pub next_offset: i64,
+    pub segments: usize,
+    pub disk_bytes: u64,
+}
+
+/// What `retain` deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: usize,
+    pub bytes_freed: u64,
+    /// The first offset still in the log.
+    pub start_offset: i64,
+}
+
+/// The active segment, owned by the flusher.
+struct ActiveSegment {
+    base_offset: i64,
+    log: Rc<DirectFile>,
+    index_file: DirectFile,
+    end_position: u64,
+    next_offset: i64,
+    /// Bytes of the partial last page, rewritten at the front of the next write.
+    tail: Vec<u8>,
+    index: Vec<IndexEntry>,
+    index_end_position: u64,
+    index_tail: Vec<u8>,
+    bytes_since_index: u64,
+    created_at: Instant,
+}
+
+impl PartitionLog {
+    /// Opens (creating if needed) and recovers the partition in `directory`, then starts
+    /// its flusher on the current glommio executor.
+    pub async fn open(
+        directory: &Path,
+        name: &str,
+        options: LogOptions,
+        metrics: PartitionMetrics,
+    ) -> Result<PartitionLog, LogError> {
+        let (active, segments) = recover(directory, name, &options, &metrics).await?;
+        let shared = Shared {
+            name: name.to_owned(),
+            directory: directory.to_owned(),
+            options: options.clone(),
+            metrics: metrics.clone(),
+            segments,
+            poisoned: None,
+            closed: false,
+        };
+        metrics.next_offset.set(shared.next_offset());
+        metrics.disk_bytes.set(shared.disk_bytes() as i64);
+        let shared = Rc::new(RefCell::new(shared));
+        let (sender, receiver) = local_channel::new_bounded(options.appends_pending_max);
+        glommio::spawn_local(flusher(shared.clone(), active, receiver)).detach();
+        Ok(PartitionLog { shared, sender: Rc::new(sender) })
+    }
+
+    pub fn name(&self) -> String {
+        self.shared.borrow().name.clone()
+    }
+
+    /// Appends `records` as a contiguous run; resolves with the first record's offset
+    /// once the records are durable.
+    pub async fn append(&self, records: Vec<Record>) -> Result<i64, LogError> {
+        if records.is_empty() {
+            return Err(LogError::Empty);
+        }
+        let encoded_bytes = batch::plan_batch(records.iter()).total_bytes;
+        let bound_bytes = records.iter().map(Record::encoded_bytes_upper).sum();
+        {
+            let shared = self.shared.borrow();
+            if encoded_bytes > shared.options.flush_bytes_max {
+                return Err(LogError::TooLarge { bytes: encoded_bytes, max: shared.options.flush_bytes_max });
+            }
+            if let Some(cause) = &shared.poisoned {
+                return Err(LogError::Poisoned { partition: shared.name.clone(), cause: cause.clone() });
+            }
+            if shared.closed {
+                return Err(LogError::Closed { partition: shared.name.clone() });
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let message = Message::Append(PendingAppend { records, bound_bytes, reply });
+        if self.sender.send(message).await.is_err() {
+            return Err(self.closed_error());
+        }
+        answer.await.unwrap_or_else(|_| Err(self.closed_error()))
+    }
+
+    fn closed_error(&self) -> LogError {
+        LogError::Closed { partition: self.shared.borrow().name.clone() }
+    }
+
+    pub fn stats(&self) -> PartitionStats {
+        let shared = self.shared.borrow();
+        PartitionStats {
+            start_offset: shared.segments.keys().next().copied().unwrap_or(0),
+            next_offset: shared.next_offset(),
+            segments: shared.segments.len(),
+            disk_bytes: shared.disk_bytes(),
+        }
+    }
+
+    /// The durable end: one past the last offset an append was acknowledged for.
+    pub fn next_offset(&self) -> i64 {
+        self.shared.borrow().next_offset()
+    }
+
+    /// Whole batches holding offsets from `from_offset` on, in order, up to about
+    /// `bytes_max` bytes (at least one batch when any exists). Empty at the end.
+    pub async fn read(&self, from_offset: i64, bytes_max: usize) -> Result<Vec<Bytes>, LogError> {
+        let (name, view) = {
+            let shared = self.shared.borrow();
+            let start = shared.segments.keys().next().copied().unwrap_or(0);
+            if from_offset < start {
+                return Err(LogError::OffsetOutOfRange {
+                    partition: shared.name.clone(),
+                    requested: from_offset,
+                    start,
+                });
+            }
+            if from_offset >= shared.next_offset() {
+                return Ok(Vec::new());
+            }
+            let view = shared.segments.range(..=from_offset).next_back().map(|(_, view)| view.clone());
+            (shared.name.clone(), view.expect("a segment holds every offset between start and end"))
+        };
+        let relative = u32::try_from(from_offset - view.base_offset).expect("segment offsets fit u32");
+        let mut position = u64::from(index::lookup(&view.index, relative).position);
+        let mut batches = Vec::new();
+        let mut bytes_total = 0usize;
+        while position < view.end_position && (batches.is_empty() || bytes_total < bytes_max) {
+            let window_bytes = ((view.end_position - position) as usize).min(bytes_max.max(SCAN_WINDOW_BYTES));
+            let window = view
+                .file
+                .read(position, window_bytes)
+                .await
+                .map_err(|source| LogError::Disk { partition: name.clone(), source })?;
+            let mut at = 0usize;
+            while at < window.len() && (batches.is_empty() || bytes_total < bytes_max) {
+                let header = match batch::check_batch(&window[at..]) {
+                    Ok(header) => header,
+                    Err(BatchError::Truncated { .. }) if at > 0 => break,
+                    Err(reason) => {
+                        return Err(LogError::Corrupt {
+                            partition: name,
+                            path: view.file.path().to_owned(),
+                            position: position + at as u64,
+                            reason: reason.into(),
+                        })
+                    }
+                };
+                let total = header.total_bytes();
+                if header.last_offset() >= from_offset {
+                    batches.push(Bytes::copy_from_slice(&window[at..at + total]));
+                    bytes_total += total;
+                }
+                at += total;
+            }
+            position += at as u64;
+        }
+        Ok(batches)
+    }
+
+    /// Deletes whole sealed segments below `below_offset`, oldest first, while the
+    /// partition is over `log.partition_bytes_max`. Never touches the active segment.
+    pub async fn retain(&self, below_offset: i64) -> Result<RetentionReport, LogError> {
+        let (doomed, directory, name) = {
+            let shared = self.shared.borrow();
+            let views: Vec<&SegmentView> = shared.segments.values().collect();
+            let (active, sealed) = views.split_last().expect("a partition always has an active segment");
+            let sealed_info: Vec<SealedSegment> = sealed
+                .iter()
+                .map(|view| SealedSegment {
+                    base_offset: view.base_offset,
+                    next_offset: view.next_offset,
+                    bytes: view.end_position,
+                })
+                .collect();
+            let count =
+                plan_deletions(&sealed_info, active.end_position, shared.options.partition_bytes_max, below_offset);
+            (sealed_info[..count].to_vec(), shared.directory.clone(), shared.name.clone())
+        };
+        let mut report = RetentionReport::default();
+        for segment in &doomed {
+            // Unlink the log first: a crash between the two leaves an orphan index,
+            // which open ignores and removes.
+            for path in [
+                segment::log_path(&directory, segment.base_offset),
+                segment::index_path(&directory, segment.base_offset),
+            ] {
+                if let Err(error) = std::fs::remove_file(&path) {
+                    if error.kind() != std::io::ErrorKind::NotFound {
+                        return Err(LogError::Disk {
+                            partition: name,
+                            source: DiskError::new("delete", &path, 0, error),
+                        });
+                    }
+                }
+            }
+            let mut shared = self.shared.borrow_mut();
+            shared.segments.remove(&segment.base_offset);
+            shared.metrics.segments_deleted.inc();
+            report.segments_deleted += 1;
+            report.bytes_freed += segment.bytes;
+        }
+        if !doomed.is_empty() {
+            sync_directory(&directory).map_err(|source| LogError::Disk { partition: name, source })?;
+        }
+        let shared = self.shared.borrow();
+        shared.metrics.disk_bytes.set(shared.disk_bytes() as i64);
+        report.start_offset = shared.segments.keys().next().copied().unwrap_or(0);
+        Ok(report)
+    }
+
+    /// Flushes everything queued, seals nothing, trims the active segment's
+    /// preallocation, syncs and stops the flusher.
+    pub async fn close(&self) -> Result<(), LogError> {
+        let (reply, answer) = oneshot::channel();
+        if self.sender.send(Message::Close(reply)).await.is_err() {
+            return Ok(()); // already closed
+        }
+        answer.await.unwrap_or(Ok(()))
+    }
+}
+
+fn disk_error(shared: &Rc<RefCell<Shared>>, source: DiskError) -> LogError {
+    LogError::Disk { partition: shared.borrow().name.clone(), source }
+}
+
+/// The flusher: gathers a flush window of appends, writes one batch, syncs, replies.
+async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receiver: LocalReceiver<Message>) {
+    let options = shared.borrow().options.clone();
+    let mut carried: Option<PendingAppend> = None;
+    loop {
+        let first = match carried.take() {
+            Some(append) => append,
+            None => match receiver.recv().await {
+                Some(Message::Append(append)) => append,
+                Some(Message::Close(reply)) => {
+                    let _ = reply.send(close_active(&shared, active).await);
+                    return;
+                }
+                None => return,
+            },
+        };
+        let window_end = Instant::now() + options.flush_delay_max;
+        let mut group_bytes = batch::BATCH_HEADER_BYTES + first.bound_bytes;
+        let mut group = vec![first];
+        let mut close_reply = None;
+        while group_bytes < options.flush_bytes_max {
+            let now = Instant::now();
+            let next = match future::poll_once(receiver.recv()).await {
+                Some(message) => message,
+                None if now >= window_end => break,
+                None => {
+                    let wait = future::or(async { Some(receiver.recv().await) }, async {
+                        glommio::timer::sleep(window_end - now).await;
+                        None
+                    });
+                    match wait.await {
+                        Some(message) => message,
+                        None => break,
+                    }
+                }
+            };
+            match next {
+                Some(Message::Append(append)) => {
+                    if group_bytes + append.bound_bytes > options.flush_bytes_max {
+                        carried = Some(append);
+                        break;
+                    }
+                    group_bytes += append.bound_bytes;
+                    group.push(append);
+                }
+                Some(Message::Close(reply)) => {
+                    close_reply = Some(reply);
+                    break;
+                }
+                None => break,
+            }
+        }
+        flush(&shared, &mut active, group).await;
+        if let Some(reply) = close_reply {
+            if let Some(append) = carried.take() {
+                flush(&shared, &mut active, vec![append]).await;
+            }
+            let _ = reply.send(close_active(&shared, active).await);
+            return;
+        }
+    }
+}
+
+/// Writes `group` as one batch and replies to each append.
+async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: Vec<PendingAppend>) {
+    let poisoned = shared.borrow().poisoned.clone();
+    if let Some(cause) = poisoned {
+        let partition = shared.borrow().name.clone();
+        for append in group {
+            let _ = append.reply.send(Err(LogError::Poisoned { partition: partition.clone(), cause: cause.clone() }));
+        }
+        return;
+    }
+    match write_group(shared, active, &group).await {
+        Ok(base_offset) => {
+            let mut offset = base_offset;
+            for append in group {
+                let count = append.records.len() as i64;
+                let _ = append.reply.send(Ok(offset));
+                offset += count;
+            }
+        }
+        Err(source) => {
+            let cause = PoisonCause {
+                operation: source.operation,
+                path: source.path.clone(),
+                position: source.position,
+                kind: source.source.kind(),
+            };
+            let error_text = source.to_string();
+            let partition = {
+                let mut state = shared.borrow_mut();
+                state.poisoned = Some(cause.clone());
+                state.metrics.poisoned.set(1);
+                state.metrics.partitions_poisoned.inc();
+                if source.operation == "fdatasync" {
+                    state.metrics.fsync_errors.inc();
+                } else {
+                    state.metrics.write_errors.inc();
+                }
+                state.name.clone()
+            };
+            tracing::error!(partition = %partition, error = %error_text, "log write failed; partition poisoned");
+            let mut first_error = Some(LogError::Disk { partition: partition.clone(), source });
+            for append in group {
+                let error = first_error
+                    .take()
+                    .unwrap_or_else(|| LogError::Poisoned { partition: partition.clone(), cause: cause.clone() });
+                let _ = append.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+async fn write_group(
+    shared: &Rc<RefCell<Shared>>,
+    active: &mut ActiveSegment,
+    group: &[PendingAppend],
+) -> Result<i64, DiskError> {
+    let options = shared.borrow().options.clone();
+    let records = group.iter().flat_map(|append| append.records.iter());
+    let plan_batch = batch::plan_batch(records.clone());
+    let batch_bytes = plan_batch.total_bytes;
+    // A lone append was checked exactly; a group by the sum of its upper bounds.
+    assert!(batch_bytes <= options.flush_bytes_max && batch_bytes <= BATCH_BYTES_MAX);
+    let too_full = active.end_position + batch_bytes as u64 > options.segment_bytes_max;
+    let too_old = active.created_at.elapsed() >= options.segment_age_max;
+    if active.end_position > 0 && (too_full || too_old) {
+        roll(shared, active).await?;
+    }
+    let base_offset = active.next_offset;
+    let position = active.end_position;
+    let plan = plan_append(
+        position,
+        batch_bytes,
+        DIRECT_IO_ALIGNMENT_BYTES,
+        active.log.size_bytes(),
+        options.preallocate_bytes,
+    );
+    let mut new_tail = Vec::new();
+    let tail = &active.tail;
+    active
+        .log
+        .append(&plan, |buffer| {
+            buffer[..plan.tail_bytes].copy_from_slice(tail);
+            let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], &plan_batch, base_offset, records);
+            debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + batch_bytes]).is_ok());
+            assert_eq!(header.base_offset, base_offset);
+            let end_in_buffer = plan.tail_bytes + batch_bytes;
+            buffer[end_in_buffer..].fill(0);
+            let page_start = align_down(end_in_buffer as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+            new_tail.extend_from_slice(&buffer[page_start..end_in_buffer]);
+        })
+        .await?;
+    let record_count: i64 = group.iter().map(|append| append.records.len() as i64).sum();
+    // Index entry for this batch if an interval of bytes passed since the last one.
+    if position > 0 && active.bytes_since_index >= options.index_interval_bytes {
+        let entry = IndexEntry {
+            relative_offset: u32::try_from(base_offset - active.base_offset).expect("segment offsets fit u32"),
+            position: u32::try_from(position).expect("segment positions fit u32"),
+        };
+        append_index_entry(active, entry, options.preallocate_bytes).await?;
+        active.bytes_since_index = 0;
+    }
+    active.log.sync().await?;
+    active.bytes_since_index += batch_bytes as u64;
+    active.end_position = plan.end_position;
+    active.next_offset = base_offset + record_count;
+    active.tail = new_tail;
+    let mut state = shared.borrow_mut();
+    let view = state.segments.get_mut(&active.base_offset).expect("the active segment is registered");
+    view.end_position = active.end_position;
+    view.next_offset = active.next_offset;
+    view.index = Rc::new(active.index.clone());
+    state.metrics.appended_records.inc_by(record_count as u64);
+    state.metrics.appended_bytes.inc_by(batch_bytes as u64);
+    state.metrics.flushes.inc();
+    state.metrics.next_offset.set(active.next_offset);
+    let disk_bytes = state.disk_bytes();
+    state.metrics.disk_bytes.set(disk_bytes as i64);
+    Ok(base_offset)
+}
+
+async fn append_index_entry(
+    active: &mut ActiveSegment,
+    entry: IndexEntry,
+    preallocate_bytes: u64,
+) -> Result<(), DiskError> {
+    active.index.push(entry);
+    let position = active.index_end_position;
+    let step = (preallocate_bytes / 64).max(DIRECT_IO_ALIGNMENT_BYTES);
+    let plan = plan_append(
+        position,
+        INDEX_ENTRY_BYTES,
+        DIRECT_IO_ALIGNMENT_BYTES,
+        active.index_file.size_bytes(),
+        segment::align_up(step, DIRECT_IO_ALIGNMENT_BYTES),
+    );
+    let mut new_tail = Vec::new();
+    let tail = &active.index_tail;
+    active
+        .index_file
+        .append(&plan, |buffer| {
+            buffer[..plan.tail_bytes].copy_from_slice(tail);
+            let end = plan.tail_bytes + INDEX_ENTRY_BYTES;
+            buffer[plan.tail_bytes..end].copy_from_slice(&entry.encode());
+            buffer[end..].fill(0);
+            let page_start = align_down(end as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+            new_tail.extend_from_slice(&buffer[page_start..end]);
+        })
+        .await?;
+    active.index_end_position = plan.end_position;
+    active.index_tail = new_tail;
+    Ok(())
+}
+
+/// Seals the active segment (exact size, synced, index synced) and starts a new one.
+async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment) -> Result<(), DiskError> {
+    seal(active).await?;
+    let directory = shared.borrow().directory.clone();
+    let fresh = create_segment(&directory, active.next_offset).await?;
+    let old = std::mem::replace(active, fresh);
+    let _ = old.index_file.close().await;
+    let mut state = shared.borrow_mut();
+    state.segments.insert(
+        active.base_offset,
+        SegmentView {
+            base_offset: active.base_offset,
+            file: active.log.clone(),
+            end_position: 0,
+            next_offset: active.next_offset,
+            index: Rc::new(Vec::new()),
+        },
+    );
+    state.metrics.segments_rolled.inc();
+    Ok(())
+}
+
+/// Makes the active segment's files exact and durable: the log without preallocation,
+/// the index holding exactly its entries.
+async fn seal(active: &mut ActiveSegment) -> Result<(), DiskError> {
+    active.log.truncate(active.end_position).await?;
+    active.log.sync().await?;
+    active.index_file.truncate(active.index_end_position).await?;
+    active.index_file.sync().await?;
+    Ok(())
+}
+
+async fn close_active(shared: &Rc<RefCell<Shared>>, mut active: ActiveSegment) -> Result<(), LogError> {
+    shared.borrow_mut().closed = true;
+    if shared.borrow().poisoned.is_some() {
+        return Ok(()); // never write to a poisoned partition again; recovery sorts it out
+    }
+    seal(&mut active).await.map_err(|source| disk_error(shared, source))?;
+    active.index_file.close().await.map_err(|source| disk_error(shared, source))?;
+    Ok(())
+}
+
+/// Creates the files of a new, empty segment and makes their names durable.
+async fn create_segment(directory: &Path, base_offset: i64) -> Result<ActiveSegment, DiskError> {
+    let log_path = segment::log_path(directory, base_offset);
+    let index_path = segment::index_path(directory, base_offset);
+    // Leftovers from a crash before this segment had any data: start them afresh.
+    for path in [&log_path, &index_path] {
+        if path.exists() {
+            std::fs::remove_file(path).map_err(|error| DiskError::new("remove stale", path, 0, error))?;
+        }
+    }
+    // Space is preallocated by the first append's write plan.
+    let log = DirectFile::create(&log_path).await?;
+    let index_file = DirectFile::create(&index_path).await?;
+    sync_directory(directory)?;
+    Ok(ActiveSegment {
+        base_offset,
+        log: Rc::new(log),
+        index_file,
+        end_position: 0,
+        next_offset: base_offset,
+        tail: Vec::new(),
+        index: Vec::new(),
+        index_end_position: 0,
+        index_tail: Vec::new(),
+        bytes_since_index: 0,
+        created_at: Instant::now(),
+    })
+}
+
+fn corrupt(name: &str, path: &Path, position: u64, reason: InvalidBatch) -> LogError {
+    LogError::Corrupt { partition: name.to_owned(), path: path.to_owned(), position, reason }
+}
+
+/// Reads the index file of a segment; entries beyond `limit_position` are dropped.
+async fn load_index(path: &Path) -> Result<Vec<IndexEntry>, DiskError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(DiskError::new("read index", path, 0, error)),
+    };
+    Ok(index::parse_entries(&bytes).0)
+}
+
+/// Drops index entries that do not point at the batch they claim (a hint written
+/// without sync can be stale after power loss), keeping the longest valid prefix.
+async fn verified_index(
+    file: &DirectFile,
+    base_offset: i64,
+    file_bytes: u64,
+    mut entries: Vec<IndexEntry>,
+) -> Result<Vec<IndexEntry>, DiskError> {
+    while let Some(entry) = entries.last().copied() {
+        if u64::from(entry.position) < file_bytes {
+            let position = u64::from(entry.position);
+            let available = (file_bytes - position) as usize;
+            let head = file.read(position, batch::BATCH_HEADER_BYTES.min(available)).await?;
+            let total = batch::peek_total_bytes(&head).unwrap_or(batch::BATCH_HEADER_BYTES).min(available);
+            let bytes = file.read(position, total).await?;
+            if let Ok(header) = batch::check_batch(&bytes) {
+                if header.base_offset == base_offset + i64::from(entry.relative_offset) {
+                    return Ok(entries);
+                }
+            }
+        }
+        entries.pop();
+    }
+    Ok(entries)
+}
+
+/// Where a scan of one segment ended.
+struct ScanEnd {
+    cursor: ScanCursor,
+    /// Index entries rebuilt for the scanned part.
+    new_entries: Vec<IndexEntry>,
+    bytes_since_index: u64,
+    /// Why the scan stopped, if on bytes that are not a batch (a clean end of zeros
+    /// also stops here).
+    stop: Option<InvalidBatch>,
+}
+
+/// Scans from `start` (a verified batch boundary) to the end of the file's bytes.
+async fn scan_segment(
+    file: &DirectFile,
+    base_offset: i64,
+    start: IndexEntry,
+    file_bytes: u64,
+    index_interval_bytes: u64,
+) -> Result<ScanEnd, DiskError> {
+    let mut cursor = ScanCursor {
+        position: u64::from(start.position),
+        next_offset: base_offset + i64::from(start.relative_offset),
+        batches: 0,
+        records: 0,
+    };
+    let mut new_entries = Vec::new();
+    let mut bytes_since_index = 0u64;
+    loop {
+        if cursor.position >= file_bytes {
+            return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None });
+        }
+        let window_bytes = SCAN_WINDOW_BYTES.min((file_bytes - cursor.position) as usize);
+        let window = file.read(cursor.position, window_bytes).await?;
+        let at_end = cursor.position + window.len() as u64 >= file_bytes;
+        let window_position = cursor.position;
+        let stop = scan_window(&window, window_position, at_end, &mut cursor, |position, header| {
+            if position > 0 && bytes_since_index >= index_interval_bytes && position != u64::from(start.position) {
+                new_entries.push(IndexEntry {
+                    relative_offset: (header.base_offset - base_offset) as u32,
+                    position: position as u32,
+                });
+                bytes_since_index = 0;
+            }
+            bytes_since_index += header.total_bytes() as u64;
+        });
+        match stop {
+            ScanStop::NeedMore if !at_end => continue,
+            ScanStop::NeedMore => return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None }),
+            ScanStop::Invalid(reason) => {
+                return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: Some(reason) })
+            }
+        }
+    }
+}
+
+/// Recovers every segment of a partition. Returns the active segment (open for writes)
+/// and the views of all segments.
+async fn recover(
+    directory: &Path,
+    name: &str,
+    options: &LogOptions,
+    metrics: &PartitionMetrics,
+) -> Result<(ActiveSegment, BTreeMap<i64, SegmentView>), LogError> {
+    let layout = |why: String| LogError::Layout { partition: name.to_owned(), path: directory.to_owned(), why };
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
+    std::fs::create_dir_all(directory).map_err(|error| layout(format!("cannot create: {error}")))?;
+    let mut bases = Vec::new();
+    let entries = std::fs::read_dir(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| layout(format!("cannot list: {error}")))?;
+        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_file_name) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    let mut views = BTreeMap::new();
+    if bases.is_empty() {
+        let active = create_segment(directory, 0).await.map_err(io)?;
+        views.insert(0, view_of(&active));
+        return Ok((active, views));
+    }
+    // Sealed segments: exact size, ending exactly where the next one begins.
+    let (active_base, sealed_bases) = bases.split_last().expect("not empty");
+    for (position, base) in sealed_bases.iter().enumerate() {
+        let next_base = bases[position + 1];
+        let path = segment::log_path(directory, *base);
+        let file = DirectFile::open_read_only(&path).await.map_err(io)?;
+        let file_bytes = file.size_bytes();
+        let index = load_index(&segment::index_path(directory, *base)).await.map_err(io)?;
+        let index = verified_index(&file, *base, file_bytes, index).await.map_err(io)?;
+        let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
+        let end = scan_segment(&file, *base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
+        if let Some(reason) = end.stop {
+            return Err(corrupt(name, &path, end.cursor.position, reason));
+        }
+        if end.cursor.position != file_bytes || end.cursor.next_offset != next_base {
+            return Err(layout(format!(
+                "sealed segment {} ends at offset {} (byte {}) but the next segment starts at offset {next_base}",
+                path.display(),
+                end.cursor.next_offset,
+                end.cursor.position
+            )));
+        }
+        views.insert(
+            *base,
+            SegmentView {
+                base_offset: *base,
+                file: Rc::new(file),
+                end_position: file_bytes,
+                next_offset: next_base,
+                index: Rc::new(index),
+            },
+        );
+    }
+    // The active segment: scan from its last verified index point; cut a torn tail.
+    let base = *active_base;
+    let path = segment::log_path(directory, base);
+    let index_path = segment::index_path(directory, base);
+    let file = DirectFile::open(&path).await.map_err(io)?;
+    let file_bytes = file.size_bytes();
+    let index = load_index(&index_path).await.map_err(io)?;
+    let mut index = verified_index(&file, base, file_bytes, index).await.map_err(io)?;
+    let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
+    let end = scan_segment(&file, base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
+    let cut_position = end.cursor.position;
+    if let Some(reason) = end.stop {
+        let after =
+            file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
+        if find_later_batch(&after, cut_position, end.cursor.next_offset).is_some() {
+            return Err(corrupt(name, &path, cut_position, reason));
+        }
+        let garbage_bytes = after.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
+        if garbage_bytes > 0 {
+            tracing::warn!(partition = name, file = %path.display(), position = cut_position, bytes = garbage_bytes, %reason, "cutting torn tail");
+            metrics.recovery_truncated_bytes.inc_by(garbage_bytes as u64);
+            let tail = file
+                .read(
+                    align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES),
+                    (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize,
+                )
+                .await
+                .map_err(io)?;
+            file.zero_from(cut_position, garbage_bytes as u64, &tail).await.map_err(io)?;
+            file.sync().await.map_err(io)?;
+        }
+    }
+    if sealed_bases.last().is_some_and(|_| views.values().next_back().map(|view| view.next_offset) != Some(base)) {
+        return Err(layout(format!("active segment {} does not continue the sealed segments", path.display())));
+    }
+    if end.cursor.position == 0 && start.position == 0 && end.cursor.next_offset != base {
+        unreachable!("an empty scan keeps the base offset");
+    }
+    index.extend(end.new_entries);
+    // Rewrite the index file so it holds exactly the verified entries.
+    let mut index_bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_BYTES);
+    for entry in &index {
+        index_bytes.extend_from_slice(&entry.encode());
+    }
+    let _ = std::fs::remove_file(&index_path);
+    let index_file = DirectFile::create(&index_path).await.map_err(io)?;
+    let mut index_end_position = 0u64;
+    let mut index_tail = Vec::new();
+    if !index_bytes.is_empty() {
+        let plan = plan_append(
+            0,
+            index_bytes.len(),
+            DIRECT_IO_ALIGNMENT_BYTES,
+            0,
+            segment::align_up(index_bytes.len() as u64, DIRECT_IO_ALIGNMENT_BYTES),
+        );
+        index_file
+            .append(&plan, |buffer| {
+                buffer[..index_bytes.len()].copy_from_slice(&index_bytes);
+                buffer[index_bytes.len()..].fill(0);
+                let page_start = align_down(index_bytes.len() as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+                index_tail.extend_from_slice(&buffer[page_start..index_bytes.len()]);
+            })
+            .await
+            .map_err(io)?;
+        index_end_position = plan.end_position;
+    }
+    index_file.sync().await.map_err(io)?;
+    sync_directory(directory).map_err(io)?;
+    let tail = file
+        .read(align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES), (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
+        .await
+        .map_err(io)?;
+    assert_eq!(tail.len() as u64, cut_position % DIRECT_IO_ALIGNMENT_BYTES);
+    let created_at = std::fs::metadata(&path)
+        .and_then(|metadata| metadata.created())
+        .ok()
+        .and_then(|created| SystemTime::now().duration_since(created).ok())
+        .and_then(|age| Instant::now().checked_sub(age))
+        .unwrap_or_else(Instant::now);
+    let active = ActiveSegment {
+        base_offset: base,
+        log: Rc::new(file),
+        index_file,
+        end_position: cut_position,
+        next_offset: end.cursor.next_offset,
+        tail,
+        index,
+        index_end_position,
+        index_tail,
+        bytes_since_index: end.bytes_since_index,
+        created_at,
+    };
+    views.insert(base, view_of(&active));
+    // Orphan index files (their log was deleted by retention before a crash).
+    if let Ok(entries) = std::fs::read_dir(directory) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(text) = file_name.to_str() else { continue };
+            if let Some(stem) = text.strip_suffix(".index") {
+                let log_name = format!("{stem}.log");
+                if segment::parse_log_file_name(&log_name).is_some() && !directory.join(&log_name).exists() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+    Ok((active, views))
+}
+
+fn view_of(active: &ActiveSegment) -> SegmentView {
+    SegmentView {
+        base_offset: active.base_offset,
+        file: active.log.clone(),
+        end_position: active.end_position,
+        next_offset: active.next_offset,
+        index: Rc::new(active.index.clone()),
+    }
+}

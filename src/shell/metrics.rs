@@ -1,0 +1,135 @@
+//! The Prometheus registry and every metric weir exports. Metric handles are atomics
+//! (prometheus-client's `Counter`/`Gauge`): a core updates its own without locks; the
+//! admin thread reads them when scraped. Label sets are created once, when a partition
+//! opens, never on the data path.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: u32,
+}
+
+/// Every metric family, registered once at start.
+pub struct Metrics {
+    pub registry: Registry,
+    appended_records: Family<PartitionLabels, Counter>,
+    appended_bytes: Family<PartitionLabels, Counter>,
+    flushes: Family<PartitionLabels, Counter>,
+    write_errors: Family<PartitionLabels, Counter>,
+    fsync_errors: Family<PartitionLabels, Counter>,
+    poisoned: Family<PartitionLabels, Gauge>,
+    recovery_truncated_bytes: Family<PartitionLabels, Counter>,
+    segments_rolled: Family<PartitionLabels, Counter>,
+    segments_deleted: Family<PartitionLabels, Counter>,
+    next_offset: Family<PartitionLabels, Gauge>,
+    disk_bytes: Family<PartitionLabels, Gauge>,
+    pub cores_running: Gauge,
+    pub partitions_poisoned: Gauge,
+}
+
+/// One partition's metric handles.
+#[derive(Clone, Default)]
+pub struct PartitionMetrics {
+    pub appended_records: Counter,
+    pub appended_bytes: Counter,
+    pub flushes: Counter,
+    pub write_errors: Counter,
+    pub fsync_errors: Counter,
+    pub poisoned: Gauge,
+    pub recovery_truncated_bytes: Counter,
+    pub segments_rolled: Counter,
+    pub segments_deleted: Counter,
+    pub next_offset: Gauge,
+    pub disk_bytes: Gauge,
+    /// The process-wide count of poisoned partitions (for /health).
+    pub partitions_poisoned: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("weir");
+        let metrics = Metrics {
+            appended_records: Family::default(),
+            appended_bytes: Family::default(),
+            flushes: Family::default(),
+            write_errors: Family::default(),
+            fsync_errors: Family::default(),
+            poisoned: Family::default(),
+            recovery_truncated_bytes: Family::default(),
+            segments_rolled: Family::default(),
+            segments_deleted: Family::default(),
+            next_offset: Family::default(),
+            disk_bytes: Family::default(),
+            cores_running: Gauge::default(),
+            partitions_poisoned: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
+        registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
+        registry.register("log_flushes", "Group commits (one write and one fdatasync each)", metrics.flushes.clone());
+        registry.register(
+            "log_write_errors",
+            "Failed log writes (each poisons its partition)",
+            metrics.write_errors.clone(),
+        );
+        registry.register(
+            "log_fsync_errors",
+            "Failed fdatasyncs (each poisons its partition)",
+            metrics.fsync_errors.clone(),
+        );
+        registry.register(
+            "log_poisoned",
+            "1 when the partition refuses appends after a disk error",
+            metrics.poisoned.clone(),
+        );
+        registry.register(
+            "log_recovery_truncated_bytes",
+            "Bytes of torn tail cut by recovery",
+            metrics.recovery_truncated_bytes.clone(),
+        );
+        registry.register("log_segments_rolled", "Segments sealed and rolled", metrics.segments_rolled.clone());
+        registry.register("log_segments_deleted", "Segments deleted by retention", metrics.segments_deleted.clone());
+        registry.register("log_next_offset", "Next offset of the partition (durable end)", metrics.next_offset.clone());
+        registry.register("log_disk_bytes", "Bytes of segment data the partition holds", metrics.disk_bytes.clone());
+        registry.register("cores_running", "Executors serving", metrics.cores_running.clone());
+        registry.register(
+            "partitions_poisoned",
+            "Partitions refusing appends after a disk error",
+            metrics.partitions_poisoned.clone(),
+        );
+        Arc::new(Metrics { registry, ..metrics })
+    }
+
+    pub fn partition(&self, topic: &str, partition: u32) -> PartitionMetrics {
+        let labels = PartitionLabels { topic: topic.to_owned(), partition };
+        PartitionMetrics {
+            appended_records: self.appended_records.get_or_create(&labels).clone(),
+            appended_bytes: self.appended_bytes.get_or_create(&labels).clone(),
+            flushes: self.flushes.get_or_create(&labels).clone(),
+            write_errors: self.write_errors.get_or_create(&labels).clone(),
+            fsync_errors: self.fsync_errors.get_or_create(&labels).clone(),
+            poisoned: self.poisoned.get_or_create(&labels).clone(),
+            recovery_truncated_bytes: self.recovery_truncated_bytes.get_or_create(&labels).clone(),
+            segments_rolled: self.segments_rolled.get_or_create(&labels).clone(),
+            segments_deleted: self.segments_deleted.get_or_create(&labels).clone(),
+            next_offset: self.next_offset.get_or_create(&labels).clone(),
+            disk_bytes: self.disk_bytes.get_or_create(&labels).clone(),
+            partitions_poisoned: self.partitions_poisoned.clone(),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}

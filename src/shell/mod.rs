@@ -1,0 +1,9 @@
+//! The thin shell: the only code that performs I/O. It executes what `crate::core`
+//! decides and decides nothing of its own.
+
+pub mod admin;
+pub mod disk;
+pub mod log;
+pub mod metrics;
+pub mod runtime;
+pub mod sys;
