@@ -173,6 +173,39 @@ impl DirectFile {
     }
 }
 
+/// Checks that direct I/O works in `directory` with a real aligned write and read of a
+/// scratch file, and primes this executor's per-device io_uring poll-ring detection.
+///
+/// Why the priming matters: glommio probes whether a device supports polled I/O with a
+/// read of the first file opened on that device in each executor thread, and caches the
+/// answer. If that first file is empty, the probe read completes without touching the
+/// device, polled I/O is wrongly assumed, and every later read on the device fails with
+/// EOPNOTSUPP. Opening a file that holds data first makes the probe do real I/O.
+pub async fn probe_direct_io(directory: &Path) -> Result<(), DiskError> {
+    let path = directory.join(".weir-direct-io-probe");
+    let pattern: Vec<u8> = (0..DIRECT_IO_ALIGNMENT_BYTES as usize).map(|index| (index % 251) as u8).collect();
+    std::fs::write(&path, &pattern)
+        .and_then(|()| std::fs::File::open(&path)?.sync_all())
+        .map_err(|error| DiskError::new("write probe", &path, 0, error))?;
+    let outcome = async {
+        let file = DirectFile::open(&path).await?;
+        let read = file.read(0, pattern.len()).await?;
+        let closed = file.close().await;
+        if read != pattern {
+            return Err(DiskError::new(
+                "verify probe",
+                &path,
+                0,
+                io::Error::new(io::ErrorKind::InvalidData, "direct I/O read back different bytes"),
+            ));
+        }
+        closed
+    }
+    .await;
+    let _ = std::fs::remove_file(&path);
+    outcome
+}
+
 /// Makes a directory entry change (create, rename, delete) durable.
 pub fn sync_directory(path: &Path) -> Result<(), DiskError> {
     std::fs::File::open(path)

@@ -31,7 +31,7 @@ use crate::core::log::recovery::{
 };
 use crate::core::log::retention::{plan_deletions, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
-use crate::shell::disk::{sync_directory, DirectFile, DiskError};
+use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError};
 use crate::shell::metrics::PartitionMetrics;
 
 /// The log's tunables, taken from `[log]` in the config.
@@ -784,6 +784,7 @@ async fn recover(
     let layout = |why: String| LogError::Layout { partition: name.to_owned(), path: directory.to_owned(), why };
     let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
     std::fs::create_dir_all(directory).map_err(|error| layout(format!("cannot create: {error}")))?;
+    probe_direct_io(directory).await.map_err(io)?;
     let mut bases = Vec::new();
     let entries = std::fs::read_dir(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
     for entry in entries {
