@@ -1,1 +1,268 @@
-fn main() {}
+//! weir-bench: measures weir against the ceilings of the same run (DESIGN.md,
+//! "Ceilings to measure against, in the same run").
+//!
+//! `weir-bench log` runs weir's group-commit appends first, then the raw ceiling: the
+//! same cores and files per partition doing O_DIRECT writes of the size weir's batches
+//! averaged, each followed by fdatasync, on the same filesystem. The ratio of the two
+//! is weir's cost over the disk; the raw phase must follow the weir phase because it
+//! needs weir's batch size. The ceiling is never tuned to flatter weir: it writes the
+//! way an append-only log at best can (sequential, aligned, preallocated, one sync per
+//! write), nothing more and nothing less.
+//!
+//! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
+#![deny(unsafe_code)]
+
+mod cores;
+mod options;
+mod raw_phase;
+mod records;
+mod report;
+mod weir_phase;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+use weir::config::{Host, DIRECT_IO_ALIGNMENT_BYTES};
+use weir::core::log::segment::align_up;
+use weir::shell::log::LogError;
+use weir::shell::metrics::Metrics;
+
+use crate::options::{LogArgs, Plan, UsageError};
+use crate::raw_phase::RawCoreInput;
+use crate::report::{RawFigures, Report, WeirFigures};
+use crate::weir_phase::{PartitionSpec, WeirCoreInput};
+
+const EXIT_RUN_FAILED: i32 = 1;
+const EXIT_BAD_FLAGS: i32 = 2;
+/// The raw phase's scratch files, inside the data dir so they share its filesystem.
+const RAW_SCRATCH_DIRECTORY: &str = ".weir-bench-raw";
+/// Latencies are recorded in nanoseconds, 1 ns to 60 s, to 3 significant digits.
+const LATENCY_NS_MAX: u64 = 60_000_000_000;
+const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "weir-bench", about = "Measure weir against the ceilings of the same run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Group-commit appends against raw O_DIRECT writes + fdatasync of the same sizes.
+    Log(LogArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    #[error("{0}")]
+    Usage(#[from] UsageError),
+    #[error("core {core} (cpu {cpu}): {source}")]
+    Log { core: usize, cpu: usize, source: LogError },
+    #[error("raw phase: {operation} {path} at byte {position}: {source}")]
+    Raw { operation: &'static str, path: PathBuf, position: u64, source: std::io::Error },
+    #[error("core {core} (cpu {cpu}): executor failed: {reason}")]
+    Executor { core: usize, cpu: usize, reason: String },
+    #[error("data dir {path}: {operation}: {source}")]
+    DataDir { operation: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the weir phase acknowledged no append, so there is no batch size to measure the ceiling with")]
+    NothingWritten,
+    #[error("a phase was aborted because another core failed")]
+    Aborted,
+}
+
+impl BenchError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            BenchError::Usage(_) => EXIT_BAD_FLAGS,
+            _ => EXIT_RUN_FAILED,
+        }
+    }
+}
+
+/// An empty latency histogram with the bench's bounds.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_NS_MAX, LATENCY_SIGNIFICANT_DIGITS)
+        .expect("static histogram bounds are valid")
+}
+
+fn merged(histograms: impl Iterator<Item = Histogram<u64>>) -> Histogram<u64> {
+    let mut total = latency_histogram();
+    for histogram in histograms {
+        total.add(&histogram).expect("histograms share their bounds");
+    }
+    total
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Log(args) => run_log(&args),
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(error) => {
+            let prefix = if matches!(error, BenchError::Usage(_)) { "bad flags:\n  " } else { "" };
+            eprintln!("weir-bench: {prefix}{error}");
+            std::process::exit(error.exit_code());
+        }
+    }
+}
+
+fn run_log(args: &LogArgs) -> Result<(), BenchError> {
+    let plan = args.validate(&Host::probe())?;
+    let temporary;
+    let data_dir = match &plan.data_dir {
+        Some(directory) => {
+            prepare_data_dir(directory, &plan)?;
+            directory.clone()
+        }
+        None => {
+            temporary = tempfile::Builder::new().prefix("weir-bench-").tempdir().map_err(|source| {
+                BenchError::DataDir { operation: "create temp dir", path: std::env::temp_dir(), source }
+            })?;
+            temporary.path().to_owned()
+        }
+    };
+
+    let weir = weir_phase(&plan, &data_dir)?;
+    if weir.flushes == 0 {
+        return Err(BenchError::NothingWritten);
+    }
+    let batch_bytes_avg = weir.batch_bytes.div_ceil(weir.flushes);
+    let write_bytes = align_up(batch_bytes_avg, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+    let raw = raw_phase(&plan, &data_dir, write_bytes)?;
+
+    let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", report.human());
+    let _ = writeln!(stdout, "{}", report.json());
+    Ok(())
+}
+
+/// Creates `directory` if needed and refuses partitions left by an earlier run: their
+/// records would mix with this run's.
+fn prepare_data_dir(directory: &Path, plan: &Plan) -> Result<(), BenchError> {
+    std::fs::create_dir_all(directory).map_err(|source| BenchError::DataDir {
+        operation: "create",
+        path: directory.to_owned(),
+        source,
+    })?;
+    let mut problems = Vec::new();
+    let mut occupied =
+        (0..plan.partitions_total()).map(|partition| partition_directory(directory, partition)).collect::<Vec<_>>();
+    occupied.push(directory.join(RAW_SCRATCH_DIRECTORY));
+    for path in occupied {
+        let holds_files = std::fs::read_dir(&path).map(|mut entries| entries.next().is_some()).unwrap_or(false);
+        if holds_files {
+            problems.push(format!(
+                "--data-dir {}: {} already holds files from an earlier run; pass an empty or new directory",
+                directory.display(),
+                path.display()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(UsageError { problems }.into())
+    }
+}
+
+fn partition_directory(data_dir: &Path, partition: u32) -> PathBuf {
+    data_dir.join(format!("bench-{partition}"))
+}
+
+fn weir_phase(plan: &Plan, data_dir: &Path) -> Result<WeirFigures, BenchError> {
+    let metrics = Metrics::new();
+    let mut all_metrics = Vec::new();
+    let mut inputs = Vec::with_capacity(plan.cores());
+    for core in 0..plan.cores() as u32 {
+        let mut partitions = Vec::new();
+        for local in 0..plan.partitions_per_core {
+            let partition = core * plan.partitions_per_core + local;
+            let partition_metrics = metrics.partition("bench", partition);
+            all_metrics.push(partition_metrics.clone());
+            partitions.push(PartitionSpec {
+                partition,
+                directory: partition_directory(data_dir, partition),
+                metrics: partition_metrics,
+            });
+        }
+        inputs.push(WeirCoreInput {
+            partitions,
+            appenders_per_partition: plan.appenders_per_partition,
+            record_bytes: plan.record_bytes,
+            duration: plan.phase_duration,
+            log_options: plan.log_options.clone(),
+        });
+    }
+    let results =
+        cores::run_phase("weir", &plan.cpus, plan.io_memory_bytes, plan.phase_duration, inputs, weir_phase::run_core)?;
+    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
+    let appends = results.iter().map(|result| result.appends).sum();
+    let records = results.iter().map(|result| result.records).sum();
+    let payload_bytes = results.iter().map(|result| result.payload_bytes).sum();
+    let latency_ns = merged(results.into_iter().map(|result| result.latency_ns));
+    Ok(WeirFigures {
+        latency_ns,
+        appends,
+        records,
+        payload_bytes,
+        elapsed,
+        flushes: all_metrics.iter().map(|metrics| metrics.flushes.get()).sum(),
+        batch_bytes: all_metrics.iter().map(|metrics| metrics.appended_bytes.get()).sum(),
+    })
+}
+
+/// Removes the raw phase's scratch directory however the phase ends.
+struct ScratchDirectory(PathBuf);
+
+impl Drop for ScratchDirectory {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigures, BenchError> {
+    let scratch = ScratchDirectory(data_dir.join(RAW_SCRATCH_DIRECTORY));
+    std::fs::create_dir_all(&scratch.0).map_err(|source| BenchError::DataDir {
+        operation: "create raw scratch dir",
+        path: scratch.0.clone(),
+        source,
+    })?;
+    let inputs = (0..plan.cores() as u32)
+        .map(|core| RawCoreInput {
+            files: (0..plan.partitions_per_core)
+                .map(|local| scratch.0.join(format!("raw-{}.dat", core * plan.partitions_per_core + local)))
+                .collect(),
+            write_bytes,
+            preallocate_bytes: plan.log_options.preallocate_bytes,
+            duration: plan.phase_duration,
+        })
+        .collect();
+    let results =
+        cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.phase_duration, inputs, raw_phase::run_core)?;
+    drop(scratch);
+    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
+    let writes = results.iter().map(|result| result.writes).sum();
+    let bytes = results.iter().map(|result| result.bytes).sum();
+    let mut fsync = Vec::new();
+    let mut write_and_fsync = Vec::new();
+    for result in results {
+        fsync.push(result.fsync_ns);
+        write_and_fsync.push(result.write_and_fsync_ns);
+    }
+    Ok(RawFigures {
+        fsync_ns: merged(fsync.into_iter()),
+        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
+        write_bytes,
+        writes,
+        bytes,
+        elapsed,
+    })
+}

@@ -15,6 +15,10 @@ use glommio::io::{DmaFile, OpenOptions};
 use crate::config::DIRECT_IO_ALIGNMENT_BYTES;
 use crate::core::log::segment::{align_down, align_up, WritePlan};
 
+/// The operation name of a failed preallocation: nothing was written, so the file is
+/// as it was and the caller may go on (see `DiskError::is_full_before_write`).
+pub const PREALLOCATE: &str = "preallocate";
+
 /// A failed disk operation, with what was being done and where.
 #[derive(Debug, thiserror::Error)]
 #[error("{operation} {path} at byte {position}: {source}")]
@@ -27,6 +31,12 @@ pub struct DiskError {
 }
 
 impl DiskError {
+    /// The filesystem had no room for the space a write needed, and nothing was
+    /// written: the file's bytes are unchanged.
+    pub fn is_full_before_write(&self) -> bool {
+        self.operation == PREALLOCATE && self.source.kind() == io::ErrorKind::StorageFull
+    }
+
     pub fn new(operation: &'static str, path: &Path, position: u64, source: impl Into<io::Error>) -> DiskError {
         DiskError { operation, path: path.to_owned(), position, source: source.into() }
     }
@@ -87,11 +97,19 @@ impl DirectFile {
         assert_eq!(plan.write_position % DIRECT_IO_ALIGNMENT_BYTES, 0);
         assert_eq!(plan.write_bytes as u64 % DIRECT_IO_ALIGNMENT_BYTES, 0);
         if let Some(size) = plan.preallocate_to {
-            self.file
-                .pre_allocate(size, false)
-                .await
-                .map_err(|error| DiskError::new("preallocate", &self.path, size, error))?;
-            self.allocated_bytes.set(size);
+            let write_end = plan.write_position + plan.write_bytes as u64;
+            let allocated = match self.file.pre_allocate(size, false).await.map_err(io::Error::from) {
+                Ok(()) => size,
+                // Not room for a whole step: take just what this write needs.
+                Err(error) if error.kind() == io::ErrorKind::StorageFull => self
+                    .file
+                    .pre_allocate(write_end, false)
+                    .await
+                    .map(|()| write_end)
+                    .map_err(|error| DiskError::new(PREALLOCATE, &self.path, write_end, error))?,
+                Err(error) => return Err(DiskError::new(PREALLOCATE, &self.path, size, error)),
+            };
+            self.allocated_bytes.set(allocated);
         }
         let mut buffer = self.file.alloc_dma_buffer(plan.write_bytes);
         fill(buffer.as_bytes_mut());

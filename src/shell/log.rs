@@ -94,6 +94,8 @@ pub enum LogError {
     Corrupt { partition: String, path: PathBuf, position: u64, reason: InvalidBatch },
     #[error("partition {partition}: {path}: {why}")]
     Layout { partition: String, path: PathBuf, why: String },
+    #[error("partition {partition}: the filesystem holding {path} is full; nothing was written, retry later")]
+    DiskFull { partition: String, path: PathBuf },
     #[error("records of {bytes} bytes exceed the {max} bytes of one batch (log.flush_bytes_max)")]
     TooLarge { bytes: usize, max: usize },
     #[error("an append needs at least one record")]
@@ -471,6 +473,19 @@ async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: 
                 let count = append.records.len() as i64;
                 let _ = append.reply.send(Ok(offset));
                 offset += count;
+            }
+        }
+        Err(source) if source.is_full_before_write() => {
+            let partition = {
+                let state = shared.borrow();
+                state.metrics.disk_full_rejections.inc_by(group.len() as u64);
+                state.name.clone()
+            };
+            tracing::warn!(partition = %partition, error = %source, "disk full: appends rejected, nothing written");
+            for append in group {
+                let _ = append
+                    .reply
+                    .send(Err(LogError::DiskFull { partition: partition.clone(), path: source.path.clone() }));
             }
         }
         Err(source) => {

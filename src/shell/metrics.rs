@@ -28,6 +28,7 @@ pub struct Metrics {
     poisoned: Family<PartitionLabels, Gauge>,
     recovery_truncated_bytes: Family<PartitionLabels, Counter>,
     segments_rolled: Family<PartitionLabels, Counter>,
+    disk_full_rejections: Family<PartitionLabels, Counter>,
     segments_deleted: Family<PartitionLabels, Counter>,
     next_offset: Family<PartitionLabels, Gauge>,
     disk_bytes: Family<PartitionLabels, Gauge>,
@@ -46,6 +47,7 @@ pub struct PartitionMetrics {
     pub poisoned: Gauge,
     pub recovery_truncated_bytes: Counter,
     pub segments_rolled: Counter,
+    pub disk_full_rejections: Counter,
     pub segments_deleted: Counter,
     pub next_offset: Gauge,
     pub disk_bytes: Gauge,
@@ -65,6 +67,7 @@ impl Metrics {
             poisoned: Family::default(),
             recovery_truncated_bytes: Family::default(),
             segments_rolled: Family::default(),
+            disk_full_rejections: Family::default(),
             segments_deleted: Family::default(),
             next_offset: Family::default(),
             disk_bytes: Family::default(),
@@ -96,6 +99,11 @@ impl Metrics {
             metrics.recovery_truncated_bytes.clone(),
         );
         registry.register("log_segments_rolled", "Segments sealed and rolled", metrics.segments_rolled.clone());
+        registry.register(
+            "log_disk_full_rejections",
+            "Appends rejected because the filesystem was full (nothing written)",
+            metrics.disk_full_rejections.clone(),
+        );
         registry.register("log_segments_deleted", "Segments deleted by retention", metrics.segments_deleted.clone());
         registry.register("log_next_offset", "Next offset of the partition (durable end)", metrics.next_offset.clone());
         registry.register("log_disk_bytes", "Bytes of segment data the partition holds", metrics.disk_bytes.clone());
@@ -119,6 +127,7 @@ impl Metrics {
             poisoned: self.poisoned.get_or_create(&labels).clone(),
             recovery_truncated_bytes: self.recovery_truncated_bytes.get_or_create(&labels).clone(),
             segments_rolled: self.segments_rolled.get_or_create(&labels).clone(),
+            disk_full_rejections: self.disk_full_rejections.get_or_create(&labels).clone(),
             segments_deleted: self.segments_deleted.get_or_create(&labels).clone(),
             next_offset: self.next_offset.get_or_create(&labels).clone(),
             disk_bytes: self.disk_bytes.get_or_create(&labels).clone(),

@@ -1,0 +1,194 @@
+//! The `log` subcommand's flags and their validation into a `Plan`.
+//!
+//! Every flag has a named limit; anything outside one is refused before a core starts,
+//! with the flag's name and why (exit 2). The log's tunables are checked by weir's own
+//! config validation (the flags are written into a copy of the embedded default config)
+//! so the bench can never run weir on options `weir serve` would refuse.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use weir::config::{ByteSize, Config, Host, Micros};
+use weir::core::log::batch;
+use weir::shell::log::LogOptions;
+
+use crate::records;
+
+/// Longest phase: a benchmark, not a soak test.
+pub const SECONDS_MAX: u64 = 3600;
+/// Largest record value (`--record-bytes`).
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// Partitions on one core (`--partitions`), as many as one topic may have.
+pub const PARTITIONS_PER_CORE_MAX: u32 = weir::config::TOPIC_PARTITIONS_MAX;
+/// Concurrent appenders on one partition (`--appenders`).
+pub const APPENDERS_PER_PARTITION_MAX: u32 = 1 << 16;
+/// Appender tasks in the whole run: each holds one record in flight.
+pub const APPENDERS_TOTAL_MAX: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Directory for the weir phase's partitions (kept as DIR/bench-<p>) and the raw
+    /// phase's scratch files (deleted). Default: a fresh temp dir, removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds each phase (weir, then raw) runs.
+    #[arg(long, default_value_t = 5, value_name = "S")]
+    pub seconds: u64,
+    /// Cores: one pinned executor on each of the first N usable CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cores: usize,
+    /// Partitions per core.
+    #[arg(long, default_value_t = 1, value_name = "P")]
+    pub partitions: u32,
+    /// Concurrent appender tasks per partition, each with one append in flight.
+    #[arg(long, default_value_t = 64, value_name = "A")]
+    pub appenders: u32,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 1024, value_name = "B")]
+    pub record_bytes: usize,
+    /// Override log.flush_delay_us_max (group commit window, microseconds).
+    #[arg(long, value_name = "US")]
+    pub flush_delay_us: Option<u64>,
+    /// Override log.flush_bytes_max (largest batch, bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub flush_bytes_max: Option<u64>,
+    /// Override log.appends_pending_max (queued appends per partition).
+    #[arg(long, value_name = "N")]
+    pub appends_pending_max: Option<u32>,
+    /// Override log.preallocate_bytes (preallocation step, bytes; also used by the raw phase).
+    #[arg(long, value_name = "BYTES")]
+    pub preallocate_bytes: Option<u64>,
+    /// Override log.segment_bytes_max (segment size before a roll, bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes_max: Option<u64>,
+    /// Override log.index_interval_bytes (batch bytes between sparse index entries).
+    #[arg(long, value_name = "BYTES")]
+    pub index_interval_bytes: Option<u64>,
+}
+
+/// A validated run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub data_dir: Option<PathBuf>,
+    pub phase_duration: Duration,
+    pub seconds: u64,
+    /// CPU ids, one executor each, in core order.
+    pub cpus: Vec<usize>,
+    pub partitions_per_core: u32,
+    pub appenders_per_partition: u32,
+    pub record_bytes: usize,
+    pub log_options: LogOptions,
+    pub io_memory_bytes: usize,
+}
+
+impl Plan {
+    pub fn cores(&self) -> usize {
+        self.cpus.len()
+    }
+
+    pub fn partitions_total(&self) -> u32 {
+        self.cpus.len() as u32 * self.partitions_per_core
+    }
+
+    pub fn appenders_total(&self) -> u64 {
+        u64::from(self.partitions_total()) * u64::from(self.appenders_per_partition)
+    }
+}
+
+/// Every problem with the flags, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n  "))]
+pub struct UsageError {
+    pub problems: Vec<String>,
+}
+
+impl LogArgs {
+    pub fn validate(&self, host: &Host) -> Result<Plan, UsageError> {
+        let mut problems = Vec::new();
+        let usable: Vec<usize> = host.usable_cpus.iter().copied().collect();
+        if self.cores == 0 || self.cores > usable.len() {
+            problems.push(format!(
+                "--cores {}: must be within 1..={} (the usable CPUs here: {:?})",
+                self.cores,
+                usable.len(),
+                usable
+            ));
+        }
+        if self.seconds == 0 || self.seconds > SECONDS_MAX {
+            problems.push(format!("--seconds {}: must be within 1..={SECONDS_MAX}", self.seconds));
+        }
+        if self.partitions == 0 || self.partitions > PARTITIONS_PER_CORE_MAX {
+            problems.push(format!("--partitions {}: must be within 1..={PARTITIONS_PER_CORE_MAX}", self.partitions));
+        }
+        if self.appenders == 0 || self.appenders > APPENDERS_PER_PARTITION_MAX {
+            problems.push(format!("--appenders {}: must be within 1..={APPENDERS_PER_PARTITION_MAX}", self.appenders));
+        }
+        let appenders_total = self.cores as u64 * u64::from(self.partitions) * u64::from(self.appenders);
+        if appenders_total > APPENDERS_TOTAL_MAX {
+            problems.push(format!(
+                "--cores x --partitions x --appenders = {appenders_total}: more than {APPENDERS_TOTAL_MAX} appenders"
+            ));
+        }
+        if self.record_bytes == 0 || self.record_bytes > RECORD_BYTES_MAX {
+            problems.push(format!("--record-bytes {}: must be within 1..={RECORD_BYTES_MAX}", self.record_bytes));
+        }
+
+        // The log's tunables: weir's own validation, on the embedded default config.
+        let mut config = Config::embedded();
+        if let Some(value) = self.flush_delay_us {
+            config.log.flush_delay_us_max = Micros(value);
+        }
+        if let Some(value) = self.flush_bytes_max {
+            config.log.flush_bytes_max = ByteSize(value);
+        }
+        if let Some(value) = self.appends_pending_max {
+            config.log.appends_pending_max = value;
+        }
+        if let Some(value) = self.preallocate_bytes {
+            config.log.preallocate_bytes = ByteSize(value);
+        }
+        if let Some(value) = self.segment_bytes_max {
+            config.log.segment_bytes_max = ByteSize(value);
+        }
+        if let Some(value) = self.index_interval_bytes {
+            config.log.index_interval_bytes = ByteSize(value);
+        }
+        let log_config = config.log.clone();
+        let io_memory_bytes = config.engine.io_memory_bytes.0 as usize;
+        if let Err(error) = config.validate(host, "(weir-bench flags over the embedded default config)") {
+            problems.push(error.to_string());
+        }
+        let log_options = LogOptions::from_config(&log_config);
+
+        // One record must fit one batch, or every append would fail with TooLarge.
+        if (1..=RECORD_BYTES_MAX).contains(&self.record_bytes) {
+            let pattern = records::value_pattern(self.record_bytes);
+            let largest = records::record(u64::from(u32::MAX), u64::MAX / 64, &pattern, self.record_bytes);
+            let batch_bytes = batch::plan_batch(std::iter::once(&largest)).total_bytes;
+            if batch_bytes > log_options.flush_bytes_max {
+                problems.push(format!(
+                    "--record-bytes {}: one record makes a {batch_bytes}-byte batch, above log.flush_bytes_max \
+                     ({} bytes); raise --flush-bytes-max",
+                    self.record_bytes, log_options.flush_bytes_max
+                ));
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(UsageError { problems });
+        }
+        Ok(Plan {
+            data_dir: self.data_dir.clone(),
+            phase_duration: Duration::from_secs(self.seconds),
+            seconds: self.seconds,
+            cpus: usable[..self.cores].to_vec(),
+            partitions_per_core: self.partitions,
+            appenders_per_partition: self.appenders,
+            record_bytes: self.record_bytes,
+            log_options,
+            io_memory_bytes,
+        })
+    }
+}

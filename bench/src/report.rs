@@ -1,0 +1,206 @@
+//! What a run measured, as a human summary and as one JSON object (the last line of
+//! stdout, for scripts). MB is 10^6 bytes; latencies are microseconds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::options::Plan;
+
+/// The issue's targets: weir within 80 % of the raw ceiling's throughput, and weir's
+/// p99 append-to-durable latency within 3x the raw fdatasync p99 of the same run.
+pub const RATIO_TARGET_MIN: f64 = 0.8;
+pub const P99_OVER_RAW_FSYNC_P99_TARGET_MAX: f64 = 3.0;
+
+pub struct WeirFigures {
+    pub latency_ns: Histogram<u64>,
+    pub appends: u64,
+    pub records: u64,
+    pub payload_bytes: u64,
+    pub elapsed: Duration,
+    /// Group commits (one write and one fdatasync each), from the partition metrics.
+    pub flushes: u64,
+    /// Bytes of the batches those flushes wrote (headers and framing included).
+    pub batch_bytes: u64,
+}
+
+pub struct RawFigures {
+    pub fsync_ns: Histogram<u64>,
+    pub write_and_fsync_ns: Histogram<u64>,
+    pub write_bytes: usize,
+    pub writes: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+pub struct Report<'a> {
+    pub plan: &'a Plan,
+    /// Where the weir phase's partitions stay, if the caller asked to keep them.
+    pub kept_data_dir: Option<PathBuf>,
+    pub weir: WeirFigures,
+    pub raw: RawFigures,
+}
+
+fn quantile_us(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    round_tenth(histogram.value_at_quantile(quantile) as f64 / 1e3)
+}
+
+fn round_tenth(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+fn round_thousandth(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+fn per_second_mb(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
+}
+
+impl Report<'_> {
+    pub fn mb_per_s(&self) -> f64 {
+        per_second_mb(self.weir.payload_bytes, self.weir.elapsed)
+    }
+
+    pub fn raw_mb_per_s(&self) -> f64 {
+        per_second_mb(self.raw.bytes, self.raw.elapsed)
+    }
+
+    pub fn batch_bytes_avg(&self) -> f64 {
+        self.weir.batch_bytes as f64 / self.weir.flushes.max(1) as f64
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let plan = self.plan;
+        let weir = &self.weir;
+        let raw = &self.raw;
+        let ratio = self.mb_per_s() / self.raw_mb_per_s();
+        let p99_us = quantile_us(&weir.latency_ns, 0.99);
+        let raw_fsync_p99_us = quantile_us(&raw.fsync_ns, 0.99);
+        let p99_over = p99_us / raw_fsync_p99_us;
+        json!({
+            "mb_per_s": round_tenth(self.mb_per_s()),
+            "raw_mb_per_s": round_tenth(self.raw_mb_per_s()),
+            "ratio": round_thousandth(ratio),
+            "p50_us": quantile_us(&weir.latency_ns, 0.5),
+            "p99_us": p99_us,
+            "p999_us": quantile_us(&weir.latency_ns, 0.999),
+            "max_us": round_tenth(weir.latency_ns.max() as f64 / 1e3),
+            "raw_fsync_p50_us": quantile_us(&raw.fsync_ns, 0.5),
+            "raw_fsync_p99_us": raw_fsync_p99_us,
+            "raw_fsync_p999_us": quantile_us(&raw.fsync_ns, 0.999),
+            "raw_write_fsync_p50_us": quantile_us(&raw.write_and_fsync_ns, 0.5),
+            "raw_write_fsync_p99_us": quantile_us(&raw.write_and_fsync_ns, 0.99),
+            "p99_over_raw_fsync_p99": round_thousandth(p99_over),
+            "ratio_target_met": ratio >= RATIO_TARGET_MIN,
+            "p99_target_met": p99_over <= P99_OVER_RAW_FSYNC_P99_TARGET_MAX,
+            "batch_bytes_avg": self.batch_bytes_avg().round() as u64,
+            "batch_mb_per_s": round_tenth(per_second_mb(weir.batch_bytes, weir.elapsed)),
+            "records_per_batch_avg": round_tenth(weir.records as f64 / weir.flushes.max(1) as f64),
+            "flushes": weir.flushes,
+            "records": weir.records,
+            "appends": weir.appends,
+            "payload_bytes": weir.payload_bytes,
+            "weir_elapsed_s": round_thousandth(weir.elapsed.as_secs_f64()),
+            "raw_write_bytes": raw.write_bytes,
+            "raw_writes": raw.writes,
+            "raw_elapsed_s": round_thousandth(raw.elapsed.as_secs_f64()),
+            "cores": plan.cores(),
+            "cpus": plan.cpus,
+            "partitions": plan.partitions_per_core,
+            "partitions_total": plan.partitions_total(),
+            "appenders": plan.appenders_per_partition,
+            "appenders_total": plan.appenders_total(),
+            "record_bytes": plan.record_bytes,
+            "seconds": plan.seconds,
+            "flush_delay_us_max": plan.log_options.flush_delay_max.as_micros() as u64,
+            "flush_bytes_max": plan.log_options.flush_bytes_max,
+            "appends_pending_max": plan.log_options.appends_pending_max,
+            "preallocate_bytes": plan.log_options.preallocate_bytes,
+            "segment_bytes_max": plan.log_options.segment_bytes_max,
+            "index_interval_bytes": plan.log_options.index_interval_bytes,
+            "data_dir": self.kept_data_dir.as_ref().map(|path| path.display().to_string()),
+        })
+    }
+
+    pub fn human(&self) -> String {
+        let plan = self.plan;
+        let weir = &self.weir;
+        let raw = &self.raw;
+        let ratio = self.mb_per_s() / self.raw_mb_per_s();
+        let p99_us = quantile_us(&weir.latency_ns, 0.99);
+        let raw_fsync_p99_us = quantile_us(&raw.fsync_ns, 0.99);
+        let met = |ok: bool| if ok { "met" } else { "MISSED" };
+        let mut lines = vec![
+            format!(
+                "weir-bench log: {} core(s) (cpus {:?}), {} partition(s) per core, {} appenders per partition, \
+                 {}-byte records, {} s per phase",
+                plan.cores(),
+                plan.cpus,
+                plan.partitions_per_core,
+                plan.appenders_per_partition,
+                plan.record_bytes,
+                plan.seconds
+            ),
+            format!(
+                "log options: flush_delay_us_max {}, flush_bytes_max {}, appends_pending_max {}, preallocate_bytes {}, \
+                 index_interval_bytes {}, segment_bytes_max {}",
+                plan.log_options.flush_delay_max.as_micros(),
+                plan.log_options.flush_bytes_max,
+                plan.log_options.appends_pending_max,
+                plan.log_options.preallocate_bytes,
+                plan.log_options.index_interval_bytes,
+                plan.log_options.segment_bytes_max
+            ),
+            format!(
+                "weir: {:.1} MB/s of payload ({:.1} MB/s of batches), {} records in {:.3} s",
+                self.mb_per_s(),
+                per_second_mb(weir.batch_bytes, weir.elapsed),
+                weir.records,
+                weir.elapsed.as_secs_f64()
+            ),
+            format!(
+                "      append-to-durable p50 {} us, p99 {} us, p999 {} us, max {:.1} us",
+                quantile_us(&weir.latency_ns, 0.5),
+                p99_us,
+                quantile_us(&weir.latency_ns, 0.999),
+                weir.latency_ns.max() as f64 / 1e3
+            ),
+            format!(
+                "      group commit: {} flushes, {:.0} batch bytes avg, {:.1} records per batch",
+                weir.flushes,
+                self.batch_bytes_avg(),
+                weir.records as f64 / weir.flushes.max(1) as f64
+            ),
+            format!(
+                "raw:  {:.1} MB/s, {} O_DIRECT writes of {} bytes + fdatasync in {:.3} s",
+                self.raw_mb_per_s(),
+                raw.writes,
+                raw.write_bytes,
+                raw.elapsed.as_secs_f64()
+            ),
+            format!(
+                "      fdatasync p50 {} us, p99 {} us, p999 {} us; write+fdatasync p50 {} us, p99 {} us",
+                quantile_us(&raw.fsync_ns, 0.5),
+                raw_fsync_p99_us,
+                quantile_us(&raw.fsync_ns, 0.999),
+                quantile_us(&raw.write_and_fsync_ns, 0.5),
+                quantile_us(&raw.write_and_fsync_ns, 0.99)
+            ),
+            format!(
+                "targets: ratio {:.3} (>= {RATIO_TARGET_MIN}: {}); p99 / raw fdatasync p99 {:.2} (<= \
+                 {P99_OVER_RAW_FSYNC_P99_TARGET_MAX}: {})",
+                ratio,
+                met(ratio >= RATIO_TARGET_MIN),
+                p99_us / raw_fsync_p99_us,
+                met(p99_us / raw_fsync_p99_us <= P99_OVER_RAW_FSYNC_P99_TARGET_MAX)
+            ),
+        ];
+        if let Some(directory) = &self.kept_data_dir {
+            lines.push(format!("segments kept in {}/bench-<p>", directory.display()));
+        }
+        lines.join("\n")
+    }
+}
