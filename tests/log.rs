@@ -409,3 +409,25 @@ fn a_stale_index_pointing_past_the_end_is_dropped() {
         std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("inspect").arg(&directory).output().unwrap();
     assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
 }
+
+#[test]
+fn a_batch_larger_than_the_read_window_is_returned_whole() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("p");
+    let (written, first, second) = run(move || async move {
+        let mut options = small_options();
+        options.flush_bytes_max = 1 << 20;
+        options.segment_bytes_max = 4 << 20;
+        let log = open(&path, options).await.unwrap();
+        let written = append_batches(&log, &[vec![record(1, 100)], vec![record(2, 700 << 10)]]).await;
+        let first = log.read(0, 1).await.unwrap();
+        let second = log.read(1, 1).await.unwrap();
+        log.close().await.unwrap();
+        (written, first, second)
+    });
+    assert_eq!(first.len(), 1, "bytes_max 1 still returns one whole batch");
+    assert_eq!(second.len(), 1);
+    let records: Vec<_> =
+        batch::records(&second[0]).unwrap().map(|record| record.unwrap().to_record(&second[0])).collect();
+    assert_eq!(records, vec![written[1].1.clone()]);
+}

@@ -106,6 +106,9 @@ pub enum LogError {
     OffsetOutOfRange { partition: String, requested: i64, start: i64 },
 }
 
+/// The smallest window a read fetches (bytes).
+const READ_WINDOW_BYTES_MIN: usize = 64 << 10;
+
 /// A segment file handle readers share with the writer.
 #[derive(Clone)]
 struct SegmentView {
@@ -294,8 +297,12 @@ impl PartitionLog {
         let mut position = u64::from(index::lookup(&view.index, relative).position);
         let mut batches = Vec::new();
         let mut bytes_total = 0usize;
+        // Enough for the request plus the index gap before the wanted batch; grown to
+        // one whole batch when a single batch is larger.
+        let index_gap = self.shared.borrow().options.index_interval_bytes as usize;
+        let mut window_want = bytes_max.max(READ_WINDOW_BYTES_MIN) + index_gap;
         while position < view.end_position && (batches.is_empty() || bytes_total < bytes_max) {
-            let window_bytes = ((view.end_position - position) as usize).min(bytes_max.max(SCAN_WINDOW_BYTES));
+            let window_bytes = ((view.end_position - position) as usize).min(window_want);
             let window = view
                 .file
                 .read(position, window_bytes)
@@ -306,6 +313,12 @@ impl PartitionLog {
                 let header = match batch::check_batch(&window[at..]) {
                     Ok(header) => header,
                     Err(BatchError::Truncated { .. }) if at > 0 => break,
+                    Err(BatchError::Truncated { needed, .. })
+                        if window.len() == window_bytes && position + (window_bytes as u64) < view.end_position =>
+                    {
+                        window_want = needed; // one batch larger than the window: read it whole
+                        break;
+                    }
                     Err(reason) => {
                         return Err(LogError::Corrupt {
                             partition: name,
