@@ -2,3 +2,4 @@
 //! what to do. Nothing under `core` performs I/O or reads a clock.
 
 pub mod log;
+pub mod protocol;

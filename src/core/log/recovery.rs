@@ -155,8 +155,13 @@ mod tests {
         let stop = scan_window(&bytes[..positions[2] as usize + 5], 0, false, &mut cursor, |_, _| {});
         assert_eq!(stop, ScanStop::NeedMore);
         assert_eq!(cursor.position, positions[2]);
-        let stop = scan_window(&bytes[positions[2] as usize..], positions[2], true, &mut cursor, |_, _| {});
+        let mut torn = cursor;
+        let stop =
+            scan_window(&bytes[positions[2] as usize..bytes.len() - 1], positions[2], true, &mut torn, |_, _| {});
         assert!(matches!(stop, ScanStop::Invalid(InvalidBatch::Batch(BatchError::Truncated { .. }))));
+        assert_eq!(torn.position, positions[2], "a torn last batch is not consumed");
+        let stop = scan_window(&bytes[positions[2] as usize..], positions[2], true, &mut cursor, |_, _| {});
+        assert_eq!(stop, ScanStop::NeedMore, "the window ends exactly after the last batch");
         assert_eq!(cursor.next_offset, 6);
         assert_eq!(cursor.batches, 3);
     }

@@ -112,6 +112,6 @@ mod tests {
         let plan = plan_append(8192, 4096, 4096, 1 << 20, 1 << 20);
         assert_eq!((plan.tail_bytes, plan.write_bytes, plan.preallocate_to), (0, 4096, None));
         let plan = plan_append((1 << 20) - 10, 3 << 20, 4096, 1 << 20, 1 << 20);
-        assert_eq!(plan.preallocate_to, Some(5 << 20));
+        assert_eq!(plan.preallocate_to, Some(4 << 20));
     }
 }

@@ -90,11 +90,15 @@ mod tests {
 
     #[test]
     fn known_encodings_match_kafka() {
-        let mut buf = [0u8; 10];
-        assert_eq!(&buf[..put_varint(&mut buf, 0)], &[0x00]);
-        assert_eq!(&buf[..put_varint(&mut buf, -1)], &[0x01]);
-        assert_eq!(&buf[..put_varint(&mut buf, 1)], &[0x02]);
-        assert_eq!(&buf[..put_varint(&mut buf, 150)], &[0xac, 0x02]);
+        let encoded = |value: i32| {
+            let mut buf = [0u8; 10];
+            let len = put_varint(&mut buf, value);
+            buf[..len].to_vec()
+        };
+        assert_eq!(encoded(0), [0x00]);
+        assert_eq!(encoded(-1), [0x01]);
+        assert_eq!(encoded(1), [0x02]);
+        assert_eq!(encoded(150), [0xac, 0x02]);
     }
 
     #[test]
