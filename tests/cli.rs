@@ -119,6 +119,7 @@ fn start_serving(config: &Path, cores: usize) -> (Child, String) {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("weir did not start serving");
 }
 

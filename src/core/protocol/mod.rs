@@ -491,3 +491,95 @@ mod tests {
         assert_eq!(error.code(), ErrorCode::FrameTooLarge);
     }
 }
+
+#[cfg(test)]
+mod layout_tests {
+    //! docs/PROTOCOL.md states these sizes and offsets; a device writes them by hand.
+    use super::*;
+    use std::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn archived_layouts_are_the_documented_ones() {
+        assert_eq!((size_of::<ArchivedProduceFrame>(), align_of::<ArchivedProduceFrame>()), (32, 8));
+        assert_eq!(
+            [
+                offset_of!(ArchivedProduceFrame, version),
+                offset_of!(ArchivedProduceFrame, kind),
+                offset_of!(ArchivedProduceFrame, reserved),
+                offset_of!(ArchivedProduceFrame, sequence),
+                offset_of!(ArchivedProduceFrame, topic),
+                offset_of!(ArchivedProduceFrame, records),
+            ],
+            [0, 2, 4, 8, 16, 24]
+        );
+        assert_eq!((size_of::<ArchivedFrameRecord>(), align_of::<ArchivedFrameRecord>()), (40, 8));
+        assert_eq!(
+            [
+                offset_of!(ArchivedFrameRecord, timestamp_ms),
+                offset_of!(ArchivedFrameRecord, key),
+                offset_of!(ArchivedFrameRecord, value),
+                offset_of!(ArchivedFrameRecord, headers),
+                offset_of!(ArchivedFrameRecord, flags),
+            ],
+            [0, 8, 16, 24, 32]
+        );
+        assert_eq!((size_of::<ArchivedFrameHeader>(), align_of::<ArchivedFrameHeader>()), (20, 4));
+        assert_eq!(
+            [
+                offset_of!(ArchivedFrameHeader, key),
+                offset_of!(ArchivedFrameHeader, value),
+                offset_of!(ArchivedFrameHeader, flags)
+            ],
+            [0, 8, 16]
+        );
+        assert_eq!((size_of::<ArchivedAckPart>(), align_of::<ArchivedAckPart>()), (24, 8));
+        assert_eq!(
+            [
+                offset_of!(ArchivedAckPart, base_offset),
+                offset_of!(ArchivedAckPart, partition),
+                offset_of!(ArchivedAckPart, first_record),
+                offset_of!(ArchivedAckPart, record_count),
+                offset_of!(ArchivedAckPart, reserved),
+            ],
+            [0, 8, 12, 16, 20]
+        );
+        assert_eq!((size_of::<ArchivedAnswerFrame>(), align_of::<ArchivedAnswerFrame>()), (40, 8));
+        assert_eq!(
+            [
+                offset_of!(ArchivedAnswerFrame, version),
+                offset_of!(ArchivedAnswerFrame, kind),
+                offset_of!(ArchivedAnswerFrame, error_code),
+                offset_of!(ArchivedAnswerFrame, reserved),
+                offset_of!(ArchivedAnswerFrame, sequence),
+                offset_of!(ArchivedAnswerFrame, retry_after_ms),
+                offset_of!(ArchivedAnswerFrame, reserved2),
+                offset_of!(ArchivedAnswerFrame, parts),
+                offset_of!(ArchivedAnswerFrame, message),
+            ],
+            [0, 2, 4, 6, 8, 16, 20, 24, 32]
+        );
+    }
+
+    #[test]
+    fn the_worked_example_of_the_docs_is_exact() {
+        let records = vec![Record {
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(Bytes::from_static(b"k1")),
+            value: Some(Bytes::from_static(b"21.5")),
+            headers: vec![Header { key: "unit".into(), value: Some(Bytes::from_static(b"C")) }],
+        }];
+        let bytes = encode(&produce_frame(7, "telemetry", &records));
+        let hex: Vec<String> = bytes
+            .chunks(16)
+            .map(|line| line.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(" "))
+            .collect();
+        let documented = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+        for line in &hex {
+            assert!(
+                documented.contains(line.as_str()),
+                "docs/PROTOCOL.md lacks the example line {line}\nwhole example:\n{}",
+                hex.join("\n")
+            );
+        }
+    }
+}
