@@ -6,6 +6,7 @@
 //! before any core starts.
 #![deny(unsafe_code)]
 
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod core;
