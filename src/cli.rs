@@ -41,6 +41,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create a development PKI: a CA (reused if present), a server certificate and
+    /// device certificates (the device id is the subject CN). Never overwrites.
+    Certs {
+        /// Output directory (the default matches quic.certs_dir of the default config).
+        #[arg(long, default_value = "./weir-certs")]
+        dir: PathBuf,
+        /// A device id to make a certificate for (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Also make N device certificates named <prefix>0 .. <prefix>N-1.
+        #[arg(long, default_value_t = 0)]
+        device_count: usize,
+        #[arg(long, default_value = "device-")]
+        device_prefix: String,
+        /// Extra DNS name or IP address for the server certificate (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Validity of the server and device certificates, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Load and validate a config, print every problem, exit 2 if there is one.
     CheckConfig {
         #[arg(long)]
@@ -103,6 +124,29 @@ pub fn run(cli: Cli) -> i32 {
             }
         },
         Command::Inspect { path, json } => inspect(&path, json),
+        Command::Certs { dir, mut devices, device_count, device_prefix, server_names, days } => {
+            if device_count > 100_000 || days == 0 || days > 3650 {
+                eprintln!("weir certs: --device-count must be at most 100000 and --days within 1..=3650");
+                return exit_code::BAD_CONFIG;
+            }
+            devices.extend((0..device_count).map(|index| format!("{device_prefix}{index}")));
+            match crate::certs::generate(&dir, &server_names, &devices, days) {
+                Ok(written) => {
+                    println!(
+                        "{} the CA in {}; wrote {} files ({} device certificates)",
+                        if written.reused_ca { "reused" } else { "created" },
+                        dir.display(),
+                        written.files.len(),
+                        devices.len()
+                    );
+                    exit_code::CLEAN
+                }
+                Err(error) => {
+                    eprintln!("weir certs: {error}");
+                    exit_code::PROBLEMS_FOUND
+                }
+            }
+        }
     }
 }
 

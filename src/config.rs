@@ -44,6 +44,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub quic: QuicConfig,
     #[serde(default = "default_topics")]
     pub topics: Vec<TopicConfig>,
 }
@@ -80,6 +82,99 @@ pub struct LogConfig {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuicConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_quic_listen")]
+    pub listen: String,
+    #[serde(default = "default_certs_dir")]
+    pub certs_dir: PathBuf,
+    #[serde(default = "default_true")]
+    pub generate_dev_certs: bool,
+    #[serde(default = "default_connections_max")]
+    pub connections_max: u32,
+    #[serde(default = "default_handshakes_before_retry")]
+    pub handshakes_before_retry: u32,
+    #[serde(default = "default_streams_per_connection_max")]
+    pub streams_per_connection_max: u32,
+    #[serde(default = "default_frames_in_flight_per_connection_max")]
+    pub frames_in_flight_per_connection_max: u32,
+    #[serde(default = "default_frame_bytes_max")]
+    pub frame_bytes_max: ByteSize,
+    #[serde(default = "default_records_per_frame_max")]
+    pub records_per_frame_max: u32,
+    #[serde(default = "default_stream_window_bytes")]
+    pub stream_window_bytes: ByteSize,
+    #[serde(default = "default_connection_window_bytes")]
+    pub connection_window_bytes: ByteSize,
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: Seconds,
+    #[serde(default)]
+    pub topics_allowed: Vec<String>,
+    #[serde(default)]
+    pub devices_denied: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_quic_listen() -> String {
+    "0.0.0.0:4433".to_owned()
+}
+fn default_certs_dir() -> PathBuf {
+    PathBuf::from("./weir-certs")
+}
+fn default_connections_max() -> u32 {
+    10_000
+}
+fn default_handshakes_before_retry() -> u32 {
+    256
+}
+fn default_streams_per_connection_max() -> u32 {
+    4
+}
+fn default_frames_in_flight_per_connection_max() -> u32 {
+    16
+}
+fn default_frame_bytes_max() -> ByteSize {
+    ByteSize(256 << 10)
+}
+fn default_records_per_frame_max() -> u32 {
+    1024
+}
+fn default_stream_window_bytes() -> ByteSize {
+    ByteSize(512 << 10)
+}
+fn default_connection_window_bytes() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_idle_timeout_s() -> Seconds {
+    Seconds(30)
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            enabled: true,
+            listen: default_quic_listen(),
+            certs_dir: default_certs_dir(),
+            generate_dev_certs: true,
+            connections_max: default_connections_max(),
+            handshakes_before_retry: default_handshakes_before_retry(),
+            streams_per_connection_max: default_streams_per_connection_max(),
+            frames_in_flight_per_connection_max: default_frames_in_flight_per_connection_max(),
+            frame_bytes_max: default_frame_bytes_max(),
+            records_per_frame_max: default_records_per_frame_max(),
+            stream_window_bytes: default_stream_window_bytes(),
+            connection_window_bytes: default_connection_window_bytes(),
+            idle_timeout_s: default_idle_timeout_s(),
+            topics_allowed: Vec::new(),
+            devices_denied: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -489,6 +584,53 @@ impl Config {
         }
         if self.admin.listen.parse::<SocketAddr>().is_err() {
             problem("admin.listen", format!("{:?} is not an address such as 127.0.0.1:9464", self.admin.listen));
+        }
+        let quic = &self.quic;
+        if quic.listen.parse::<SocketAddr>().is_err() {
+            problem("quic.listen", format!("{:?} is not an address such as 0.0.0.0:4433", quic.listen));
+        }
+        let v1 = crate::core::protocol::FRAME_LIMITS_V1;
+        if quic.frame_bytes_max.0 < 1024 || quic.frame_bytes_max.0 > v1.frame_bytes_max as u64 {
+            problem(
+                "quic.frame_bytes_max",
+                format!("must be within 1 KiB..={} bytes (protocol v1)", v1.frame_bytes_max),
+            );
+        }
+        if quic.records_per_frame_max == 0 || quic.records_per_frame_max as usize > v1.records_per_frame_max {
+            problem("quic.records_per_frame_max", format!("must be within 1..={}", v1.records_per_frame_max));
+        }
+        if quic.stream_window_bytes.0 < quic.frame_bytes_max.0 + 4 || quic.stream_window_bytes.0 > u32::MAX as u64 {
+            problem(
+                "quic.stream_window_bytes",
+                "must hold one whole frame (quic.frame_bytes_max + 4) and fit u32".into(),
+            );
+        }
+        if quic.connection_window_bytes.0 < quic.stream_window_bytes.0
+            || quic.connection_window_bytes.0 > u32::MAX as u64
+        {
+            problem("quic.connection_window_bytes", "must be at least quic.stream_window_bytes and fit u32".into());
+        }
+        if quic.connections_max == 0 || quic.connections_max > 1_000_000 {
+            problem("quic.connections_max", "must be within 1..=1000000".into());
+        }
+        if quic.streams_per_connection_max == 0 || quic.streams_per_connection_max > 1024 {
+            problem("quic.streams_per_connection_max", "must be within 1..=1024".into());
+        }
+        if quic.frames_in_flight_per_connection_max == 0 || quic.frames_in_flight_per_connection_max > 4096 {
+            problem("quic.frames_in_flight_per_connection_max", "must be within 1..=4096".into());
+        }
+        if quic.idle_timeout_s.0 == 0 || quic.idle_timeout_s.0 > 3600 {
+            problem("quic.idle_timeout_s", "must be within 1..=3600 s".into());
+        }
+        for topic in &quic.topics_allowed {
+            if !self.topics.iter().any(|configured| &configured.name == topic) {
+                problem("quic.topics_allowed", format!("{topic:?} is not a configured topic"));
+            }
+        }
+        for device in &quic.devices_denied {
+            if !crate::certs::is_device_id(device) {
+                problem("quic.devices_denied", format!("{device:?} is not a device id"));
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             problem("data_dir", "is empty".into());

@@ -3,7 +3,10 @@
 
 pub mod admin;
 pub mod disk;
+pub mod engine;
 pub mod log;
 pub mod metrics;
+pub mod quic;
 pub mod runtime;
 pub mod sys;
+pub mod tls;

@@ -7,7 +7,10 @@
 //! is left half-serving. Shutdown is one shared flag (set by SIGINT/SIGTERM or by a
 //! failing core) that every core polls.
 
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -17,7 +20,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::config::ValidConfig;
 use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
-use crate::shell::{admin, sys};
+use crate::shell::quic::{self, Appender, QuicSettings};
+use crate::shell::{admin, engine, sys, tls};
 
 /// How often a core checks the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -30,6 +34,7 @@ pub mod exit_code {
     pub const DATA_REFUSED: i32 = 3;
     pub const ADMIN_UNAVAILABLE: i32 = 4;
     pub const CORE_FAILED: i32 = 5;
+    pub const QUIC_UNAVAILABLE: i32 = 6;
     pub const INTERNAL_BUG: i32 = 70;
 }
 
@@ -47,6 +52,8 @@ pub enum Fatal {
     CorePanicked { core: usize, cpu: usize },
     #[error("{0}")]
     Admin(#[from] admin::AdminError),
+    #[error("the QUIC listener cannot start: {reason}")]
+    Quic { reason: String },
 }
 
 impl Fatal {
@@ -54,6 +61,7 @@ impl Fatal {
         match self {
             Fatal::PartitionOpen { .. } => exit_code::DATA_REFUSED,
             Fatal::Admin(_) => exit_code::ADMIN_UNAVAILABLE,
+            Fatal::Quic { .. } => exit_code::QUIC_UNAVAILABLE,
             Fatal::CorePanicked { .. } => exit_code::INTERNAL_BUG,
             Fatal::CoreStart { .. } | Fatal::PartitionClose { .. } => exit_code::CORE_FAILED,
         }
@@ -97,9 +105,11 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     let (admin_address, admin_thread) =
         admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
     let partitions: usize = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum();
+    let quic = if valid.config.quic.enabled { Some(prepare_quic(&valid)?) } else { None };
     tracing::info!(
         cores = ?cores,
         partitions,
+        quic = %quic.as_ref().map_or("disabled".to_owned(), |quic| quic.address.to_string()),
         data_dir = %valid.config.data_dir.display(),
         admin = %format!("http://{admin_address}"),
         "weir starting"
@@ -107,6 +117,9 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     let (events, event_receiver) = mpsc::channel();
     let mut first_fatal: Option<Fatal> = None;
     let mut alive = 0usize;
+    let mesh = engine::mesh(cores.len());
+    let mut sockets =
+        quic.as_ref().map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
     for (core, cpu) in cores.iter().copied().enumerate() {
         let owned = valid.partitions_of_core(core);
         let data_dir = valid.config.data_dir.clone();
@@ -114,30 +127,78 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         let metrics = metrics.clone();
         let core_shutdown = shutdown.clone();
         let events = events.clone();
+        let mesh = mesh.clone();
+        let core_count = cores.len();
+        let listener = match (&quic, sockets.as_mut()) {
+            (Some(quic), Some(sockets)) => {
+                match std::mem::replace(&mut sockets[core], Err(std::io::ErrorKind::Other.into())) {
+                    Ok(socket) => Some((socket, quic.settings.clone())),
+                    Err(error) => {
+                        first_fatal.get_or_insert(Fatal::Quic { reason: format!("socket of core {core}: {error}") });
+                        shutdown.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            }
+            _ => None,
+        };
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-core-{core}"))
             .io_memory(valid.config.engine.io_memory_bytes.0 as usize);
         let spawned = builder.spawn(move || async move {
             let _guard = GoneGuard { core, events: events.clone() };
             let mut logs = Vec::new();
+            let mut by_partition = HashMap::new();
             for (topic, partition) in owned {
                 let directory = partition_directory(&data_dir, &topic, partition);
                 let name = format!("{topic}-{partition}");
                 match PartitionLog::open(&directory, &name, options.clone(), metrics.partition(&topic, partition)).await
                 {
-                    Ok(log) => logs.push(log),
+                    Ok(log) => {
+                        by_partition.insert((topic, partition), log.clone());
+                        logs.push(log);
+                    }
                     Err(source) => {
                         let _ = events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
                         return;
                     }
                 }
             }
+            tracing::debug!(core, "partitions open; joining the mesh");
+            // Join the other cores (or give up when the process is stopping).
+            let shutdown_seen = {
+                let core_shutdown = core_shutdown.clone();
+                async move {
+                    while !core_shutdown.load(Ordering::Acquire) {
+                        glommio::timer::sleep(SHUTDOWN_POLL).await;
+                    }
+                    None
+                }
+            };
+            let joined = futures_lite::future::or(
+                async { Some(engine::CoreAppender::start(core, core_count, by_partition, Some(mesh)).await) },
+                shutdown_seen,
+            )
+            .await;
+            tracing::debug!(core, joined = joined.is_some(), "mesh joined");
+            let listener_task = match (joined, listener) {
+                (Some(appender), Some((socket, settings))) => {
+                    let appender: Rc<dyn Appender> = Rc::new(appender);
+                    Some(glommio::spawn_local(quic::run_core(core, socket, settings, appender, core_shutdown.clone())))
+                }
+                _ => None,
+            };
             let _ = events.send(CoreEvent::Serving { core });
             metrics.cores_running.inc();
             while !core_shutdown.load(Ordering::Acquire) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
             }
             metrics.cores_running.dec();
+            if let Some(task) = listener_task {
+                if let Err(error) = task.await {
+                    tracing::warn!(core, %error, "QUIC listener ended with an error");
+                }
+            }
             for log in &logs {
                 if let Err(source) = log.close().await {
                     let _ = events.send(CoreEvent::Failed(Fatal::PartitionClose { core, cpu, source }));
@@ -207,4 +268,63 @@ pub fn shutdown_on_signals(shutdown: &Arc<AtomicBool>) -> std::io::Result<()> {
 /// CPU ids this process can pin executors to.
 pub fn usable_cpus() -> std::collections::BTreeSet<usize> {
     sys::usable_cpus()
+}
+
+/// The device listener, prepared on the main thread before any core starts: the TLS
+/// config (development certificates made if allowed and missing) and one socket per
+/// core, bound in core order.
+pub struct PreparedQuic {
+    pub settings: Arc<QuicSettings>,
+    pub sockets: Vec<std::net::UdpSocket>,
+    pub address: SocketAddr,
+}
+
+pub fn prepare_quic(valid: &ValidConfig) -> Result<PreparedQuic, Fatal> {
+    let config = &valid.config.quic;
+    let directory = &config.certs_dir;
+    let (ca, certificate, key) = (directory.join("ca.pem"), directory.join("server.pem"), directory.join("server.key"));
+    let missing: Vec<_> = [&ca, &certificate, &key].into_iter().filter(|path| !path.exists()).collect();
+    if !missing.is_empty() {
+        if !config.generate_dev_certs {
+            return Err(Fatal::Quic {
+                reason: format!(
+                    "missing {}; run `weir certs --dir {}` or point quic.certs_dir at your PKI",
+                    missing.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(", "),
+                    directory.display()
+                ),
+            });
+        }
+        tracing::warn!(dir = %directory.display(), "no certificates: creating a development PKI (set quic.generate_dev_certs = false in production)");
+        crate::certs::generate(directory, &[], &[], 365).map_err(|error| Fatal::Quic { reason: error.to_string() })?;
+    }
+    let limits = tls::TransportLimits {
+        streams_per_connection_max: config.streams_per_connection_max,
+        stream_window_bytes: config.stream_window_bytes.0 as u32,
+        connection_window_bytes: config.connection_window_bytes.0 as u32,
+        idle_timeout: Duration::from_secs(config.idle_timeout_s.0),
+    };
+    let server_config = tls::server_config(&ca, &certificate, &key, &limits)
+        .map_err(|error| Fatal::Quic { reason: error.to_string() })?;
+    let address: SocketAddr =
+        config.listen.parse().map_err(|_| Fatal::Quic { reason: format!("bad address {}", config.listen) })?;
+    let sockets = quic::bind_sockets(address, valid.cores.len())
+        .map_err(|error| Fatal::Quic { reason: format!("cannot bind {address}: {error}") })?;
+    let address = sockets[0].local_addr().map_err(|error| Fatal::Quic { reason: error.to_string() })?;
+    let v1 = crate::core::protocol::FRAME_LIMITS_V1;
+    let settings = QuicSettings {
+        server_config: Arc::new(server_config),
+        limits: crate::core::protocol::FrameLimits {
+            frame_bytes_max: config.frame_bytes_max.0 as usize,
+            records_per_frame_max: config.records_per_frame_max as usize,
+            ..v1
+        },
+        connections_max: config.connections_max as usize,
+        handshakes_before_retry: config.handshakes_before_retry as usize,
+        frames_in_flight_per_connection_max: config.frames_in_flight_per_connection_max as usize,
+        topics: valid.config.topics.iter().map(|topic| (topic.name.clone(), topic.partitions)).collect(),
+        topics_allowed: (!config.topics_allowed.is_empty())
+            .then(|| config.topics_allowed.iter().cloned().collect::<HashSet<_>>()),
+        devices_denied: config.devices_denied.iter().cloned().collect(),
+    };
+    Ok(PreparedQuic { settings: Arc::new(settings), sockets, address })
 }

@@ -1,0 +1,81 @@
+"""A weir device written with aioquic (an independent QUIC stack) and the frame codec
+in weir_frames.py (written from docs/PROTOCOL.md alone).
+
+usage: aioquic_device.py --server HOST:PORT --ca CA --cert CERT --key KEY
+                         [--topic T] [--frames N] [--records R] [--sequence S]
+                         [--key-prefix P] [--resend-last]
+
+Sends N produce frames of R records each on one bidirectional stream, reads one answer
+per frame, prints one JSON object per answer (one per line). With --resend-last the
+last frame is sent twice (same sequence, same bytes), as after a lost answer.
+"""
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from aioquic.asyncio import connect  # noqa: E402
+from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
+
+import weir_frames  # noqa: E402
+
+
+def records_for(prefix, frame_index, count):
+    return [
+        {
+            "timestamp_ms": 1_700_000_000_000 + frame_index * 1000 + index,
+            "key": f"{prefix}{frame_index}-{index}".encode(),
+            "value": bytes((frame_index * 7 + index + position) % 251 for position in range(100)),
+            "headers": [("frame", str(frame_index).encode()), ("empty", None)],
+        }
+        for index in range(count)
+    ]
+
+
+async def run(arguments):
+    host, port = arguments.server.rsplit(":", 1)
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=["weir/1"])
+    configuration.load_verify_locations(arguments.ca)
+    configuration.load_cert_chain(arguments.cert, arguments.key)
+    configuration.server_name = "localhost"
+    configuration.verify_mode = ssl.CERT_REQUIRED
+    archives = [
+        weir_frames.encode_produce(arguments.sequence + index, arguments.topic, records_for(arguments.key_prefix, index, arguments.records))
+        for index in range(arguments.frames)
+    ]
+    if arguments.resend_last:
+        archives.append(archives[-1])
+    async with connect(host, int(port), configuration=configuration) as client:
+        reader, writer = await client.create_stream()
+        for archive in archives:
+            writer.write(weir_frames.frame(archive))
+        writer.write_eof()
+        for _ in archives:
+            (length,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 10))
+            answer = weir_frames.decode_answer(await asyncio.wait_for(reader.readexactly(length), 10))
+            print(json.dumps(answer), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--topic", default="telemetry")
+    parser.add_argument("--frames", type=int, default=3)
+    parser.add_argument("--records", type=int, default=4)
+    parser.add_argument("--sequence", type=int, default=1)
+    parser.add_argument("--key-prefix", default="k")
+    parser.add_argument("--resend-last", action="store_true")
+    arguments = parser.parse_args()
+    asyncio.run(asyncio.wait_for(run(arguments), 30))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+//! Devices over QUIC, against a real `weir serve`: an independent client (Python's
+//! aioquic, with frames written from docs/PROTOCOL.md alone) writes records over mTLS
+//! and every acknowledged record is in the log at the acknowledged offset, stamped with
+//! the device id from its certificate. Bad certificates, denied devices, unknown or
+//! forbidden topics and malformed frames are refused with their reasons.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::run;
+use weir::core::log::batch::{self, Record};
+use weir::shell::log::{LogOptions, PartitionLog};
+use weir::shell::metrics::Metrics;
+
+fn weir() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("WEIR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(path.exists(), "{} is missing: run tools/test, which creates the venv with aioquic", path.display());
+    path
+}
+
+struct Appliance {
+    child: Child,
+    quic: String,
+    root: PathBuf,
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Appliance {
+    fn start(root: &Path, extra_quic: &str, cores: usize) -> Appliance {
+        let certs = root.join("certs");
+        if !certs.join("ca.pem").exists() {
+            let output = weir()
+                .args(["certs", "--device", "dev-1", "--device", "dev-2", "--device", "banned-1", "--dir"])
+                .arg(&certs)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        }
+        let config = root.join("weir.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{extra_quic}\n[[topics]]\nname = \"telemetry\"\npartitions = 4\n[[topics]]\nname = \"secret\"\npartitions = 1\n",
+                root.join("data").display(),
+                certs.display()
+            ),
+        )
+        .unwrap();
+        let mut child = weir()
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--cores")
+            .arg(cores.to_string())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("weir: {line}");
+                let _ = sender.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut quic = None;
+        while Instant::now() < deadline {
+            let Ok(line) = receiver.recv_timeout(Duration::from_millis(100)) else { continue };
+            if let Some(at) = line.find("quic=") {
+                quic = Some(line[at + 5..].split_whitespace().next().unwrap().to_owned());
+            }
+            if line.contains("weir serving") {
+                return Appliance { child, quic: quic.expect("the QUIC address is logged"), root: root.to_owned() };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("weir did not start serving");
+    }
+
+    fn device(&self, id: &str, args: &[&str]) -> std::process::Output {
+        let certs = self.root.join("certs");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py");
+        Command::new(python())
+            .arg(script)
+            .arg("--server")
+            .arg(&self.quic)
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join(format!("devices/{id}.pem")))
+            .arg("--key")
+            .arg(certs.join(format!("devices/{id}.key")))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn stop(mut self) {
+        Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+fn answers(output: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "device failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+fn read_partition(directory: PathBuf) -> Vec<(i64, Record)> {
+    run(move || async move {
+        let log =
+            PartitionLog::open(&directory, "p", LogOptions::default(), Metrics::new().partition("t", 0)).await.unwrap();
+        let mut records = Vec::new();
+        let mut next = 0;
+        loop {
+            let batches = log.read(next, 1 << 20).await.unwrap();
+            if batches.is_empty() {
+                break;
+            }
+            for bytes in batches {
+                for record in batch::records(&bytes).unwrap() {
+                    let record = record.unwrap();
+                    if record.offset >= next {
+                        records.push((record.offset, record.to_record(&bytes)));
+                    }
+                }
+            }
+            next = records.last().map_or(next, |(offset, _)| offset + 1);
+        }
+        log.close().await.unwrap();
+        records
+    })
+}
+
+fn header<'a>(record: &'a Record, key: &str) -> Option<&'a [u8]> {
+    record.headers.iter().find(|header| header.key == key).and_then(|header| header.value.as_deref())
+}
+
+#[test]
+fn an_aioquic_device_writes_over_mtls_and_every_acked_record_is_in_the_log() {
+    let root = tempfile::tempdir().unwrap();
+    let appliance = Appliance::start(root.path(), "", 2);
+    let acks = answers(&appliance.device("dev-1", &["--frames", "20", "--records", "5", "--key-prefix", "a"]));
+    let more = answers(
+        &appliance.device("dev-2", &["--frames", "5", "--records", "3", "--sequence", "100", "--key-prefix", "b"]),
+    );
+    appliance.stop();
+    assert_eq!(acks.len(), 20);
+    assert_eq!(more.len(), 5);
+    let logs: HashMap<u64, Vec<(i64, Record)>> = (0..4u64)
+        .map(|partition| (partition, read_partition(root.path().join(format!("data/telemetry-{partition}")))))
+        .collect();
+    let total: usize = logs.values().map(Vec::len).sum();
+    assert_eq!(total, 20 * 5 + 5 * 3, "the log holds exactly the acknowledged records");
+    for (device, prefix, acks, first_sequence) in [("dev-1", "a", &acks, 1u64), ("dev-2", "b", &more, 100)] {
+        for (frame, ack) in acks.iter().enumerate() {
+            assert_eq!(ack["kind"], "ack", "{ack}");
+            assert_eq!(ack["sequence"], first_sequence + frame as u64);
+            let mut covered = 0;
+            for part in ack["parts"].as_array().unwrap() {
+                let partition = part["partition"].as_u64().unwrap();
+                let base = part["base_offset"].as_i64().unwrap();
+                for index in 0..part["record_count"].as_u64().unwrap() {
+                    let record_index = part["first_record"].as_u64().unwrap() + index;
+                    let (offset, record) = &logs[&partition][(base + index as i64) as usize];
+                    assert_eq!(*offset, base + index as i64);
+                    assert_eq!(record.key.as_deref(), Some(format!("{prefix}{frame}-{record_index}").as_bytes()));
+                    assert_eq!(
+                        header(record, "weir.device"),
+                        Some(device.as_bytes()),
+                        "the device id comes from the certificate"
+                    );
+                    assert_eq!(
+                        header(record, "weir.sequence"),
+                        Some((first_sequence + frame as u64).to_string().as_bytes())
+                    );
+                    assert_eq!(header(record, "frame"), Some(frame.to_string().as_bytes()));
+                    covered += 1;
+                }
+            }
+            assert_eq!(
+                covered,
+                ack["parts"].as_array().unwrap().iter().map(|part| part["record_count"].as_u64().unwrap()).sum::<u64>()
+            );
+        }
+    }
+    // Per device and partition, records are in the order the device sent them.
+    for records in logs.values() {
+        let mut last: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        for (_, record) in records {
+            let device = header(record, "weir.device").unwrap().to_vec();
+            let sequence: u64 = std::str::from_utf8(header(record, "weir.sequence").unwrap()).unwrap().parse().unwrap();
+            let key = std::str::from_utf8(record.key.as_deref().unwrap()).unwrap();
+            let index: u64 = key.rsplit('-').next().unwrap().parse().unwrap();
+            if let Some(previous) = last.insert(device, (sequence, index)) {
+                assert!(previous < (sequence, index), "out of order: {previous:?} then {:?}", (sequence, index));
+            }
+        }
+    }
+}
+
+#[test]
+fn refusals_carry_their_reasons() {
+    let root = tempfile::tempdir().unwrap();
+    let appliance =
+        Appliance::start(root.path(), "topics_allowed = [\"telemetry\"]\ndevices_denied = [\"banned-1\"]", 1);
+    // A topic the config does not allow, and one that does not exist.
+    let forbidden = answers(&appliance.device("dev-1", &["--topic", "secret", "--frames", "1"]));
+    assert_eq!(forbidden[0]["kind"], "error");
+    assert_eq!(forbidden[0]["error_code"], 3, "{}", forbidden[0]);
+    let unknown = answers(&appliance.device("dev-1", &["--topic", "nope", "--frames", "1"]));
+    assert_eq!(unknown[0]["error_code"], 4, "{}", unknown[0]);
+    assert!(unknown[0]["message"].as_str().unwrap().contains("nope"));
+    // A denied device is disconnected after the handshake.
+    let denied = appliance.device("banned-1", &["--frames", "1"]);
+    assert!(!denied.status.success(), "a denied device must not get an answer");
+    // A certificate from another CA fails the handshake.
+    let stranger = root.path().join("stranger");
+    let output = weir().args(["certs", "--device", "dev-1", "--dir"]).arg(&stranger).output().unwrap();
+    assert!(output.status.success());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py");
+    let foreign = Command::new(python())
+        .arg(script)
+        .args(["--server", &appliance.quic, "--ca"])
+        .arg(root.path().join("certs/ca.pem"))
+        .arg("--cert")
+        .arg(stranger.join("devices/dev-1.pem"))
+        .arg("--key")
+        .arg(stranger.join("devices/dev-1.key"))
+        .args(["--frames", "1"])
+        .output()
+        .unwrap();
+    assert!(!foreign.status.success(), "a certificate from an unknown CA must be refused");
+    // After all that, a good device still works.
+    let good = answers(&appliance.device("dev-2", &["--frames", "2"]));
+    assert!(good.iter().all(|answer| answer["kind"] == "ack"));
+    appliance.stop();
+}
