@@ -79,8 +79,9 @@ fn config_file(directory: &Path) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[topics]]\nname = \"telemetry\"\npartitions = 3\n",
-            directory.join("data").display()
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n[[topics]]\nname = \"telemetry\"\npartitions = 3\n",
+            directory.join("data").display(),
+            directory.join("certs").display()
         ),
     )
     .unwrap();
@@ -174,6 +175,8 @@ fn serve_opens_partitions_serves_metrics_and_health_and_stops_cleanly_on_sigterm
     assert_eq!(http_get(&address, "/nope").0, 404);
     let status = terminate(&mut child);
     assert_eq!(status.code(), Some(0), "clean shutdown exits 0");
+    // With no PKI configured, serve made a development one for the QUIC listener.
+    assert!(directory.path().join("certs/ca.pem").exists() && directory.path().join("certs/server.key").exists());
     for index in 0..3 {
         assert!(directory.path().join(format!("data/telemetry-{index}/00000000000000000000.log")).exists());
     }
