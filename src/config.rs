@@ -116,6 +116,22 @@ pub struct QuicConfig {
     pub topics_allowed: Vec<String>,
     #[serde(default)]
     pub devices_denied: Vec<String>,
+    #[serde(default = "default_dedup_sequences_per_device_max")]
+    pub dedup_sequences_per_device_max: u32,
+    #[serde(default = "default_dedup_devices_max")]
+    pub dedup_devices_max: u32,
+    #[serde(default = "default_dedup_horizon_records")]
+    pub dedup_horizon_records: u32,
+}
+
+fn default_dedup_sequences_per_device_max() -> u32 {
+    32
+}
+fn default_dedup_devices_max() -> u32 {
+    20_000
+}
+fn default_dedup_horizon_records() -> u32 {
+    200_000
 }
 
 fn default_true() -> bool {
@@ -173,6 +189,9 @@ impl Default for QuicConfig {
             idle_timeout_s: default_idle_timeout_s(),
             topics_allowed: Vec::new(),
             devices_denied: Vec::new(),
+            dedup_sequences_per_device_max: default_dedup_sequences_per_device_max(),
+            dedup_devices_max: default_dedup_devices_max(),
+            dedup_horizon_records: default_dedup_horizon_records(),
         }
     }
 }
@@ -626,6 +645,12 @@ impl Config {
             if !self.topics.iter().any(|configured| &configured.name == topic) {
                 problem("quic.topics_allowed", format!("{topic:?} is not a configured topic"));
             }
+        }
+        if quic.dedup_sequences_per_device_max == 0 || quic.dedup_sequences_per_device_max > 4096 {
+            problem("quic.dedup_sequences_per_device_max", "must be within 1..=4096".into());
+        }
+        if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
+            problem("quic.dedup_devices_max", "must be within 1..=1000000".into());
         }
         for device in &quic.devices_denied {
             if !crate::certs::is_device_id(device) {

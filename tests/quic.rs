@@ -257,3 +257,29 @@ fn refusals_carry_their_reasons() {
     assert!(good.iter().all(|answer| answer["kind"] == "ack"));
     appliance.stop();
 }
+
+#[test]
+fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let appliance = Appliance::start(root.path(), "", 2);
+    let first = answers(&appliance.device("dev-1", &["--frames", "3", "--records", "6", "--resend-last"]));
+    appliance.stop();
+    assert_eq!(first.len(), 4);
+    assert_eq!(first[3], first[2], "the resent frame is answered exactly as the original");
+    let stored = |root: &Path| -> usize {
+        (0..4).map(|partition| read_partition(root.join(format!("data/telemetry-{partition}"))).len()).sum()
+    };
+    assert_eq!(stored(root.path()), 18, "three frames of six records, stored once");
+    // After a restart the appliance rebuilds what it remembers from its log.
+    let appliance = Appliance::start(root.path(), "", 2);
+    let again = answers(
+        &appliance.device("dev-1", &["--frames", "1", "--records", "6", "--sequence", "3", "--first-frame", "2"]),
+    );
+    let fresh = answers(
+        &appliance.device("dev-1", &["--frames", "1", "--records", "6", "--sequence", "4", "--first-frame", "3"]),
+    );
+    appliance.stop();
+    assert_eq!(again[0], first[2], "the resend after a restart gets the original offsets");
+    assert_eq!(fresh[0]["kind"], "ack");
+    assert_eq!(stored(root.path()), 24, "only the new frame was stored");
+}

@@ -1,6 +1,7 @@
 //! weir's deterministic core: code that takes bytes, completions and time and returns
 //! what to do. Nothing under `core` performs I/O or reads a clock.
 
+pub mod dedup;
 pub mod log;
 pub mod protocol;
 pub mod session;

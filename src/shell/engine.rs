@@ -14,7 +14,8 @@ use std::rc::Rc;
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
-use crate::core::log::batch::Record;
+use crate::core::dedup::{self, DedupIndex, DedupLimits, StoredRun};
+use crate::core::log::batch::{self, Record};
 use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::quic::{AppendFailure, Appender};
@@ -51,10 +52,24 @@ pub fn failure_of(error: &LogError) -> AppendFailure {
 }
 
 /// One core's appender: its own partitions, plus the mesh to the others.
+/// Sequence de-duplication settings (from `[quic]`).
+#[derive(Debug, Clone, Copy)]
+pub struct DedupSettings {
+    pub limits: DedupLimits,
+    /// Records at the end of each partition read at open to rebuild the index.
+    pub horizon_records: i64,
+}
+
+type RunWaiters = Vec<oneshot::Sender<Result<i64, AppendFailure>>>;
+
 pub struct CoreAppender {
     core: usize,
     cores: usize,
     logs: HashMap<(String, u32), PartitionLog>,
+    dedup: RefCell<HashMap<(String, u32), DedupIndex>>,
+    /// Runs being appended now, by (topic, partition, device, sequence): a resend that
+    /// arrives meanwhile waits for the first one's result instead of appending again.
+    in_flight: RefCell<HashMap<(String, u32, String, u64), RunWaiters>>,
     senders: Option<Senders<MeshMessage>>,
     peer_of_core: RefCell<HashMap<usize, usize>>,
     pending: RefCell<HashMap<u64, oneshot::Sender<Result<i64, AppendFailure>>>>,
@@ -68,8 +83,13 @@ impl CoreAppender {
         core: usize,
         cores: usize,
         logs: HashMap<(String, u32), PartitionLog>,
+        dedup_settings: DedupSettings,
         mesh: Option<MeshBuilder<MeshMessage, Full>>,
-    ) -> Rc<CoreAppender> {
+    ) -> Result<Rc<CoreAppender>, LogError> {
+        let mut dedup = HashMap::new();
+        for (key, log) in &logs {
+            dedup.insert(key.clone(), rebuild_dedup(log, dedup_settings).await?);
+        }
         let (senders, receivers) = match mesh {
             Some(mesh) if cores > 1 => {
                 let (senders, receivers) = mesh.join().await.expect("joining the core mesh");
@@ -81,6 +101,8 @@ impl CoreAppender {
             core,
             cores,
             logs,
+            dedup: RefCell::new(dedup),
+            in_flight: RefCell::new(HashMap::new()),
             senders,
             peer_of_core: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
@@ -94,7 +116,7 @@ impl CoreAppender {
             }
             serve_peers(appender.clone(), receivers);
         }
-        appender
+        Ok(appender)
     }
 
     fn owner_of(&self, partition: u32) -> usize {
@@ -102,14 +124,56 @@ impl CoreAppender {
     }
 
     async fn append_local(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<i64, AppendFailure> {
-        match self.logs.get(&(topic.to_owned(), partition)) {
-            Some(log) => log.append(records).await.map_err(|error| failure_of(&error)),
-            None => Err(AppendFailure {
+        let Some(log) = self.logs.get(&(topic.to_owned(), partition)) else {
+            return Err(AppendFailure {
                 code: ErrorCode::UnknownTopic,
                 message: format!("core {} does not own {topic}-{partition}", self.core),
                 retry_after_ms: 0,
-            }),
+            });
+        };
+        let Some((device, sequence)) = dedup::key_of_records(&records) else {
+            return log.append(records).await.map_err(|error| failure_of(&error));
+        };
+        let partition_key = (topic.to_owned(), partition);
+        let stored = self.dedup.borrow().get(&partition_key).and_then(|index| index.lookup(&device, sequence));
+        if let Some(run) = stored {
+            return Ok(run.base_offset);
         }
+        let flight_key = (topic.to_owned(), partition, device.clone(), sequence);
+        let waiting = {
+            let mut in_flight = self.in_flight.borrow_mut();
+            match in_flight.get_mut(&flight_key) {
+                Some(waiters) => {
+                    let (reply, answer) = oneshot::channel();
+                    waiters.push(reply);
+                    Some(answer)
+                }
+                None => {
+                    in_flight.insert(flight_key.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(answer) = waiting {
+            return answer.await.unwrap_or_else(|_| {
+                Err(AppendFailure {
+                    code: ErrorCode::ShuttingDown,
+                    message: "core stopped".into(),
+                    retry_after_ms: RETRY_AFTER_MS,
+                })
+            });
+        }
+        let record_count = records.len() as u32;
+        let result = log.append(records).await.map_err(|error| failure_of(&error));
+        if let Ok(base_offset) = result {
+            if let Some(index) = self.dedup.borrow_mut().get_mut(&partition_key) {
+                index.insert(&device, sequence, StoredRun { base_offset, record_count });
+            }
+        }
+        for waiter in self.in_flight.borrow_mut().remove(&flight_key).unwrap_or_default() {
+            let _ = waiter.send(result.clone());
+        }
+        result
     }
 
     async fn append_remote(
@@ -206,4 +270,33 @@ impl Appender for Rc<CoreAppender> {
             }
         })
     }
+}
+
+/// Rebuilds a partition's de-duplication index from the last records of its log.
+async fn rebuild_dedup(log: &PartitionLog, settings: DedupSettings) -> Result<DedupIndex, LogError> {
+    let mut index = DedupIndex::new(settings.limits);
+    let stats = log.stats();
+    let mut next = stats.start_offset.max(stats.next_offset - settings.horizon_records);
+    while next < stats.next_offset {
+        let batches = log.read(next, 1 << 20).await?;
+        if batches.is_empty() {
+            break;
+        }
+        for bytes in &batches {
+            let records = batch::records(bytes).map_err(|reason| LogError::Corrupt {
+                partition: log.name(),
+                path: std::path::PathBuf::new(),
+                position: 0,
+                reason: reason.into(),
+            })?;
+            for record in records {
+                let Ok(record) = record else { continue };
+                if record.offset >= next {
+                    index.observe(record.offset, dedup::run_key_of_stored(&record));
+                    next = record.offset + 1;
+                }
+            }
+        }
+    }
+    Ok(index)
 }

@@ -129,6 +129,13 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         let events = events.clone();
         let mesh = mesh.clone();
         let core_count = cores.len();
+        let dedup = engine::DedupSettings {
+            limits: crate::core::dedup::DedupLimits {
+                sequences_per_device_max: valid.config.quic.dedup_sequences_per_device_max as usize,
+                devices_max: valid.config.quic.dedup_devices_max as usize,
+            },
+            horizon_records: i64::from(valid.config.quic.dedup_horizon_records),
+        };
         let listener = match (&quic, sockets.as_mut()) {
             (Some(quic), Some(sockets)) => {
                 match std::mem::replace(&mut sockets[core], Err(std::io::ErrorKind::Other.into())) {
@@ -176,10 +183,18 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 }
             };
             let joined = futures_lite::future::or(
-                async { Some(engine::CoreAppender::start(core, core_count, by_partition, Some(mesh)).await) },
+                async { Some(engine::CoreAppender::start(core, core_count, by_partition, dedup, Some(mesh)).await) },
                 shutdown_seen,
             )
             .await;
+            let joined = match joined {
+                Some(Ok(appender)) => Some(appender),
+                Some(Err(source)) => {
+                    let _ = events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
+                    return;
+                }
+                None => None,
+            };
             tracing::debug!(core, joined = joined.is_some(), "mesh joined");
             let listener_task = match (joined, listener) {
                 (Some(appender), Some((socket, settings))) => {

@@ -3,7 +3,7 @@ in weir_frames.py (written from docs/PROTOCOL.md alone).
 
 usage: aioquic_device.py --server HOST:PORT --ca CA --cert CERT --key KEY
                          [--topic T] [--frames N] [--records R] [--sequence S]
-                         [--key-prefix P] [--resend-last]
+                         [--key-prefix P] [--first-frame K] [--resend-last]
 
 Sends N produce frames of R records each on one bidirectional stream, reads one answer
 per frame, prints one JSON object per answer (one per line). With --resend-last the
@@ -45,7 +45,11 @@ async def run(arguments):
     configuration.server_name = "localhost"
     configuration.verify_mode = ssl.CERT_REQUIRED
     archives = [
-        weir_frames.encode_produce(arguments.sequence + index, arguments.topic, records_for(arguments.key_prefix, index, arguments.records))
+        weir_frames.encode_produce(
+            arguments.sequence + index,
+            arguments.topic,
+            records_for(arguments.key_prefix, arguments.first_frame + index, arguments.records),
+        )
         for index in range(arguments.frames)
     ]
     if arguments.resend_last:
@@ -72,6 +76,7 @@ def main():
     parser.add_argument("--records", type=int, default=4)
     parser.add_argument("--sequence", type=int, default=1)
     parser.add_argument("--key-prefix", default="k")
+    parser.add_argument("--first-frame", type=int, default=0, help="frame index of the first frame (record contents)")
     parser.add_argument("--resend-last", action="store_true")
     arguments = parser.parse_args()
     asyncio.run(asyncio.wait_for(run(arguments), 30))
