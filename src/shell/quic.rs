@@ -123,8 +123,10 @@ fn ring_fill(bytes: &mut [u8]) {
 }
 
 /// Binds one SO_REUSEPORT UDP socket per core on `address`, in core order (the
-/// reuseport group index is the bind order). With port 0 the first socket's port is
-/// used for the rest.
+/// reuseport group index is the bind order), and attaches the steering program that
+/// sends each short-header packet to the core named in its connection id. With port 0
+/// the first socket's port is used for the rest. A fresh port per start keeps a
+/// restarted process out of a stale group (SO_REUSEPORT groups need the same user).
 pub fn bind_sockets(address: SocketAddr, cores: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
     let mut sockets = Vec::with_capacity(cores);
     let mut address = address;
@@ -137,6 +139,9 @@ pub fn bind_sockets(address: SocketAddr, cores: usize) -> std::io::Result<Vec<st
         let bound: std::net::UdpSocket = socket.into();
         address = bound.local_addr()?;
         sockets.push(bound);
+    }
+    if let Some(first) = sockets.first() {
+        crate::shell::sys::attach_reuseport_steering(first)?;
     }
     Ok(sockets)
 }
