@@ -47,22 +47,6 @@ pub fn parse_cpu_list(text: &str) -> BTreeSet<usize> {
     cpus
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_lists_parse() {
-        assert_eq!(parse_cpu_list("0-3,5,7-8"), [0, 1, 2, 3, 5, 7, 8].into_iter().collect());
-        assert_eq!(parse_cpu_list("0"), [0].into_iter().collect());
-    }
-
-    #[test]
-    fn this_host_has_a_usable_cpu() {
-        assert!(!usable_cpus().is_empty());
-    }
-}
-
 /// Attaches the connection-id steering program to a SO_REUSEPORT group (through any
 /// one of its sockets; it applies to the whole group).
 ///
@@ -110,5 +94,21 @@ pub fn attach_reuseport_steering(socket: &std::net::UdpSocket) -> std::io::Resul
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-3,5,7-8"), [0, 1, 2, 3, 5, 7, 8].into_iter().collect());
+        assert_eq!(parse_cpu_list("0"), [0].into_iter().collect());
+    }
+
+    #[test]
+    fn this_host_has_a_usable_cpu() {
+        assert!(!usable_cpus().is_empty());
     }
 }
