@@ -252,6 +252,13 @@ fn refusals_carry_their_reasons() {
         .output()
         .unwrap();
     assert!(!foreign.status.success(), "a certificate from an unknown CA must be refused");
+    // A frame that is no valid archive is answered with MalformedFrame.
+    let garbage = answers(&appliance.device("dev-1", &["--garbage"]));
+    assert_eq!(garbage[0]["error_code"], 1, "{}", garbage[0]);
+    assert!(garbage[0]["message"].as_str().unwrap().contains("archive"), "{}", garbage[0]);
+    // A frame declared larger than the limit closes the connection without buffering it.
+    let oversized = appliance.device("dev-1", &["--declare-length", "300000000"]);
+    assert!(!oversized.status.success());
     // After all that, a good device still works.
     let good = answers(&appliance.device("dev-2", &["--frames", "2"]));
     assert!(good.iter().all(|answer| answer["kind"] == "ack"));

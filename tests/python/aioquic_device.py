@@ -54,8 +54,13 @@ async def run(arguments):
     ]
     if arguments.resend_last:
         archives.append(archives[-1])
+    if arguments.garbage:
+        # Bytes that pass the framing but are no valid archive.
+        archives = [bytes(range(64))]
     async with connect(host, int(port), configuration=configuration) as client:
         reader, writer = await client.create_stream()
+        if arguments.declare_length is not None:
+            writer.write(struct.pack(">I", arguments.declare_length) + b"x" * 16)
         for archive in archives:
             writer.write(weir_frames.frame(archive))
         writer.write_eof()
@@ -78,6 +83,8 @@ def main():
     parser.add_argument("--key-prefix", default="k")
     parser.add_argument("--first-frame", type=int, default=0, help="frame index of the first frame (record contents)")
     parser.add_argument("--resend-last", action="store_true")
+    parser.add_argument("--garbage", action="store_true", help="send one frame that is not an archive")
+    parser.add_argument("--declare-length", type=int, help="first send a frame header declaring this length")
     arguments = parser.parse_args()
     asyncio.run(asyncio.wait_for(run(arguments), 30))
 
