@@ -1,0 +1,272 @@
+//! weir-sim: a device fleet simulator. Many devices, each with its own certificate and
+//! its own QUIC connection, write records at a fixed rate through the weir-device
+//! client for a bounded time; at the end it prints throughput and ack latency, and as
+//! its last stdout line one JSON object for scripts.
+//!
+//! Devices share a few tokio threads and a few UDP endpoints (one per
+//! `--devices-per-endpoint` devices), so 1,000 devices fit on 2 cores. Exit codes: 0
+//! when the run completed (its errors are in the summary), 1 when no device could
+//! connect or the runtime failed, 2 for bad options or missing certificates.
+
+#![deny(unsafe_code)]
+
+mod fleet;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use weir_device::DeviceProfile;
+
+/// The largest fleet one simulator runs.
+const DEVICES_MAX: u32 = 100_000;
+/// The highest rate one simulated device writes at.
+const RATE_MAX: f64 = 1_000_000.0;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weir-sim",
+    version,
+    about = "Simulate a fleet of devices writing records to weir over QUIC",
+    after_help = "Certificates: `weir certs` writes DIR/ca.pem and DIR/devices/<id>.pem/.key; \
+                  weir-sim uses the ids <device-prefix><n> for n in device-first..device-first+devices.\n\
+                  Last stdout line: {\"acked\",\"errors\",\"records_per_s\",\"mb_per_s\",\"p50_us\",\"p99_us\",\"p999_us\",...}"
+)]
+struct Options {
+    /// Number of simulated devices, each with its own certificate and connection.
+    #[arg(long, default_value_t = 10)]
+    devices: u32,
+    /// Records per second each device writes (0: connect and stay idle).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Bytes of each record's value (the key is the device id).
+    #[arg(long, default_value_t = 256)]
+    record_bytes: usize,
+    /// How long devices write, in seconds; then outstanding sends drain.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Topic to write (repeatable or comma-separated); each device rotates through them.
+    #[arg(long = "topic", value_delimiter = ',', default_value = "telemetry")]
+    topics: Vec<String>,
+    /// Server address (ip:port); default from --profile, else 127.0.0.1:4433.
+    #[arg(long)]
+    server: Option<SocketAddr>,
+    /// TLS server name; default from --profile, else localhost.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Directory written by `weir certs` (ca.pem, devices/<id>.pem and .key).
+    #[arg(long)]
+    certs: PathBuf,
+    /// Device ids are <prefix><n>.
+    #[arg(long, default_value = "sim-")]
+    device_prefix: String,
+    /// First n of the device ids.
+    #[arg(long, default_value_t = 0)]
+    device_first: u32,
+    /// Device profile whose batching, flow, retry and timeout settings every device
+    /// uses (its server and TLS settings are replaced by the options above).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Overrides batch.linger_ms of the profile.
+    #[arg(long)]
+    linger_ms: Option<u64>,
+    /// Overrides batch.records_max of the profile.
+    #[arg(long)]
+    batch_records: Option<usize>,
+    /// Overrides flow.frames_in_flight_max of the profile.
+    #[arg(long)]
+    frames_in_flight: Option<usize>,
+    /// Write every acked record as a line `device sequence partition offset record_index topic`.
+    #[arg(long)]
+    acked_log: Option<PathBuf>,
+    /// Tokio worker threads (default: the CPUs available).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Devices sharing one UDP endpoint (socket).
+    #[arg(long, default_value_t = 100)]
+    devices_per_endpoint: u32,
+    /// Handshakes in progress at once while the fleet connects.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Sends one device keeps outstanding before it waits (records due meanwhile are
+    /// sent together once one completes).
+    #[arg(long, default_value_t = 64)]
+    sends_in_flight: usize,
+    /// Longest wait for outstanding sends after --seconds, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    drain_seconds: f64,
+}
+
+/// A bad option: reported on stderr, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn usage(message: impl Into<String>) -> UsageError {
+    UsageError(message.into())
+}
+
+/// The fleet's settings after every option was checked.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub device_ids: Vec<String>,
+    pub rate: f64,
+    pub record_bytes: usize,
+    pub seconds: f64,
+    pub topics: Vec<String>,
+    pub profile_template: DeviceProfile,
+    pub certs: PathBuf,
+    pub acked_log: Option<PathBuf>,
+    pub threads: usize,
+    pub devices_per_endpoint: usize,
+    pub connect_concurrency: usize,
+    pub sends_in_flight: usize,
+    pub drain_seconds: f64,
+}
+
+fn plan(options: Options) -> Result<Plan, UsageError> {
+    if options.devices == 0 || options.devices > DEVICES_MAX {
+        return Err(usage(format!("--devices {} is not in 1..={DEVICES_MAX}", options.devices)));
+    }
+    if !options.rate.is_finite() || !(0.0..=RATE_MAX).contains(&options.rate) {
+        return Err(usage(format!("--rate {} is not in 0..={RATE_MAX} records/s", options.rate)));
+    }
+    let value_bytes_max = weir::core::protocol::FRAME_LIMITS_V1.value_bytes_max;
+    if options.record_bytes > value_bytes_max {
+        return Err(usage(format!("--record-bytes {} is over protocol v1's {value_bytes_max}", options.record_bytes)));
+    }
+    if !options.seconds.is_finite() || options.seconds <= 0.0 || options.seconds > 7.0 * 86_400.0 {
+        return Err(usage(format!("--seconds {} is not in (0, 604800]", options.seconds)));
+    }
+    if !options.drain_seconds.is_finite() || !(0.0..=3600.0).contains(&options.drain_seconds) {
+        return Err(usage(format!("--drain-seconds {} is not in 0..=3600", options.drain_seconds)));
+    }
+    for topic in &options.topics {
+        weir_device::batch::check_topic(topic).map_err(|error| usage(format!("--topic: {error}")))?;
+    }
+    if options.devices_per_endpoint == 0 {
+        return Err(usage("--devices-per-endpoint must be at least 1"));
+    }
+    if options.connect_concurrency == 0 || options.sends_in_flight == 0 {
+        return Err(usage("--connect-concurrency and --sends-in-flight must be at least 1"));
+    }
+    let threads = match options.threads {
+        Some(0) => return Err(usage("--threads must be at least 1")),
+        Some(threads) => threads,
+        None => std::thread::available_parallelism().map_or(2, |count| count.get()),
+    };
+    let last = options.device_first.checked_add(options.devices - 1).ok_or_else(|| usage("device ids overflow"))?;
+    let device_ids: Vec<String> =
+        (options.device_first..=last).map(|index| format!("{}{index}", options.device_prefix)).collect();
+    if let Some(bad) = device_ids.iter().find(|id| !weir::certs::is_device_id(id)) {
+        return Err(usage(format!("{bad:?} is not a device id (1..=64 of a-z A-Z 0-9 . _ -); check --device-prefix")));
+    }
+    let ca = options.certs.join("ca.pem");
+    if !ca.is_file() {
+        return Err(usage(format!("{} not found: --certs must be a directory written by `weir certs`", ca.display())));
+    }
+    let missing: Vec<&String> = device_ids
+        .iter()
+        .filter(|id| {
+            let devices = options.certs.join("devices");
+            !devices.join(format!("{id}.pem")).is_file() || !devices.join(format!("{id}.key")).is_file()
+        })
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(usage(format!(
+            "{} of {} device certificates are missing under {}, the first {}; create them with `weir certs` \
+             for the ids {}{}..{}{}",
+            missing.len(),
+            device_ids.len(),
+            options.certs.join("devices").display(),
+            first,
+            options.device_prefix,
+            options.device_first,
+            options.device_prefix,
+            last
+        )));
+    }
+    let mut profile = match &options.profile {
+        Some(path) => DeviceProfile::load(path).map_err(|error| usage(format!("--profile: {error}")))?,
+        None => DeviceProfile::new(
+            vec!["127.0.0.1:4433".parse().expect("a valid address")],
+            "localhost",
+            PathBuf::new(),
+            PathBuf::new(),
+            PathBuf::new(),
+        ),
+    };
+    if let Some(server) = options.server {
+        profile.server.addresses = vec![server.to_string()];
+    }
+    if let Some(name) = options.server_name {
+        profile.server.name = name;
+    }
+    if let Some(linger_ms) = options.linger_ms {
+        profile.batch.linger_ms = linger_ms;
+    }
+    if let Some(records) = options.batch_records {
+        profile.batch.records_max = records;
+    }
+    if let Some(frames) = options.frames_in_flight {
+        profile.flow.frames_in_flight_max = frames;
+    }
+    profile.tls.ca = ca;
+    profile.tls.certificate = options.certs.join("devices/placeholder.pem");
+    profile.tls.key = options.certs.join("devices/placeholder.key");
+    profile.sequence.state_file = None; // simulated devices start from the clock
+    profile.validate("(weir-sim options)").map_err(|error| usage(error.to_string()))?;
+    Ok(Plan {
+        device_ids,
+        rate: options.rate,
+        record_bytes: options.record_bytes,
+        seconds: options.seconds,
+        topics: options.topics,
+        profile_template: profile,
+        certs: options.certs,
+        acked_log: options.acked_log,
+        threads,
+        devices_per_endpoint: options.devices_per_endpoint as usize,
+        connect_concurrency: options.connect_concurrency,
+        sends_in_flight: options.sends_in_flight,
+        drain_seconds: options.drain_seconds,
+    })
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse(); // clap reports its own errors with exit code 2
+    let plan = match plan(options) {
+        Ok(plan) => plan,
+        Err(error) => {
+            eprintln!("weir-sim: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(plan.threads).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("weir-sim: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(fleet::run(&plan)) {
+        Ok(outcome) => {
+            let summary = report::Summary::of(&plan, &outcome);
+            for line in summary.human_lines() {
+                println!("{line}");
+            }
+            println!("{}", summary.json());
+            if outcome.connected == 0 {
+                eprintln!("weir-sim: no device could connect");
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("weir-sim: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
