@@ -67,6 +67,21 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check this host against a config before it runs: io_uring, the data directory,
+    /// locked memory, cores, UDP. One line per check (ok, warn, fail, skip) with the
+    /// fix; exit 0 when nothing fails, 1 when something does, 2 for a bad config.
+    Doctor {
+        /// Config file; without it the embedded default (firmware-config/weir.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the report as one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Also measure the data directory's filesystem (O_DIRECT MB/s, fdatasync
+        /// latency) for a few seconds and compare it with the flush window.
+        #[arg(long)]
+        measure: bool,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConfig, ConfigError> {
@@ -93,6 +108,10 @@ pub fn run(cli: Cli) -> i32 {
                     return exit_code::BAD_CONFIG;
                 }
             };
+            if let Err(not_ready) = crate::doctor::preflight(&valid) {
+                eprintln!("weir: {not_ready}");
+                return exit_code::HOST_NOT_READY;
+            }
             let shutdown = Arc::new(AtomicBool::new(false));
             if let Err(error) = runtime::shutdown_on_signals(&shutdown) {
                 eprintln!("weir: fatal: cannot install signal handlers: {error}");
@@ -147,6 +166,7 @@ pub fn run(cli: Cli) -> i32 {
                 }
             }
         }
+        Command::Doctor { config, json, measure } => crate::doctor::command(config.as_deref(), json, measure),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub quic: QuicConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
     #[serde(default = "default_topics")]
     pub topics: Vec<TopicConfig>,
 }
@@ -313,6 +315,10 @@ pub struct ByteSize(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Micros(pub u64);
 
+/// A duration in milliseconds: an integer, or a string with a unit (`"500 ms"`, `"30 s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Millis(pub u64);
+
 /// A duration in seconds: an integer, or a string with a unit (`"90 s"`, `"1 h"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seconds(pub u64);
@@ -416,6 +422,11 @@ unit_deserialize!(Micros, "microseconds as an integer, or a string such as \"250
     text,
     1_000,
     "microseconds"
+));
+unit_deserialize!(Millis, "milliseconds as an integer, or a string such as \"500 ms\"", |text| parse_duration(
+    text,
+    1_000_000,
+    "milliseconds"
 ));
 unit_deserialize!(Seconds, "seconds as an integer, or a string such as \"1 h\"", |text| parse_duration(
     text,
@@ -690,11 +701,248 @@ impl Config {
                 );
             }
         }
+        let topic_names: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
+        self.upstream.validate(&topic_names, &mut problems);
         if problems.is_empty() {
             Ok(ValidConfig { config: self, cores })
         } else {
             Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
         }
+    }
+}
+
+// ----- [upstream]: shipping the log to the central Kafka cluster -----
+
+/// The `[upstream]` section: where and how the partition logs are shipped. Disabled by
+/// default, so an appliance without a reachable cluster runs (and keeps everything).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub bootstrap_servers: Vec<String>,
+    #[serde(default = "default_upstream_client_id")]
+    pub client_id: String,
+    #[serde(default)]
+    pub topics: Vec<UpstreamTopicConfig>,
+    #[serde(default = "default_upstream_batch_bytes_max")]
+    pub batch_bytes_max: ByteSize,
+    #[serde(default = "default_upstream_in_flight_max")]
+    pub in_flight_max: u32,
+    #[serde(default = "default_upstream_bandwidth_bytes_per_s_max")]
+    pub bandwidth_bytes_per_s_max: ByteSize,
+    #[serde(default = "default_upstream_connect_timeout_ms")]
+    pub connect_timeout_ms: Millis,
+    #[serde(default = "default_upstream_request_timeout_ms")]
+    pub request_timeout_ms: Millis,
+    #[serde(default = "default_upstream_retry_backoff_ms_min")]
+    pub retry_backoff_ms_min: Millis,
+    #[serde(default = "default_upstream_retry_backoff_ms_max")]
+    pub retry_backoff_ms_max: Millis,
+    #[serde(default = "default_upstream_cursor_persist_interval_ms")]
+    pub cursor_persist_interval_ms: Millis,
+    #[serde(default = "default_upstream_reconcile_scan_bytes_max")]
+    pub reconcile_scan_bytes_max: ByteSize,
+    /// Not supported yet: present only so that a config asking for TLS is refused
+    /// with a clear reason instead of shipping in plain text.
+    #[serde(default)]
+    pub tls: Option<toml::Value>,
+    /// Not supported yet, as `tls`.
+    #[serde(default)]
+    pub sasl: Option<toml::Value>,
+}
+
+/// One edge topic's upstream mapping.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamTopicConfig {
+    /// The edge topic (one of `[[topics]]`).
+    pub edge: String,
+    /// The upstream topic; the edge topic's name when absent.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub partitioning: UpstreamPartitioning,
+}
+
+/// How edge partitions map to upstream partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamPartitioning {
+    /// Edge partition p goes to upstream partition p.
+    #[default]
+    Kept,
+    /// By record key, as Kafka's default partitioner (not supported yet).
+    ByKey,
+}
+
+/// Kafka allows at most 5 unacknowledged batches per idempotent producer and partition.
+pub const UPSTREAM_IN_FLIGHT_MAX: u32 = 5;
+/// The smallest upstream batch limit accepted.
+pub const UPSTREAM_BATCH_BYTES_MIN: u64 = 4096;
+
+fn default_upstream_client_id() -> String {
+    "weir".to_owned()
+}
+fn default_upstream_batch_bytes_max() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_upstream_in_flight_max() -> u32 {
+    UPSTREAM_IN_FLIGHT_MAX
+}
+fn default_upstream_bandwidth_bytes_per_s_max() -> ByteSize {
+    ByteSize(0)
+}
+fn default_upstream_connect_timeout_ms() -> Millis {
+    Millis(10_000)
+}
+fn default_upstream_request_timeout_ms() -> Millis {
+    Millis(30_000)
+}
+fn default_upstream_retry_backoff_ms_min() -> Millis {
+    Millis(100)
+}
+fn default_upstream_retry_backoff_ms_max() -> Millis {
+    Millis(30_000)
+}
+fn default_upstream_cursor_persist_interval_ms() -> Millis {
+    Millis(500)
+}
+fn default_upstream_reconcile_scan_bytes_max() -> ByteSize {
+    ByteSize(1 << 30)
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            enabled: false,
+            bootstrap_servers: Vec::new(),
+            client_id: default_upstream_client_id(),
+            topics: Vec::new(),
+            batch_bytes_max: default_upstream_batch_bytes_max(),
+            in_flight_max: default_upstream_in_flight_max(),
+            bandwidth_bytes_per_s_max: default_upstream_bandwidth_bytes_per_s_max(),
+            connect_timeout_ms: default_upstream_connect_timeout_ms(),
+            request_timeout_ms: default_upstream_request_timeout_ms(),
+            retry_backoff_ms_min: default_upstream_retry_backoff_ms_min(),
+            retry_backoff_ms_max: default_upstream_retry_backoff_ms_max(),
+            cursor_persist_interval_ms: default_upstream_cursor_persist_interval_ms(),
+            reconcile_scan_bytes_max: default_upstream_reconcile_scan_bytes_max(),
+            tls: None,
+            sasl: None,
+        }
+    }
+}
+
+fn topic_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= TOPIC_NAME_BYTES_MAX
+        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+        && name != "."
+        && name != ".."
+}
+
+impl UpstreamConfig {
+    fn validate(&self, edge_topics: &BTreeSet<&str>, problems: &mut Vec<ConfigProblem>) {
+        let mut problem = |path: &str, why: String| problems.push(ConfigProblem { path: path.to_owned(), why });
+        if self.tls.is_some() {
+            problem(
+                "upstream.tls",
+                "not supported yet: weir ships to the upstream over plain TCP only; remove [upstream.tls]                  (it is refused rather than ignored so data never goes out unencrypted by surprise)"
+                    .into(),
+            );
+        }
+        if self.sasl.is_some() {
+            problem(
+                "upstream.sasl",
+                "not supported yet: SASL (PLAIN, SCRAM) is not implemented; remove [upstream.sasl]".into(),
+            );
+        }
+        if self.enabled && self.bootstrap_servers.is_empty() {
+            problem("upstream.bootstrap_servers", "at least one \"host:port\" is needed when upstream.enabled".into());
+        }
+        for (index, server) in self.bootstrap_servers.iter().enumerate() {
+            let port_ok = server
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
+            if !port_ok {
+                problem(&format!("upstream.bootstrap_servers[{index}]"), format!("{server:?} is not \"host:port\""));
+            }
+        }
+        if self.client_id.is_empty() || self.client_id.len() > 255 {
+            problem("upstream.client_id", "must be 1..=255 bytes".into());
+        }
+        let mut mapped = BTreeSet::new();
+        for (index, topic) in self.topics.iter().enumerate() {
+            let path = format!("upstream.topics[{index}]");
+            if !edge_topics.contains(topic.edge.as_str()) {
+                problem(&format!("{path}.edge"), format!("{:?} is not one of the [[topics]]", topic.edge));
+            }
+            if !mapped.insert(topic.edge.as_str()) {
+                problem(&format!("{path}.edge"), format!("{:?} is mapped twice", topic.edge));
+            }
+            if let Some(upstream) = &topic.upstream {
+                if !topic_name_ok(upstream) {
+                    problem(
+                        &format!("{path}.upstream"),
+                        format!("{upstream:?} is not a Kafka topic name (1..=249 of a-z A-Z 0-9 . _ -)"),
+                    );
+                }
+            }
+            if topic.partitioning == UpstreamPartitioning::ByKey {
+                problem(
+                    &format!("{path}.partitioning"),
+                    "\"by-key\" is not supported yet: use \"kept\" (edge partition p -> upstream partition p)".into(),
+                );
+            }
+        }
+        let batch_bytes = self.batch_bytes_max.0;
+        if !(UPSTREAM_BATCH_BYTES_MIN..=BATCH_BYTES_MAX as u64).contains(&batch_bytes) {
+            problem(
+                "upstream.batch_bytes_max",
+                format!("{batch_bytes} is outside {UPSTREAM_BATCH_BYTES_MIN}..={BATCH_BYTES_MAX} bytes"),
+            );
+        }
+        if !(1..=UPSTREAM_IN_FLIGHT_MAX).contains(&self.in_flight_max) {
+            problem(
+                "upstream.in_flight_max",
+                format!(
+                    "{} is outside 1..={UPSTREAM_IN_FLIGHT_MAX} (Kafka keeps 5 batches per idempotent producer)",
+                    self.in_flight_max
+                ),
+            );
+        }
+        for (path, value, min_ms, max_ms) in [
+            ("upstream.connect_timeout_ms", self.connect_timeout_ms, 10, 600_000),
+            ("upstream.request_timeout_ms", self.request_timeout_ms, 100, i32::MAX as u64),
+            ("upstream.retry_backoff_ms_min", self.retry_backoff_ms_min, 1, 3_600_000),
+            ("upstream.retry_backoff_ms_max", self.retry_backoff_ms_max, 1, 3_600_000),
+            ("upstream.cursor_persist_interval_ms", self.cursor_persist_interval_ms, 1, 60_000),
+        ] {
+            if value.0 < min_ms || value.0 > max_ms {
+                problem(path, format!("{} ms is outside {min_ms}..={max_ms} ms", value.0));
+            }
+        }
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max {
+            problem("upstream.retry_backoff_ms_min", "must not exceed upstream.retry_backoff_ms_max".into());
+        }
+        if self.reconcile_scan_bytes_max.0 < (1 << 20) {
+            problem("upstream.reconcile_scan_bytes_max", "must be at least 1 MiB".into());
+        }
+    }
+
+    /// The upstream topic and partition edge `topic`/`partition` ships to, or `None`
+    /// when shipping is off or the topic is not mapped. With no `[[upstream.topics]]`
+    /// every edge topic ships to the upstream topic of the same name, partitions kept.
+    pub fn destination(&self, topic: &str, partition: u32) -> Option<(String, i32)> {
+        if !self.enabled {
+            return None;
+        }
+        let partition = i32::try_from(partition).ok()?;
+        if self.topics.is_empty() {
+            return Some((topic.to_owned(), partition));
+        }
+        let mapping = self.topics.iter().find(|mapping| mapping.edge == topic)?;
+        Some((mapping.upstream.clone().unwrap_or_else(|| topic.to_owned()), partition))
     }
 }
 
@@ -800,6 +1048,73 @@ mod tests {
         );
         assert!(text.iter().any(|line| line.starts_with("topics[0].name:")), "{text:?}");
         assert!(text.iter().any(|line| line.starts_with("topics[0].partitions:")), "{text:?}");
+    }
+
+    #[test]
+    fn upstream_is_disabled_by_default_and_maps_nothing() {
+        let valid = Config::embedded().validate(&host(), "embedded").unwrap();
+        assert!(!valid.config.upstream.enabled);
+        assert_eq!(valid.config.upstream.destination("telemetry", 0), None);
+        assert_eq!(valid.config.upstream.in_flight_max, 5);
+        assert_eq!(valid.config.upstream.batch_bytes_max, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn upstream_topics_map_by_name_or_explicitly() {
+        let config = Config::parse(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"10.0.0.1:9092\"]\nrequest_timeout_ms = \"5 s\"\n",
+            "test",
+        )
+        .unwrap();
+        let valid = config.validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.upstream.destination("telemetry", 3), Some(("telemetry".into(), 3)));
+        assert_eq!(valid.config.upstream.request_timeout_ms, Millis(5000));
+        let config = Config::parse(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[[upstream.topics]]\nedge = \"telemetry\"\nupstream = \"central.telemetry\"\n",
+            "test",
+        )
+        .unwrap();
+        let valid = config.validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.upstream.destination("telemetry", 1), Some(("central.telemetry".into(), 1)));
+        assert_eq!(valid.config.upstream.destination("other", 1), None);
+    }
+
+    #[test]
+    fn upstream_tls_sasl_and_by_key_are_refused_as_not_supported_yet() {
+        let found = problems(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[upstream.tls]\nca_file = \"ca.pem\"\n[upstream.sasl]\nmechanism = \"PLAIN\"\n[[upstream.topics]]\nedge = \"telemetry\"\npartitioning = \"by-key\"\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|line| line.starts_with("upstream.tls: not supported yet")), "{text:?}");
+        assert!(text.iter().any(|line| line.starts_with("upstream.sasl: not supported yet")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|line| line.starts_with("upstream.topics[0].partitioning:") && line.contains("not supported yet")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_bad_fields_are_all_reported() {
+        let found = problems(
+            "[upstream]\nenabled = true\nin_flight_max = 6\nbatch_bytes_max = \"16 MiB\"\nretry_backoff_ms_min = 500\nretry_backoff_ms_max = 100\n[[upstream.topics]]\nedge = \"nope\"\nupstream = \"a b\"\n",
+        );
+        let paths: Vec<&str> = found.iter().map(|problem| problem.path.as_str()).collect();
+        for expected in [
+            "upstream.bootstrap_servers",
+            "upstream.in_flight_max",
+            "upstream.batch_bytes_max",
+            "upstream.retry_backoff_ms_min",
+            "upstream.topics[0].edge",
+            "upstream.topics[0].upstream",
+        ] {
+            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+        }
+        let found = problems("[upstream]\nbootstrap_servers = [\"no-port\"]\ncolour = 1\n");
+        let paths: Vec<&str> = found.iter().map(|problem| problem.path.as_str()).collect();
+        assert_eq!(paths, ["upstream.colour"], "unknown keys are reported first, alone");
+        let found = problems("[upstream]\nbootstrap_servers = [\"no-port\"]\n");
+        assert_eq!(found[0].path, "upstream.bootstrap_servers[0]");
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod doctor;
 pub mod inspect;
 pub mod shell;

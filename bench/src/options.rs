@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use weir::config::{ByteSize, Config, Host, Micros};
+use weir::config::{ByteSize, Config, ConfigError, Host, Micros};
 use weir::core::log::batch;
 use weir::shell::log::LogOptions;
 
@@ -66,7 +66,21 @@ pub struct LogArgs {
     /// Override log.index_interval_bytes (batch bytes between sparse index entries).
     #[arg(long, value_name = "BYTES")]
     pub index_interval_bytes: Option<u64>,
+    /// Override engine.io_memory_bytes (each core's DMA buffer pool, bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub io_memory_bytes: Option<u64>,
 }
+
+/// The flag that sets each config field the bench exposes.
+const FLAG_OF_CONFIG_PATH: &[(&str, &str)] = &[
+    ("log.flush_delay_us_max", "--flush-delay-us"),
+    ("log.flush_bytes_max", "--flush-bytes-max"),
+    ("log.appends_pending_max", "--appends-pending-max"),
+    ("log.preallocate_bytes", "--preallocate-bytes"),
+    ("log.segment_bytes_max", "--segment-bytes-max"),
+    ("log.index_interval_bytes", "--index-interval-bytes"),
+    ("engine.io_memory_bytes", "--io-memory-bytes"),
+];
 
 /// A validated run.
 #[derive(Debug, Clone)]
@@ -155,10 +169,23 @@ impl LogArgs {
         if let Some(value) = self.index_interval_bytes {
             config.log.index_interval_bytes = ByteSize(value);
         }
+        if let Some(value) = self.io_memory_bytes {
+            config.engine.io_memory_bytes = ByteSize(value);
+        }
         let log_config = config.log.clone();
         let io_memory_bytes = config.engine.io_memory_bytes.0 as usize;
-        if let Err(error) = config.validate(host, "(weir-bench flags over the embedded default config)") {
-            problems.push(error.to_string());
+        match config.validate(host, "weir-bench flags") {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { problems: config_problems, .. }) => {
+                for problem in config_problems {
+                    let flag = FLAG_OF_CONFIG_PATH.iter().find(|(path, _)| *path == problem.path);
+                    problems.push(match flag {
+                        Some((path, flag)) => format!("{flag} ({path}): {}", problem.why),
+                        None => format!("{problem} (the embedded default config with these flags)"),
+                    });
+                }
+            }
+            Err(error) => problems.push(error.to_string()),
         }
         let log_options = LogOptions::from_config(&log_config);
 

@@ -5,3 +5,4 @@ pub mod dedup;
 pub mod log;
 pub mod protocol;
 pub mod session;
+pub mod ship;

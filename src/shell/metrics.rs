@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
@@ -34,6 +35,45 @@ pub struct Metrics {
     disk_bytes: Family<PartitionLabels, Gauge>,
     pub cores_running: Gauge,
     pub partitions_poisoned: Gauge,
+    ship: ShipFamilies,
+}
+
+/// The upstream shipper's metric families (see `ShipMetrics`).
+#[derive(Default)]
+struct ShipFamilies {
+    shipped_records: Family<PartitionLabels, Counter>,
+    shipped_bytes: Family<PartitionLabels, Counter>,
+    lag_records: Family<PartitionLabels, Gauge>,
+    lag_bytes: Family<PartitionLabels, Gauge>,
+    lag_seconds: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
+    cursor_offset: Family<PartitionLabels, Gauge>,
+    requests: Family<PartitionLabels, Counter>,
+    resends: Family<PartitionLabels, Counter>,
+    retriable_errors: Family<PartitionLabels, Counter>,
+    transport_failures: Family<PartitionLabels, Counter>,
+    timeouts: Family<PartitionLabels, Counter>,
+    duplicates: Family<PartitionLabels, Counter>,
+    reconciled_batches: Family<PartitionLabels, Counter>,
+    stopped: Family<PartitionLabels, Gauge>,
+}
+
+/// One partition's shipper metric handles.
+#[derive(Clone, Default)]
+pub struct ShipMetrics {
+    pub shipped_records: Counter,
+    pub shipped_bytes: Counter,
+    pub lag_records: Gauge,
+    pub lag_bytes: Gauge,
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub cursor_offset: Gauge,
+    pub requests: Counter,
+    pub resends: Counter,
+    pub retriable_errors: Counter,
+    pub transport_failures: Counter,
+    pub timeouts: Counter,
+    pub duplicates: Counter,
+    pub reconciled_batches: Counter,
+    pub stopped: Gauge,
 }
 
 /// One partition's metric handles.
@@ -74,6 +114,7 @@ impl Metrics {
             cores_running: Gauge::default(),
             partitions_poisoned: Gauge::default(),
             registry: Registry::default(),
+            ship: ShipFamilies::default(),
         };
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
@@ -113,6 +154,65 @@ impl Metrics {
             "Partitions refusing appends after a disk error",
             metrics.partitions_poisoned.clone(),
         );
+        let ship = &metrics.ship;
+        registry.register(
+            "ship_shipped_records",
+            "Records acknowledged by the upstream cluster (acks=all)",
+            ship.shipped_records.clone(),
+        );
+        registry.register(
+            "ship_shipped_bytes",
+            "Bytes of upstream batches acknowledged by the upstream cluster",
+            ship.shipped_bytes.clone(),
+        );
+        registry.register(
+            "ship_lag_records",
+            "Records in the log not yet acknowledged upstream",
+            ship.lag_records.clone(),
+        );
+        registry.register(
+            "ship_lag_bytes",
+            "Stored bytes not yet acknowledged upstream (estimate: lag records x mean stored bytes per record)",
+            ship.lag_bytes.clone(),
+        );
+        registry.register(
+            "ship_lag_seconds",
+            "Seconds since the shipper was last caught up with the log (0 when caught up)",
+            ship.lag_seconds.clone(),
+        );
+        registry.register(
+            "ship_cursor_offset",
+            "Next local offset to ship: every offset below is acknowledged upstream",
+            ship.cursor_offset.clone(),
+        );
+        registry.register("ship_requests", "Produce requests sent upstream", ship.requests.clone());
+        registry.register("ship_resends", "Produce requests that re-sent a batch", ship.resends.clone());
+        registry.register(
+            "ship_retriable_errors",
+            "Produce answers with a retriable error (leader moved, timeout, ...)",
+            ship.retriable_errors.clone(),
+        );
+        registry.register(
+            "ship_transport_failures",
+            "Broker connections that failed or could not be made",
+            ship.transport_failures.clone(),
+        );
+        registry.register("ship_timeouts", "Produce requests past upstream.request_timeout_ms", ship.timeouts.clone());
+        registry.register(
+            "ship_duplicates",
+            "Re-sent batches the broker already held (de-duplicated)",
+            ship.duplicates.clone(),
+        );
+        registry.register(
+            "ship_reconciled_batches",
+            "In-doubt batches found upstream by reconciliation after a restart",
+            ship.reconciled_batches.clone(),
+        );
+        registry.register(
+            "ship_stopped",
+            "1 when the partition's shipping stopped on an error only an operator can resolve",
+            ship.stopped.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
     }
 
@@ -132,6 +232,27 @@ impl Metrics {
             next_offset: self.next_offset.get_or_create(&labels).clone(),
             disk_bytes: self.disk_bytes.get_or_create(&labels).clone(),
             partitions_poisoned: self.partitions_poisoned.clone(),
+        }
+    }
+
+    pub fn ship(&self, topic: &str, partition: u32) -> ShipMetrics {
+        let labels = PartitionLabels { topic: topic.to_owned(), partition };
+        let ship = &self.ship;
+        ShipMetrics {
+            shipped_records: ship.shipped_records.get_or_create(&labels).clone(),
+            shipped_bytes: ship.shipped_bytes.get_or_create(&labels).clone(),
+            lag_records: ship.lag_records.get_or_create(&labels).clone(),
+            lag_bytes: ship.lag_bytes.get_or_create(&labels).clone(),
+            lag_seconds: ship.lag_seconds.get_or_create(&labels).clone(),
+            cursor_offset: ship.cursor_offset.get_or_create(&labels).clone(),
+            requests: ship.requests.get_or_create(&labels).clone(),
+            resends: ship.resends.get_or_create(&labels).clone(),
+            retriable_errors: ship.retriable_errors.get_or_create(&labels).clone(),
+            transport_failures: ship.transport_failures.get_or_create(&labels).clone(),
+            timeouts: ship.timeouts.get_or_create(&labels).clone(),
+            duplicates: ship.duplicates.get_or_create(&labels).clone(),
+            reconciled_batches: ship.reconciled_batches.get_or_create(&labels).clone(),
+            stopped: ship.stopped.get_or_create(&labels).clone(),
         }
     }
 

@@ -2,11 +2,14 @@
 //! decides and decides nothing of its own.
 
 pub mod admin;
+pub mod ceiling;
 pub mod disk;
 pub mod engine;
+pub mod kafka;
 pub mod log;
 pub mod metrics;
 pub mod quic;
 pub mod runtime;
+pub mod ship;
 pub mod sys;
 pub mod tls;

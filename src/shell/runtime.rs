@@ -21,10 +21,14 @@ use crate::config::ValidConfig;
 use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
+use crate::shell::ship::{self, ShipperSetup};
 use crate::shell::{admin, engine, sys, tls};
 
 /// How often a core checks the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How long a core waits at shutdown, in all, for its upstream shippers to persist
+/// and end.
+const SHIPPER_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Exit codes: one per way the process can end.
 pub mod exit_code {
@@ -34,7 +38,9 @@ pub mod exit_code {
     pub const DATA_REFUSED: i32 = 3;
     pub const ADMIN_UNAVAILABLE: i32 = 4;
     pub const CORE_FAILED: i32 = 5;
-    pub const QUIC_UNAVAILABLE: i32 = 6;
+    /// `weir serve` refused to start: a `weir doctor` fail-level check failed.
+    pub const HOST_NOT_READY: i32 = 6;
+    pub const QUIC_UNAVAILABLE: i32 = 7;
     pub const INTERNAL_BUG: i32 = 70;
 }
 
@@ -122,6 +128,13 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         quic.as_ref().map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
     for (core, cpu) in cores.iter().copied().enumerate() {
         let owned = valid.partitions_of_core(core);
+        let shippers: Vec<Option<ShipperSetup>> = owned
+            .iter()
+            .map(|(topic, partition)| {
+                let directory = partition_directory(&valid.config.data_dir, topic, *partition);
+                ShipperSetup::from_config(&valid, topic, *partition, &directory)
+            })
+            .collect();
         let data_dir = valid.config.data_dir.clone();
         let options = LogOptions::from_config(&valid.config.log);
         let metrics = metrics.clone();
@@ -203,6 +216,14 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 }
                 _ => None,
             };
+            // One upstream shipper per shipped partition, on this core.
+            let mut shipper_tasks = Vec::new();
+            for (log, setup) in logs.iter().zip(shippers) {
+                let Some(setup) = setup else { continue };
+                let ship_metrics = metrics.ship(&setup.edge_topic, setup.edge_partition);
+                let task = ship::run(log.clone(), setup, ship_metrics, core_shutdown.clone());
+                shipper_tasks.push(glommio::spawn_local(task));
+            }
             let _ = events.send(CoreEvent::Serving { core });
             metrics.cores_running.inc();
             while !core_shutdown.load(Ordering::Acquire) {
@@ -213,6 +234,17 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 if let Err(error) = task.await {
                     tracing::warn!(core, %error, "QUIC listener ended with an error");
                 }
+            }
+            // Shippers persist their cursor and end; one stuck on a broker is dropped
+            // after a grace period (a restart reconciles).
+            let grace_end = std::time::Instant::now() + SHIPPER_SHUTDOWN_GRACE;
+            for task in shipper_tasks {
+                let grace = grace_end.saturating_duration_since(std::time::Instant::now());
+                let _ = futures_lite::future::or(async { Some(task.await) }, async {
+                    glommio::timer::sleep(grace).await;
+                    None
+                })
+                .await;
             }
             for log in &logs {
                 if let Err(source) = log.close().await {

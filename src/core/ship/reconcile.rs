@@ -1,0 +1,410 @@
+//! Reconciliation after a restart: find out exactly which of our sequences the
+//! upstream partition already holds before sending anything again.
+//!
+//! The persisted state carries `upstream_scan_from_offset`: an upstream offset at or
+//! before every batch this producer wrote for local offsets at or after the persisted
+//! cursor (it is the upstream end of the last acknowledged batch, and batches of one
+//! producer are appended in sequence order). So a forward scan of the upstream
+//! partition from there to its high watermark sees every batch that may be in doubt,
+//! whether or not the broker still keeps this producer's de-duplication state (it
+//! forgets after `producer.id.expiration.ms`, and only remembers 5 batches anyway).
+//!
+//! The scan reads batch headers only (any magic; other producers' batches may be
+//! compressed or transactional) and keeps the batches whose producer id and epoch are
+//! ours. `decide` maps their last sequences back to local offsets near the cursor
+//! (`sequence::offset_near`) and moves the cursor to just after the highest one.
+//! Shipping then continues from there with the same producer, so the next batch
+//! continues the broker's sequence exactly, and a zombie request from the dead process
+//! can only be de-duplicated or refused (OUT_OF_ORDER_SEQUENCE), never appended twice.
+
+use super::coalesce::ProducerIdentity;
+use super::sequence::{offset_near, Sequence};
+
+/// Fixed framing of every Kafka log entry, any magic: offset i64, length i32.
+const ENTRY_PREFIX_BYTES: usize = 12;
+/// Bytes of a v2 batch header up to and including `recordCount`.
+const V2_HEADER_BYTES: usize = 61;
+
+/// The header fields of one upstream batch that reconciliation needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoundBatch {
+    pub upstream_offset: i64,
+    pub next_upstream_offset: i64,
+    pub producer: ProducerIdentity,
+    pub base_sequence: i32,
+    pub last_offset_delta: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReconcileError {
+    #[error("upstream partition ends at offset {high_watermark}, before offset {scan_from} where this producer's batches start: the upstream lost data, or this is not the partition weir shipped to")]
+    UpstreamBehind { scan_from: i64, high_watermark: i64 },
+    #[error(
+        "the scan from upstream offset {scan_from} made no progress at offset {at} (high watermark {high_watermark})"
+    )]
+    NoProgress { scan_from: i64, at: i64, high_watermark: i64 },
+    #[error("the scan read {bytes} bytes from upstream offset {scan_from} without reaching the end (upstream.reconcile_scan_bytes_max)")]
+    TooLong { scan_from: i64, bytes: u64 },
+    #[error("upstream offset {upstream_offset} holds a batch of ours ending at local offset {local_last_offset}, beyond the local log end {log_end_offset}")]
+    UpstreamAheadOfLog { upstream_offset: i64, local_last_offset: i64, log_end_offset: i64 },
+    #[error("upstream offset {upstream_offset} holds a batch of ours for local offsets {local_first_offset}..={local_last_offset}, which straddles the cursor {cursor_offset}")]
+    StraddlesCursor { upstream_offset: i64, local_first_offset: i64, local_last_offset: i64, cursor_offset: i64 },
+    #[error("malformed upstream batch at upstream offset {upstream_offset}: {what}")]
+    Malformed { upstream_offset: i64, what: &'static str },
+}
+
+/// Parses the complete entries of a Fetch response's records bytes. Returns the v2
+/// batches and the offset after the last complete entry (`None` when there was none:
+/// the bytes end in a partial entry, as Fetch responses may).
+pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), ReconcileError> {
+    let mut found = Vec::new();
+    let mut next_offset = None;
+    let mut at = 0usize;
+    while bytes.len() - at >= ENTRY_PREFIX_BYTES {
+        let base_offset = i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let length = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+        if length < 0 {
+            return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "negative length" });
+        }
+        let total = ENTRY_PREFIX_BYTES + length as usize;
+        if bytes.len() - at < total {
+            break; // a partial entry at the end of the response
+        }
+        let entry = &bytes[at..at + total];
+        let magic = if total > 16 { entry[16] as i8 } else { -1 };
+        if magic >= 2 {
+            if total < V2_HEADER_BYTES {
+                return Err(ReconcileError::Malformed {
+                    upstream_offset: base_offset,
+                    what: "v2 batch shorter than its header",
+                });
+            }
+            let last_offset_delta = i32::from_be_bytes(entry[23..27].try_into().expect("4 bytes"));
+            if last_offset_delta < 0 {
+                return Err(ReconcileError::Malformed {
+                    upstream_offset: base_offset,
+                    what: "negative lastOffsetDelta",
+                });
+            }
+            let batch = FoundBatch {
+                upstream_offset: base_offset,
+                next_upstream_offset: base_offset + i64::from(last_offset_delta) + 1,
+                producer: ProducerIdentity {
+                    id: i64::from_be_bytes(entry[43..51].try_into().expect("8 bytes")),
+                    epoch: i16::from_be_bytes(entry[51..53].try_into().expect("2 bytes")),
+                },
+                base_sequence: i32::from_be_bytes(entry[53..57].try_into().expect("4 bytes")),
+                last_offset_delta,
+            };
+            next_offset = Some(batch.next_upstream_offset);
+            found.push(batch);
+        } else {
+            // Magic 0/1 message (or wrapper): its offset is its last offset.
+            next_offset = Some(base_offset + 1);
+        }
+        at += total;
+    }
+    Ok((found, next_offset))
+}
+
+/// A forward scan of the upstream partition, driven by the shell: fetch at
+/// `next_fetch_offset()`, hand the answer to `handle_fetch`, until `is_done()`.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    producer: ProducerIdentity,
+    scan_from: i64,
+    next_fetch_offset: i64,
+    bytes_max: u64,
+    bytes_read: u64,
+    high_watermark: Option<i64>,
+    ours: Vec<FoundBatch>,
+    done: bool,
+}
+
+/// Our batches kept during a scan: far more than can be in doubt, bounded anyway.
+pub const SCAN_OURS_MAX: usize = 4096;
+
+impl Scan {
+    pub fn new(producer: ProducerIdentity, scan_from: i64, bytes_max: u64) -> Scan {
+        Scan {
+            producer,
+            scan_from,
+            next_fetch_offset: scan_from,
+            bytes_max,
+            bytes_read: 0,
+            high_watermark: None,
+            ours: Vec::new(),
+            done: false,
+        }
+    }
+
+    pub fn next_fetch_offset(&self) -> Option<i64> {
+        (!self.done).then_some(self.next_fetch_offset)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The records bytes and high watermark of one Fetch at `next_fetch_offset()`.
+    pub fn handle_fetch(&mut self, records: &[u8], high_watermark: i64) -> Result<(), ReconcileError> {
+        assert!(!self.done);
+        self.high_watermark = Some(high_watermark);
+        if high_watermark < self.scan_from {
+            return Err(ReconcileError::UpstreamBehind { scan_from: self.scan_from, high_watermark });
+        }
+        if self.next_fetch_offset >= high_watermark {
+            self.done = true;
+            return Ok(());
+        }
+        self.bytes_read += records.len() as u64;
+        let (batches, next_offset) = parse_records(records)?;
+        for batch in batches {
+            if batch.producer == self.producer && batch.next_upstream_offset > self.next_fetch_offset {
+                if self.ours.len() == SCAN_OURS_MAX {
+                    self.ours.remove(0); // only the latest matter; the earliest are long acked
+                }
+                self.ours.push(batch);
+            }
+        }
+        match next_offset {
+            Some(next) if next > self.next_fetch_offset => self.next_fetch_offset = next,
+            _ => {
+                return Err(ReconcileError::NoProgress {
+                    scan_from: self.scan_from,
+                    at: self.next_fetch_offset,
+                    high_watermark,
+                })
+            }
+        }
+        if self.next_fetch_offset >= high_watermark {
+            self.done = true;
+        } else if self.bytes_read > self.bytes_max {
+            return Err(ReconcileError::TooLong { scan_from: self.scan_from, bytes: self.bytes_read });
+        }
+        Ok(())
+    }
+
+    /// Batches of our producer seen so far, in upstream order.
+    pub fn ours(&self) -> &[FoundBatch] {
+        &self.ours
+    }
+}
+
+/// Where shipping resumes after reconciliation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    pub cursor_offset: i64,
+    pub upstream_scan_from_offset: i64,
+    /// Batches found upstream beyond the persisted cursor (they were in doubt).
+    pub batches_recovered: usize,
+}
+
+/// Decides the cursor from the batches of ours found upstream.
+pub fn decide(
+    producer: ProducerIdentity,
+    epoch_start_offset: i64,
+    cursor_offset: i64,
+    upstream_scan_from_offset: i64,
+    log_end_offset: i64,
+    ours: &[FoundBatch],
+) -> Result<Reconciled, ReconcileError> {
+    let mut reconciled = Reconciled { cursor_offset, upstream_scan_from_offset, batches_recovered: 0 };
+    for batch in ours.iter().filter(|batch| batch.producer == producer) {
+        if batch.base_sequence < 0 {
+            return Err(ReconcileError::Malformed {
+                upstream_offset: batch.upstream_offset,
+                what: "negative base sequence of an idempotent batch",
+            });
+        }
+        let base = Sequence(batch.base_sequence);
+        let last = base.plus(i64::from(batch.last_offset_delta));
+        let local_last = offset_near(last, epoch_start_offset, cursor_offset);
+        let local_first = local_last - i64::from(batch.last_offset_delta);
+        if local_last < cursor_offset {
+            continue; // acknowledged before the cursor was persisted
+        }
+        if local_first < cursor_offset {
+            return Err(ReconcileError::StraddlesCursor {
+                upstream_offset: batch.upstream_offset,
+                local_first_offset: local_first,
+                local_last_offset: local_last,
+                cursor_offset,
+            });
+        }
+        if local_last >= log_end_offset {
+            return Err(ReconcileError::UpstreamAheadOfLog {
+                upstream_offset: batch.upstream_offset,
+                local_last_offset: local_last,
+                log_end_offset,
+            });
+        }
+        reconciled.batches_recovered += 1;
+        if local_last + 1 > reconciled.cursor_offset {
+            reconciled.cursor_offset = local_last + 1;
+            reconciled.upstream_scan_from_offset = reconciled.upstream_scan_from_offset.max(batch.next_upstream_offset);
+        }
+    }
+    Ok(reconciled)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::core::log::batch::{self, Record};
+    use crate::core::ship::coalesce::{build, StoredBatch};
+
+    const OURS: ProducerIdentity = ProducerIdentity { id: 9, epoch: 0 };
+    const OTHER: ProducerIdentity = ProducerIdentity { id: 10, epoch: 0 };
+
+    /// An upstream batch as a broker would hold it: our stamped batch with the broker's
+    /// base offset written in.
+    fn upstream_batch(
+        upstream_offset: i64,
+        local_first: i64,
+        count: usize,
+        producer: ProducerIdentity,
+        epoch_start: i64,
+    ) -> Vec<u8> {
+        let records: Vec<Record> = (0..count)
+            .map(|index| Record {
+                timestamp_ms: index as i64,
+                key: None,
+                value: Some(Bytes::from_static(b"v")),
+                headers: vec![],
+            })
+            .collect();
+        let stored = StoredBatch::new(Bytes::from(batch::encode_to_vec(local_first, &records))).unwrap();
+        let mut bytes = build(&[stored], producer, epoch_start).unwrap().bytes.to_vec();
+        bytes[0..8].copy_from_slice(&upstream_offset.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn parse_records_finds_v2_headers_and_stops_at_a_partial_entry() {
+        let mut bytes = upstream_batch(500, 40, 3, OURS, 0);
+        bytes.extend(upstream_batch(503, 0, 2, OTHER, 0));
+        let partial = upstream_batch(505, 43, 2, OURS, 0);
+        bytes.extend(&partial[..partial.len() - 1]);
+        let (found, next) = parse_records(&bytes).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].upstream_offset, 500);
+        assert_eq!(found[0].base_sequence, 40);
+        assert_eq!(found[0].last_offset_delta, 2);
+        assert_eq!(found[1].producer, OTHER);
+        assert_eq!(next, Some(505));
+        assert_eq!(parse_records(&partial[..20]).unwrap(), (vec![], None));
+    }
+
+    #[test]
+    fn parse_records_skips_old_magic_messages() {
+        // A magic-1 message: offset, size, crc, magic 1, attributes, timestamp, key, value.
+        let mut message = Vec::new();
+        message.extend_from_slice(&7i64.to_be_bytes());
+        let body: Vec<u8> = [0u8, 0, 0, 0, 1, 0]
+            .iter()
+            .copied()
+            .chain(0i64.to_be_bytes())
+            .chain((-1i32).to_be_bytes())
+            .chain((-1i32).to_be_bytes())
+            .collect();
+        message.extend_from_slice(&(body.len() as i32).to_be_bytes());
+        message.extend_from_slice(&body);
+        let (found, next) = parse_records(&message).unwrap();
+        assert!(found.is_empty());
+        assert_eq!(next, Some(8));
+    }
+
+    #[test]
+    fn the_scan_keeps_only_our_batches_and_ends_at_the_high_watermark() {
+        let mut scan = Scan::new(OURS, 100, 1 << 20);
+        let mut chunk = upstream_batch(100, 0, 5, OTHER, 0);
+        chunk.extend(upstream_batch(105, 10, 2, OURS, 10));
+        scan.handle_fetch(&chunk, 110).unwrap();
+        assert_eq!(scan.next_fetch_offset(), Some(107));
+        scan.handle_fetch(&upstream_batch(107, 12, 3, OURS, 10), 110).unwrap();
+        assert!(scan.is_done());
+        assert_eq!(scan.ours().len(), 2);
+    }
+
+    #[test]
+    fn an_empty_upstream_at_the_scan_point_is_done_at_once() {
+        let mut scan = Scan::new(OURS, 40, 1 << 20);
+        scan.handle_fetch(&[], 40).unwrap();
+        assert!(scan.is_done());
+    }
+
+    #[test]
+    fn the_scan_refuses_an_upstream_that_lost_data() {
+        let mut scan = Scan::new(OURS, 40, 1 << 20);
+        assert!(matches!(scan.handle_fetch(&[], 10), Err(ReconcileError::UpstreamBehind { .. })));
+    }
+
+    #[test]
+    fn the_scan_stops_without_progress_and_past_its_byte_budget() {
+        let mut scan = Scan::new(OURS, 0, 1 << 20);
+        assert!(matches!(scan.handle_fetch(&[], 10), Err(ReconcileError::NoProgress { .. })));
+        let mut scan = Scan::new(OURS, 0, 10);
+        assert!(matches!(
+            scan.handle_fetch(&upstream_batch(0, 0, 1, OTHER, 0), 10),
+            Err(ReconcileError::TooLong { .. })
+        ));
+    }
+
+    fn found(upstream_offset: i64, local_first: i64, count: i32, epoch_start: i64) -> FoundBatch {
+        FoundBatch {
+            upstream_offset,
+            next_upstream_offset: upstream_offset + i64::from(count),
+            producer: OURS,
+            base_sequence: Sequence::of_offset(local_first, epoch_start).0,
+            last_offset_delta: count - 1,
+        }
+    }
+
+    #[test]
+    fn decide_moves_the_cursor_past_in_doubt_batches_found_upstream() {
+        // Persisted cursor 20; upstream holds our batches 10..20 (acked), 20..25, 25..27.
+        let ours = [found(300, 10, 10, 0), found(310, 20, 5, 0), found(315, 25, 2, 0)];
+        let reconciled = decide(OURS, 0, 20, 300, 40, &ours).unwrap();
+        assert_eq!(reconciled, Reconciled { cursor_offset: 27, upstream_scan_from_offset: 317, batches_recovered: 2 });
+    }
+
+    #[test]
+    fn decide_keeps_the_cursor_when_nothing_in_doubt_arrived() {
+        let reconciled = decide(OURS, 0, 20, 300, 40, &[found(300, 10, 10, 0)]).unwrap();
+        assert_eq!(reconciled, Reconciled { cursor_offset: 20, upstream_scan_from_offset: 300, batches_recovered: 0 });
+    }
+
+    #[test]
+    fn decide_ignores_other_producers_and_other_epochs() {
+        let mut other = found(310, 20, 5, 0);
+        other.producer = ProducerIdentity { id: 9, epoch: 1 };
+        let reconciled = decide(OURS, 0, 20, 300, 40, &[other]).unwrap();
+        assert_eq!(reconciled.cursor_offset, 20);
+    }
+
+    #[test]
+    fn decide_refuses_upstream_data_beyond_the_local_log() {
+        let result = decide(OURS, 0, 20, 300, 22, &[found(310, 20, 5, 0)]);
+        assert!(matches!(result, Err(ReconcileError::UpstreamAheadOfLog { .. })));
+    }
+
+    #[test]
+    fn decide_refuses_a_batch_straddling_the_cursor() {
+        let result = decide(OURS, 0, 22, 300, 40, &[found(310, 20, 5, 0)]);
+        assert!(matches!(result, Err(ReconcileError::StraddlesCursor { .. })));
+    }
+
+    #[test]
+    fn decide_works_across_the_sequence_wrap() {
+        let epoch_start = 5;
+        let cursor = epoch_start + (1i64 << 31) - 2; // sequence 2^31 - 2
+        let ours = [found(1000, cursor, 4, epoch_start)]; // sequences wrap inside the batch
+        assert_eq!(ours[0].base_sequence, i32::MAX - 1);
+        let reconciled = decide(OURS, epoch_start, cursor, 900, cursor + 10, &ours).unwrap();
+        assert_eq!(reconciled.cursor_offset, cursor + 4);
+    }
+}

@@ -1,0 +1,189 @@
+//! The shipper's durable state for one partition: the file `ship.state` in the
+//! partition directory. One small file, replaced atomically (write a new file, fsync,
+//! rename over the old one, fsync the directory), so the producer identity and the
+//! cursor it counts from can never be seen half-written or out of step.
+//!
+//! Layout (version 1, big-endian, fixed width; see docs/UPSTREAM.md):
+//!
+//! | byte | field |
+//! | ---: | --- |
+//! | 0 | magic `WEIRSHIP` |
+//! | 8 | format version u16 = 1 |
+//! | 10 | reserved u16 = 0 |
+//! | 12 | producer id i64 |
+//! | 20 | producer epoch i16 |
+//! | 22 | reserved u16 = 0 |
+//! | 24 | epoch start offset i64 (the local offset whose sequence is 0) |
+//! | 32 | cursor i64 (every local offset below it is acknowledged upstream) |
+//! | 40 | scan-from i64 (upstream offset at or before every batch of ours at or after the cursor) |
+//! | 48 | upstream partition i32 |
+//! | 52 | upstream topic length u16, then the topic's bytes |
+//! | .. | CRC-32C u32 of every byte before it |
+//!
+//! A file that fails any check is refused with the reason: the shipper stops rather
+//! than start over, because starting over would send everything again.
+
+use super::coalesce::ProducerIdentity;
+
+pub const STATE_MAGIC: &[u8; 8] = b"WEIRSHIP";
+pub const STATE_FORMAT_VERSION: u16 = 1;
+pub const STATE_FILE_NAME: &str = "ship.state";
+/// Fixed part before the topic bytes.
+const FIXED_BYTES: usize = 54;
+/// Kafka's topic name limit bounds the file.
+pub const STATE_TOPIC_BYTES_MAX: usize = 249;
+pub const STATE_BYTES_MAX: usize = FIXED_BYTES + STATE_TOPIC_BYTES_MAX + 4;
+
+/// What is persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipState {
+    pub producer: ProducerIdentity,
+    pub epoch_start_offset: i64,
+    pub cursor_offset: i64,
+    pub upstream_scan_from_offset: i64,
+    pub upstream_topic: String,
+    pub upstream_partition: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("{bytes} bytes is not a ship state file (needs {FIXED_BYTES}..={STATE_BYTES_MAX})")]
+    BadLength { bytes: usize },
+    #[error("bad magic: not a ship state file")]
+    BadMagic,
+    #[error("unsupported ship state format version {version}")]
+    BadVersion { version: u16 },
+    #[error("crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadCrc { stored: u32, computed: u32 },
+    #[error("inconsistent fields: {what}")]
+    Inconsistent { what: &'static str },
+}
+
+impl ShipState {
+    /// Checks the relations between the fields that every persisted state keeps.
+    pub fn check(&self) -> Result<(), StateError> {
+        if self.producer.id < 0 || self.producer.epoch < 0 {
+            return Err(StateError::Inconsistent { what: "producer id and epoch must be granted ones (>= 0)" });
+        }
+        if self.epoch_start_offset < 0 || self.cursor_offset < self.epoch_start_offset {
+            return Err(StateError::Inconsistent { what: "the cursor precedes the epoch start" });
+        }
+        if self.upstream_scan_from_offset < 0 {
+            return Err(StateError::Inconsistent { what: "negative upstream scan offset" });
+        }
+        if self.upstream_partition < 0 {
+            return Err(StateError::Inconsistent { what: "negative upstream partition" });
+        }
+        if self.upstream_topic.is_empty() || self.upstream_topic.len() > STATE_TOPIC_BYTES_MAX {
+            return Err(StateError::Inconsistent { what: "upstream topic length out of range" });
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.check().expect("only consistent states are persisted");
+        let mut out = Vec::with_capacity(STATE_BYTES_MAX);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&STATE_FORMAT_VERSION.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&self.producer.id.to_be_bytes());
+        out.extend_from_slice(&self.producer.epoch.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&self.epoch_start_offset.to_be_bytes());
+        out.extend_from_slice(&self.cursor_offset.to_be_bytes());
+        out.extend_from_slice(&self.upstream_scan_from_offset.to_be_bytes());
+        out.extend_from_slice(&self.upstream_partition.to_be_bytes());
+        out.extend_from_slice(&(self.upstream_topic.len() as u16).to_be_bytes());
+        assert_eq!(out.len(), FIXED_BYTES);
+        out.extend_from_slice(self.upstream_topic.as_bytes());
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        assert!(out.len() <= STATE_BYTES_MAX);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ShipState, StateError> {
+        if bytes.len() < FIXED_BYTES + 4 || bytes.len() > STATE_BYTES_MAX {
+            return Err(StateError::BadLength { bytes: bytes.len() });
+        }
+        if &bytes[0..8] != STATE_MAGIC {
+            return Err(StateError::BadMagic);
+        }
+        let u16_at = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+        let i64_at = |at: usize| i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let version = u16_at(8);
+        if version != STATE_FORMAT_VERSION {
+            return Err(StateError::BadVersion { version });
+        }
+        let topic_bytes = usize::from(u16_at(52));
+        if FIXED_BYTES + topic_bytes + 4 != bytes.len() {
+            return Err(StateError::BadLength { bytes: bytes.len() });
+        }
+        let crc_at = FIXED_BYTES + topic_bytes;
+        let stored = u32::from_be_bytes(bytes[crc_at..crc_at + 4].try_into().expect("4 bytes"));
+        let computed = crc32c::crc32c(&bytes[..crc_at]);
+        if stored != computed {
+            return Err(StateError::BadCrc { stored, computed });
+        }
+        let upstream_topic = std::str::from_utf8(&bytes[FIXED_BYTES..crc_at])
+            .map_err(|_| StateError::Inconsistent { what: "upstream topic is not UTF-8" })?
+            .to_owned();
+        let state = ShipState {
+            producer: ProducerIdentity { id: i64_at(12), epoch: i16::from_be_bytes([bytes[20], bytes[21]]) },
+            epoch_start_offset: i64_at(24),
+            cursor_offset: i64_at(32),
+            upstream_scan_from_offset: i64_at(40),
+            upstream_partition: i32::from_be_bytes(bytes[48..52].try_into().expect("4 bytes")),
+            upstream_topic,
+        };
+        state.check()?;
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ShipState {
+        ShipState {
+            producer: ProducerIdentity { id: 1_234_567_890_123, epoch: 7 },
+            epoch_start_offset: 1000,
+            cursor_offset: 5000,
+            upstream_scan_from_offset: 77_000,
+            upstream_topic: "telemetry-central".to_owned(),
+            upstream_partition: 3,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let state = sample();
+        assert_eq!(ShipState::decode(&state.encode()).unwrap(), state);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let bytes = sample().encode();
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(ShipState::decode(&flipped).is_err(), "bit {bit} flip accepted");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(ShipState::decode(&bytes[..cut]).is_err(), "cut at {cut} accepted");
+        }
+    }
+
+    #[test]
+    fn a_cursor_before_the_epoch_start_is_inconsistent() {
+        let state = ShipState { cursor_offset: 10, epoch_start_offset: 11, ..sample() };
+        assert!(state.check().is_err());
+    }
+}

@@ -1,0 +1,461 @@
+//! The doctor's probes: the thin part that touches the host. Each function gathers raw
+//! facts (an errno, a magic number, a limit) for `verdict` to judge and decides
+//! nothing. Probes leave the host as they found it: scratch files and directories they
+//! create are removed, sockets are closed.
+//!
+//! The second module allowed `unsafe` (besides `shell::sys`): `statfs`, `statvfs`,
+//! `statx`, `getrlimit` and the reuseport `setsockopt`s have no safe wrapper in our
+//! dependencies. Every block carries a SAFETY paragraph.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::DIRECT_IO_ALIGNMENT_BYTES;
+use crate::doctor::verdict::{DirPresence, DirectIoOutcome, IoUringSetup, ReuseportOutcome, IO_URING_OPCODES};
+use crate::shell::sys::parse_cpu_list;
+
+/// Capability bits (linux/capability.h).
+const CAP_IPC_LOCK: u32 = 14;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Sets up a plain ring and probes the opcodes, then an IOPOLL ring as glommio's poll
+/// ring is; returns the errno of the first `io_uring_setup` that fails.
+pub fn io_uring_setup() -> Result<IoUringSetup, i32> {
+    let errno = |error: io::Error| error.raw_os_error().unwrap_or(libc::EIO);
+    let ring: io_uring::IoUring = io_uring::IoUring::new(8).map_err(errno)?;
+    let mut probe = io_uring::Probe::new();
+    let missing_opcodes = match ring.submitter().register_probe(&mut probe) {
+        Ok(()) => {
+            IO_URING_OPCODES.iter().filter(|(code, _)| !probe.is_supported(*code)).map(|(_, name)| *name).collect()
+        }
+        // IORING_REGISTER_PROBE arrived in 5.6: an older kernel lacks most opcodes too.
+        Err(_) => IO_URING_OPCODES.iter().map(|(_, name)| *name).collect(),
+    };
+    drop(ring);
+    let iopoll_errno = io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_iopoll()
+        .build(8)
+        .err()
+        .map(errno);
+    Ok(IoUringSetup { missing_opcodes, iopoll_errno })
+}
+
+/// Reads an integer sysctl from /proc/sys (`kernel/io_uring_disabled`).
+pub fn sysctl_integer(key: &str) -> Option<i64> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(key)).ok()?.trim().parse().ok()
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|text| text.trim().to_owned()).unwrap_or_default()
+}
+
+/// What /proc/self/status says about this process.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessStatus {
+    pub seccomp_mode: Option<u32>,
+    pub effective_capabilities: u64,
+    pub group_ids: BTreeSet<u32>,
+    pub affinity: BTreeSet<usize>,
+}
+
+impl ProcessStatus {
+    pub fn cap_ipc_lock(&self) -> bool {
+        self.effective_capabilities & (1 << CAP_IPC_LOCK) != 0
+    }
+    pub fn cap_sys_admin(&self) -> bool {
+        self.effective_capabilities & (1 << CAP_SYS_ADMIN) != 0
+    }
+}
+
+pub fn process_status() -> ProcessStatus {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    parse_process_status(&text)
+}
+
+pub fn parse_process_status(text: &str) -> ProcessStatus {
+    let mut status = ProcessStatus::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        match key {
+            "Seccomp" => status.seccomp_mode = value.parse().ok(),
+            "CapEff" => status.effective_capabilities = u64::from_str_radix(value, 16).unwrap_or(0),
+            "Gid" | "Groups" => {
+                status.group_ids.extend(value.split_whitespace().filter_map(|id| id.parse::<u32>().ok()))
+            }
+            "Cpus_allowed_list" => status.affinity = parse_cpu_list(value),
+            _ => {}
+        }
+    }
+    status
+}
+
+pub fn cpus(kind: &str) -> BTreeSet<usize> {
+    std::fs::read_to_string(format!("/sys/devices/system/cpu/{kind}"))
+        .map(|text| parse_cpu_list(text.trim()))
+        .unwrap_or_default()
+}
+
+/// Makes sure `path` is a directory, creating it (and missing parents) if needed;
+/// returns what it found and the directories it created, deepest last, for
+/// [`remove_created`].
+pub fn prepare_directory(path: &Path) -> (DirPresence, Vec<PathBuf>) {
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_dir() => return (DirPresence::Exists, Vec::new()),
+        Ok(_) => return (DirPresence::NotADirectory, Vec::new()),
+        Err(_) => {}
+    }
+    let mut missing = Vec::new();
+    let mut cursor = Some(path);
+    while let Some(directory) = cursor {
+        if directory.as_os_str().is_empty() || directory.exists() {
+            break;
+        }
+        missing.push(directory.to_owned());
+        cursor = directory.parent();
+    }
+    missing.reverse();
+    match std::fs::create_dir_all(path) {
+        Ok(()) => (DirPresence::Creatable, missing),
+        Err(error) => {
+            remove_created(&missing);
+            (DirPresence::CannotCreate { error: error.to_string() }, Vec::new())
+        }
+    }
+}
+
+/// Removes the directories [`prepare_directory`] created, if they are still empty.
+pub fn remove_created(created: &[PathBuf]) {
+    for directory in created.iter().rev() {
+        let _ = std::fs::remove_dir(directory);
+    }
+}
+
+fn scratch_path(directory: &Path, what: &str) -> PathBuf {
+    directory.join(format!(".weir-doctor-{what}-{}", std::process::id()))
+}
+
+/// Creates, syncs and removes a scratch file.
+pub fn write_scratch(directory: &Path) -> Result<(), String> {
+    let path = scratch_path(directory, "write");
+    let outcome = std::fs::write(&path, b"weir doctor").and_then(|()| std::fs::File::open(&path)?.sync_all());
+    let removed = std::fs::remove_file(&path);
+    outcome.and(removed).map_err(|error| error.to_string())
+}
+
+/// An aligned O_DIRECT write, fdatasync and read back of one page in a scratch file.
+/// Plain `std::fs` with `O_DIRECT` and a page-aligned slice of a larger buffer: no
+/// io_uring, so this works (and tells the truth) even where io_uring is denied.
+pub fn direct_io_round_trip(directory: &Path) -> DirectIoOutcome {
+    let path = scratch_path(directory, "direct-io");
+    let outcome = direct_io_on(&path);
+    let _ = std::fs::remove_file(&path);
+    outcome
+}
+
+fn direct_io_on(path: &Path) -> DirectIoOutcome {
+    let alignment = DIRECT_IO_ALIGNMENT_BYTES as usize;
+    let errno = |error: &io::Error| error.raw_os_error().unwrap_or(libc::EIO);
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            return DirectIoOutcome::OpenRefused { errno: libc::EINVAL }
+        }
+        Err(error) => return DirectIoOutcome::Other { error: format!("create {}: {error}", path.display()) },
+    };
+    let mut written = vec![0u8; 2 * alignment];
+    let start = written.as_ptr().align_offset(alignment);
+    for (index, byte) in written[start..start + alignment].iter_mut().enumerate() {
+        *byte = (index % 251) as u8 | 1;
+    }
+    if let Err(error) = file.write_all_at(&written[start..start + alignment], 0) {
+        return DirectIoOutcome::IoFailed { operation: "write", errno: errno(&error) };
+    }
+    if let Err(error) = file.sync_data() {
+        return DirectIoOutcome::IoFailed { operation: "fdatasync", errno: errno(&error) };
+    }
+    let mut read = vec![0u8; 2 * alignment];
+    let read_start = read.as_ptr().align_offset(alignment);
+    if let Err(error) = file.read_exact_at(&mut read[read_start..read_start + alignment], 0) {
+        return DirectIoOutcome::IoFailed { operation: "read", errno: errno(&error) };
+    }
+    if read[read_start..read_start + alignment] != written[start..start + alignment] {
+        return DirectIoOutcome::Mismatch;
+    }
+    DirectIoOutcome::Works
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// The filesystem type (`f_type`) of the filesystem holding `path`.
+pub fn filesystem_magic(path: &Path) -> io::Result<i64> {
+    let path = c_path(path)?;
+    // SAFETY: `statfs` is plain data for which all-zero is valid; the kernel writes at
+    // most one `statfs` into it; `path` is a NUL-terminated string that outlives the
+    // call.
+    unsafe {
+        let mut stats: libc::statfs = std::mem::zeroed();
+        if libc::statfs(path.as_ptr(), &mut stats) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stats.f_type as i64)
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let path = c_path(path)?;
+    // SAFETY: as for `statfs` above: zeroed plain data, written by the kernel only, and
+    // a NUL-terminated path that outlives the call.
+    unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stats) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+    }
+}
+
+/// `statx(STATX_DIOALIGN)` of a scratch file in `directory` (filesystems report it for
+/// regular files only): (memory alignment, offset alignment) in bytes, or `None` when
+/// the kernel or the filesystem does not report them.
+pub fn direct_io_alignment(directory: &Path) -> io::Result<Option<(u32, u32)>> {
+    let path = scratch_path(directory, "statx");
+    std::fs::write(&path, b"")?;
+    let reported = statx_dio_align(&path);
+    let _ = std::fs::remove_file(&path);
+    reported
+}
+
+fn statx_dio_align(path: &Path) -> io::Result<Option<(u32, u32)>> {
+    let path = c_path(path)?;
+    // SAFETY: `statx` is plain data for which all-zero is valid; the kernel writes at
+    // most one `statx` into it; `path` is a NUL-terminated string that outlives the call
+    // and is absolute or relative to the working directory (AT_FDCWD).
+    let stats = unsafe {
+        let mut stats: libc::statx = std::mem::zeroed();
+        if libc::statx(libc::AT_FDCWD, path.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stats) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        stats
+    };
+    if stats.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((stats.stx_dio_mem_align, stats.stx_dio_offset_align)))
+}
+
+/// Bytes the files under `path` occupy on disk (one level of partition directories).
+pub fn used_bytes(path: &Path) -> u64 {
+    fn walk(path: &Path, depth: u32) -> u64 {
+        let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+        let mut total = 0u64;
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else { continue };
+            if metadata.is_dir() && depth > 0 {
+                total += walk(&entry.path(), depth - 1);
+            } else if metadata.is_file() {
+                total += std::os::unix::fs::MetadataExt::blocks(&metadata) * 512;
+            }
+        }
+        total
+    }
+    walk(path, 1)
+}
+
+/// The soft and hard RLIMIT_MEMLOCK in bytes; `None` is unlimited.
+pub fn memlock_limits() -> io::Result<(Option<u64>, Option<u64>)> {
+    // SAFETY: `rlimit` is plain data; `getrlimit` writes one into it and reads nothing.
+    let limits = unsafe {
+        let mut limits: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limits) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limits
+    };
+    let bytes = |value: libc::rlim_t| if value == libc::RLIM_INFINITY { None } else { Some(value) };
+    Ok((bytes(limits.rlim_cur), bytes(limits.rlim_max)))
+}
+
+/// (GSO segments, GRO segments) quinn-udp finds on a loopback UDP socket; 1 is none.
+pub fn udp_offload() -> io::Result<(usize, usize)> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+    Ok((state.max_gso_segments(), state.gro_segments()))
+}
+
+fn last_error(operation: &str) -> io::Error {
+    let error = io::Error::last_os_error();
+    io::Error::new(error.kind(), format!("{operation}: {error}"))
+}
+
+fn reuseport_socket(port: u16) -> io::Result<UdpSocket> {
+    // SAFETY: `socket` takes no pointers; a non-negative result is a new descriptor that
+    // nothing else owns, so `OwnedFd` may take it.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(last_error("socket"));
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and the length passed is its size; the kernel only
+    // reads it.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(last_error("setsockopt(SO_REUSEPORT)"));
+    }
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `address` is a live, fully initialised sockaddr_in and the length passed
+    // is its size; the kernel only reads it.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(last_error("bind 127.0.0.1"));
+    }
+    Ok(UdpSocket::from(fd))
+}
+
+/// The steering program the QUIC design calls for, in its simplest form: the socket
+/// index is the 32-bit word at payload byte 1 (where a short-header connection id
+/// starts) modulo the group size.
+fn steering_program(group_size: u32) -> [libc::sock_filter; 3] {
+    let statement = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    [
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 1),
+        statement(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, group_size),
+        statement(libc::BPF_RET | libc::BPF_A, 0),
+    ]
+}
+
+fn attach_steering(socket: &UdpSocket, group_size: u32) -> io::Result<()> {
+    let mut program = steering_program(group_size);
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
+    // SAFETY: `fprog` points at `program`, which lives until the call returns; the kernel
+    // copies the program in and keeps no pointer to it.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(last_error("setsockopt(SO_ATTACH_REUSEPORT_CBPF)"));
+    }
+    Ok(())
+}
+
+/// Makes a SO_REUSEPORT group of `group_size` UDP sockets on a loopback port, attaches
+/// the steering program, and sends one datagram per socket naming it; counts those that
+/// arrived where they were steered.
+pub fn reuseport_cbpf(group_size: usize) -> io::Result<ReuseportOutcome> {
+    const WAIT: Duration = Duration::from_millis(500);
+    assert!((2..=1024).contains(&group_size));
+    let first = reuseport_socket(0)?;
+    let port = first.local_addr()?.port();
+    let mut group = vec![first];
+    for _ in 1..group_size {
+        group.push(reuseport_socket(port)?);
+    }
+    attach_steering(&group[0], group_size as u32)?;
+    let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let target = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    for index in 0..group_size as u32 {
+        let mut datagram = [0x40u8; 24];
+        datagram[1..5].copy_from_slice(&index.to_be_bytes());
+        sender.send_to(&datagram, target)?;
+    }
+    let mut steered_right = 0;
+    for (index, socket) in group.iter().enumerate() {
+        socket.set_nonblocking(true)?;
+        let deadline = Instant::now() + WAIT;
+        let mut buffer = [0u8; 64];
+        let mut received = false;
+        loop {
+            match socket.recv(&mut buffer) {
+                Ok(length) => {
+                    received = true;
+                    let named = buffer
+                        .get(1..5)
+                        .filter(|_| length >= 5)
+                        .map(|word| u32::from_be_bytes([word[0], word[1], word[2], word[3]]) as usize);
+                    if named == Some(index) {
+                        steered_right += 1;
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if received || Instant::now() >= deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    Ok(ReuseportOutcome { group_size, port, steered_right })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_status_parses() {
+        let status = parse_process_status(
+            "Name:\tweir\nGid:\t0\t0\t0\t0\nGroups:\t27 100 \nCapEff:\t000001fffeffffff\nSeccomp:\t2\nCpus_allowed_list:\t0-1\n",
+        );
+        assert_eq!(status.seccomp_mode, Some(2));
+        assert!(status.cap_ipc_lock() && status.cap_sys_admin());
+        assert_eq!(status.group_ids, [0, 27, 100].into_iter().collect());
+        assert_eq!(status.affinity, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn this_host_probes() {
+        let directory = std::env::temp_dir();
+        assert!(filesystem_magic(&directory).is_ok());
+        assert!(available_bytes(&directory).unwrap() > 0);
+        assert!(memlock_limits().is_ok());
+        assert!(!kernel_release().is_empty());
+    }
+}

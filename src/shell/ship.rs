@@ -1,0 +1,544 @@
+//! One partition's upstream shipper: executes what `core::ship::ShipperCore` decides.
+//! It reads stored batches from the partition's log, keeps one connection to the
+//! partition's leader (`shell::kafka`), makes `ship.state` durable, feeds every answer,
+//! failure and tick back to the core, and exports the shipped lag. It decides nothing.
+//!
+//! It runs as a task on the partition's own core. It polls the log's durable end every
+//! `LOG_POLL_INTERVAL` (the log has no "new data" notification), and waits for broker
+//! answers and the core's timers in between. A shipper whose core stopped it
+//! (`StopReason`) logs why, sets `weir_ship_stopped`, and ends; the partition keeps
+//! accepting appends and nothing is lost. On shutdown it persists its cursor.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use kafka_protocol::messages::ProduceRequest;
+
+use crate::config::ValidConfig;
+use crate::core::ship::errors::{error_name, NONE, OFFSET_OUT_OF_RANGE};
+use crate::core::ship::reconcile::{ReconcileError, Scan};
+use crate::core::ship::state::{StateError, STATE_FILE_NAME};
+use crate::core::ship::{
+    Action, ProduceAnswer, RequestId, ShipConfig, ShipState, ShipStats, ShipperCore, StopReason, UpstreamPartition,
+};
+use crate::shell::disk::sync_directory;
+use crate::shell::kafka::{self, ClientOptions, Connection, KafkaError, PRODUCE_VERSIONS};
+use crate::shell::log::{LogError, PartitionLog};
+use crate::shell::metrics::ShipMetrics;
+
+/// How often the shipper looks at the log's durable end while idle.
+pub const LOG_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// The shortest wait between two rounds of the loop.
+const WAIT_MIN: Duration = Duration::from_micros(100);
+/// Bytes one reconciliation Fetch asks for.
+const SCAN_FETCH_BYTES: i32 = 1 << 20;
+/// The name of the state file while it is being written.
+const STATE_FILE_NEW_NAME: &str = "ship.state.new";
+
+/// Everything one partition's shipper needs to know.
+#[derive(Debug, Clone)]
+pub struct ShipperSetup {
+    /// The partition's name (`<topic>-<partition>`), for errors and logs.
+    pub name: String,
+    pub edge_topic: String,
+    pub edge_partition: u32,
+    pub directory: PathBuf,
+    pub bootstrap_servers: Vec<String>,
+    pub client: ClientOptions,
+    pub upstream: UpstreamPartition,
+    pub config: ShipConfig,
+    /// Seeds the retry jitter.
+    pub seed: u64,
+}
+
+impl ShipperSetup {
+    /// The shipper of edge `topic`/`partition`, or `None` when it is not shipped.
+    pub fn from_config(valid: &ValidConfig, topic: &str, partition: u32, directory: &Path) -> Option<ShipperSetup> {
+        let upstream = &valid.config.upstream;
+        let (upstream_topic, upstream_partition) = upstream.destination(topic, partition)?;
+        let batch_bytes_max = upstream.batch_bytes_max.0 as usize;
+        Some(ShipperSetup {
+            name: format!("{topic}-{partition}"),
+            edge_topic: topic.to_owned(),
+            edge_partition: partition,
+            directory: directory.to_owned(),
+            bootstrap_servers: upstream.bootstrap_servers.clone(),
+            client: ClientOptions {
+                client_id: upstream.client_id.clone(),
+                connect_timeout: Duration::from_millis(upstream.connect_timeout_ms.0),
+                request_timeout: Duration::from_millis(upstream.request_timeout_ms.0),
+            },
+            upstream: UpstreamPartition { topic: upstream_topic, partition: upstream_partition },
+            config: ShipConfig {
+                batch_bytes_max,
+                in_flight_max: upstream.in_flight_max as usize,
+                read_ahead_bytes: 2 * batch_bytes_max,
+                request_timeout: Duration::from_millis(upstream.request_timeout_ms.0),
+                backoff_min: Duration::from_millis(upstream.retry_backoff_ms_min.0),
+                backoff_max: Duration::from_millis(upstream.retry_backoff_ms_max.0),
+                persist_interval: Duration::from_millis(upstream.cursor_persist_interval_ms.0),
+                bandwidth_bytes_per_s_max: upstream.bandwidth_bytes_per_s_max.0,
+                reconcile_scan_bytes_max: upstream.reconcile_scan_bytes_max.0,
+            },
+            seed: seed_for(topic, partition),
+        })
+    }
+}
+
+/// A jitter seed that differs between partitions and between runs.
+fn seed_for(topic: &str, partition: u32) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_nanos());
+    let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ (nanos as u64) ^ u64::from(partition).rotate_left(32);
+    for byte in topic.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// A failure of the state file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateFileError {
+    #[error("{operation} {path}: {source}")]
+    Io { operation: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path}: {reason} (refusing to guess: remove it only if the upstream partition is to receive the whole log again)")]
+    Corrupt { path: PathBuf, reason: StateError },
+}
+
+/// Why a shipper ended other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShipError {
+    #[error("partition {partition}: upstream shipping stopped: {reason}")]
+    Stopped { partition: String, reason: StopReason },
+    #[error("partition {partition}: ship state: {source}")]
+    State { partition: String, source: StateFileError },
+    #[error("partition {partition}: reading the log for shipping: {source}")]
+    Log { partition: String, source: LogError },
+}
+
+/// Reads `ship.state` from a partition directory; `None` when there is none yet.
+pub fn read_state(directory: &Path) -> Result<Option<ShipState>, StateFileError> {
+    let path = directory.join(STATE_FILE_NAME);
+    match std::fs::read(&path) {
+        Ok(bytes) => ShipState::decode(&bytes).map(Some).map_err(|reason| StateFileError::Corrupt { path, reason }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateFileError::Io { operation: "read", path, source }),
+    }
+}
+
+/// Replaces `ship.state` atomically and durably: write a new file, fsync it, rename it
+/// over the old one, fsync the directory. Blocking: run it off the core.
+pub fn write_state(directory: &Path, state: &ShipState) -> Result<(), StateFileError> {
+    let new_path = directory.join(STATE_FILE_NEW_NAME);
+    let path = directory.join(STATE_FILE_NAME);
+    let io = |operation, path: &Path| {
+        let path = path.to_owned();
+        move |source| StateFileError::Io { operation, path, source }
+    };
+    let mut file = std::fs::File::create(&new_path).map_err(io("create", &new_path))?;
+    file.write_all(&state.encode()).map_err(io("write", &new_path))?;
+    file.sync_all().map_err(io("fsync", &new_path))?;
+    drop(file);
+    std::fs::rename(&new_path, &path).map_err(io("rename", &path))?;
+    sync_directory(directory).map_err(|error| StateFileError::Io {
+        operation: "fsync directory",
+        path: directory.to_owned(),
+        source: error.source,
+    })
+}
+
+/// What a reconciliation scan ended with.
+enum ScanEnd {
+    Found(Scan),
+    /// The upstream said something only an operator can resolve.
+    Refused(ReconcileError),
+    /// The broker could not be reached or misbehaved: try again later.
+    Transport(KafkaError),
+}
+
+/// The shipper's connection and the Produce requests outstanding on it.
+struct Link {
+    connection: Connection,
+    version: i16,
+    requests: HashMap<i32, RequestId>,
+}
+
+struct Shipper {
+    log: PartitionLog,
+    setup: ShipperSetup,
+    metrics: ShipMetrics,
+    core: ShipperCore,
+    link: Option<Link>,
+    exported: ShipStats,
+    last_warning: Option<String>,
+}
+
+/// Runs the shipper of one partition until `shutdown` is set (then persists the
+/// cursor and returns `Ok`) or until it cannot go on.
+pub async fn run(
+    log: PartitionLog,
+    setup: ShipperSetup,
+    metrics: ShipMetrics,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), ShipError> {
+    let persisted =
+        read_state(&setup.directory).map_err(|source| ShipError::State { partition: setup.name.clone(), source })?;
+    let stats = log.stats();
+    let core = ShipperCore::new(
+        setup.config.clone(),
+        setup.upstream.clone(),
+        persisted,
+        stats.start_offset,
+        stats.next_offset,
+        setup.seed,
+        Instant::now(),
+    );
+    tracing::info!(
+        partition = %setup.name,
+        upstream = %format!("{}/{}", setup.upstream.topic, setup.upstream.partition),
+        cursor = core.cursor_offset(),
+        log_end = stats.next_offset,
+        "shipper starting"
+    );
+    let mut shipper =
+        Shipper { log, setup, metrics, core, link: None, exported: ShipStats::default(), last_warning: None };
+    let result = shipper.serve(&shutdown).await;
+    if let Err(error) = &result {
+        shipper.metrics.stopped.set(1);
+        tracing::error!(error = %error, "shipper stopped");
+    }
+    result
+}
+
+impl Shipper {
+    async fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), ShipError> {
+        loop {
+            if shutdown.load(Ordering::Acquire) {
+                return self.finish().await;
+            }
+            let stats = self.log.stats();
+            self.core.handle_log_end(stats.start_offset, stats.next_offset, Instant::now());
+            self.core.handle_timeout(Instant::now());
+            while let Some(action) = self.core.poll_action(Instant::now()) {
+                self.execute(action).await?;
+            }
+            self.export_metrics();
+            if let Some(reason) = self.core.stop_reason() {
+                return Err(ShipError::Stopped { partition: self.setup.name.clone(), reason: reason.clone() });
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Waits for a broker answer, the core's next timer or the next log poll.
+    async fn wait(&mut self) {
+        let now = Instant::now();
+        let wait = self
+            .core
+            .poll_timeout()
+            .map_or(LOG_POLL_INTERVAL, |at| at.saturating_duration_since(now))
+            .min(LOG_POLL_INTERVAL)
+            // Never zero: a zero sleep is ready at once, the task would never yield,
+            // and the reactor would never deliver the broker's answer.
+            .max(WAIT_MIN);
+        let Some(link) = self.link.as_mut().filter(|link| !link.requests.is_empty()) else {
+            glommio::timer::sleep(wait).await;
+            return;
+        };
+        let answer = future::or(async { Some(link.connection.read_frame().await) }, async {
+            glommio::timer::sleep(wait).await;
+            None
+        })
+        .await;
+        let outcome = match answer {
+            None => return,
+            Some(Err(error)) => Err(error),
+            Some(Ok((correlation, frame))) => {
+                let request = link.requests.remove(&correlation).expect("read_frame checked the correlation id");
+                let topic = &self.setup.upstream.topic;
+                let partition = self.setup.upstream.partition;
+                link.connection.decode::<ProduceRequest>(frame, link.version).and_then(|response| {
+                    kafka::produce_answer(&response, topic, partition).map(|answer| (request, answer)).ok_or_else(
+                        || KafkaError::MissingPartition {
+                            address: link.connection.address().to_owned(),
+                            topic: topic.clone(),
+                            partition,
+                        },
+                    )
+                })
+            }
+        };
+        match outcome {
+            Ok((request, answer)) => {
+                match answer {
+                    ProduceAnswer::Error { code } => {
+                        self.warn(format!("Produce answered {} ({code})", error_name(code)))
+                    }
+                    ProduceAnswer::Appended { .. } => {
+                        if self.last_warning.take().is_some() {
+                            tracing::info!(partition = %self.setup.name, "upstream shipping resumed");
+                        }
+                    }
+                }
+                self.core.handle_produced(request, answer, Instant::now());
+            }
+            Err(error) => self.transport_failed(error),
+        }
+    }
+
+    fn transport_failed(&mut self, error: KafkaError) {
+        self.warn(error.to_string());
+        self.link = None;
+        self.core.handle_transport_failed(Instant::now());
+    }
+
+    /// Logs a broker problem once per distinct message in a row (retries repeat them).
+    fn warn(&mut self, message: String) {
+        if self.last_warning.as_ref() != Some(&message) {
+            tracing::warn!(partition = %self.setup.name, problem = %message, "upstream shipping will retry");
+            self.last_warning = Some(message);
+        }
+    }
+
+    async fn execute(&mut self, action: Action) -> Result<(), ShipError> {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let summary = match &action {
+                Action::Send(send) => {
+                    format!("send {}..={} attempt {}", send.first_offset, send.last_offset, send.attempt)
+                }
+                other => format!("{other:?}"),
+            };
+            tracing::trace!(partition = %self.setup.name, action = %summary, "shipper action");
+        }
+        match action {
+            Action::InitProducer => match self.init_producer().await {
+                Ok((producer, upstream_end)) => {
+                    tracing::info!(partition = %self.setup.name, producer_id = producer.id, epoch = producer.epoch, upstream_end, "upstream producer granted");
+                    self.core.handle_producer(producer, upstream_end);
+                }
+                Err(error) => {
+                    self.warn(format!("InitProducerId: {error}"));
+                    self.link = None;
+                    self.core.handle_setup_failed(Instant::now());
+                }
+            },
+            Action::Reconcile { producer, scan_from_offset, bytes_max } => {
+                match self.scan(Scan::new(producer, scan_from_offset, bytes_max)).await {
+                    ScanEnd::Found(scan) => {
+                        self.core.handle_scanned(scan.ours());
+                        tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, "reconciled with upstream");
+                    }
+                    ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
+                    ScanEnd::Transport(error) => {
+                        self.warn(format!("reconciliation scan: {error}"));
+                        self.link = None;
+                        self.core.handle_setup_failed(Instant::now());
+                    }
+                }
+            }
+            Action::Persist { generation, state } => {
+                self.persist(state).await?;
+                self.core.handle_persisted(generation);
+            }
+            Action::ReadLog { from_offset, bytes_max } => {
+                let batches = self
+                    .log
+                    .read(from_offset, bytes_max)
+                    .await
+                    .map_err(|source| ShipError::Log { partition: self.setup.name.clone(), source })?;
+                self.core.handle_stored(from_offset, batches);
+            }
+            Action::Send(send) => {
+                if let Err(error) = self.ensure_link().await {
+                    self.transport_failed(error);
+                    return Ok(());
+                }
+                let link = self.link.as_mut().expect("ensured");
+                let timeout_ms = i32::try_from(self.setup.config.request_timeout.as_millis()).unwrap_or(i32::MAX);
+                let request = kafka::produce_request(
+                    &self.setup.upstream.topic,
+                    self.setup.upstream.partition,
+                    send.batch,
+                    timeout_ms,
+                );
+                match link.connection.send(&request, link.version).await {
+                    Ok(correlation) => {
+                        link.requests.insert(correlation, send.request);
+                    }
+                    Err(error) => self.transport_failed(error),
+                }
+            }
+            Action::Reconnect => self.link = None,
+            Action::Retain { below_offset } => {
+                let report = self
+                    .log
+                    .retain(below_offset)
+                    .await
+                    .map_err(|source| ShipError::Log { partition: self.setup.name.clone(), source })?;
+                if report.segments_deleted > 0 {
+                    tracing::info!(partition = %self.setup.name, segments = report.segments_deleted, bytes = report.bytes_freed, start_offset = report.start_offset, "shipped segments deleted (partition over its disk budget)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_link(&mut self) -> Result<(), KafkaError> {
+        if self.link.is_some() {
+            return Ok(());
+        }
+        let connection = kafka::connect_to_leader(
+            &self.setup.bootstrap_servers,
+            &self.setup.upstream.topic,
+            self.setup.upstream.partition,
+            &self.setup.client,
+        )
+        .await?;
+        let version = connection.version::<ProduceRequest>(PRODUCE_VERSIONS)?;
+        self.link = Some(Link { connection, version, requests: HashMap::new() });
+        Ok(())
+    }
+
+    /// A connection with nothing pipelined on it, for request/answer calls.
+    async fn idle_connection(&mut self) -> Result<&mut Connection, KafkaError> {
+        if self.link.as_ref().is_some_and(|link| !link.requests.is_empty()) {
+            self.link = None;
+        }
+        self.ensure_link().await?;
+        Ok(&mut self.link.as_mut().expect("ensured").connection)
+    }
+
+    async fn init_producer(&mut self) -> Result<(crate::core::ship::ProducerIdentity, i64), KafkaError> {
+        let topic = self.setup.upstream.topic.clone();
+        let partition = self.setup.upstream.partition;
+        let timeout_ms = i32::try_from(self.setup.config.request_timeout.as_millis()).unwrap_or(i32::MAX);
+        let connection = self.idle_connection().await?;
+        let producer = kafka::init_producer(connection, timeout_ms).await?;
+        let upstream_end = kafka::high_watermark(connection, &topic, partition).await?;
+        Ok((producer, upstream_end))
+    }
+
+    async fn scan(&mut self, mut scan: Scan) -> ScanEnd {
+        let topic = self.setup.upstream.topic.clone();
+        let partition = self.setup.upstream.partition;
+        let connection = match self.idle_connection().await {
+            Ok(connection) => connection,
+            Err(error) => return ScanEnd::Transport(error),
+        };
+        while let Some(offset) = scan.next_fetch_offset() {
+            let answer = match kafka::fetch(connection, &topic, partition, offset, SCAN_FETCH_BYTES).await {
+                Ok(answer) => answer,
+                Err(error) => return ScanEnd::Transport(error),
+            };
+            let high_watermark = match answer.error_code {
+                NONE => answer.high_watermark,
+                OFFSET_OUT_OF_RANGE if answer.high_watermark >= 0 => answer.high_watermark,
+                code => {
+                    return ScanEnd::Transport(KafkaError::Broker {
+                        address: connection.address().to_owned(),
+                        api: "Fetch",
+                        code,
+                        name: error_name(code),
+                    })
+                }
+            };
+            if let Err(error) = scan.handle_fetch(&answer.records, high_watermark) {
+                return ScanEnd::Refused(error);
+            }
+        }
+        ScanEnd::Found(scan)
+    }
+
+    async fn persist(&mut self, state: ShipState) -> Result<(), ShipError> {
+        let directory = self.setup.directory.clone();
+        glommio::executor()
+            .spawn_blocking(move || write_state(&directory, &state))
+            .await
+            .map_err(|source| ShipError::State { partition: self.setup.name.clone(), source })
+    }
+
+    /// On shutdown: make the latest cursor durable so a restart need not reconcile.
+    async fn finish(&mut self) -> Result<(), ShipError> {
+        self.export_metrics();
+        if self.core.stop_reason().is_none() && self.core.needs_final_persist() {
+            if let Some(state) = self.core.current_state() {
+                self.persist(state).await?;
+            }
+        }
+        tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), lag_records = self.core.lag_records(), "shipper stopped for shutdown");
+        Ok(())
+    }
+
+    fn export_metrics(&mut self) {
+        let stats = self.core.stats();
+        let delta = |now: u64, before: u64| now.saturating_sub(before);
+        let metrics = &self.metrics;
+        let before = self.exported;
+        metrics.shipped_records.inc_by(delta(stats.shipped_records, before.shipped_records));
+        metrics.shipped_bytes.inc_by(delta(stats.shipped_bytes, before.shipped_bytes));
+        metrics.requests.inc_by(delta(stats.sends, before.sends));
+        metrics.resends.inc_by(delta(stats.resends, before.resends));
+        metrics.retriable_errors.inc_by(delta(stats.retriable_errors, before.retriable_errors));
+        metrics.transport_failures.inc_by(delta(stats.transport_failures, before.transport_failures));
+        metrics.timeouts.inc_by(delta(stats.timeouts, before.timeouts));
+        metrics.duplicates.inc_by(delta(stats.duplicates, before.duplicates));
+        metrics.reconciled_batches.inc_by(delta(stats.batches_reconciled, before.batches_reconciled));
+        self.exported = stats;
+        let log_stats = self.log.stats();
+        let lag_records = self.core.lag_records().max(0);
+        let records_held = (log_stats.next_offset - log_stats.start_offset).max(1);
+        let lag_bytes = (log_stats.disk_bytes as i128 * i128::from(lag_records) / i128::from(records_held)) as i64;
+        metrics.lag_records.set(lag_records);
+        metrics.lag_bytes.set(lag_bytes);
+        metrics.lag_seconds.set(self.core.lag_duration(Instant::now()).as_secs_f64());
+        metrics.cursor_offset.set(self.core.cursor_offset());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ship::ProducerIdentity;
+
+    fn state() -> ShipState {
+        ShipState {
+            producer: ProducerIdentity { id: 42, epoch: 0 },
+            epoch_start_offset: 10,
+            cursor_offset: 99,
+            upstream_scan_from_offset: 1234,
+            upstream_topic: "central".into(),
+            upstream_partition: 3,
+        }
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_replaces_the_old_one() {
+        let directory = tempfile::tempdir().unwrap();
+        assert!(read_state(directory.path()).unwrap().is_none(), "no file yet: no state");
+        write_state(directory.path(), &state()).unwrap();
+        let newer = ShipState { cursor_offset: 150, ..state() };
+        write_state(directory.path(), &newer).unwrap();
+        assert_eq!(read_state(directory.path()).unwrap(), Some(newer));
+        assert!(!directory.path().join(STATE_FILE_NEW_NAME).exists());
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_refused_with_its_path() {
+        let directory = tempfile::tempdir().unwrap();
+        write_state(directory.path(), &state()).unwrap();
+        let path = directory.path().join(STATE_FILE_NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[33] ^= 1; // inside the cursor
+        std::fs::write(&path, bytes).unwrap();
+        let error = read_state(directory.path()).unwrap_err();
+        let text = error.to_string();
+        assert!(matches!(error, StateFileError::Corrupt { .. }), "{text}");
+        assert!(text.contains("ship.state") && text.contains("crc mismatch"), "{text}");
+    }
+}

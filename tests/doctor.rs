@@ -1,0 +1,353 @@
+//! `weir doctor` on real hosts made broken for real: io_uring denied by a seccomp filter
+//! this test installs, the data directory on a tmpfs it mounts, RLIMIT_MEMLOCK lowered
+//! for a child without CAP_IPC_LOCK, a core that does not exist, an affinity mask that
+//! hides a core. Each failing check's message and fix are asserted, and `weir serve`
+//! under the same conditions exits with the same message and exit code 6, not a panic.
+//! Needs root (mount, setpriv), as CI has.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+use serde_json::Value;
+
+const HOST_NOT_READY: i32 = weir::shell::runtime::exit_code::HOST_NOT_READY;
+
+fn weir_path() -> &'static str {
+    env!("CARGO_BIN_EXE_weir")
+}
+
+fn weir() -> Command {
+    Command::new(weir_path())
+}
+
+/// A config with its data directory `data` and the admin endpoint on any free port.
+fn config_file(directory: &Path, data: &Path, extra: &str) -> PathBuf {
+    let path = directory.join("weir.toml");
+    std::fs::write(&path, format!("data_dir = {:?}\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n", data.display()))
+        .unwrap();
+    path
+}
+
+fn doctor_json(mut command: Command) -> (i32, Value) {
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|error| panic!("doctor --json is not JSON ({error}): {stdout}\nstderr: {}", stderr(&output)));
+    let code = output.status.code().expect("doctor exits, it is not killed");
+    assert_eq!(report["exit_code"], code, "the report states the exit code");
+    (code, report)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {report:#}"))
+}
+
+fn saw(report: &Value, name: &str) -> String {
+    check(report, name)["saw"].as_str().unwrap().to_owned()
+}
+
+fn fix(report: &Value, name: &str) -> String {
+    check(report, name)["fix"].as_str().unwrap_or_default().to_owned()
+}
+
+fn doctor_args(config: &Path) -> Vec<String> {
+    vec!["doctor".into(), "--json".into(), "--config".into(), config.display().to_string()]
+}
+
+/// `weir serve` must refuse with exit 6 and `expected` in its message, without
+/// creating anything or panicking.
+fn assert_serve_refuses(output: &Output, expected: &str) {
+    let stderr = stderr(output);
+    assert_eq!(output.status.code(), Some(HOST_NOT_READY), "{stderr}");
+    assert!(stderr.contains("weir: host not ready:"), "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(stderr.contains("-- fix: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_healthy_host_reports_no_fail_and_its_json_parses() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("not-yet/data");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["summary"]["fail"], 0, "{report:#}");
+    let names: Vec<&str> =
+        report["checks"].as_array().unwrap().iter().map(|check| check["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "config",
+            "io_uring",
+            "data_dir",
+            "data_dir.writable",
+            "data_dir.filesystem",
+            "data_dir.direct_io",
+            "data_dir.direct_io_alignment",
+            "data_dir.free_space",
+            "memlock",
+            "cores",
+            "udp.buffers",
+            "udp.gso_gro",
+            "udp.reuseport_cbpf",
+            "certificates",
+            "upstream",
+        ]
+    );
+    assert_eq!(check(&report, "io_uring")["status"], "ok");
+    assert!(saw(&report, "io_uring").contains("all 24 opcodes glommio and weir use are supported"));
+    assert!(saw(&report, "data_dir").contains("does not exist yet; it can be created"));
+    assert_eq!(check(&report, "data_dir.direct_io")["status"], "ok");
+    assert_eq!(check(&report, "udp.reuseport_cbpf")["status"], "ok", "{report:#}");
+    // The UDP verdict follows the kernel's real caps.
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max").unwrap().trim().parse().unwrap();
+    let expected = if rmem_max.min(wmem_max) >= 8 << 20 { "ok" } else { "warn" };
+    assert_eq!(check(&report, "udp.buffers")["status"], expected);
+    assert!(saw(&report, "udp.buffers").contains(&format!("net.core.rmem_max = {rmem_max}")));
+    if expected == "warn" {
+        assert!(fix(&report, "udp.buffers").contains("sysctl -w net.core.rmem_max=8388608"));
+    }
+    for name in ["certificates", "upstream"] {
+        assert_eq!(check(&report, name)["status"], "skip");
+        assert!(saw(&report, name).contains("config yet"), "{}", saw(&report, name));
+    }
+    // The probe leaves nothing behind: the directories it created are gone again.
+    assert!(!directory.path().join("not-yet").exists());
+
+    let output = weir().arg("doctor").arg("--config").arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.lines().any(|line| line.starts_with("ok    io_uring: rings set up")), "{text}");
+    assert!(text.lines().any(|line| line.starts_with("skip  upstream: no upstream config yet")), "{text}");
+    assert!(text.trim_end().ends_with(" 0 fail, 2 skip: ready to serve"), "{text}");
+}
+
+/// Runs `command` from a thread that first installs a seccomp filter answering
+/// `io_uring_setup` with EPERM, as Docker's default profile does; the child inherits it.
+fn output_with_io_uring_denied(mut command: Command) -> Output {
+    std::thread::spawn(move || {
+        let filter = SeccompFilter::new(
+            [(libc::SYS_io_uring_setup, vec![])].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            std::env::consts::ARCH.try_into().unwrap(),
+        )
+        .unwrap();
+        let program: BpfProgram = filter.try_into().unwrap();
+        seccompiler::apply_filter(&program).unwrap();
+        command.output().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn io_uring_denied_by_seccomp_is_named_with_the_profile_fix_and_serve_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let output = output_with_io_uring_denied(command);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    assert_eq!(check(&report, "io_uring")["status"], "fail");
+    assert!(
+        saw(&report, "io_uring").starts_with("io_uring_setup: EPERM from a seccomp filter (Seccomp: 2"),
+        "{}",
+        saw(&report, "io_uring")
+    );
+    assert!(fix(&report, "io_uring").contains("--security-opt seccomp=/usr/share/weir/seccomp.json"));
+    // Only io_uring fails: the other checks still tell the truth.
+    assert_eq!(report["summary"]["fail"], 1, "{report:#}");
+    assert_eq!(check(&report, "data_dir.direct_io")["status"], "ok");
+
+    let mut serve = weir();
+    serve.arg("serve").arg("--config").arg(&config);
+    let output = output_with_io_uring_denied(serve);
+    assert_serve_refuses(&output, "fail  io_uring: io_uring_setup: EPERM from a seccomp filter");
+    assert!(!data.exists(), "serve refused before any core started");
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily) even when the test panics.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(point: &Path) -> Tmpfs {
+        std::fs::create_dir_all(point).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "weir-doctor-tmpfs"])
+            .arg(point)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Tmpfs(point.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_data_dir_on_tmpfs_fails_with_the_tmpfs_message_and_serve_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let point = directory.path().join("tmpfs");
+    let _tmpfs = Tmpfs::mount(&point);
+    let data = point.join("data");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "data_dir.filesystem")["status"], "fail");
+    let seen = saw(&report, "data_dir.filesystem");
+    assert!(seen.contains(&format!("{} is on tmpfs: memory, not disk", data.display())), "{seen}");
+    assert!(seen.contains("before Linux 6.6 tmpfs refuses O_DIRECT outright"), "{seen}");
+    assert!(fix(&report, "data_dir.filesystem").starts_with("put data_dir on an ext4 or xfs filesystem"));
+    // The O_DIRECT probe reports what this kernel really does on tmpfs (6.6+ accepts it).
+    let direct_io = check(&report, "data_dir.direct_io")["status"].as_str().unwrap().to_owned();
+    assert!(direct_io == "ok" || direct_io == "fail", "{report:#}");
+
+    let output = weir().arg("serve").arg("--config").arg(&config).output().unwrap();
+    assert_serve_refuses(&output, "fail  data_dir.filesystem: ");
+    assert!(stderr(&output).contains("is on tmpfs: memory, not disk"));
+}
+
+/// `command` run with RLIMIT_MEMLOCK at `bytes` and without CAP_IPC_LOCK (root ignores
+/// the limit otherwise).
+fn with_memlock(bytes: u64, args: &[String]) -> Command {
+    let mut command = Command::new("prlimit");
+    command
+        .arg(format!("--memlock={bytes}:{bytes}"))
+        .args(["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock"])
+        .arg(weir_path())
+        .args(args);
+    command
+}
+
+#[test]
+fn memlock_below_what_glommio_needs_fails_and_below_registration_warns_without_cap_ipc_lock() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "[engine]\ncores = [0]\nio_memory_bytes = \"16 MiB\"");
+    let (code, report) = doctor_json(with_memlock(256 << 10, &doctor_args(&config)));
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "memlock")["status"], "fail");
+    assert_eq!(
+        saw(&report, "memlock"),
+        "RLIMIT_MEMLOCK is 256 KiB (hard 256 KiB): glommio refuses to start an executor below 512 KiB"
+    );
+    assert!(fix(&report, "memlock").contains("LimitMEMLOCK=infinity in the systemd unit"));
+    assert!(fix(&report, "memlock").contains("docker run --ulimit memlock=-1"));
+
+    let (code, report) = doctor_json(with_memlock(1 << 20, &doctor_args(&config)));
+    assert_eq!(code, 0, "a warning does not fail: {report:#}");
+    assert_eq!(check(&report, "memlock")["status"], "warn");
+    assert!(
+        saw(&report, "memlock").starts_with(
+            "RLIMIT_MEMLOCK is 1 MiB without CAP_IPC_LOCK, below the 48 MiB = 1 cores x engine.io_memory_bytes 16 MiB \
+             x 3 rings"
+        ),
+        "{}",
+        saw(&report, "memlock")
+    );
+
+    let serve = ["serve".to_owned(), "--config".to_owned(), config.display().to_string()];
+    let output = with_memlock(256 << 10, &serve).output().unwrap();
+    assert_serve_refuses(&output, "fail  memlock: RLIMIT_MEMLOCK is 256 KiB");
+}
+
+#[test]
+fn a_core_that_does_not_exist_is_a_bad_config_with_exit_2() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = config_file(directory.path(), &directory.path().join("data"), "[engine]\ncores = [0, 4096]");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 2, "{report:#}");
+    assert_eq!(check(&report, "config")["status"], "fail");
+    assert!(saw(&report, "config").contains("engine.cores: core 4096 does not exist"), "{report:#}");
+    assert_eq!(check(&report, "cores")["status"], "fail");
+    assert!(saw(&report, "cores").starts_with("engine.cores: CPU 4096 does not exist (present: 0"), "{report:#}");
+
+    let output = weir().arg("doctor").arg("--config").arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("fail  config: invalid config"), "{text}");
+    assert!(text.trim_end().ends_with("bad config: fix the fields named above"), "{text}");
+}
+
+#[test]
+fn an_affinity_mask_that_hides_a_core_warns_for_all_and_fails_for_a_listed_core() {
+    let online = weir::shell::sys::usable_cpus();
+    if online.len() < 2 {
+        eprintln!("skipped: needs two usable CPUs, this host has {online:?}");
+        return;
+    }
+    let first = *online.iter().next().unwrap();
+    let second = *online.iter().nth(1).unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(first.to_string()).arg(weir_path()).args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(check(&report, "cores")["status"], "warn");
+    assert!(
+        saw(&report, "cores").starts_with(&format!("engine.cores = \"all\" resolves to CPUs {first} only")),
+        "{report:#}"
+    );
+    assert!(fix(&report, "cores").contains("CPUAffinity="));
+
+    let config = config_file(directory.path(), &data, &format!("[engine]\ncores = [{second}]"));
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(first.to_string()).arg(weir_path()).args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 2, "{report:#}");
+    assert!(
+        saw(&report, "cores")
+            .contains(&format!("CPU {second} is online but this process's affinity mask ({first}) excludes it")),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn measure_shows_the_disk_ceiling_next_to_the_flush_window_with_a_suggestion() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    // The largest window the config allows, far above any NVMe or virtio fdatasync (even
+    // on a busy CI disk): the doctor must suggest lowering it.
+    let config = config_file(directory.path(), &data, "[log]\nflush_delay_us_max = \"1 s\"");
+    let mut command = weir();
+    command.args(doctor_args(&config)).arg("--measure");
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 0, "{report:#}");
+    let seen = saw(&report, "measure.disk");
+    assert!(seen.contains("O_DIRECT writes of 1 MiB each followed by fdatasync"), "{seen}");
+    assert!(seen.contains(" MB/s; fdatasync p50 ") && seen.contains("log.flush_delay_us_max is 1000000 us"), "{seen}");
+    assert_eq!(check(&report, "measure.disk")["status"], "warn", "{seen}");
+    assert!(fix(&report, "measure.disk").starts_with("suggest log.flush_delay_us_max = "), "{report:#}");
+    assert_eq!(check(&report, "measure.network")["status"], "skip");
+    assert!(saw(&report, "measure.network").contains("loopback UDP/QUIC ceiling arrives with QUIC ingestion"));
+    let leftovers: Vec<_> =
+        std::fs::read_dir(directory.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(leftovers, ["weir.toml"], "the measurement removes its file and directory");
+}
