@@ -410,6 +410,7 @@ fn disk_error(shared: &Rc<RefCell<Shared>>, source: DiskError) -> LogError {
 async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receiver: LocalReceiver<Message>) {
     let options = shared.borrow().options.clone();
     let mut carried: Option<PendingAppend> = None;
+    let mut last_flush_end: Option<Instant> = None;
     loop {
         let first = match carried.take() {
             Some(append) => append,
@@ -422,7 +423,12 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
                 None => return,
             },
         };
-        let window_end = Instant::now() + options.flush_delay_max;
+        // Under load the previous flush was the batching window: whatever queued while
+        // it ran goes out at once. Only an append that finds the partition idle waits
+        // (up to the window) for company.
+        let now = Instant::now();
+        let busy = last_flush_end.is_some_and(|end| now.duration_since(end) < options.flush_delay_max);
+        let window_end = if busy { now } else { now + options.flush_delay_max };
         let mut group_bytes = batch::BATCH_HEADER_BYTES + first.bound_bytes;
         let mut group = vec![first];
         let mut close_reply = None;
@@ -459,6 +465,7 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
             }
         }
         flush(&shared, &mut active, group).await;
+        last_flush_end = Some(Instant::now());
         if let Some(reply) = close_reply {
             if let Some(append) = carried.take() {
                 flush(&shared, &mut active, vec![append]).await;
