@@ -224,8 +224,9 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 let task = ship::run(log.clone(), setup, ship_metrics, core_shutdown.clone());
                 shipper_tasks.push(glommio::spawn_local(task));
             }
-            let _ = events.send(CoreEvent::Serving { core });
+            // Counted before it is reported, so /health agrees once "serving" is logged.
             metrics.cores_running.inc();
+            let _ = events.send(CoreEvent::Serving { core });
             while !core_shutdown.load(Ordering::Acquire) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
             }
