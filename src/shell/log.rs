@@ -192,6 +192,8 @@ struct ActiveSegment {
     index: Vec<IndexEntry>,
     index_end_position: u64,
     index_tail: Vec<u8>,
+    /// Entries of `index` already in the index file.
+    index_written: usize,
     bytes_since_index: u64,
     created_at: Instant,
 }
@@ -609,17 +611,38 @@ async fn write_group(
     Ok(base_offset)
 }
 
+/// Index entries kept in memory before they are written to the index file together:
+/// an index write on every flush would cost a second device write per flush. After a
+/// crash, recovery scans from the last written entry: at most this many index
+/// intervals more.
+const INDEX_ENTRIES_PER_WRITE: usize = 16;
+
 async fn append_index_entry(
     active: &mut ActiveSegment,
     entry: IndexEntry,
     preallocate_bytes: u64,
 ) -> Result<(), DiskError> {
     active.index.push(entry);
+    if active.index.len() - active.index_written >= INDEX_ENTRIES_PER_WRITE {
+        write_pending_index(active, preallocate_bytes).await?;
+    }
+    Ok(())
+}
+
+/// Writes the index entries not yet in the index file, in one write.
+async fn write_pending_index(active: &mut ActiveSegment, preallocate_bytes: u64) -> Result<(), DiskError> {
+    if active.index_written == active.index.len() {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity((active.index.len() - active.index_written) * INDEX_ENTRY_BYTES);
+    for entry in &active.index[active.index_written..] {
+        bytes.extend_from_slice(&entry.encode());
+    }
     let position = active.index_end_position;
     let step = (preallocate_bytes / 64).max(DIRECT_IO_ALIGNMENT_BYTES);
     let plan = plan_append(
         position,
-        INDEX_ENTRY_BYTES,
+        bytes.len(),
         DIRECT_IO_ALIGNMENT_BYTES,
         active.index_file.size_bytes(),
         segment::align_up(step, DIRECT_IO_ALIGNMENT_BYTES),
@@ -630,8 +653,8 @@ async fn append_index_entry(
         .index_file
         .append(&plan, |buffer| {
             buffer[..plan.tail_bytes].copy_from_slice(tail);
-            let end = plan.tail_bytes + INDEX_ENTRY_BYTES;
-            buffer[plan.tail_bytes..end].copy_from_slice(&entry.encode());
+            let end = plan.tail_bytes + bytes.len();
+            buffer[plan.tail_bytes..end].copy_from_slice(&bytes);
             buffer[end..].fill(0);
             let page_start = align_down(end as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
             new_tail.extend_from_slice(&buffer[page_start..end]);
@@ -639,6 +662,7 @@ async fn append_index_entry(
         .await?;
     active.index_end_position = plan.end_position;
     active.index_tail = new_tail;
+    active.index_written = active.index.len();
     Ok(())
 }
 
@@ -667,6 +691,7 @@ async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment) -> Resul
 /// Makes the active segment's files exact and durable: the log without preallocation,
 /// the index holding exactly its entries.
 async fn seal(active: &mut ActiveSegment) -> Result<(), DiskError> {
+    write_pending_index(active, DIRECT_IO_ALIGNMENT_BYTES).await?;
     active.log.truncate(active.end_position).await?;
     active.log.sync().await?;
     active.index_file.truncate(active.index_end_position).await?;
@@ -708,6 +733,7 @@ async fn create_segment(directory: &Path, base_offset: i64) -> Result<ActiveSegm
         index: Vec::new(),
         index_end_position: 0,
         index_tail: Vec::new(),
+        index_written: 0,
         bytes_since_index: 0,
         created_at: Instant::now(),
     })
@@ -948,6 +974,7 @@ async fn recover(
         .and_then(|created| SystemTime::now().duration_since(created).ok())
         .and_then(|age| Instant::now().checked_sub(age))
         .unwrap_or_else(Instant::now);
+    let index_written = index.len();
     let active = ActiveSegment {
         base_offset: base,
         log: Rc::new(file),
@@ -958,6 +985,7 @@ async fn recover(
         index,
         index_end_position,
         index_tail,
+        index_written,
         bytes_since_index: end.bytes_since_index,
         created_at,
     };
