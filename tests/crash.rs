@@ -31,10 +31,12 @@ const SEEDS_PER_APPENDER: u64 = 1_000_000;
 
 fn options() -> LogOptions {
     LogOptions {
-        segment_bytes_max: 256 << 10,
+        // Rolls happen every few rounds; small enough to exercise them, large enough
+        // that the log (one open file per sealed segment) stays far from the fd limit.
+        segment_bytes_max: 4 << 20,
         segment_age_max: Duration::from_secs(3600),
         index_interval_bytes: 8 << 10,
-        preallocate_bytes: 512 << 10,
+        preallocate_bytes: 1 << 20,
         flush_delay_max: Duration::from_micros(100),
         flush_bytes_max: 64 << 10,
         appends_pending_max: 64,
