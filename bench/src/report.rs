@@ -81,8 +81,8 @@ impl Report<'_> {
         let raw_fsync_p99_us = quantile_us(&raw.fsync_ns, 0.99);
         let p99_over = p99_us / raw_fsync_p99_us;
         json!({
-            "mb_per_s": round_tenth(self.mb_per_s()),
-            "raw_mb_per_s": round_tenth(self.raw_mb_per_s()),
+            "mb_per_s": round_thousandth(self.mb_per_s()),
+            "raw_mb_per_s": round_thousandth(self.raw_mb_per_s()),
             "ratio": round_thousandth(ratio),
             "p50_us": quantile_us(&weir.latency_ns, 0.5),
             "p99_us": p99_us,
@@ -97,7 +97,7 @@ impl Report<'_> {
             "ratio_target_met": ratio >= RATIO_TARGET_MIN,
             "p99_target_met": p99_over <= P99_OVER_RAW_FSYNC_P99_TARGET_MAX,
             "batch_bytes_avg": self.batch_bytes_avg().round() as u64,
-            "batch_mb_per_s": round_tenth(per_second_mb(weir.batch_bytes, weir.elapsed)),
+            "batch_mb_per_s": round_thousandth(per_second_mb(weir.batch_bytes, weir.elapsed)),
             "records_per_batch_avg": round_tenth(weir.records as f64 / weir.flushes.max(1) as f64),
             "flushes": weir.flushes,
             "records": weir.records,
