@@ -235,12 +235,16 @@ impl PartitionLog {
         if records.is_empty() {
             return Err(LogError::Empty);
         }
-        let encoded_bytes = batch::plan_batch(records.iter()).total_bytes;
-        let bound_bytes = records.iter().map(Record::encoded_bytes_upper).sum();
+        let bound_bytes: usize = records.iter().map(Record::encoded_bytes_upper).sum();
         {
             let shared = self.shared.borrow();
-            if encoded_bytes > shared.options.flush_bytes_max {
-                return Err(LogError::TooLarge { bytes: encoded_bytes, max: shared.options.flush_bytes_max });
+            // The upper bound settles almost every append; only one near the limit is
+            // planned exactly (a walk over every record and header).
+            if batch::BATCH_HEADER_BYTES + bound_bytes > shared.options.flush_bytes_max {
+                let encoded_bytes = batch::plan_batch(records.iter()).total_bytes;
+                if encoded_bytes > shared.options.flush_bytes_max {
+                    return Err(LogError::TooLarge { bytes: encoded_bytes, max: shared.options.flush_bytes_max });
+                }
             }
             if let Some(cause) = &shared.poisoned {
                 return Err(LogError::Poisoned { partition: shared.name.clone(), cause: cause.clone() });
@@ -435,11 +439,15 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
         let mut group = vec![first];
         let mut close_reply = None;
         while group_bytes < options.flush_bytes_max {
-            let now = Instant::now();
+            // The clock is read only when the queue is empty, not once per append.
             let next = match future::poll_once(receiver.recv()).await {
                 Some(message) => message,
-                None if now >= window_end => break,
+                None if busy => break,
                 None => {
+                    let now = Instant::now();
+                    if now >= window_end {
+                        break;
+                    }
                     let wait = future::or(async { Some(receiver.recv().await) }, async {
                         glommio::timer::sleep(window_end - now).await;
                         None
@@ -567,31 +575,42 @@ async fn write_group(
         active.log.size_bytes(),
         options.preallocate_bytes,
     );
-    let mut new_tail = Vec::new();
-    let tail = &active.tail;
-    active
-        .log
-        .append(&plan, |buffer| {
-            buffer[..plan.tail_bytes].copy_from_slice(tail);
-            let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], &plan_batch, base_offset, records);
-            debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + batch_bytes]).is_ok());
-            assert_eq!(header.base_offset, base_offset);
-            let end_in_buffer = plan.tail_bytes + batch_bytes;
-            buffer[end_in_buffer..].fill(0);
-            let page_start = align_down(end_in_buffer as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
-            new_tail.extend_from_slice(&buffer[page_start..end_in_buffer]);
-        })
-        .await?;
-    let record_count: i64 = group.iter().map(|append| append.records.len() as i64).sum();
     // Index entry for this batch if an interval of bytes passed since the last one.
-    if position > 0 && active.bytes_since_index >= options.index_interval_bytes {
-        let entry = IndexEntry {
+    let index_grew = position > 0 && active.bytes_since_index >= options.index_interval_bytes;
+    if index_grew {
+        active.index.push(IndexEntry {
             relative_offset: u32::try_from(base_offset - active.base_offset).expect("segment offsets fit u32"),
             position: u32::try_from(position).expect("segment positions fit u32"),
-        };
-        append_index_entry(active, entry, options.preallocate_bytes).await?;
+        });
         active.bytes_since_index = 0;
     }
+    let write_index = active.index.len() - active.index_written >= INDEX_ENTRIES_PER_WRITE;
+    let mut new_tail = Vec::new();
+    let tail = &active.tail;
+    let write_log = active.log.append(&plan, |buffer| {
+        buffer[..plan.tail_bytes].copy_from_slice(tail);
+        let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], &plan_batch, base_offset, records);
+        debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + batch_bytes]).is_ok());
+        assert_eq!(header.base_offset, base_offset);
+        let end_in_buffer = plan.tail_bytes + batch_bytes;
+        buffer[end_in_buffer..].fill(0);
+        let page_start = align_down(end_in_buffer as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+        new_tail.extend_from_slice(&buffer[page_start..end_in_buffer]);
+    });
+    if write_index {
+        // The two files are independent: the index write goes to the device alongside
+        // the batch instead of after it. (The index is never synced per flush: recovery
+        // drops entries past the valid end of the log.)
+        let (logged, indexed) = future::zip(write_log, write_pending_index(active, options.preallocate_bytes)).await;
+        logged?;
+        let (end_position, tail) = indexed?;
+        active.index_end_position = end_position;
+        active.index_tail = tail;
+        active.index_written = active.index.len();
+    } else {
+        write_log.await?;
+    }
+    let record_count: i64 = group.iter().map(|append| append.records.len() as i64).sum();
     active.log.sync().await?;
     active.bytes_since_index += batch_bytes as u64;
     active.end_position = plan.end_position;
@@ -601,7 +620,11 @@ async fn write_group(
     let view = state.segments.get_mut(&active.base_offset).expect("the active segment is registered");
     view.end_position = active.end_position;
     view.next_offset = active.next_offset;
-    view.index = Rc::new(active.index.clone());
+    if index_grew {
+        // Readers hold the old `Rc` until they finish; the copy is made only when an
+        // entry was added (every index interval), not on every flush.
+        view.index = Rc::new(active.index.clone());
+    }
     state.metrics.appended_records.inc_by(record_count as u64);
     state.metrics.appended_bytes.inc_by(batch_bytes as u64);
     state.metrics.flushes.inc();
@@ -617,22 +640,11 @@ async fn write_group(
 /// intervals more.
 const INDEX_ENTRIES_PER_WRITE: usize = 16;
 
-async fn append_index_entry(
-    active: &mut ActiveSegment,
-    entry: IndexEntry,
-    preallocate_bytes: u64,
-) -> Result<(), DiskError> {
-    active.index.push(entry);
-    if active.index.len() - active.index_written >= INDEX_ENTRIES_PER_WRITE {
-        write_pending_index(active, preallocate_bytes).await?;
-    }
-    Ok(())
-}
-
-/// Writes the index entries not yet in the index file, in one write.
-async fn write_pending_index(active: &mut ActiveSegment, preallocate_bytes: u64) -> Result<(), DiskError> {
+/// Writes the index entries not yet in the index file, in one write; returns the index
+/// file's new end and tail page for the caller to record once the write is done.
+async fn write_pending_index(active: &ActiveSegment, preallocate_bytes: u64) -> Result<(u64, Vec<u8>), DiskError> {
     if active.index_written == active.index.len() {
-        return Ok(());
+        return Ok((active.index_end_position, active.index_tail.clone()));
     }
     let mut bytes = Vec::with_capacity((active.index.len() - active.index_written) * INDEX_ENTRY_BYTES);
     for entry in &active.index[active.index_written..] {
@@ -660,10 +672,7 @@ async fn write_pending_index(active: &mut ActiveSegment, preallocate_bytes: u64)
             new_tail.extend_from_slice(&buffer[page_start..end]);
         })
         .await?;
-    active.index_end_position = plan.end_position;
-    active.index_tail = new_tail;
-    active.index_written = active.index.len();
-    Ok(())
+    Ok((plan.end_position, new_tail))
 }
 
 /// Seals the active segment (exact size, synced, index synced) and starts a new one.
@@ -691,7 +700,10 @@ async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment) -> Resul
 /// Makes the active segment's files exact and durable: the log without preallocation,
 /// the index holding exactly its entries.
 async fn seal(active: &mut ActiveSegment) -> Result<(), DiskError> {
-    write_pending_index(active, DIRECT_IO_ALIGNMENT_BYTES).await?;
+    let (end_position, tail) = write_pending_index(active, DIRECT_IO_ALIGNMENT_BYTES).await?;
+    active.index_end_position = end_position;
+    active.index_tail = tail;
+    active.index_written = active.index.len();
     active.log.truncate(active.end_position).await?;
     active.log.sync().await?;
     active.index_file.truncate(active.index_end_position).await?;
