@@ -4,17 +4,19 @@
 //! weir's group commit produced, each followed by `fdatasync`, with space preallocated
 //! (`fallocate`) in the same steps as weir's `log.preallocate_bytes`.
 //!
-//! What it leaves out is exactly what weir adds on top of the disk: the group-commit
-//! window, encoding and CRC, the rewritten tail page, index writes and segment rolls.
-//! The files are deleted afterwards.
+//! The writing itself is `weir::shell::ceiling`, the code `weir doctor --measure` runs,
+//! so the bench and the doctor report one measurement. What it leaves out is exactly
+//! what weir adds on top of the disk: the group-commit window, encoding and CRC, the
+//! rewritten tail page, index writes and segment rolls. The files are deleted afterwards.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use glommio::io::{DmaFile, OpenOptions};
 use hdrhistogram::Histogram;
+use weir::shell::ceiling::{self, CeilingFile, CeilingSample};
+use weir::shell::disk::DiskError;
 
 use crate::cores::CoreContext;
 use crate::{latency_histogram, BenchError};
@@ -42,48 +44,48 @@ struct Histograms {
     write_and_fsync_ns: Histogram<u64>,
 }
 
-fn raw_error(
-    operation: &'static str,
-    path: &std::path::Path,
-    position: u64,
-    error: glommio::GlommioError<()>,
-) -> BenchError {
-    BenchError::Raw { operation, path: path.to_owned(), position, source: error.into() }
+fn raw_error(error: DiskError) -> BenchError {
+    BenchError::Raw { operation: error.operation, path: error.path, position: error.position, source: error.source }
 }
 
 pub async fn run_core(context: CoreContext, input: RawCoreInput) -> Result<RawCoreResult, BenchError> {
     let mut files = Vec::with_capacity(input.files.len());
     for path in &input.files {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .dma_open(path)
-            .await
-            .map_err(|error| raw_error("create", path, 0, error))?;
-        files.push((path.clone(), Rc::new(file)));
+        match CeilingFile::create(path).await {
+            Ok(file) => files.push(Rc::new(file)),
+            Err(error) => {
+                // The create error is the one to report; removing the others is best effort.
+                let _ = remove_all(files).await;
+                return Err(raw_error(error));
+            }
+        }
     }
     let gate = context.start_gate().await;
     let mut outcome = match gate {
         Ok(()) => measure(&context, &files, &input).await,
         Err(error) => Err(error),
     };
-    for (path, file) in files {
-        if let Ok(file) = Rc::try_unwrap(file) {
-            if let Err(error) = file.close().await {
-                outcome = outcome.and(Err(raw_error("close", &path, 0, error)));
-            }
-        }
-        if let Err(source) = std::fs::remove_file(&path) {
-            outcome = outcome.and(Err(BenchError::Raw { operation: "remove", path, position: 0, source }));
-        }
+    if let Err(error) = remove_all(files).await {
+        outcome = outcome.and(Err(error));
     }
     outcome
 }
 
+/// Closes and deletes every scratch file; the first failure is returned.
+async fn remove_all(files: Vec<Rc<CeilingFile>>) -> Result<(), BenchError> {
+    let mut first_error = None;
+    for file in files {
+        let file = Rc::try_unwrap(file).ok().expect("every writer task has finished");
+        if let Err(error) = file.remove().await {
+            first_error.get_or_insert(raw_error(error));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 async fn measure(
     context: &CoreContext,
-    files: &[(PathBuf, Rc<DmaFile>)],
+    files: &[Rc<CeilingFile>],
     input: &RawCoreInput,
 ) -> Result<RawCoreResult, BenchError> {
     let started = Instant::now();
@@ -91,28 +93,28 @@ async fn measure(
     let histograms =
         Rc::new(RefCell::new(Histograms { fsync_ns: latency_histogram(), write_and_fsync_ns: latency_histogram() }));
     let mut tasks = Vec::with_capacity(files.len());
-    for (path, file) in files {
-        let task = writer_loop(
-            context.clone(),
-            path.clone(),
-            file.clone(),
-            input.write_bytes,
-            input.preallocate_bytes,
-            deadline,
-            histograms.clone(),
-        );
+    for file in files {
+        let (context, histograms) = (context.clone(), histograms.clone());
+        let observe = move |sample: CeilingSample| {
+            let mut histograms = histograms.borrow_mut();
+            histograms.fsync_ns.saturating_record(sample.fsync_ns);
+            histograms.write_and_fsync_ns.saturating_record(sample.write_and_fsync_ns);
+            context.add_progress_bytes(sample.bytes);
+        };
+        let task =
+            ceiling::write_and_sync_until(file.clone(), input.write_bytes, input.preallocate_bytes, deadline, observe);
         tasks.push(glommio::spawn_local(task));
     }
     let (mut writes, mut bytes) = (0u64, 0u64);
     let mut first_error = None;
     for task in tasks {
         match task.await {
-            Ok((task_writes, task_bytes)) => {
-                writes += task_writes;
-                bytes += task_bytes;
+            Ok(totals) => {
+                writes += totals.writes;
+                bytes += totals.bytes;
             }
             Err(error) => {
-                first_error.get_or_insert(error);
+                first_error.get_or_insert(raw_error(error));
             }
         }
     }
@@ -128,61 +130,4 @@ async fn measure(
         bytes,
         elapsed,
     })
-}
-
-async fn writer_loop(
-    context: CoreContext,
-    path: PathBuf,
-    file: Rc<DmaFile>,
-    write_bytes: usize,
-    preallocate_bytes: u64,
-    deadline: Instant,
-    histograms: Rc<RefCell<Histograms>>,
-) -> Result<(u64, u64), BenchError> {
-    assert_eq!(write_bytes as u64 % file.alignment().max(1), 0, "raw writes are aligned");
-    let mut buffer = file.alloc_dma_buffer(write_bytes);
-    // Not zeros: a filesystem or device must not be able to shortcut the bytes.
-    for (index, byte) in buffer.as_bytes_mut().iter_mut().enumerate() {
-        *byte = (index % 251) as u8 | 1;
-    }
-    let buffer = Rc::new(buffer);
-    let (mut position, mut allocated_bytes, mut writes) = (0u64, 0u64, 0u64);
-    while Instant::now() < deadline {
-        let write_end = position + write_bytes as u64;
-        if write_end > allocated_bytes {
-            // The same policy as weir's write plan: whole steps past the allocated end.
-            allocated_bytes += (write_end - allocated_bytes).div_ceil(preallocate_bytes) * preallocate_bytes;
-            file.pre_allocate(allocated_bytes, false)
-                .await
-                .map_err(|error| raw_error("preallocate", &path, allocated_bytes, error))?;
-        }
-        let write_started = Instant::now();
-        let written = file
-            .write_rc_at(buffer.clone(), position)
-            .await
-            .map_err(|error| raw_error("write", &path, position, error))?;
-        if written != write_bytes {
-            return Err(BenchError::Raw {
-                operation: "write",
-                path,
-                position,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    format!("short write: {written} of {write_bytes} bytes"),
-                ),
-            });
-        }
-        let sync_started = Instant::now();
-        file.fdatasync().await.map_err(|error| raw_error("fdatasync", &path, position, error))?;
-        let synced = Instant::now();
-        {
-            let mut histograms = histograms.borrow_mut();
-            histograms.fsync_ns.saturating_record((synced - sync_started).as_nanos() as u64);
-            histograms.write_and_fsync_ns.saturating_record((synced - write_started).as_nanos() as u64);
-        }
-        context.add_progress_bytes(write_bytes as u64);
-        position = write_end;
-        writes += 1;
-    }
-    Ok((writes, position))
 }
