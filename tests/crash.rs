@@ -31,8 +31,8 @@ const SEEDS_PER_APPENDER: u64 = 1_000_000;
 
 fn options() -> LogOptions {
     LogOptions {
-        // Rolls happen every few rounds; small enough to exercise them, large enough
-        // that the log (one open file per sealed segment) stays far from the fd limit.
+        // Rolls happen every few rounds: small enough to exercise them and recovery
+        // across sealed segments, large enough to keep the segment count modest.
         segment_bytes_max: 4 << 20,
         segment_age_max: Duration::from_secs(3600),
         index_interval_bytes: 8 << 10,

@@ -164,6 +164,41 @@ fn segments_roll_by_size_with_exact_sealed_files_and_reads_span_them() {
     assert_eq!(expected_base, 400);
 }
 
+/// This process's open descriptors whose target lies under `directory`.
+fn descriptors_under(directory: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.starts_with(directory))
+        .count()
+}
+
+#[test]
+fn sealed_segments_hold_no_descriptor_while_reads_still_reach_them() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("p");
+    let task_path = path.clone();
+    let (written, held_after_appends, read, held_after_reopen, reread) = run(move || async move {
+        let log = open(&task_path, small_options()).await.unwrap();
+        let written = append_batches(&log, &groups(0, 100, 4, 500)).await;
+        let held_after_appends = descriptors_under(&task_path);
+        let read = read_all(&log).await;
+        log.close().await.unwrap();
+        let log = open(&task_path, small_options()).await.unwrap();
+        let held_after_reopen = descriptors_under(&task_path);
+        let reread = read_all(&log).await;
+        log.close().await.unwrap();
+        (written, held_after_appends, read, held_after_reopen, reread)
+    });
+    let segments = segment_files(&path).len();
+    assert!(segments >= 4, "expected rolls, got {segments} segments");
+    // The active segment's log and index, whatever the number of sealed segments.
+    assert_eq!(held_after_appends, 2, "{segments} segments");
+    assert_eq!(held_after_reopen, 2, "{segments} segments");
+    assert_eq!(read, written);
+    assert_eq!(reread, written);
+}
+
 #[test]
 fn segments_roll_by_age() {
     let directory = tempfile::tempdir().unwrap();

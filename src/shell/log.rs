@@ -109,11 +109,14 @@ pub enum LogError {
 /// The smallest window a read fetches (bytes).
 const READ_WINDOW_BYTES_MIN: usize = 64 << 10;
 
-/// A segment file handle readers share with the writer.
+/// A segment as readers see it.
 #[derive(Clone)]
 struct SegmentView {
     base_offset: i64,
-    file: Rc<DirectFile>,
+    /// The active segment's log file, shared with the writer. `None` for a sealed
+    /// segment: each read opens it, so a partition holds one descriptor for its log
+    /// however many segments it keeps (a long outage keeps thousands).
+    file: Option<Rc<DirectFile>>,
     /// Durable end (bytes) for the active segment; the exact size for a sealed one.
     end_position: u64,
     next_offset: i64,
@@ -283,7 +286,7 @@ impl PartitionLog {
     /// Whole batches holding offsets from `from_offset` on, in order, up to about
     /// `bytes_max` bytes (at least one batch when any exists). Empty at the end.
     pub async fn read(&self, from_offset: i64, bytes_max: usize) -> Result<Vec<Bytes>, LogError> {
-        let (name, view) = {
+        let (name, directory, view) = {
             let shared = self.shared.borrow();
             let start = shared.segments.keys().next().copied().unwrap_or(0);
             if from_offset < start {
@@ -297,7 +300,17 @@ impl PartitionLog {
                 return Ok(Vec::new());
             }
             let view = shared.segments.range(..=from_offset).next_back().map(|(_, view)| view.clone());
-            (shared.name.clone(), view.expect("a segment holds every offset between start and end"))
+            let view = view.expect("a segment holds every offset between start and end");
+            (shared.name.clone(), shared.directory.clone(), view)
+        };
+        let path = segment::log_path(&directory, view.base_offset);
+        let file = match &view.file {
+            Some(file) => file.clone(),
+            None => Rc::new(
+                DirectFile::open_read_only(&path)
+                    .await
+                    .map_err(|source| LogError::Disk { partition: name.clone(), source })?,
+            ),
         };
         let relative = u32::try_from(from_offset - view.base_offset).expect("segment offsets fit u32");
         let mut position = u64::from(index::lookup(&view.index, relative).position);
@@ -309,8 +322,7 @@ impl PartitionLog {
         let mut window_want = bytes_max.max(READ_WINDOW_BYTES_MIN) + index_gap;
         while position < view.end_position && (batches.is_empty() || bytes_total < bytes_max) {
             let window_bytes = ((view.end_position - position) as usize).min(window_want);
-            let window = view
-                .file
+            let window = file
                 .read(position, window_bytes)
                 .await
                 .map_err(|source| LogError::Disk { partition: name.clone(), source })?;
@@ -328,7 +340,7 @@ impl PartitionLog {
                     Err(reason) => {
                         return Err(LogError::Corrupt {
                             partition: name,
-                            path: view.file.path().to_owned(),
+                            path: path.clone(),
                             position: position + at as u64,
                             reason: reason.into(),
                         })
@@ -682,12 +694,18 @@ async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment) -> Resul
     let fresh = create_segment(&directory, active.next_offset).await?;
     let old = std::mem::replace(active, fresh);
     let _ = old.index_file.close().await;
+    if let Some(view) = shared.borrow_mut().segments.get_mut(&old.base_offset) {
+        view.file = None; // sealed: readers open it themselves
+    }
+    if let Ok(file) = Rc::try_unwrap(old.log) {
+        let _ = file.close().await; // a reader holding it closes it when done
+    }
     let mut state = shared.borrow_mut();
     state.segments.insert(
         active.base_offset,
         SegmentView {
             base_offset: active.base_offset,
-            file: active.log.clone(),
+            file: Some(active.log.clone()),
             end_position: 0,
             next_offset: active.next_offset,
             index: Rc::new(Vec::new()),
@@ -718,6 +736,14 @@ async fn close_active(shared: &Rc<RefCell<Shared>>, mut active: ActiveSegment) -
     }
     seal(&mut active).await.map_err(|source| disk_error(shared, source))?;
     active.index_file.close().await.map_err(|source| disk_error(shared, source))?;
+    // The active segment is now sealed too: release the readers' handle so the file
+    // closes here, not whenever the last `PartitionLog` clone is dropped.
+    if let Some(view) = shared.borrow_mut().segments.get_mut(&active.base_offset) {
+        view.file = None;
+    }
+    if let Ok(file) = Rc::try_unwrap(active.log) {
+        file.close().await.map_err(|source| disk_error(shared, source))?;
+    }
     Ok(())
 }
 
@@ -887,6 +913,8 @@ async fn recover(
         if let Some(reason) = end.stop {
             return Err(corrupt(name, &path, end.cursor.position, reason));
         }
+        // Verified: reads open it again when they need it.
+        file.close().await.map_err(io)?;
         if end.cursor.position != file_bytes || end.cursor.next_offset != next_base {
             return Err(layout(format!(
                 "sealed segment {} ends at offset {} (byte {}) but the next segment starts at offset {next_base}",
@@ -899,7 +927,7 @@ async fn recover(
             *base,
             SegmentView {
                 base_offset: *base,
-                file: Rc::new(file),
+                file: None,
                 end_position: file_bytes,
                 next_offset: next_base,
                 index: Rc::new(index),
@@ -1021,7 +1049,7 @@ async fn recover(
 fn view_of(active: &ActiveSegment) -> SegmentView {
     SegmentView {
         base_offset: active.base_offset,
-        file: active.log.clone(),
+        file: Some(active.log.clone()),
         end_position: active.end_position,
         next_offset: active.next_offset,
         index: Rc::new(active.index.clone()),
