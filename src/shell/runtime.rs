@@ -294,6 +294,18 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             }
         }
     }
+    // A core whose executor thread ended before weir's future ran on it (glommio
+    // could not set it up) sends neither `Stopped` nor `Gone`: that is a failure too,
+    // never a clean stop.
+    if first_fatal.is_none() {
+        if let Some(core) = (0..cores.len()).find(|core| !stopped[*core]) {
+            first_fatal = Some(Fatal::CoreStart {
+                core,
+                cpu: cores[core],
+                reason: "its executor thread ended before weir ran on it (see the error above)".to_owned(),
+            });
+        }
+    }
     shutdown.store(true, Ordering::Release);
     let _ = admin_thread.join();
     match first_fatal {
