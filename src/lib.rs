@@ -11,5 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod doctor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inspect;
 pub mod shell;

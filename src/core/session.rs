@@ -31,29 +31,35 @@ pub enum AssembleError {
 #[derive(Debug)]
 pub struct FrameAssembler {
     buffer: Vec<u8>,
+    /// Bytes at the front of `buffer` already returned as frames. They are dropped on
+    /// the next `push`, so many small frames in one chunk cost one move, not one each.
+    consumed: usize,
     frame_bytes_max: usize,
 }
 
 impl FrameAssembler {
     pub fn new(frame_bytes_max: usize) -> FrameAssembler {
-        FrameAssembler { buffer: Vec::new(), frame_bytes_max }
+        FrameAssembler { buffer: Vec::new(), consumed: 0, frame_bytes_max }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.drain(..self.consumed);
+        self.consumed = 0;
         self.buffer.extend_from_slice(bytes);
     }
 
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered_bytes(&self) -> usize {
-        self.buffer.len()
+        self.buffer.len() - self.consumed
     }
 
     /// The next complete frame's archive bytes, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, AssembleError> {
-        if self.buffer.len() < FRAME_LENGTH_PREFIX_BYTES {
+        let pending = &self.buffer[self.consumed..];
+        if pending.len() < FRAME_LENGTH_PREFIX_BYTES {
             return Ok(None);
         }
-        let declared = u32::from_be_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
+        let declared = u32::from_be_bytes(pending[..4].try_into().expect("4 bytes")) as usize;
         if declared == 0 {
             return Err(AssembleError::Empty);
         }
@@ -61,11 +67,11 @@ impl FrameAssembler {
             return Err(AssembleError::TooLarge { declared, max: self.frame_bytes_max });
         }
         let total = FRAME_LENGTH_PREFIX_BYTES + declared;
-        if self.buffer.len() < total {
+        if pending.len() < total {
             return Ok(None);
         }
-        let frame = self.buffer[FRAME_LENGTH_PREFIX_BYTES..total].to_vec();
-        self.buffer.drain(..total);
+        let frame = pending[FRAME_LENGTH_PREFIX_BYTES..total].to_vec();
+        self.consumed += total;
         Ok(Some(frame))
     }
 }
