@@ -392,7 +392,7 @@ fn every_sysctl_key_of_the_drop_in_exists_on_this_kernel() {
         assert!(exists || optional, "{key} does not exist under /proc/sys");
         value.trim().parse::<i64>().unwrap_or_else(|_| panic!("{key}: {value} is not an integer"));
         if key.starts_with("net.core.") && key.ends_with("mem_max") {
-            assert_eq!(value.trim().parse::<u64>().unwrap(), weir::doctor::verdict::UDP_SOCKET_BUFFER_BYTES_PLANNED);
+            assert_eq!(value.trim().parse::<u64>().unwrap(), weir::config::QUIC_SOCKET_BUFFER_BYTES_DEFAULT);
         }
         keys += 1;
     }
