@@ -588,7 +588,7 @@ fn a_healthy_upstream_is_reachable_answers_api_versions_and_has_the_topics() {
     let address = tansu.address();
     assert_eq!(saw(&report, "upstream.reachable"), format!("{address}: connected"));
     let versions = saw(&report, "upstream.api_versions");
-    assert!(versions.starts_with(&format!("{address}: ApiVersions answered in ")), "{versions}");
+    assert!(versions.starts_with(&format!("{address}: connected and answered ApiVersions in ")), "{versions}");
     assert!(versions.contains("; weir will speak ApiVersions v") && versions.contains(", Produce v"), "{versions}");
     assert_eq!(
         saw(&report, "upstream.topics"),

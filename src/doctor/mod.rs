@@ -6,8 +6,8 @@
 //! The shape is the project's: `sys` gathers raw facts from the host (thin, the only
 //! I/O), `verdict` judges them (pure, unit-tested with hosts this machine is not), and
 //! this module runs the two in order and renders the result as text or one JSON
-//! document. Checks that need QUIC ingestion or upstream shipping are reported as
-//! `skip` with the reason until those exist; they are never faked.
+//! document. Checks of a part the config switches off (QUIC, upstream) are reported
+//! as `skip` with the reason; they are never faked.
 
 pub mod certs;
 pub mod sys;
@@ -171,9 +171,9 @@ pub fn diagnose(config_path: Option<&Path>, measure: bool) -> Report {
     checks.extend(network_checks(&valid));
     checks.extend(certificate_checks(&valid));
     let io_uring_ok = checks.iter().any(|check| check.name == "io_uring" && check.status == Status::Ok);
-    checks.extend(upstream::checks(&valid, io_uring_ok));
+    let memlock_ok = checks.iter().any(|check| check.name == "memlock" && check.status != Status::Fail);
+    checks.extend(upstream::checks(&valid, io_uring_ok && memlock_ok));
     if measure {
-        let io_uring_ok = checks.iter().any(|check| check.name == "io_uring" && check.status == Status::Ok);
         let data_dir_ok =
             checks.iter().filter(|check| check.name.starts_with("data_dir")).all(|check| check.status != Status::Fail);
         let shown = valid.config.data_dir.display().to_string();

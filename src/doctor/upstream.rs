@@ -80,17 +80,22 @@ pub fn expectations(valid: &ValidConfig) -> Vec<TopicExpectation> {
     by_upstream.into_iter().map(|(upstream, edge_topics)| TopicExpectation { upstream, edge_topics }).collect()
 }
 
-/// The three upstream checks: skipped when shipping is off or io_uring is unusable
-/// (weir's Kafka client runs on glommio).
-pub fn checks(valid: &ValidConfig, io_uring_ok: bool) -> Vec<Check> {
+/// The three upstream checks: skipped when shipping is off or a glommio executor
+/// cannot start (weir's Kafka client runs on one): io_uring or memlock failed.
+pub fn checks(valid: &ValidConfig, executor_ok: bool) -> Vec<Check> {
     let upstream = &valid.config.upstream;
     if !upstream.enabled {
         return NAMES.iter().map(|name| verdict::skip(name, "upstream.enabled = false: nothing is shipped")).collect();
     }
-    if !io_uring_ok {
+    if !executor_ok {
         return NAMES
             .iter()
-            .map(|name| verdict::skip(name, "weir's Kafka client runs on io_uring, which failed (see io_uring)"))
+            .map(|name| {
+                verdict::skip(
+                    name,
+                    "weir's Kafka client runs on a glommio executor, which cannot start here (see io_uring, memlock)",
+                )
+            })
             .collect();
     }
     let options = ClientOptions {
@@ -234,7 +239,7 @@ fn api_versions_check(facts: &UpstreamFacts) -> Check {
                         .filter_map(|(api, result)| result.as_ref().ok().map(|version| format!("{api} v{version}")))
                         .collect();
                     seen.push(format!(
-                        "{}: ApiVersions answered in {connect_ms} ms; weir will speak {}",
+                        "{}: connected and answered ApiVersions in {connect_ms} ms; weir will speak {}",
                         server.address,
                         spoken.join(", ")
                     ));
