@@ -1149,4 +1149,15 @@ mod tests {
         assert_eq!(valid.partitions_of_core(0), vec![("telemetry".into(), 0), ("telemetry".into(), 2)]);
         assert_eq!(valid.partitions_of_core(1), vec![("telemetry".into(), 1), ("telemetry".into(), 3)]);
     }
+
+    #[test]
+    fn quic_socket_buffers_default_to_8_mib_and_are_bounded() {
+        let valid = Config::embedded().validate(&host(), "embedded").unwrap();
+        assert_eq!(valid.config.quic.socket_receive_buffer_bytes.0, QUIC_SOCKET_BUFFER_BYTES_DEFAULT);
+        assert_eq!(valid.config.quic.socket_send_buffer_bytes.0, 8 << 20);
+        let found = problems("[quic]\nsocket_receive_buffer_bytes = \"2 GiB\"\nsocket_send_buffer_bytes = 1000\n");
+        let paths: Vec<_> = found.iter().map(|problem| problem.path.as_str()).collect();
+        assert_eq!(paths, ["quic.socket_receive_buffer_bytes", "quic.socket_send_buffer_bytes"]);
+        assert_eq!(found[0].why, "must be within 64 KiB..=1 GiB");
+    }
 }

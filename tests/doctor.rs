@@ -426,6 +426,38 @@ fn a_socket_buffer_above_rmem_max_warns_with_what_the_socket_really_got_and_the_
             .starts_with(&format!("sysctl -w net.core.rmem_max={asked} and persist it in /etc/sysctl.d/60-weir.conf")),
         "{report:#}"
     );
+
+    // serve asks its QUIC sockets for the same buffers, gets the same cap, says so, and
+    // serves anyway (a warning, not a refusal).
+    let mut child = weir()
+        .args(["serve", "--cores", "1", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    // Read stderr to its end (serve must not write into a closed pipe).
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut capped = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+        if line.contains("the kernel capped the QUIC socket buffers") {
+            capped = Some(line.clone());
+        }
+        if line.contains("weir serving") || line.starts_with("weir: ") {
+            break;
+        }
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = child.wait().unwrap();
+    let capped = capped.expect("serve warns that the kernel capped the socket buffers");
+    assert!(capped.contains(&format!("receive_asked={asked} receive_granted={rmem_max}")), "{capped}");
+    assert_eq!(status.code(), Some(0));
 }
 
 // ---------------------------------------------------------------------------------------
