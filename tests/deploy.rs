@@ -469,6 +469,47 @@ fn serve_with_devices_and_shipping_runs_confined_to_the_allowlist() {
     eprintln!("confined: {cores} cores, {acked_total} records acked and shipped; {summary}");
 }
 
+/// journald restarting (or any reader going away) closes serve's stderr: log lines are
+/// then dropped, and serve keeps serving and stops cleanly.
+#[test]
+fn serve_keeps_serving_when_its_stderr_is_closed() {
+    let directory = tempfile::tempdir().unwrap();
+    let admin = broker::free_port();
+    let config = directory.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
+            directory.path().join("data").display(),
+            directory.path().join("certs").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(weir_path())
+        .args(["serve", "--cores", "1", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let address = format!("127.0.0.1:{admin}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("weir serve ended with its stderr closed: {status}");
+        }
+        assert!(Instant::now() < deadline, "weir serve did not answer /health");
+        if std::net::TcpStream::connect(&address).is_ok() && http_get(&address, "/health").starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = wait_for_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
 // ---------------------------------------------------------------------------------------
 // systemd, sysctl
 
