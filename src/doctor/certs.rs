@@ -23,6 +23,8 @@ use rustls::sign::CertifiedKey;
 
 use crate::doctor::{Check, Status};
 
+/// The largest PKI file the doctor reads.
+pub const PEM_FILE_BYTES_MAX: u64 = 1 << 20;
 /// Below this many days left, the expiry check warns.
 pub const EXPIRY_WARN_DAYS: i64 = 30;
 const DAY_S: i64 = 86_400;
@@ -55,7 +57,17 @@ pub const NAMES: [&str; 4] = ["certificates.files", "certificates.chain", "certi
 /// Reads the three files of `directory`.
 pub fn read_facts(directory: &Path, generate_dev_certs: bool, now_unix_s: i64) -> CertificateFacts {
     let read = |name: &str| -> FileRead {
-        match std::fs::read(directory.join(name)) {
+        let path = directory.join(name);
+        match std::fs::metadata(&path) {
+            Ok(metadata) if metadata.len() > PEM_FILE_BYTES_MAX => {
+                return Err(ReadFailure::Unreadable(format!(
+                    "{} bytes, more than a PEM file of certificates holds ({PEM_FILE_BYTES_MAX})",
+                    metadata.len()
+                )))
+            }
+            _ => {}
+        }
+        match std::fs::read(&path) {
             Ok(bytes) => Ok(bytes),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(ReadFailure::Missing),
             Err(error) => Err(ReadFailure::Unreadable(error.to_string())),
