@@ -68,7 +68,7 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     /// Check this host against a config before it runs: io_uring, the data directory,
-    /// locked memory, cores, UDP. One line per check (ok, warn, fail, skip) with the
+    /// locked memory, cores, UDP, the QUIC certificates and the upstream cluster. One line per check (ok, warn, fail, skip) with the
     /// fix; exit 0 when nothing fails, 1 when something does, 2 for a bad config.
     Doctor {
         /// Config file; without it the embedded default (firmware-config/weir.toml).

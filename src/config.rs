@@ -124,6 +124,22 @@ pub struct QuicConfig {
     pub dedup_devices_max: u32,
     #[serde(default = "default_dedup_horizon_records")]
     pub dedup_horizon_records: u32,
+    #[serde(default = "default_quic_socket_buffer_bytes")]
+    pub socket_receive_buffer_bytes: ByteSize,
+    #[serde(default = "default_quic_socket_buffer_bytes")]
+    pub socket_send_buffer_bytes: ByteSize,
+}
+
+/// The UDP socket buffers (SO_RCVBUF, SO_SNDBUF) each core's QUIC socket asks for by
+/// default; the sysctl drop-in raises the kernel's caps (`net.core.rmem_max`,
+/// `wmem_max`) to exactly this.
+pub const QUIC_SOCKET_BUFFER_BYTES_DEFAULT: u64 = 8 << 20;
+/// Limits of the socket buffer fields (the kernel takes an int and doubles it).
+pub const QUIC_SOCKET_BUFFER_BYTES_MIN: u64 = 64 << 10;
+pub const QUIC_SOCKET_BUFFER_BYTES_MAX: u64 = 1 << 30;
+
+fn default_quic_socket_buffer_bytes() -> ByteSize {
+    ByteSize(QUIC_SOCKET_BUFFER_BYTES_DEFAULT)
 }
 
 fn default_dedup_sequences_per_device_max() -> u32 {
@@ -194,6 +210,8 @@ impl Default for QuicConfig {
             dedup_sequences_per_device_max: default_dedup_sequences_per_device_max(),
             dedup_devices_max: default_dedup_devices_max(),
             dedup_horizon_records: default_dedup_horizon_records(),
+            socket_receive_buffer_bytes: default_quic_socket_buffer_bytes(),
+            socket_send_buffer_bytes: default_quic_socket_buffer_bytes(),
         }
     }
 }
@@ -648,6 +666,14 @@ impl Config {
         }
         if quic.frames_in_flight_per_connection_max == 0 || quic.frames_in_flight_per_connection_max > 4096 {
             problem("quic.frames_in_flight_per_connection_max", "must be within 1..=4096".into());
+        }
+        for (field, value) in [
+            ("quic.socket_receive_buffer_bytes", quic.socket_receive_buffer_bytes),
+            ("quic.socket_send_buffer_bytes", quic.socket_send_buffer_bytes),
+        ] {
+            if !(QUIC_SOCKET_BUFFER_BYTES_MIN..=QUIC_SOCKET_BUFFER_BYTES_MAX).contains(&value.0) {
+                problem(field, "must be within 64 KiB..=1 GiB".into());
+            }
         }
         if quic.idle_timeout_s.0 == 0 || quic.idle_timeout_s.0 > 3600 {
             problem("quic.idle_timeout_s", "must be within 1..=3600 s".into());
@@ -1122,5 +1148,16 @@ mod tests {
         let valid = Config::embedded().validate(&host(), "embedded").unwrap();
         assert_eq!(valid.partitions_of_core(0), vec![("telemetry".into(), 0), ("telemetry".into(), 2)]);
         assert_eq!(valid.partitions_of_core(1), vec![("telemetry".into(), 1), ("telemetry".into(), 3)]);
+    }
+
+    #[test]
+    fn quic_socket_buffers_default_to_8_mib_and_are_bounded() {
+        let valid = Config::embedded().validate(&host(), "embedded").unwrap();
+        assert_eq!(valid.config.quic.socket_receive_buffer_bytes.0, QUIC_SOCKET_BUFFER_BYTES_DEFAULT);
+        assert_eq!(valid.config.quic.socket_send_buffer_bytes.0, 8 << 20);
+        let found = problems("[quic]\nsocket_receive_buffer_bytes = \"2 GiB\"\nsocket_send_buffer_bytes = 1000\n");
+        let paths: Vec<_> = found.iter().map(|problem| problem.path.as_str()).collect();
+        assert_eq!(paths, ["quic.socket_receive_buffer_bytes", "quic.socket_send_buffer_bytes"]);
+        assert_eq!(found[0].why, "must be within 64 KiB..=1 GiB");
     }
 }

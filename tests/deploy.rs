@@ -2,13 +2,17 @@
 //! unit, the sysctl keys exist, the Docker/Podman seccomp profile is exactly what the
 //! single allowlist generates, and weir runs confined by a filter made from that same
 //! allowlist (anything else kills the process), and the `.deb` holds what a site needs
-//! and its binary runs `weir doctor`.
+//! and its binary runs `weir doctor`. The confined `weir serve` runs the whole appliance:
+//! devices (weir-sim) writing over QUIC with mTLS, group commit to the log, and
+//! shipping to a real tansu broker, then a clean stop on SIGTERM.
 //!
 //! The confined runs re-execute this test binary as a helper (`confined_helper`,
 //! selected by environment variables) that installs the filter on its own thread with
 //! `seccompiler` and then either execs `weir` (which keeps the filter) or runs log
 //! appends on a glommio executor (whose threads inherit it). Needs root, as CI has.
 
+#[path = "common/broker.rs"]
+mod broker;
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -265,8 +269,10 @@ fn serve_and_doctor_run_confined_to_the_allowlist() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n",
-            directory.path().join("data").display()
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n[quic]\n\
+             listen = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
+            directory.path().join("data").display(),
+            directory.path().join("certs").display()
         ),
     )
     .unwrap();
@@ -318,6 +324,190 @@ fn serve_and_doctor_run_confined_to_the_allowlist() {
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     let status = wait_for_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{}", explain(status));
+}
+
+/// Cores the confined appliance runs on: at most this many, fewer on a smaller host.
+const CONFINED_CORES_MAX: usize = 2;
+const CONFINED_DEVICES: usize = 8;
+
+fn binary(name: &str) -> PathBuf {
+    let path = Path::new(weir_path()).with_file_name(name);
+    assert!(path.exists(), "{} is missing: cargo build --release -p {name} (tools/test builds it)", path.display());
+    path
+}
+
+/// Starts the confined `weir serve`; returns it and the `quic=` address it logged once
+/// every core serves. Its stderr is echoed with a prefix.
+fn start_confined_serve(args: &[&str]) -> (Child, String) {
+    let mut child = confined_weir(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("weir: {line}");
+            let _ = sender.send(line);
+        }
+    });
+    let mut quic = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "confined weir serve did not start serving");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("confined weir serve ended before serving: {}", explain(status));
+        }
+        let Ok(line) = receiver.recv_timeout(Duration::from_millis(100)) else { continue };
+        if let Some(at) = line.find("quic=") {
+            quic = Some(line[at + "quic=".len()..].split_whitespace().next().unwrap().to_owned());
+        }
+        if line.contains("weir serving") {
+            break;
+        }
+    }
+    (child, quic.expect("serve logs its QUIC address"))
+}
+
+#[test]
+fn serve_with_devices_and_shipping_runs_confined_to_the_allowlist() {
+    let cores = weir::shell::sys::usable_cpus().len().clamp(1, CONFINED_CORES_MAX);
+    let partitions = 2 * cores as u32;
+    let tansu = broker::Tansu::start();
+    tansu.create_topic("central", partitions);
+    let directory = tempfile::tempdir().unwrap();
+    let certs = directory.path().join("certs");
+    let made = Command::new(weir_path())
+        .args(["certs", "--device-prefix", "sim-", "--device-count", &CONFINED_DEVICES.to_string(), "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let config = directory.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n\
+             [quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {certs:?}\ngenerate_dev_certs = false\n\
+             [upstream]\nenabled = true\nbootstrap_servers = [\"{bootstrap}\"]\nconnect_timeout_ms = 2000\n\
+             request_timeout_ms = 5000\nretry_backoff_ms_min = 20\nretry_backoff_ms_max = 300\n\
+             cursor_persist_interval_ms = 200\n\
+             [[upstream.topics]]\nedge = \"telemetry\"\nupstream = \"central\"\n\
+             [[topics]]\nname = \"telemetry\"\npartitions = {partitions}\n",
+            data = directory.path().join("data").display(),
+            certs = certs.display(),
+            bootstrap = tansu.address(),
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+
+    // The doctor's certificate and upstream probes (weir's Kafka client on glommio)
+    // inside the profile too, against the same PKI and broker.
+    let output = confined_weir(&["doctor", "--json", "--config", &config]).output().unwrap();
+    assert!(output.status.code().is_some(), "{}", explain(output.status));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&stdout[stdout.find('{').unwrap_or(0)..])
+        .unwrap_or_else(|error| panic!("{error}: {stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(report["summary"]["fail"], 0, "{report:#}");
+    for name in
+        ["certificates.chain", "certificates.key", "certificates.expiry", "upstream.api_versions", "upstream.topics"]
+    {
+        let check = report["checks"].as_array().unwrap().iter().find(|check| check["name"] == name).unwrap();
+        assert_eq!(check["status"], "ok", "{report:#}");
+    }
+
+    let cores_text = cores.to_string();
+    let (mut child, quic) = start_confined_serve(&["serve", "--cores", &cores_text, "--config", &config]);
+
+    // Devices write through QUIC for a few seconds (the simulator is not confined: it is
+    // the devices, not the appliance).
+    let acked_log = directory.path().join("acked.txt");
+    let sim = Command::new(binary("weir-sim"))
+        .args(["--server", &quic, "--devices", &CONFINED_DEVICES.to_string(), "--rate", "100", "--seconds", "3"])
+        .args(["--record-bytes", "200", "--threads", "1", "--certs"])
+        .arg(&certs)
+        .arg("--acked-log")
+        .arg(&acked_log)
+        .output()
+        .unwrap();
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("confined weir serve died under load: {}", explain(status));
+    }
+    assert!(sim.status.success(), "weir-sim: {}", String::from_utf8_lossy(&sim.stderr));
+    let stdout = String::from_utf8_lossy(&sim.stdout);
+    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["errors"], 0, "{summary}");
+    // device sequence partition offset record_index topic
+    let mut acked: Vec<Vec<i64>> = vec![Vec::new(); partitions as usize];
+    for line in std::fs::read_to_string(&acked_log).unwrap().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        acked[fields[2].parse::<usize>().unwrap()].push(fields[3].parse().unwrap());
+    }
+    let acked_total: usize = acked.iter().map(Vec::len).sum();
+    assert_eq!(acked_total as u64, summary["acked"].as_u64().unwrap(), "{summary}");
+    assert!(acked_total >= CONFINED_DEVICES * 100, "too little traffic to mean anything: {summary}");
+
+    // Every acknowledged record reaches the broker, shipped by the confined process.
+    for (partition, offsets) in acked.iter().enumerate() {
+        let upstream = broker::read_upstream(
+            &tansu.address(),
+            "central",
+            partition as i32,
+            offsets.len(),
+            Duration::from_secs(60),
+        );
+        let shipped: std::collections::HashSet<i64> = upstream.iter().map(|record| record.offset).collect();
+        for offset in offsets {
+            assert!(shipped.contains(offset), "partition {partition}: acked offset {offset} is not upstream");
+        }
+        assert_eq!(upstream.len(), offsets.len(), "partition {partition}: upstream holds exactly the acked records");
+    }
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!("confined weir serve died while shipping: {}", explain(status));
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = wait_for_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", explain(status));
+    eprintln!("confined: {cores} cores, {acked_total} records acked and shipped; {summary}");
+}
+
+/// journald restarting (or any reader going away) closes serve's stderr: log lines are
+/// then dropped, and serve keeps serving and stops cleanly.
+#[test]
+fn serve_keeps_serving_when_its_stderr_is_closed() {
+    let directory = tempfile::tempdir().unwrap();
+    let admin = broker::free_port();
+    let config = directory.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
+            directory.path().join("data").display(),
+            directory.path().join("certs").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(weir_path())
+        .args(["serve", "--cores", "1", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let address = format!("127.0.0.1:{admin}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("weir serve ended with its stderr closed: {status}");
+        }
+        assert!(Instant::now() < deadline, "weir serve did not answer /health");
+        if std::net::TcpStream::connect(&address).is_ok() && http_get(&address, "/health").starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = wait_for_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -392,7 +582,7 @@ fn every_sysctl_key_of_the_drop_in_exists_on_this_kernel() {
         assert!(exists || optional, "{key} does not exist under /proc/sys");
         value.trim().parse::<i64>().unwrap_or_else(|_| panic!("{key}: {value} is not an integer"));
         if key.starts_with("net.core.") && key.ends_with("mem_max") {
-            assert_eq!(value.trim().parse::<u64>().unwrap(), weir::doctor::verdict::UDP_SOCKET_BUFFER_BYTES_PLANNED);
+            assert_eq!(value.trim().parse::<u64>().unwrap(), weir::config::QUIC_SOCKET_BUFFER_BYTES_DEFAULT);
         }
         keys += 1;
     }

@@ -1,9 +1,14 @@
 //! `weir doctor` on real hosts made broken for real: io_uring denied by a seccomp filter
 //! this test installs, the data directory on a tmpfs it mounts, RLIMIT_MEMLOCK lowered
 //! for a child without CAP_IPC_LOCK, a core that does not exist, an affinity mask that
-//! hides a core. Each failing check's message and fix are asserted, and `weir serve`
-//! under the same conditions exits with the same message and exit code 6, not a panic.
-//! Needs root (mount, setpriv), as CI has.
+//! hides a core, a socket buffer above `net.core.rmem_max`, an expired certificate, a
+//! key that is not the certificate's, a foreign CA, and an upstream cluster that is out
+//! of reach or lacks a topic (a real tansu broker). Each failing check's message and
+//! fix are asserted, and `weir serve` under the same conditions exits with the same
+//! message and exit code 6, not a panic. Needs root (mount, setpriv), as CI has.
+
+#[path = "common/broker.rs"]
+mod broker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -21,12 +26,28 @@ fn weir() -> Command {
     Command::new(weir_path())
 }
 
-/// A config with its data directory `data` and the admin endpoint on any free port.
+/// A config with its data directory `data`, the admin endpoint and the QUIC listener on
+/// any free port, and the certificates in `directory`/certs (absent unless the test
+/// makes them: serve would then create a development PKI, a `warn`).
 fn config_file(directory: &Path, data: &Path, extra: &str) -> PathBuf {
     let path = directory.join("weir.toml");
-    std::fs::write(&path, format!("data_dir = {:?}\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n", data.display()))
-        .unwrap();
+    let quic = if extra.contains("[quic]") {
+        String::new()
+    } else {
+        format!("[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n", directory.join("certs").display())
+    };
+    std::fs::write(
+        &path,
+        format!("data_dir = {:?}\n{extra}\n{quic}[admin]\nlisten = \"127.0.0.1:0\"\n", data.display()),
+    )
+    .unwrap();
     path
+}
+
+/// `weir certs --dir DIR` (a CA, a server certificate, one device).
+fn make_certs(directory: &Path) {
+    let output = weir().args(["certs", "--device", "dev-1", "--dir"]).arg(directory).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
 }
 
 fn doctor_json(mut command: Command) -> (i32, Value) {
@@ -80,6 +101,7 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
     let directory = tempfile::tempdir().unwrap();
     let data = directory.path().join("not-yet/data");
     let config = config_file(directory.path(), &data, "");
+    make_certs(&directory.path().join("certs"));
     let mut command = weir();
     command.args(doctor_args(&config));
     let (code, report) = doctor_json(command);
@@ -103,8 +125,13 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
             "udp.buffers",
             "udp.gso_gro",
             "udp.reuseport_cbpf",
-            "certificates",
-            "upstream",
+            "certificates.files",
+            "certificates.chain",
+            "certificates.key",
+            "certificates.expiry",
+            "upstream.reachable",
+            "upstream.api_versions",
+            "upstream.topics",
         ]
     );
     assert_eq!(check(&report, "io_uring")["status"], "ok");
@@ -121,9 +148,14 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
     if expected == "warn" {
         assert!(fix(&report, "udp.buffers").contains("sysctl -w net.core.rmem_max=8388608"));
     }
-    for name in ["certificates", "upstream"] {
+    for name in ["certificates.files", "certificates.chain", "certificates.key", "certificates.expiry"] {
+        assert_eq!(check(&report, name)["status"], "ok", "{report:#}");
+    }
+    assert!(saw(&report, "certificates.chain").contains("chains to"), "{report:#}");
+    assert!(saw(&report, "certificates.expiry").contains("(364 days)"), "{report:#}");
+    for name in ["upstream.reachable", "upstream.api_versions", "upstream.topics"] {
         assert_eq!(check(&report, name)["status"], "skip");
-        assert!(saw(&report, name).contains("config yet"), "{}", saw(&report, name));
+        assert_eq!(saw(&report, name), "upstream.enabled = false: nothing is shipped");
     }
     // The probe leaves nothing behind: the directories it created are gone again.
     assert!(!directory.path().join("not-yet").exists());
@@ -132,8 +164,8 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
     assert_eq!(output.status.code(), Some(0));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.lines().any(|line| line.starts_with("ok    io_uring: rings set up")), "{text}");
-    assert!(text.lines().any(|line| line.starts_with("skip  upstream: no upstream config yet")), "{text}");
-    assert!(text.trim_end().ends_with(" 0 fail, 2 skip: ready to serve"), "{text}");
+    assert!(text.lines().any(|line| line.starts_with("skip  upstream.reachable: upstream.enabled = false")), "{text}");
+    assert!(text.trim_end().ends_with(" 0 fail, 3 skip: ready to serve"), "{text}");
 }
 
 /// Runs `command` from a thread that first installs a seccomp filter answering
@@ -350,4 +382,312 @@ fn measure_shows_the_disk_ceiling_next_to_the_flush_window_with_a_suggestion() {
     let leftovers: Vec<_> =
         std::fs::read_dir(directory.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
     assert_eq!(leftovers, ["weir.toml"], "the measurement removes its file and directory");
+}
+
+// ---------------------------------------------------------------------------------------
+// UDP buffers against the kernel's caps
+
+#[test]
+fn a_socket_buffer_above_rmem_max_warns_with_what_the_socket_really_got_and_the_sysctl() {
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    let asked = (2 * rmem_max).clamp(64 << 10, 1 << 30);
+    assert!(asked > rmem_max, "this host's rmem_max ({rmem_max}) is above what the config may ask for");
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(
+        directory.path(),
+        &data,
+        &format!(
+            "[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\nsocket_receive_buffer_bytes = {asked}\n\
+             socket_send_buffer_bytes = \"64 KiB\"",
+            directory.path().join("certs").display()
+        ),
+    );
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 0, "a warning does not fail: {report:#}");
+    assert_eq!(check(&report, "udp.buffers")["status"], "warn", "{report:#}");
+    let seen = saw(&report, "udp.buffers");
+    let text = weir::doctor::verdict::bytes_text;
+    assert!(
+        seen.starts_with(&format!(
+            "quic.socket_receive_buffer_bytes = {} and quic.socket_send_buffer_bytes = 64 KiB; net.core.rmem_max = \
+             {rmem_max}",
+            text(asked)
+        )),
+        "{seen}"
+    );
+    // What a real socket was granted: the kernel's cap, not what was asked.
+    assert!(seen.contains(&format!("; a UDP socket asking for them got {} and 64 KiB", text(rmem_max))), "{seen}");
+    assert!(seen.contains("the kernel silently caps SO_RCVBUF/SO_SNDBUF below what the config asks for"), "{seen}");
+    assert!(
+        fix(&report, "udp.buffers")
+            .starts_with(&format!("sysctl -w net.core.rmem_max={asked} and persist it in /etc/sysctl.d/60-weir.conf")),
+        "{report:#}"
+    );
+
+    // serve asks its QUIC sockets for the same buffers, gets the same cap, says so, and
+    // serves anyway (a warning, not a refusal).
+    let mut child = weir()
+        .args(["serve", "--cores", "1", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    // Read stderr to its end (serve must not write into a closed pipe).
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let mut capped = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+        if line.contains("the kernel capped the QUIC socket buffers") {
+            capped = Some(line.clone());
+        }
+        if line.contains("weir serving") || line.starts_with("weir: ") {
+            break;
+        }
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = child.wait().unwrap();
+    let capped = capped.expect("serve warns that the kernel capped the socket buffers");
+    assert!(capped.contains(&format!("receive_asked={asked} receive_granted={rmem_max}")), "{capped}");
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+/// Replaces `certs`/server.pem and server.key with a certificate from the same CA whose
+/// validity ended `days_ago` days ago.
+fn install_expired_server_certificate(certs: &Path, days_ago: u64) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), ca_key).unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - std::time::Duration::from_secs(400 * 86_400)).into();
+    params.not_after = (now - std::time::Duration::from_secs(days_ago * 86_400 + 3600)).into();
+    let key = KeyPair::generate().unwrap();
+    let certificate = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(certs.join("server.pem"), certificate.pem()).unwrap();
+    std::fs::write(certs.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+fn serve_output(config: &Path) -> Output {
+    weir().arg("serve").arg("--config").arg(config).output().unwrap()
+}
+
+#[test]
+fn an_expired_certificate_fails_with_the_reissue_fix_and_serve_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "");
+    let certs = directory.path().join("certs");
+    make_certs(&certs);
+    install_expired_server_certificate(&certs, 3);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["summary"]["fail"], 1, "only the expiry fails: {report:#}");
+    // The chain and the key are still right: the expiry is reported once.
+    assert_eq!(check(&report, "certificates.chain")["status"], "ok", "{report:#}");
+    assert_eq!(check(&report, "certificates.key")["status"], "ok", "{report:#}");
+    assert_eq!(check(&report, "certificates.expiry")["status"], "fail");
+    let seen = saw(&report, "certificates.expiry");
+    assert!(seen.starts_with(&format!("{}/server.pem expired on ", certs.display())), "{seen}");
+    assert!(seen.ends_with("(3 days ago)"), "{seen}");
+    assert!(fix(&report, "certificates.expiry").starts_with("issue a new certificate and install it"), "{report:#}");
+
+    let output = serve_output(&config);
+    assert_serve_refuses(&output, &format!("fail  certificates.expiry: {}/server.pem expired on ", certs.display()));
+    assert!(!data.exists(), "serve refused before any core started");
+}
+
+#[test]
+fn a_key_that_is_not_the_certificates_and_a_foreign_ca_fail_and_serve_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "");
+    let certs = directory.path().join("certs");
+    let other = directory.path().join("other-pki");
+    make_certs(&certs);
+    make_certs(&other);
+    let own_key = std::fs::read(certs.join("server.key")).unwrap();
+    std::fs::copy(other.join("server.key"), certs.join("server.key")).unwrap();
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "certificates.key")["status"], "fail", "{report:#}");
+    let seen = saw(&report, "certificates.key");
+    assert!(
+        seen.starts_with(&format!(
+            "{0}/server.key does not belong to the certificate in {0}/server.pem",
+            certs.display()
+        )),
+        "{seen}"
+    );
+    assert!(fix(&report, "certificates.key").starts_with("install the key the certificate was issued for"));
+    assert_serve_refuses(&serve_output(&config), "fail  certificates.key: ");
+
+    std::fs::write(certs.join("server.key"), own_key).unwrap();
+    std::fs::copy(other.join("ca.pem"), certs.join("ca.pem")).unwrap();
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["summary"]["fail"], 1, "{report:#}");
+    assert_eq!(check(&report, "certificates.chain")["status"], "fail", "{report:#}");
+    let seen = saw(&report, "certificates.chain");
+    // Both development CAs have the same name: only the signature tells them apart.
+    assert!(
+        seen.contains(&format!(
+            "does not chain to {0}/ca.pem: {0}/ca.pem holds a CA with its issuer's name (CN=weir development CA, \
+             O=weir development PKI) but the signature does not verify with that CA's key: a different CA of the same \
+             name; devices will refuse the handshake",
+            certs.display()
+        )),
+        "{seen}"
+    );
+    assert!(fix(&report, "certificates.chain").starts_with("put the CA that issued server.pem in"));
+    assert_serve_refuses(&serve_output(&config), "fail  certificates.chain: ");
+}
+
+#[test]
+fn missing_certificates_fail_when_serve_may_not_make_a_development_pki() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let certs = directory.path().join("nowhere");
+    let extra =
+        format!("[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false", certs.display());
+    let config = config_file(directory.path(), &data, &extra);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(
+        saw(&report, "certificates.files"),
+        format!(
+            "missing {0}/ca.pem, {0}/server.pem, {0}/server.key (quic.generate_dev_certs = false): serve cannot start \
+             the QUIC listener",
+            certs.display()
+        )
+    );
+    assert_serve_refuses(&serve_output(&config), "fail  certificates.files: missing ");
+}
+
+// ---------------------------------------------------------------------------------------
+// Upstream, against a real tansu broker
+
+fn upstream_config(directory: &Path, bootstrap: &[String], mapping: &str) -> PathBuf {
+    let servers: Vec<String> = bootstrap.iter().map(|server| format!("{server:?}")).collect();
+    config_file(
+        directory,
+        &directory.join("data"),
+        &format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [{}]\nconnect_timeout_ms = 2000\nrequest_timeout_ms = \
+             5000\n{mapping}\n[[topics]]\nname = \"telemetry\"\npartitions = 4\n[[topics]]\nname = \"audit\"\n\
+             partitions = 1",
+            servers.join(", ")
+        ),
+    )
+}
+
+const MAPPING: &str = "[[upstream.topics]]\nedge = \"telemetry\"\nupstream = \"central\"\n[[upstream.topics]]\n\
+                       edge = \"audit\"\nupstream = \"central-audit\"";
+
+#[test]
+fn a_healthy_upstream_is_reachable_answers_api_versions_and_has_the_topics() {
+    let tansu = broker::Tansu::start();
+    tansu.create_topic("central", 4);
+    tansu.create_topic("central-audit", 1);
+    let directory = tempfile::tempdir().unwrap();
+    let config = upstream_config(directory.path(), &[tansu.address()], MAPPING);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (_, report) = doctor_json(command);
+    for name in ["upstream.reachable", "upstream.api_versions", "upstream.topics"] {
+        assert_eq!(check(&report, name)["status"], "ok", "{report:#}");
+    }
+    let address = tansu.address();
+    assert_eq!(saw(&report, "upstream.reachable"), format!("{address}: connected"));
+    let versions = saw(&report, "upstream.api_versions");
+    assert!(versions.starts_with(&format!("{address}: connected and answered ApiVersions in ")), "{versions}");
+    assert!(versions.contains("; weir will speak ApiVersions v") && versions.contains(", Produce v"), "{versions}");
+    assert_eq!(
+        saw(&report, "upstream.topics"),
+        format!(
+            "{address}: central: 4 partitions (edge telemetry has 4); central-audit: 1 partitions (edge audit has 1)"
+        )
+    );
+}
+
+#[test]
+fn an_unreachable_bootstrap_server_fails_and_one_of_two_warns() {
+    let tansu = broker::Tansu::start();
+    tansu.create_topic("central", 4);
+    tansu.create_topic("central-audit", 1);
+    let nobody = format!("127.0.0.1:{}", broker::free_port());
+    let directory = tempfile::tempdir().unwrap();
+    let config = upstream_config(directory.path(), std::slice::from_ref(&nobody), MAPPING);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "upstream.reachable")["status"], "fail");
+    let seen = saw(&report, "upstream.reachable");
+    assert!(seen.starts_with(&format!("{nobody}: no TCP connection (")), "{seen}");
+    assert!(seen.ends_with(": no bootstrap server is reachable, nothing can ship"), "{seen}");
+    assert!(fix(&report, "upstream.reachable").starts_with(&format!("check that a broker listens at {nobody}")));
+    assert_eq!(check(&report, "upstream.api_versions")["status"], "skip");
+    assert_eq!(check(&report, "upstream.topics")["status"], "skip");
+    // serve does not refuse over it: an unreachable cluster is ridden out, not fatal.
+    // (Not started here: the preflight list is asserted by the serve tests above.)
+
+    let config = upstream_config(directory.path(), &[nobody.clone(), tansu.address()], MAPPING);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(check(&report, "upstream.reachable")["status"], "warn", "{report:#}");
+    assert!(saw(&report, "upstream.reachable").ends_with("shipping works through the others"));
+    assert_eq!(check(&report, "upstream.topics")["status"], "ok", "{report:#}");
+}
+
+#[test]
+fn a_missing_topic_and_too_few_partitions_fail_with_the_kafka_topics_command() {
+    let tansu = broker::Tansu::start();
+    tansu.create_topic("central", 2);
+    let directory = tempfile::tempdir().unwrap();
+    let config = upstream_config(directory.path(), &[tansu.address()], MAPPING);
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "upstream.reachable")["status"], "ok", "{report:#}");
+    assert_eq!(check(&report, "upstream.topics")["status"], "fail", "{report:#}");
+    let address = tansu.address();
+    assert_eq!(
+        saw(&report, "upstream.topics"),
+        format!(
+            "{address}: topic central has 2 partitions, fewer than the 4 it needs (edge telemetry has 4; edge \
+             partition p ships to upstream partition p); topic central-audit does not exist (edge audit has 1 \
+             partitions)"
+        )
+    );
+    assert_eq!(
+        fix(&report, "upstream.topics"),
+        format!(
+            "kafka-topics.sh --bootstrap-server {address} --alter --topic central --partitions 4; kafka-topics.sh \
+             --bootstrap-server {address} --create --topic central-audit --partitions 1"
+        )
+    );
 }

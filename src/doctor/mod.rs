@@ -6,10 +6,12 @@
 //! The shape is the project's: `sys` gathers raw facts from the host (thin, the only
 //! I/O), `verdict` judges them (pure, unit-tested with hosts this machine is not), and
 //! this module runs the two in order and renders the result as text or one JSON
-//! document. Checks that need QUIC ingestion or upstream shipping are reported as
-//! `skip` with the reason until those exist; they are never faked.
+//! document. Checks of a part the config switches off (QUIC, upstream) are reported
+//! as `skip` with the reason; they are never faked.
 
+pub mod certs;
 pub mod sys;
+pub mod upstream;
 pub mod verdict;
 
 use std::fmt;
@@ -29,8 +31,6 @@ pub const MEASURE_DURATION: Duration = Duration::from_secs(3);
 /// The most write timings `--measure` keeps (about 20 s of 4 KiB writes at 50 us).
 const MEASURE_SAMPLES_MAX: usize = 1 << 18;
 
-const QUIC_NOT_YET: &str = "no QUIC config yet: certificate checks arrive with QUIC ingestion (issue 3)";
-const UPSTREAM_NOT_YET: &str = "no upstream config yet: broker checks arrive with upstream Kafka shipping (issue 4)";
 const QUIC_CEILING_NOT_YET: &str =
     "no QUIC endpoint yet: the loopback UDP/QUIC ceiling arrives with QUIC ingestion (issue 3)";
 
@@ -169,10 +169,11 @@ pub fn diagnose(config_path: Option<&Path>, measure: bool) -> Report {
     let mut checks = vec![config_summary(&valid)];
     checks.extend(engine_checks(&valid));
     checks.extend(network_checks(&valid));
-    checks.push(verdict::skip("certificates", QUIC_NOT_YET));
-    checks.push(verdict::skip("upstream", UPSTREAM_NOT_YET));
+    checks.extend(certificate_checks(&valid));
+    let io_uring_ok = checks.iter().any(|check| check.name == "io_uring" && check.status == Status::Ok);
+    let memlock_ok = checks.iter().any(|check| check.name == "memlock" && check.status != Status::Fail);
+    checks.extend(upstream::checks(&valid, io_uring_ok && memlock_ok));
     if measure {
-        let io_uring_ok = checks.iter().any(|check| check.name == "io_uring" && check.status == Status::Ok);
         let data_dir_ok =
             checks.iter().filter(|check| check.name.starts_with("data_dir")).all(|check| check.status != Status::Fail);
         let shown = valid.config.data_dir.display().to_string();
@@ -207,9 +208,13 @@ fn render_not_ready(failures: &[Check]) -> String {
 }
 
 /// The `fail`-level checks `weir serve` runs before any core starts: io_uring, the data
-/// directory, locked memory and cores. The network checks join when serve has sockets.
+/// directory, locked memory, cores and (with QUIC on) the certificates. The upstream
+/// checks are not among them: a cluster out of reach is an operating condition weir
+/// rides out (it keeps accepting and ships later), not a reason to refuse to start.
 pub fn preflight(valid: &ValidConfig) -> Result<(), NotReady> {
-    let failures: Vec<Check> = engine_checks(valid).into_iter().filter(|check| check.status == Status::Fail).collect();
+    let mut checks = engine_checks(valid);
+    checks.extend(certificate_checks(valid));
+    let failures: Vec<Check> = checks.into_iter().filter(|check| check.status == Status::Fail).collect();
     if failures.is_empty() {
         Ok(())
     } else {
@@ -338,13 +343,35 @@ fn data_dir_checks(valid: &ValidConfig) -> Vec<Check> {
     checks
 }
 
+/// The `[quic]` PKI: skipped when QUIC is off.
+fn certificate_checks(valid: &ValidConfig) -> Vec<Check> {
+    let quic = &valid.config.quic;
+    if !quic.enabled {
+        return certs::NAMES
+            .iter()
+            .map(|name| verdict::skip(name, "quic.enabled = false: no device listener"))
+            .collect();
+    }
+    let now_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
+    certs::judge(&certs::read_facts(&quic.certs_dir, quic.generate_dev_certs, now_unix_s))
+}
+
 fn network_checks(valid: &ValidConfig) -> Vec<Check> {
     let as_bytes = |value: Option<i64>| value.and_then(|value| u64::try_from(value).ok());
+    let quic = &valid.config.quic;
+    let (receive_wanted_bytes, send_wanted_bytes) =
+        (quic.socket_receive_buffer_bytes.0, quic.socket_send_buffer_bytes.0);
     vec![
-        verdict::udp_buffers(
-            as_bytes(sys::sysctl_integer("net/core/rmem_max")),
-            as_bytes(sys::sysctl_integer("net/core/wmem_max")),
-        ),
+        verdict::udp_buffers(&verdict::UdpBufferFacts {
+            receive_wanted_bytes,
+            send_wanted_bytes,
+            rmem_max: as_bytes(sys::sysctl_integer("net/core/rmem_max")),
+            wmem_max: as_bytes(sys::sysctl_integer("net/core/wmem_max")),
+            granted: sys::udp_buffers_granted(receive_wanted_bytes, send_wanted_bytes)
+                .map_err(|error| error.to_string()),
+        }),
         verdict::udp_offload(&sys::udp_offload().map_err(|error| error.to_string())),
         verdict::reuseport_cbpf(
             &sys::reuseport_cbpf(valid.cores.len().clamp(2, 1024)).map_err(|error| error.to_string()),

@@ -301,6 +301,14 @@ pub fn udp_offload() -> io::Result<(usize, usize)> {
     Ok((state.max_gso_segments(), state.gro_segments()))
 }
 
+/// Asks a loopback UDP socket for the QUIC sockets' buffers, as serve does; returns
+/// what `getsockopt` reports (twice the usable size, capped by the kernel).
+pub fn udp_buffers_granted(receive_bytes: u64, send_bytes: u64) -> io::Result<(u64, u64)> {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let (receive, send) = crate::shell::quic::set_socket_buffers(&socket, receive_bytes as usize, send_bytes as usize)?;
+    Ok((receive as u64, send as u64))
+}
+
 fn last_error(operation: &str) -> io::Error {
     let error = io::Error::last_os_error();
     io::Error::new(error.kind(), format!("{operation}: {error}"))

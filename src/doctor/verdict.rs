@@ -18,11 +18,6 @@ pub const SYSCTL_DROP_IN: &str = "/etc/sysctl.d/60-weir.conf";
 /// Where the package installs the Docker/Podman seccomp profile.
 pub const SECCOMP_PROFILE: &str = "/usr/share/weir/seccomp.json";
 
-/// Socket buffer bytes weir's UDP sockets will ask for. There is no UDP socket config
-/// yet: the QUIC issue replaces this constant with its config fields. Until then the
-/// doctor checks the kernel's caps against it, and the sysctl drop-in sets exactly this.
-pub const UDP_SOCKET_BUFFER_BYTES_PLANNED: u64 = 8 << 20;
-
 /// glommio refuses to build a reactor below this RLIMIT_MEMLOCK (its `MIN_MEMLOCK_LIMIT`),
 /// whatever the capabilities.
 pub const GLOMMIO_MEMLOCK_BYTES_MIN: u64 = 512 << 10;
@@ -728,30 +723,60 @@ pub fn cores(facts: &CoreFacts) -> Check {
 // ---------------------------------------------------------------------------------------
 // UDP
 
-pub fn udp_buffers(rmem_max: Option<u64>, wmem_max: Option<u64>) -> Check {
+/// The UDP socket buffers the `[quic]` config asks for, the kernel's caps, and what a
+/// real socket was granted when it asked (Linux reports twice the usable size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpBufferFacts {
+    pub receive_wanted_bytes: u64,
+    pub send_wanted_bytes: u64,
+    pub rmem_max: Option<u64>,
+    pub wmem_max: Option<u64>,
+    /// (SO_RCVBUF, SO_SNDBUF) as `getsockopt` reported them after asking.
+    pub granted: Result<(u64, u64), String>,
+}
+
+pub fn udp_buffers(facts: &UdpBufferFacts) -> Check {
     const NAME: &str = "udp.buffers";
-    let wanted = UDP_SOCKET_BUFFER_BYTES_PLANNED;
-    let (Some(rmem_max), Some(wmem_max)) = (rmem_max, wmem_max) else {
+    let (receive_wanted, send_wanted) = (facts.receive_wanted_bytes, facts.send_wanted_bytes);
+    let (Some(rmem_max), Some(wmem_max)) = (facts.rmem_max, facts.wmem_max) else {
         return warn(
             NAME,
             "cannot read net.core.rmem_max / net.core.wmem_max".to_owned(),
             "check that /proc/sys is mounted".to_owned(),
         );
     };
-    let saw = format!(
-        "net.core.rmem_max = {rmem_max}, net.core.wmem_max = {wmem_max}; weir's UDP sockets will ask for {} each \
-         (planned value: there is no UDP socket config until QUIC ingestion lands)",
-        bytes_text(wanted)
+    let asked = format!(
+        "quic.socket_receive_buffer_bytes = {} and quic.socket_send_buffer_bytes = {}; net.core.rmem_max = {rmem_max}, \
+         net.core.wmem_max = {wmem_max}",
+        bytes_text(receive_wanted),
+        bytes_text(send_wanted)
     );
-    if rmem_max >= wanted && wmem_max >= wanted {
-        ok(NAME, saw)
+    let granted = match &facts.granted {
+        Ok((receive, send)) => {
+            format!("; a UDP socket asking for them got {} and {}", bytes_text(receive / 2), bytes_text(send / 2))
+        }
+        Err(error) => format!("; setting them on a UDP socket failed: {error}"),
+    };
+    let mut short = Vec::new();
+    if rmem_max < receive_wanted {
+        short.push(format!("net.core.rmem_max={receive_wanted}"));
+    }
+    if wmem_max < send_wanted {
+        short.push(format!("net.core.wmem_max={send_wanted}"));
+    }
+    if short.is_empty() {
+        ok(NAME, format!("{asked}{granted}"))
     } else {
         warn(
             NAME,
-            format!("{saw}: the kernel silently caps SO_RCVBUF/SO_SNDBUF, and bursts of datagrams are dropped"),
             format!(
-                "sysctl -w net.core.rmem_max={wanted} net.core.wmem_max={wanted} (persist: {SYSCTL_DROP_IN}, shipped \
-                 in the package)"
+                "{asked}{granted}: the kernel silently caps SO_RCVBUF/SO_SNDBUF below what the config asks for, \
+                 and bursts of datagrams beyond the cap are dropped"
+            ),
+            format!(
+                "sysctl -w {} and persist it in {SYSCTL_DROP_IN} (the package's drop-in sets 8 MiB, the default); or \
+                 lower quic.socket_receive_buffer_bytes / quic.socket_send_buffer_bytes to the caps",
+                short.join(" ")
             ),
         )
     }
@@ -1044,9 +1069,20 @@ mod tests {
     }
 
     #[test]
-    fn udp_buffers_below_planned_warn() {
-        assert_eq!(udp_buffers(Some(212_992), Some(8 << 20)).status, Status::Warn);
-        assert_eq!(udp_buffers(Some(8 << 20), Some(16 << 20)).status, Status::Ok);
+    fn udp_buffers_above_the_kernel_caps_warn_with_the_sysctl() {
+        let facts = UdpBufferFacts {
+            receive_wanted_bytes: 16 << 20,
+            send_wanted_bytes: 8 << 20,
+            rmem_max: Some(212_992),
+            wmem_max: Some(8 << 20),
+            granted: Ok((2 * 212_992, 16 << 20)),
+        };
+        let check = udp_buffers(&facts);
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.saw.contains("a UDP socket asking for them got 208 KiB and 8 MiB"), "{}", check.saw);
+        assert!(check.fix.unwrap().starts_with("sysctl -w net.core.rmem_max=16777216 and persist"));
+        let check = udp_buffers(&UdpBufferFacts { rmem_max: Some(16 << 20), ..facts });
+        assert_eq!(check.status, Status::Ok, "{}", check.saw);
     }
 
     #[test]

@@ -376,6 +376,38 @@ async fn leader_via(
     Connection::connect(&leader_address, options).await
 }
 
+/// What a Metadata answer says about one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMetadata {
+    pub topic: String,
+    /// `None` when the answer does not list the topic at all.
+    pub error_code: Option<i16>,
+    pub partitions: usize,
+}
+
+/// Metadata for `topics` (never creating them): one entry per topic asked, in order.
+pub async fn topics_metadata(connection: &mut Connection, topics: &[String]) -> Result<Vec<TopicMetadata>, KafkaError> {
+    let version = connection.version::<MetadataRequest>(METADATA_VERSIONS)?;
+    let request = MetadataRequest::default()
+        .with_topics(Some(
+            topics.iter().map(|topic| MetadataRequestTopic::default().with_name(Some(topic_name(topic)))).collect(),
+        ))
+        .with_allow_auto_topic_creation(false);
+    let metadata = connection.call(&request, version).await?;
+    Ok(topics
+        .iter()
+        .map(|topic| {
+            let found =
+                metadata.topics.iter().find(|entry| entry.name.as_ref().is_some_and(|name| name.0.as_str() == topic));
+            TopicMetadata {
+                topic: topic.clone(),
+                error_code: found.map(|entry| entry.error_code),
+                partitions: found.map_or(0, |entry| entry.partitions.len()),
+            }
+        })
+        .collect())
+}
+
 /// InitProducerId with no transactional id: a fresh idempotent producer.
 pub async fn init_producer(
     connection: &mut Connection,

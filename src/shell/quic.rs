@@ -146,6 +146,20 @@ pub fn bind_sockets(address: SocketAddr, cores: usize) -> std::io::Result<Vec<st
     Ok(sockets)
 }
 
+/// Asks for `receive_bytes` of SO_RCVBUF and `send_bytes` of SO_SNDBUF on `socket`;
+/// returns what the kernel granted (Linux reports twice the usable size, capped by
+/// `net.core.rmem_max` / `wmem_max`, silently).
+pub fn set_socket_buffers(
+    socket: &std::net::UdpSocket,
+    receive_bytes: usize,
+    send_bytes: usize,
+) -> std::io::Result<(usize, usize)> {
+    let socket = socket2::SockRef::from(socket);
+    socket.set_recv_buffer_size(receive_bytes)?;
+    socket.set_send_buffer_size(send_bytes)?;
+    Ok((socket.recv_buffer_size()?, socket.send_buffer_size()?))
+}
+
 /// A finished frame: its answer bytes, for stream `stream` of `connection`.
 struct Completion {
     connection: ConnectionHandle,

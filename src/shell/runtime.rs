@@ -370,6 +370,24 @@ pub fn prepare_quic(valid: &ValidConfig) -> Result<PreparedQuic, Fatal> {
     let sockets = quic::bind_sockets(address, valid.cores.len())
         .map_err(|error| Fatal::Quic { reason: format!("cannot bind {address}: {error}") })?;
     let address = sockets[0].local_addr().map_err(|error| Fatal::Quic { reason: error.to_string() })?;
+    let (receive_bytes, send_bytes) =
+        (config.socket_receive_buffer_bytes.0 as usize, config.socket_send_buffer_bytes.0 as usize);
+    let mut capped_warned = false;
+    for socket in &sockets {
+        let (receive_granted, send_granted) = quic::set_socket_buffers(socket, receive_bytes, send_bytes)
+            .map_err(|error| Fatal::Quic { reason: format!("socket buffers on {address}: {error}") })?;
+        // Linux reports twice the usable size.
+        if (receive_granted / 2 < receive_bytes || send_granted / 2 < send_bytes) && !capped_warned {
+            capped_warned = true;
+            tracing::warn!(
+                receive_asked = receive_bytes,
+                receive_granted = receive_granted / 2,
+                send_asked = send_bytes,
+                send_granted = send_granted / 2,
+                "the kernel capped the QUIC socket buffers (net.core.rmem_max / wmem_max); `weir doctor` shows the fix"
+            );
+        }
+    }
     let v1 = crate::core::protocol::FRAME_LIMITS_V1;
     let settings = QuicSettings {
         server_config: Arc::new(server_config),
