@@ -78,6 +78,36 @@ pub struct LogConfig {
     pub appends_pending_max: u32,
     #[serde(default = "default_partition_bytes_max")]
     pub partition_bytes_max: ByteSize,
+    /// Segment bytes all partitions together may hold; 0 is no limit but the
+    /// filesystem's. See `disk_full_policy`.
+    #[serde(default = "default_data_dir_bytes_max")]
+    pub data_dir_bytes_max: ByteSize,
+    /// What happens when the disk (the filesystem, or `data_dir_bytes_max`) is full of
+    /// unshipped data.
+    #[serde(default)]
+    pub disk_full_policy: DiskFullPolicy,
+}
+
+/// What a partition does when an append finds no room and no shipped segment is left
+/// to delete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFullPolicy {
+    /// Refuse the append (devices get DiskFull with a retry-after); nothing acked is
+    /// ever lost.
+    #[default]
+    Block,
+    /// Delete the partition's oldest sealed segment, shipped or not, and append.
+    DropOldest,
+}
+
+impl DiskFullPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFullPolicy::Block => "block",
+            DiskFullPolicy::DropOldest => "drop-oldest",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,6 +264,9 @@ fn default_appends_pending_max() -> u32 {
 fn default_partition_bytes_max() -> ByteSize {
     ByteSize(8 << 30)
 }
+fn default_data_dir_bytes_max() -> ByteSize {
+    ByteSize(0)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9464".to_owned()
 }
@@ -258,6 +291,8 @@ impl Default for LogConfig {
             flush_bytes_max: default_flush_bytes_max(),
             appends_pending_max: default_appends_pending_max(),
             partition_bytes_max: default_partition_bytes_max(),
+            data_dir_bytes_max: ByteSize(0),
+            disk_full_policy: DiskFullPolicy::Block,
         }
     }
 }
@@ -601,6 +636,12 @@ impl Config {
         }
         if log.partition_bytes_max.0 < 2 * log.segment_bytes_max.0 {
             problem("log.partition_bytes_max", "must be at least twice log.segment_bytes_max".into());
+        }
+        if log.data_dir_bytes_max.0 != 0 && log.data_dir_bytes_max.0 < 2 * log.segment_bytes_max.0 {
+            problem(
+                "log.data_dir_bytes_max",
+                "must be 0 (no limit but the filesystem's) or at least twice log.segment_bytes_max".into(),
+            );
         }
         let io_memory_needed = 2 * log.flush_bytes_max.0 + 2 * alignment;
         if self.engine.io_memory_bytes.0 < io_memory_needed {

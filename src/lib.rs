@@ -13,3 +13,4 @@ pub mod core;
 pub mod doctor;
 pub mod inspect;
 pub mod shell;
+pub mod status;

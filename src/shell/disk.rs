@@ -18,6 +18,9 @@ use crate::core::log::segment::{align_down, align_up, WritePlan};
 /// The operation name of a failed preallocation: nothing was written, so the file is
 /// as it was and the caller may go on (see `DiskError::is_full_before_write`).
 pub const PREALLOCATE: &str = "preallocate";
+/// The operation name of an append refused before any write because the data
+/// directory is at `log.data_dir_bytes_max`.
+pub const OVER_BUDGET: &str = "append within log.data_dir_bytes_max";
 
 /// A failed disk operation, with what was being done and where.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +37,8 @@ impl DiskError {
     /// The filesystem had no room for the space a write needed, and nothing was
     /// written: the file's bytes are unchanged.
     pub fn is_full_before_write(&self) -> bool {
-        self.operation == PREALLOCATE && self.source.kind() == io::ErrorKind::StorageFull
+        (self.operation == PREALLOCATE || self.operation == OVER_BUDGET)
+            && self.source.kind() == io::ErrorKind::StorageFull
     }
 
     pub fn new(operation: &'static str, path: &Path, position: u64, source: impl Into<io::Error>) -> DiskError {
