@@ -6,10 +6,11 @@
 //! modification times stand in for samples (`seed`).
 //!
 //! Resolution: the shipper's polling interval (a record is reported as durable from
-//! the first poll that saw it). The table is bounded (`samples_max`): when full, every
-//! other sample is merged into its successor, so old stretches get coarser while recent
-//! ones keep the polling resolution. A merged stretch keeps its earliest instant: the
-//! age of a record in it is overstated by at most the stretch's width, never understated.
+//! the first poll that saw it). The table is bounded (`samples_max`): when full, the
+//! sample whose removal leaves the narrowest stretch (in time) is merged into the one
+//! before it, so the stretches stay about evenly wide, at most about 2 x the span of the
+//! backlog / `samples_max`. A merged stretch keeps its earliest instant: the age of a
+//! record in it is overstated by at most the stretch's width, never understated.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -44,12 +45,13 @@ impl LagClock {
             return;
         }
         if self.samples.len() == self.samples_max {
-            // Merge pairs: (e0,t0),(e1,t1) -> (e1,t0): the stretch keeps its earlier time.
-            let old: Vec<_> = self.samples.drain(..).collect();
-            for pair in old.chunks(2) {
-                let end = pair[pair.len() - 1].0;
-                self.samples.push_back((end, pair[0].1));
-            }
+            // Merge the sample whose removal leaves the narrowest stretch into the one
+            // before it: (e0,t0),(e1,t1) -> (e1,t0), the stretch keeping its earlier time.
+            let merged = (1..self.samples.len() - 1)
+                .min_by_key(|index| self.samples[index + 1].1.saturating_duration_since(self.samples[index - 1].1))
+                .expect("samples_max >= 4");
+            self.samples[merged - 1].0 = self.samples[merged].0;
+            self.samples.remove(merged);
         }
         self.samples.push_back((end_offset, at));
     }
