@@ -196,7 +196,9 @@ struct Shipper {
 }
 
 /// Runs the shipper of one partition until `shutdown` is set (then persists the
-/// cursor and returns `Ok`) or until it cannot go on.
+/// cursor and returns `Ok`). If it cannot go on, it marks itself stopped (metric,
+/// `/status`, `/health`), keeps the lag gauges current until shutdown, and returns
+/// why.
 pub async fn run(
     log: PartitionLog,
     setup: ShipperSetup,
@@ -204,23 +206,62 @@ pub async fn run(
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), ShipError> {
     let name = setup.name.clone();
-    let state = metrics.state.clone();
-    let stopped = metrics.stopped.clone();
-    let result = start_and_serve(log, setup, metrics, &shutdown).await;
+    let (result, last) = match start(log.clone(), setup, metrics.clone()).await {
+        Ok(mut shipper) => {
+            let result = shipper.serve(&shutdown).await;
+            (result, Some((shipper.core.cursor_offset(), shipper.lag_clock)))
+        }
+        Err(error) => (Err(error), None),
+    };
     if let Err(error) = &result {
-        stopped.set(1);
-        state.set(ShipperState::Stopped { error: error.to_string() });
+        metrics.stopped.set(1);
+        metrics.state.set(ShipperState::Stopped { error: error.to_string() });
         tracing::error!(partition = %name, error = %error, "shipper stopped");
+        // The partition keeps accepting appends: keep its lag current until shutdown.
+        let (cursor, mut clock) = last.unwrap_or_else(|| (log.stats().start_offset, seeded_lag_clock(&log)));
+        while !shutdown.load(Ordering::Acquire) {
+            let now = Instant::now();
+            clock.observe_end(log.next_offset(), now);
+            if let Err(error) = sample_lag(&log, &metrics, &mut clock, cursor).await {
+                tracing::debug!(partition = %name, %error, "lag sample failed; kept the last one");
+            }
+            glommio::timer::sleep(LAG_REFRESH_INTERVAL).await;
+        }
     }
     result
 }
 
-async fn start_and_serve(
-    log: PartitionLog,
-    setup: ShipperSetup,
-    metrics: ShipMetrics,
-    shutdown: &AtomicBool,
-) -> Result<(), ShipError> {
+/// A lag clock seeded with the modification times of the log's segments.
+fn seeded_lag_clock(log: &PartitionLog) -> LagClock {
+    let mut lag_clock = LagClock::new(LAG_SAMPLES_MAX);
+    let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
+    for (end_offset, path) in log.segment_ends() {
+        let modified = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).unwrap_or(wall_now);
+        let age = wall_now.duration_since(modified).unwrap_or(Duration::ZERO);
+        lag_clock.seed(end_offset, now.checked_sub(age).unwrap_or(now));
+    }
+    lag_clock
+}
+
+/// Sets the cursor and lag gauges together from one look at the log.
+async fn sample_lag(
+    log: &PartitionLog,
+    metrics: &ShipMetrics,
+    clock: &mut LagClock,
+    cursor_offset: i64,
+) -> Result<(), LogError> {
+    // Offsets drop-oldest deleted are not lag: they will never ship.
+    let from_offset = cursor_offset.max(log.stats().start_offset);
+    let (bytes, end_offset) = log.bytes_from(from_offset).await?;
+    metrics.cursor_offset.set(cursor_offset);
+    metrics.lag_records.set((end_offset - from_offset).max(0));
+    metrics.lag_bytes.set(bytes as i64);
+    metrics.lag_seconds.set(clock.lag(from_offset, Instant::now()).as_secs_f64());
+    Ok(())
+}
+
+/// Reads the state, makes the core and frees what the persisted cursor allows.
+async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> Result<Shipper, ShipError> {
     let persisted =
         read_state(&setup.directory).map_err(|source| ShipError::State { partition: setup.name.clone(), source })?;
     let stats = log.stats();
@@ -241,13 +282,7 @@ async fn start_and_serve(
         log_end = stats.next_offset,
         "shipper starting"
     );
-    let mut lag_clock = LagClock::new(LAG_SAMPLES_MAX);
-    let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
-    for (end_offset, path) in log.segment_ends() {
-        let modified = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).unwrap_or(wall_now);
-        let age = wall_now.duration_since(modified).unwrap_or(Duration::ZERO);
-        lag_clock.seed(end_offset, now.checked_sub(age).unwrap_or(now));
-    }
+    let lag_clock = seeded_lag_clock(&log);
     let mut shipper = Shipper {
         log,
         setup,
@@ -268,7 +303,7 @@ async fn start_and_serve(
         shipper.durable_cursor = durable_cursor;
         shipper.retain_shipped().await?;
     }
-    shipper.serve(shutdown).await
+    Ok(shipper)
 }
 
 impl Shipper {
@@ -473,18 +508,9 @@ impl Shipper {
     /// Samples the cursor and the exact lag in records, bytes and seconds together.
     async fn refresh_lag(&mut self) {
         self.lag_refreshed_at = Some(Instant::now());
-        let start_offset = self.log.stats().start_offset;
-        // Offsets drop-oldest deleted are not lag: they will never ship.
-        let from_offset = self.core.cursor_offset().max(start_offset);
-        match self.log.bytes_from(from_offset).await {
-            Ok((bytes, end_offset)) => {
-                let metrics = &self.metrics;
-                metrics.cursor_offset.set(self.core.cursor_offset());
-                metrics.lag_records.set((end_offset - from_offset).max(0));
-                metrics.lag_bytes.set(bytes as i64);
-                metrics.lag_seconds.set(self.lag_clock.lag(from_offset, Instant::now()).as_secs_f64());
-            }
-            Err(error) => tracing::debug!(partition = %self.setup.name, %error, "lag sample failed; kept the last one"),
+        let cursor = self.core.cursor_offset();
+        if let Err(error) = sample_lag(&self.log, &self.metrics, &mut self.lag_clock, cursor).await {
+            tracing::debug!(partition = %self.setup.name, %error, "lag sample failed; kept the last one");
         }
     }
 
