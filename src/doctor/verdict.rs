@@ -319,6 +319,13 @@ pub fn data_dir_writable(path: &str, result: &Result<(), String>) -> Check {
     const NAME: &str = "data_dir.writable";
     match result {
         Ok(()) => ok(NAME, format!("created, synced and removed a scratch file in {path}")),
+        // A full disk is no reason not to start: weir refuses appends (or drops, per
+        // log.disk_full_policy) and shipping plus retention free the space.
+        Err(error) if error.contains("No space left on device") => warn(
+            NAME,
+            format!("{path} is full: {error}; appends are refused (or dropped, per log.disk_full_policy) until shipping and retention free space"),
+            "free space under data_dir, or bring the upstream back so shipped segments can be deleted".to_owned(),
+        ),
         Err(error) => fail(
             NAME,
             format!("cannot write in {path}: {error}"),
@@ -435,6 +442,11 @@ pub fn direct_io(path: &str, outcome: &DirectIoOutcome) -> Check {
         DirectIoOutcome::OpenRefused { errno } => {
             fail(NAME, format!("open(O_DIRECT) in {path} fails: {}: the filesystem refuses direct I/O", errno_text(*errno)), fix)
         }
+        DirectIoOutcome::IoFailed { operation, errno } if *errno == libc::ENOSPC => warn(
+            NAME,
+            format!("an aligned {alignment}-byte O_DIRECT {operation} in {path} fails: {}: the disk is full", errno_text(*errno)),
+            "free space under data_dir (see data_dir.writable)".to_owned(),
+        ),
         DirectIoOutcome::IoFailed { operation, errno } => fail(
             NAME,
             format!("an aligned {alignment}-byte O_DIRECT {operation} in {path} fails: {}", errno_text(*errno)),

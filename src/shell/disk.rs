@@ -206,9 +206,17 @@ impl DirectFile {
 pub async fn probe_direct_io(directory: &Path) -> Result<(), DiskError> {
     let path = directory.join(".weir-direct-io-probe");
     let pattern: Vec<u8> = (0..DIRECT_IO_ALIGNMENT_BYTES as usize).map(|index| (index % 251) as u8).collect();
-    std::fs::write(&path, &pattern)
-        .and_then(|()| std::fs::File::open(&path)?.sync_all())
-        .map_err(|error| DiskError::new("write probe", &path, 0, error))?;
+    let written = std::fs::write(&path, &pattern).and_then(|()| std::fs::File::open(&path)?.sync_all());
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&path);
+        if error.kind() == io::ErrorKind::StorageFull {
+            // A full disk must not keep weir from starting (shipping and retention are
+            // what free it); the segments are read with O_DIRECT anyway.
+            tracing::warn!(directory = %directory.display(), "disk full: direct I/O probe skipped");
+            return Ok(());
+        }
+        return Err(DiskError::new("write probe", &path, 0, error));
+    }
     let outcome = async {
         let file = DirectFile::open(&path).await?;
         let read = file.read(0, pattern.len()).await?;

@@ -33,7 +33,7 @@ use crate::core::log::recovery::{
 use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
 use crate::shell::budget::DataDirBudget;
-use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError, OVER_BUDGET};
+use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError, OVER_BUDGET, PREALLOCATE};
 use crate::shell::metrics::PartitionMetrics;
 use crate::shell::status::DroppedRange;
 
@@ -108,6 +108,12 @@ pub enum LogError {
     #[error("partition {partition}: offset {requested} is below the log start {start}")]
     OffsetOutOfRange { partition: String, requested: i64, start: i64 },
 }
+
+/// Bytes the log leaves free on the data directory's filesystem: appends that would
+/// go below are handled as a full disk, so `ship.state`, index files and directory
+/// entries always find room (a shipper that cannot persist its state cannot ship, and
+/// shipping is what frees the disk).
+pub const DISK_RESERVE_BYTES: u64 = 1 << 20;
 
 /// The smallest window a read fetches (bytes).
 const READ_WINDOW_BYTES_MIN: usize = 64 << 10;
@@ -741,13 +747,36 @@ async fn write_group(
     }
     let base_offset = active.next_offset;
     let position = active.end_position;
-    let plan = plan_append(
+    let mut plan = plan_append(
         position,
         batch_bytes,
         DIRECT_IO_ALIGNMENT_BYTES,
         active.log.size_bytes(),
         options.preallocate_bytes,
     );
+    if let Some(size) = plan.preallocate_to {
+        // Leave DISK_RESERVE_BYTES free on the filesystem: without room for
+        // ship.state, shipping (which is what frees the disk) could not go on.
+        let allocated = active.log.size_bytes();
+        let write_end = plan.write_position + plan.write_bytes as u64;
+        let directory = shared.borrow().directory.clone();
+        if let Ok(free) = crate::doctor::sys::available_bytes(&directory) {
+            if free < size.saturating_sub(allocated) + DISK_RESERVE_BYTES {
+                if free < write_end.saturating_sub(allocated) + DISK_RESERVE_BYTES {
+                    return Err(DiskError::new(
+                        PREALLOCATE,
+                        active.log.path(),
+                        write_end,
+                        std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            format!("the filesystem would have less than the {DISK_RESERVE_BYTES} bytes free the log leaves for ship.state and index files"),
+                        ),
+                    ));
+                }
+                plan.preallocate_to = Some(write_end);
+            }
+        }
+    }
     let mut new_tail = Vec::new();
     let tail = &active.tail;
     active

@@ -47,6 +47,8 @@ const LAG_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// How often retention runs with the durable cursor even when it did not move, so
 /// shipped segments go when the data directory (not this partition) needs room.
 const RETAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a `ship.state` write that found the disk full is tried again.
+const PERSIST_FULL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Samples the lag clock keeps (see `core::ship::lag`).
 const LAG_SAMPLES_MAX: usize = 1024;
 
@@ -593,12 +595,23 @@ impl Shipper {
         ScanEnd::Found(scan)
     }
 
+    /// Writes `ship.state`. A full filesystem is waited out (the log keeps
+    /// `DISK_RESERVE_BYTES` free for this, so only something else filling the disk gets
+    /// here): shipping cannot go on without it, and stopping would never free the disk.
     async fn persist(&mut self, state: ShipState) -> Result<(), ShipError> {
-        let directory = self.setup.directory.clone();
-        glommio::executor()
-            .spawn_blocking(move || write_state(&directory, &state))
-            .await
-            .map_err(|source| ShipError::State { partition: self.setup.name.clone(), source })
+        loop {
+            let directory = self.setup.directory.clone();
+            let attempt = state.clone();
+            match glommio::executor().spawn_blocking(move || write_state(&directory, &attempt)).await {
+                Ok(()) => return Ok(()),
+                Err(StateFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull => {
+                    self.warn(format!("disk full: ship.state not written ({source}); retrying"));
+                    self.show_state();
+                    glommio::timer::sleep(PERSIST_FULL_RETRY_INTERVAL).await;
+                }
+                Err(source) => return Err(ShipError::State { partition: self.setup.name.clone(), source }),
+            }
+        }
     }
 
     /// On shutdown: make the latest cursor durable so a restart need not reconcile.
