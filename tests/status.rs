@@ -228,6 +228,18 @@ fn status_reports_exact_lag_and_a_stopped_shipper_live_and_from_the_data_directo
     assert_eq!(json["source"], "server");
     assert_eq!(partition(&json, "telemetry", 0)["shipper"]["cursor_offset"], RECORDS_0);
     assert_eq!(partition(&json, "telemetry", 1)["shipper"]["lag_records"], RECORDS_1);
+    // --admin asks that address instead of admin.listen (here: a port nobody serves,
+    // so the command falls back to reading the data directory, while weir runs).
+    let output = weir()
+        .args(["status", "--json", "--admin", &format!("127.0.0.1:{}", free_port()), "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("reading the data directory"));
+    let output =
+        weir().args(["status", "--json", "--admin", &server.admin, "--config"]).arg(&config_path).output().unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["source"], "server");
 
     let upstream = read_upstream(&tansu.address(), "telemetry", 0, RECORDS_0 as usize, Duration::from_secs(30));
     let keys: Vec<Vec<u8>> = upstream.iter().map(|record| record.key.clone().unwrap()).collect();

@@ -144,6 +144,9 @@ struct Shared {
     budget: std::sync::Arc<DataDirBudget>,
     /// Segment bytes last counted into `budget`.
     accounted_bytes: u64,
+    /// When a refused append was last logged, and how many were refused since.
+    full_logged_at: Option<Instant>,
+    full_unlogged: u64,
 }
 
 impl Shared {
@@ -243,6 +246,8 @@ impl PartitionLog {
             shipped_below_offset: 0,
             budget: std::sync::Arc::new(DataDirBudget::unlimited()),
             accounted_bytes: 0,
+            full_logged_at: None,
+            full_unlogged: 0,
         };
         let mut shared = shared;
         shared.account();
@@ -570,6 +575,9 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
     }
 }
 
+/// How often at most a partition logs that it refuses appends on a full disk.
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The most segments one flush may delete to make room (a safety bound; each
 /// attempt deletes one segment or gives up).
 const MAKE_ROOM_ATTEMPTS_MAX: usize = 4096;
@@ -608,12 +616,18 @@ async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: 
                         Err(error) => return poison(shared, error, group),
                     }
                 }
-                let partition = {
-                    let state = shared.borrow();
+                let (partition, log_now) = {
+                    let mut state = shared.borrow_mut();
                     state.metrics.disk_full_rejections.inc_by(group.len() as u64);
-                    state.name.clone()
+                    state.full_unlogged += group.len() as u64;
+                    let log_now = state.full_logged_at.is_none_or(|at| at.elapsed() >= FULL_LOG_INTERVAL);
+                    (state.name.clone(), log_now)
                 };
-                tracing::warn!(partition = %partition, error = %source, "disk full: appends rejected, nothing written");
+                if log_now {
+                    let refused = std::mem::take(&mut shared.borrow_mut().full_unlogged);
+                    shared.borrow_mut().full_logged_at = Some(Instant::now());
+                    tracing::warn!(partition = %partition, error = %source, refused, "disk full: appends refused, nothing written (logged at most every 10 s)");
+                }
                 for append in group {
                     let _ = append
                         .reply
