@@ -147,6 +147,10 @@ struct Shared {
     /// When a refused append was last logged, and how many were refused since.
     full_logged_at: Option<Instant>,
     full_unlogged: u64,
+    /// The batch `bytes_from` last found: (segment base, batch base offset, byte
+    /// position). The next call starts from it when it can, so a cursor that did not
+    /// move costs no read and one that moved reads only what it passed.
+    position_hint: Option<(i64, i64, u64)>,
 }
 
 impl Shared {
@@ -248,6 +252,7 @@ impl PartitionLog {
             accounted_bytes: 0,
             full_logged_at: None,
             full_unlogged: 0,
+            position_hint: None,
         };
         let mut shared = shared;
         shared.account();
@@ -276,7 +281,7 @@ impl PartitionLog {
     /// Returns them with the durable end they were measured against. Reads at most
     /// about one index interval of the segment holding `offset`.
     pub async fn bytes_from(&self, offset: i64) -> Result<(u64, i64), LogError> {
-        let (name, view, later_bytes, end_offset) = {
+        let (name, view, later_bytes, end_offset, hint) = {
             let shared = self.shared.borrow();
             let end_offset = shared.next_offset();
             let start = shared.segments.keys().next().copied().unwrap_or(0);
@@ -288,13 +293,22 @@ impl PartitionLog {
             }
             let (base, view) = shared.segments.range(..=offset).next_back().expect("a segment holds the offset");
             let later: u64 = shared.segments.range(base + 1..).map(|(_, view)| view.end_position).sum();
-            (shared.name.clone(), view.clone(), later, end_offset)
+            let hint = shared
+                .position_hint
+                .filter(|(segment_base, batch_base, _)| *segment_base == *base && *batch_base <= offset);
+            (shared.name.clone(), view.clone(), later, end_offset, hint)
         };
         if view.base_offset == offset {
             return Ok((view.end_position + later_bytes, end_offset));
         }
+        if let Some((_, batch_base, position)) = hint {
+            if batch_base == offset {
+                return Ok((view.end_position - position + later_bytes, end_offset));
+            }
+        }
         let relative = u32::try_from(offset - view.base_offset).expect("segment offsets fit u32");
-        let mut position = u64::from(index::lookup(&view.index, relative).position);
+        let indexed = u64::from(index::lookup(&view.index, relative).position);
+        let mut position = hint.map_or(indexed, |(_, _, hinted)| hinted.max(indexed));
         let window_want = (self.shared.borrow().options.index_interval_bytes as usize).max(READ_WINDOW_BYTES_MIN);
         while position < view.end_position {
             let window_bytes = ((view.end_position - position) as usize).min(window_want);
@@ -313,6 +327,7 @@ impl PartitionLog {
                 })?;
                 if header.next_offset() > offset {
                     let from = position + at as u64;
+                    self.shared.borrow_mut().position_hint = Some((view.base_offset, header.base_offset, from));
                     return Ok((view.end_position - from + later_bytes, end_offset));
                 }
                 at += header.total_bytes();
