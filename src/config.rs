@@ -1048,6 +1048,20 @@ mod tests {
     }
 
     #[test]
+    fn the_disk_budget_and_policy_are_parsed_and_checked() {
+        let text = "[log]\ndata_dir_bytes_max = \"1 GiB\"\ndisk_full_policy = \"drop-oldest\"\n";
+        let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.log.data_dir_bytes_max, ByteSize(1 << 30));
+        assert_eq!(valid.config.log.disk_full_policy, DiskFullPolicy::DropOldest);
+        assert_eq!(Config::embedded().log.disk_full_policy, DiskFullPolicy::Block);
+        assert_eq!(Config::embedded().log.data_dir_bytes_max, ByteSize(0));
+        let found = problems("[log]\ndata_dir_bytes_max = \"1 MiB\"\n");
+        assert_eq!(found[0].path, "log.data_dir_bytes_max", "{found:?}");
+        let found = problems("[log]\ndisk_full_policy = \"panic\"\n");
+        assert_eq!(found[0].path, "log.disk_full_policy", "{found:?}");
+    }
+
+    #[test]
     fn every_unknown_key_is_reported_with_its_path() {
         let found = problems("colour = 1\n[log]\nsegment_bytez_max = 5\n[engine]\nfoo = 2\n");
         let paths: Vec<_> = found.iter().map(|problem| problem.path.as_str()).collect();

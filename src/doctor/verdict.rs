@@ -920,6 +920,18 @@ mod tests {
     }
 
     #[test]
+    fn a_full_data_dir_warns_instead_of_keeping_weir_from_starting() {
+        let full = data_dir_writable("/d", &Err("No space left on device (os error 28)".to_owned()));
+        assert_eq!(full.status, Status::Warn);
+        let denied = data_dir_writable("/d", &Err("Permission denied (os error 13)".to_owned()));
+        assert_eq!(denied.status, Status::Fail);
+        let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::ENOSPC });
+        assert_eq!(io.status, Status::Warn);
+        let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::EIO });
+        assert_eq!(io.status, Status::Fail);
+    }
+
+    #[test]
     fn io_uring_denials_are_told_apart() {
         let mut facts = io_uring_facts(Err(libc::EPERM));
         facts.seccomp_mode = Some(2);
