@@ -82,6 +82,21 @@ pub enum Command {
         #[arg(long)]
         measure: bool,
     },
+    /// Per partition: log start and end offsets, shipped cursor, lag in records, bytes
+    /// and seconds, the shipper's state (with its error when stopped), disk use against
+    /// the budgets. Asks the running server (GET /status on admin.listen); when nothing
+    /// answers, reads the data directory. Exit 1 when a shipper is stopped.
+    Status {
+        /// Config file; without it the embedded default (firmware-config/weir.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print one JSON object (the /status document).
+        #[arg(long)]
+        json: bool,
+        /// Admin address to ask instead of admin.listen (host:port).
+        #[arg(long)]
+        admin: Option<String>,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConfig, ConfigError> {
@@ -167,6 +182,13 @@ pub fn run(cli: Cli) -> i32 {
             }
         }
         Command::Doctor { config, json, measure } => crate::doctor::command(config.as_deref(), json, measure),
+        Command::Status { config, json, admin } => match load_config(config.as_ref(), None) {
+            Ok(valid) => crate::status::command(&valid, admin.as_deref(), json),
+            Err(error) => {
+                eprintln!("weir: {error}");
+                exit_code::BAD_CONFIG
+            }
+        },
     }
 }
 

@@ -78,6 +78,36 @@ pub struct LogConfig {
     pub appends_pending_max: u32,
     #[serde(default = "default_partition_bytes_max")]
     pub partition_bytes_max: ByteSize,
+    /// Segment bytes all partitions together may hold; 0 is no limit but the
+    /// filesystem's. See `disk_full_policy`.
+    #[serde(default = "default_data_dir_bytes_max")]
+    pub data_dir_bytes_max: ByteSize,
+    /// What happens when the disk (the filesystem, or `data_dir_bytes_max`) is full of
+    /// unshipped data.
+    #[serde(default)]
+    pub disk_full_policy: DiskFullPolicy,
+}
+
+/// What a partition does when an append finds no room and no shipped segment is left
+/// to delete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFullPolicy {
+    /// Refuse the append (devices get DiskFull with a retry-after); nothing acked is
+    /// ever lost.
+    #[default]
+    Block,
+    /// Delete the partition's oldest sealed segment, shipped or not, and append.
+    DropOldest,
+}
+
+impl DiskFullPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFullPolicy::Block => "block",
+            DiskFullPolicy::DropOldest => "drop-oldest",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,6 +282,9 @@ fn default_appends_pending_max() -> u32 {
 fn default_partition_bytes_max() -> ByteSize {
     ByteSize(8 << 30)
 }
+fn default_data_dir_bytes_max() -> ByteSize {
+    ByteSize(0)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9464".to_owned()
 }
@@ -276,6 +309,8 @@ impl Default for LogConfig {
             flush_bytes_max: default_flush_bytes_max(),
             appends_pending_max: default_appends_pending_max(),
             partition_bytes_max: default_partition_bytes_max(),
+            data_dir_bytes_max: ByteSize(0),
+            disk_full_policy: DiskFullPolicy::Block,
         }
     }
 }
@@ -619,6 +654,12 @@ impl Config {
         }
         if log.partition_bytes_max.0 < 2 * log.segment_bytes_max.0 {
             problem("log.partition_bytes_max", "must be at least twice log.segment_bytes_max".into());
+        }
+        if log.data_dir_bytes_max.0 != 0 && log.data_dir_bytes_max.0 < 2 * log.segment_bytes_max.0 {
+            problem(
+                "log.data_dir_bytes_max",
+                "must be 0 (no limit but the filesystem's) or at least twice log.segment_bytes_max".into(),
+            );
         }
         let io_memory_needed = 2 * log.flush_bytes_max.0 + 2 * alignment;
         if self.engine.io_memory_bytes.0 < io_memory_needed {
@@ -1030,6 +1071,20 @@ mod tests {
         assert_eq!(valid.cores, vec![0, 1]);
         assert_eq!(valid.config.data_dir, PathBuf::from("./weir-data"));
         assert_eq!(valid.config.log.flush_bytes_max, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn the_disk_budget_and_policy_are_parsed_and_checked() {
+        let text = "[log]\ndata_dir_bytes_max = \"1 GiB\"\ndisk_full_policy = \"drop-oldest\"\n";
+        let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.log.data_dir_bytes_max, ByteSize(1 << 30));
+        assert_eq!(valid.config.log.disk_full_policy, DiskFullPolicy::DropOldest);
+        assert_eq!(Config::embedded().log.disk_full_policy, DiskFullPolicy::Block);
+        assert_eq!(Config::embedded().log.data_dir_bytes_max, ByteSize(0));
+        let found = problems("[log]\ndata_dir_bytes_max = \"1 MiB\"\n");
+        assert_eq!(found[0].path, "log.data_dir_bytes_max", "{found:?}");
+        let found = problems("[log]\ndisk_full_policy = \"panic\"\n");
+        assert_eq!(found[0].path, "log.disk_full_policy", "{found:?}");
     }
 
     #[test]

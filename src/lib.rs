@@ -15,3 +15,4 @@ pub mod doctor;
 pub mod fuzzing;
 pub mod inspect;
 pub mod shell;
+pub mod status;

@@ -205,6 +205,11 @@ fn out_of_order_sequence_for_the_oldest_batch_stops_shipping_without_reinitialis
         "{message}"
     );
     assert_eq!(shipped.metrics.stopped.get(), 1);
+    // What /status and `weir status` show for the partition: stopped, with the error.
+    match shipped.metrics.state.get() {
+        weir::shell::status::ShipperState::Stopped { error } => assert_eq!(error, message),
+        other => panic!("/status would show {other:?}"),
+    }
     assert_eq!(cluster.broker.request_count(ApiKey::InitProducerId), 1, "no silent re-init");
     let produces = cluster.broker.request_count(ApiKey::Produce);
     assert!(produces <= 7 + 4, "at most the pipeline was in flight behind the refused batch ({produces})");

@@ -314,6 +314,13 @@ pub fn data_dir_writable(path: &str, result: &Result<(), String>) -> Check {
     const NAME: &str = "data_dir.writable";
     match result {
         Ok(()) => ok(NAME, format!("created, synced and removed a scratch file in {path}")),
+        // A full disk is no reason not to start: weir refuses appends (or drops, per
+        // log.disk_full_policy) and shipping plus retention free the space.
+        Err(error) if error.contains("No space left on device") => warn(
+            NAME,
+            format!("{path} is full: {error}; appends are refused (or dropped, per log.disk_full_policy) until shipping and retention free space"),
+            "free space under data_dir, or bring the upstream back so shipped segments can be deleted".to_owned(),
+        ),
         Err(error) => fail(
             NAME,
             format!("cannot write in {path}: {error}"),
@@ -430,6 +437,11 @@ pub fn direct_io(path: &str, outcome: &DirectIoOutcome) -> Check {
         DirectIoOutcome::OpenRefused { errno } => {
             fail(NAME, format!("open(O_DIRECT) in {path} fails: {}: the filesystem refuses direct I/O", errno_text(*errno)), fix)
         }
+        DirectIoOutcome::IoFailed { operation, errno } if *errno == libc::ENOSPC => warn(
+            NAME,
+            format!("an aligned {alignment}-byte O_DIRECT {operation} in {path} fails: {}: the disk is full", errno_text(*errno)),
+            "free space under data_dir (see data_dir.writable)".to_owned(),
+        ),
         DirectIoOutcome::IoFailed { operation, errno } => fail(
             NAME,
             format!("an aligned {alignment}-byte O_DIRECT {operation} in {path} fails: {}", errno_text(*errno)),
@@ -930,6 +942,18 @@ mod tests {
             seccomp_mode: Some(0),
             kernel_release: "6.1.0".to_owned(),
         }
+    }
+
+    #[test]
+    fn a_full_data_dir_warns_instead_of_keeping_weir_from_starting() {
+        let full = data_dir_writable("/d", &Err("No space left on device (os error 28)".to_owned()));
+        assert_eq!(full.status, Status::Warn);
+        let denied = data_dir_writable("/d", &Err("Permission denied (os error 13)".to_owned()));
+        assert_eq!(denied.status, Status::Fail);
+        let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::ENOSPC });
+        assert_eq!(io.status, Status::Warn);
+        let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::EIO });
+        assert_eq!(io.status, Status::Fail);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The admin endpoint: `/metrics` (Prometheus text format) and `/health`, on its own
+//! The admin endpoint: `/metrics` (Prometheus text format), `/health` and `/status`
+//! (JSON, what `weir status` shows), on its own
 //! thread so a busy core never delays a scrape. It only reads atomics the cores update.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,14 +18,23 @@ pub struct AdminError {
     pub reason: String,
 }
 
-/// What /health reports: healthy when every core is serving and no partition is poisoned.
+/// What /health reports: healthy when every core is serving, no partition is poisoned
+/// and no partition's upstream shipping has stopped.
 pub fn health(metrics: &Metrics, cores_expected: usize) -> (u16, String) {
     let running = metrics.cores_running.get();
     let poisoned = metrics.partitions_poisoned.get();
+    let stopped = metrics.status.stopped_shippers();
     if running as usize != cores_expected {
         (503, format!("starting or stopping: {running} of {cores_expected} cores serving\n"))
     } else if poisoned > 0 {
         (503, format!("degraded: {poisoned} partition(s) poisoned by disk errors\n"))
+    } else if !stopped.is_empty() {
+        let mut text = format!("degraded: upstream shipping stopped for {} partition(s)\n", stopped.len());
+        for line in stopped {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        (503, text)
     } else {
         (200, format!("ok: {running} cores serving\n"))
     }
@@ -64,7 +74,12 @@ pub fn start(
                         let (status, body) = health(&metrics, cores_expected);
                         (status, body, "text/plain; charset=utf-8")
                     }
-                    _ => (404, "not found: try /metrics or /health\n".to_owned(), "text/plain; charset=utf-8"),
+                    (tiny_http::Method::Get, "/status") => {
+                        let body = serde_json::to_string(&metrics.status.snapshot())
+                            .unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"));
+                        (200, body, "application/json")
+                    }
+                    _ => (404, "not found: try /metrics, /health or /status\n".to_owned(), "text/plain; charset=utf-8"),
                 };
                 let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header");
                 let response = tiny_http::Response::from_string(body).with_status_code(status).with_header(header);

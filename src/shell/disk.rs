@@ -18,6 +18,9 @@ use crate::core::log::segment::{align_down, align_up, WritePlan};
 /// The operation name of a failed preallocation: nothing was written, so the file is
 /// as it was and the caller may go on (see `DiskError::is_full_before_write`).
 pub const PREALLOCATE: &str = "preallocate";
+/// The operation name of an append refused before any write because the data
+/// directory is at `log.data_dir_bytes_max`.
+pub const OVER_BUDGET: &str = "append within log.data_dir_bytes_max";
 
 /// A failed disk operation, with what was being done and where.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +37,8 @@ impl DiskError {
     /// The filesystem had no room for the space a write needed, and nothing was
     /// written: the file's bytes are unchanged.
     pub fn is_full_before_write(&self) -> bool {
-        self.operation == PREALLOCATE && self.source.kind() == io::ErrorKind::StorageFull
+        (self.operation == PREALLOCATE || self.operation == OVER_BUDGET)
+            && self.source.kind() == io::ErrorKind::StorageFull
     }
 
     pub fn new(operation: &'static str, path: &Path, position: u64, source: impl Into<io::Error>) -> DiskError {
@@ -202,9 +206,17 @@ impl DirectFile {
 pub async fn probe_direct_io(directory: &Path) -> Result<(), DiskError> {
     let path = directory.join(".weir-direct-io-probe");
     let pattern: Vec<u8> = (0..DIRECT_IO_ALIGNMENT_BYTES as usize).map(|index| (index % 251) as u8).collect();
-    std::fs::write(&path, &pattern)
-        .and_then(|()| std::fs::File::open(&path)?.sync_all())
-        .map_err(|error| DiskError::new("write probe", &path, 0, error))?;
+    let written = std::fs::write(&path, &pattern).and_then(|()| std::fs::File::open(&path)?.sync_all());
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&path);
+        if error.kind() == io::ErrorKind::StorageFull {
+            // A full disk must not keep weir from starting (shipping and retention are
+            // what free it); the segments are read with O_DIRECT anyway.
+            tracing::warn!(directory = %directory.display(), "disk full: direct I/O probe skipped");
+            return Ok(());
+        }
+        return Err(DiskError::new("write probe", &path, 0, error));
+    }
     let outcome = async {
         let file = DirectFile::open(&path).await?;
         let read = file.read(0, pattern.len()).await?;

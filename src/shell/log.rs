@@ -23,16 +23,19 @@ use futures_channel::oneshot;
 use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
+use crate::config::DiskFullPolicy;
 use crate::config::{LogConfig, DIRECT_IO_ALIGNMENT_BYTES};
 use crate::core::log::batch::{self, BatchError, Record, BATCH_BYTES_MAX};
 use crate::core::log::index::{self, IndexEntry, INDEX_ENTRY_BYTES};
 use crate::core::log::recovery::{
     find_later_batch, scan_window, InvalidBatch, ScanCursor, ScanStop, SCAN_WINDOW_BYTES,
 };
-use crate::core::log::retention::{plan_deletions, SealedSegment};
+use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
-use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError};
+use crate::shell::budget::DataDirBudget;
+use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError, OVER_BUDGET, PREALLOCATE};
 use crate::shell::metrics::PartitionMetrics;
+use crate::shell::status::DroppedRange;
 
 /// The log's tunables, taken from `[log]` in the config.
 #[derive(Debug, Clone)]
@@ -106,6 +109,12 @@ pub enum LogError {
     OffsetOutOfRange { partition: String, requested: i64, start: i64 },
 }
 
+/// Bytes the log leaves free on the data directory's filesystem: appends that would
+/// go below are handled as a full disk, so `ship.state`, index files and directory
+/// entries always find room (a shipper that cannot persist its state cannot ship, and
+/// shipping is what frees the disk).
+pub const DISK_RESERVE_BYTES: u64 = 1 << 20;
+
 /// The smallest window a read fetches (bytes).
 const READ_WINDOW_BYTES_MIN: usize = 64 << 10;
 
@@ -123,6 +132,21 @@ struct SegmentView {
     index: Rc<Vec<IndexEntry>>,
 }
 
+impl SegmentView {
+    fn path(&self, directory: &Path) -> PathBuf {
+        segment::log_path(directory, self.base_offset)
+    }
+
+    /// The segment's log file: the writer's handle for the active segment, a fresh
+    /// read-only one (closed when dropped) for a sealed segment.
+    async fn open(&self, directory: &Path) -> Result<Rc<DirectFile>, DiskError> {
+        match &self.file {
+            Some(file) => Ok(file.clone()),
+            None => DirectFile::open_read_only(&self.path(directory)).await.map(Rc::new),
+        }
+    }
+}
+
 /// State shared between the flusher, appenders and readers of one partition.
 struct Shared {
     name: String,
@@ -133,9 +157,31 @@ struct Shared {
     segments: BTreeMap<i64, SegmentView>,
     poisoned: Option<PoisonCause>,
     closed: bool,
+    /// Every offset below this is durably acknowledged upstream (told by `retain`).
+    shipped_below_offset: i64,
+    budget: std::sync::Arc<DataDirBudget>,
+    /// Segment bytes last counted into `budget`.
+    accounted_bytes: u64,
+    /// When a refused append was last logged, and how many were refused since.
+    full_logged_at: Option<Instant>,
+    full_unlogged: u64,
+    /// The batch `bytes_from` last found: (segment base, batch base offset, byte
+    /// position). The next call starts from it when it can, so a cursor that did not
+    /// move costs no read and one that moved reads only what it passed.
+    position_hint: Option<(i64, i64, u64)>,
 }
 
 impl Shared {
+    /// Brings the budget and the gauges up to date with the segments.
+    fn account(&mut self) {
+        let bytes = self.disk_bytes();
+        self.budget.account(self.accounted_bytes, bytes);
+        self.accounted_bytes = bytes;
+        self.metrics.disk_bytes.set(bytes as i64);
+        self.metrics.next_offset.set(self.next_offset());
+        self.metrics.start_offset.set(self.segments.keys().next().copied().unwrap_or(0));
+    }
+
     fn next_offset(&self) -> i64 {
         self.segments.values().next_back().map_or(0, |segment| segment.next_offset)
     }
@@ -219,9 +265,15 @@ impl PartitionLog {
             segments,
             poisoned: None,
             closed: false,
+            shipped_below_offset: 0,
+            budget: std::sync::Arc::new(DataDirBudget::unlimited()),
+            accounted_bytes: 0,
+            full_logged_at: None,
+            full_unlogged: 0,
+            position_hint: None,
         };
-        metrics.next_offset.set(shared.next_offset());
-        metrics.disk_bytes.set(shared.disk_bytes() as i64);
+        let mut shared = shared;
+        shared.account();
         let shared = Rc::new(RefCell::new(shared));
         let (sender, receiver) = local_channel::new_bounded(options.appends_pending_max);
         glommio::spawn_local(flusher(shared.clone(), active, receiver)).detach();
@@ -230,6 +282,85 @@ impl PartitionLog {
 
     pub fn name(&self) -> String {
         self.shared.borrow().name.clone()
+    }
+
+    /// Counts this partition into the data directory's `budget` and applies its
+    /// disk-full policy from now on (the default is no byte limit and `block`).
+    pub fn set_budget(&self, budget: std::sync::Arc<DataDirBudget>) {
+        let mut shared = self.shared.borrow_mut();
+        shared.budget.account(shared.accounted_bytes, 0);
+        shared.accounted_bytes = 0;
+        shared.budget = budget;
+        shared.account();
+    }
+
+    /// Stored batch bytes from the batch holding `offset` to the durable end: exactly
+    /// what a shipper whose cursor is `offset` (a batch boundary) has yet to ship.
+    /// Returns them with the durable end they were measured against. Reads at most
+    /// about one index interval of the segment holding `offset`.
+    pub async fn bytes_from(&self, offset: i64) -> Result<(u64, i64), LogError> {
+        let (name, directory, view, later_bytes, end_offset, hint) = {
+            let shared = self.shared.borrow();
+            let end_offset = shared.next_offset();
+            let start = shared.segments.keys().next().copied().unwrap_or(0);
+            if offset >= end_offset {
+                return Ok((0, end_offset));
+            }
+            if offset <= start {
+                return Ok((shared.disk_bytes(), end_offset));
+            }
+            let (base, view) = shared.segments.range(..=offset).next_back().expect("a segment holds the offset");
+            let later: u64 = shared.segments.range(base + 1..).map(|(_, view)| view.end_position).sum();
+            let hint = shared
+                .position_hint
+                .filter(|(segment_base, batch_base, _)| *segment_base == *base && *batch_base <= offset);
+            (shared.name.clone(), shared.directory.clone(), view.clone(), later, end_offset, hint)
+        };
+        if view.base_offset == offset {
+            return Ok((view.end_position + later_bytes, end_offset));
+        }
+        if let Some((_, batch_base, position)) = hint {
+            if batch_base == offset {
+                return Ok((view.end_position - position + later_bytes, end_offset));
+            }
+        }
+        let relative = u32::try_from(offset - view.base_offset).expect("segment offsets fit u32");
+        let indexed = u64::from(index::lookup(&view.index, relative).position);
+        let mut position = hint.map_or(indexed, |(_, _, hinted)| hinted.max(indexed));
+        let window_want = (self.shared.borrow().options.index_interval_bytes as usize).max(READ_WINDOW_BYTES_MIN);
+        let path = view.path(&directory);
+        let file = view.open(&directory).await.map_err(|source| LogError::Disk { partition: name.clone(), source })?;
+        while position < view.end_position {
+            let window_bytes = ((view.end_position - position) as usize).min(window_want);
+            let window = file
+                .read(position, window_bytes)
+                .await
+                .map_err(|source| LogError::Disk { partition: name.clone(), source })?;
+            let mut at = 0usize;
+            while at + batch::BATCH_HEADER_BYTES <= window.len() {
+                let header = batch::parse_header(&window[at..]).map_err(|reason| LogError::Corrupt {
+                    partition: name.clone(),
+                    path: path.clone(),
+                    position: position + at as u64,
+                    reason: reason.into(),
+                })?;
+                if header.next_offset() > offset {
+                    let from = position + at as u64;
+                    self.shared.borrow_mut().position_hint = Some((view.base_offset, header.base_offset, from));
+                    return Ok((view.end_position - from + later_bytes, end_offset));
+                }
+                at += header.total_bytes();
+            }
+            if at == 0 {
+                break; // less than a header left before the end: not a batch boundary
+            }
+            position += at as u64;
+        }
+        Err(LogError::Layout {
+            partition: name,
+            path,
+            why: format!("no batch holds offset {offset} before the segment's end"),
+        })
     }
 
     /// Appends `records` as a contiguous run; resolves with the first record's offset
@@ -278,6 +409,13 @@ impl PartitionLog {
         }
     }
 
+    /// Every segment's end offset (one past its last record) and log file, oldest
+    /// first: the shipper's lag clock takes file modification times from them.
+    pub fn segment_ends(&self) -> Vec<(i64, PathBuf)> {
+        let shared = self.shared.borrow();
+        shared.segments.values().map(|view| (view.next_offset, view.path(&shared.directory))).collect()
+    }
+
     /// The durable end: one past the last offset an append was acknowledged for.
     pub fn next_offset(&self) -> i64 {
         self.shared.borrow().next_offset()
@@ -303,15 +441,8 @@ impl PartitionLog {
             let view = view.expect("a segment holds every offset between start and end");
             (shared.name.clone(), shared.directory.clone(), view)
         };
-        let path = segment::log_path(&directory, view.base_offset);
-        let file = match &view.file {
-            Some(file) => file.clone(),
-            None => Rc::new(
-                DirectFile::open_read_only(&path)
-                    .await
-                    .map_err(|source| LogError::Disk { partition: name.clone(), source })?,
-            ),
-        };
+        let path = view.path(&directory);
+        let file = view.open(&directory).await.map_err(|source| LogError::Disk { partition: name.clone(), source })?;
         let relative = u32::try_from(from_offset - view.base_offset).expect("segment offsets fit u32");
         let mut position = u64::from(index::lookup(&view.index, relative).position);
         let mut batches = Vec::new();
@@ -358,11 +489,14 @@ impl PartitionLog {
         Ok(batches)
     }
 
-    /// Deletes whole sealed segments below `below_offset`, oldest first, while the
-    /// partition is over `log.partition_bytes_max`. Never touches the active segment.
+    /// Notes that every offset below `below_offset` is durably shipped, and deletes
+    /// whole sealed segments below it, oldest first, while the partition is over
+    /// `log.partition_bytes_max` or the data directory has less than one segment of
+    /// room left under `log.data_dir_bytes_max`. Never touches the active segment.
     pub async fn retain(&self, below_offset: i64) -> Result<RetentionReport, LogError> {
-        let (doomed, directory, name) = {
-            let shared = self.shared.borrow();
+        let doomed = {
+            let mut shared = self.shared.borrow_mut();
+            shared.shipped_below_offset = shared.shipped_below_offset.max(below_offset);
             let views: Vec<&SegmentView> = shared.segments.values().collect();
             let (active, sealed) = views.split_last().expect("a partition always has an active segment");
             let sealed_info: Vec<SealedSegment> = sealed
@@ -373,39 +507,26 @@ impl PartitionLog {
                     bytes: view.end_position,
                 })
                 .collect();
-            let count =
-                plan_deletions(&sealed_info, active.end_position, shared.options.partition_bytes_max, below_offset);
-            (sealed_info[..count].to_vec(), shared.directory.clone(), shared.name.clone())
+            let count = plan_deletions_with_excess(
+                &sealed_info,
+                active.end_position,
+                shared.options.partition_bytes_max,
+                below_offset,
+                shared.budget.excess_bytes(),
+            );
+            sealed_info[..count].to_vec()
         };
         let mut report = RetentionReport::default();
         for segment in &doomed {
-            // Unlink the log first: a crash between the two leaves an orphan index,
-            // which open ignores and removes.
-            for path in [
-                segment::log_path(&directory, segment.base_offset),
-                segment::index_path(&directory, segment.base_offset),
-            ] {
-                if let Err(error) = std::fs::remove_file(&path) {
-                    if error.kind() != std::io::ErrorKind::NotFound {
-                        return Err(LogError::Disk {
-                            partition: name,
-                            source: DiskError::new("delete", &path, 0, error),
-                        });
-                    }
-                }
+            if let Some(bytes) = delete_segment(&self.shared, segment.base_offset)
+                .await
+                .map_err(|source| LogError::Disk { partition: self.shared.borrow().name.clone(), source })?
+            {
+                report.segments_deleted += 1;
+                report.bytes_freed += bytes;
             }
-            let mut shared = self.shared.borrow_mut();
-            shared.segments.remove(&segment.base_offset);
-            shared.metrics.segments_deleted.inc();
-            report.segments_deleted += 1;
-            report.bytes_freed += segment.bytes;
         }
-        if !doomed.is_empty() {
-            sync_directory(&directory).map_err(|source| LogError::Disk { partition: name, source })?;
-        }
-        let shared = self.shared.borrow();
-        shared.metrics.disk_bytes.set(shared.disk_bytes() as i64);
-        report.start_offset = shared.segments.keys().next().copied().unwrap_or(0);
+        report.start_offset = self.shared.borrow().segments.keys().next().copied().unwrap_or(0);
         Ok(report)
     }
 
@@ -498,7 +619,17 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
     }
 }
 
-/// Writes `group` as one batch and replies to each append.
+/// How often at most a partition logs that it refuses appends on a full disk.
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The most segments one flush may delete to make room (a safety bound; each
+/// attempt deletes one segment or gives up).
+const MAKE_ROOM_ATTEMPTS_MAX: usize = 4096;
+
+/// Writes `group` as one batch and replies to each append. A full disk (the
+/// filesystem, or the data directory's budget) first deletes the oldest shipped
+/// segment, then under `drop-oldest` the oldest unshipped one, and tries again;
+/// when nothing can go, the appends are refused with `DiskFull` and nothing is written.
 async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: Vec<PendingAppend>) {
     let poisoned = shared.borrow().poisoned.clone();
     if let Some(cause) = poisoned {
@@ -508,58 +639,145 @@ async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: 
         }
         return;
     }
-    match write_group(shared, active, &group).await {
-        Ok(base_offset) => {
-            let mut offset = base_offset;
-            for append in group {
-                let count = append.records.len() as i64;
-                let _ = append.reply.send(Ok(offset));
-                offset += count;
-            }
-        }
-        Err(source) if source.is_full_before_write() => {
-            let partition = {
-                let state = shared.borrow();
-                state.metrics.disk_full_rejections.inc_by(group.len() as u64);
-                state.name.clone()
-            };
-            tracing::warn!(partition = %partition, error = %source, "disk full: appends rejected, nothing written");
-            for append in group {
-                let _ = append
-                    .reply
-                    .send(Err(LogError::DiskFull { partition: partition.clone(), path: source.path.clone() }));
-            }
-        }
-        Err(source) => {
-            let cause = PoisonCause {
-                operation: source.operation,
-                path: source.path.clone(),
-                position: source.position,
-                kind: source.source.kind(),
-            };
-            let error_text = source.to_string();
-            let partition = {
-                let mut state = shared.borrow_mut();
-                state.poisoned = Some(cause.clone());
-                state.metrics.poisoned.set(1);
-                state.metrics.partitions_poisoned.inc();
-                if source.operation == "fdatasync" {
-                    state.metrics.fsync_errors.inc();
-                } else {
-                    state.metrics.write_errors.inc();
+    let mut attempts = 0usize;
+    loop {
+        match write_group(shared, active, &group).await {
+            Ok(base_offset) => {
+                let mut offset = base_offset;
+                for append in group {
+                    let count = append.records.len() as i64;
+                    let _ = append.reply.send(Ok(offset));
+                    offset += count;
                 }
-                state.name.clone()
-            };
-            tracing::error!(partition = %partition, error = %error_text, "log write failed; partition poisoned");
-            let mut first_error = Some(LogError::Disk { partition: partition.clone(), source });
-            for append in group {
-                let error = first_error
-                    .take()
-                    .unwrap_or_else(|| LogError::Poisoned { partition: partition.clone(), cause: cause.clone() });
-                let _ = append.reply.send(Err(error));
+                return;
+            }
+            Err(source) if source.is_full_before_write() => {
+                attempts += 1;
+                if attempts <= MAKE_ROOM_ATTEMPTS_MAX {
+                    match make_room(shared).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(error) => return poison(shared, error, group),
+                    }
+                }
+                let (partition, log_now) = {
+                    let mut state = shared.borrow_mut();
+                    state.metrics.disk_full_rejections.inc_by(group.len() as u64);
+                    state.full_unlogged += group.len() as u64;
+                    let log_now = state.full_logged_at.is_none_or(|at| at.elapsed() >= FULL_LOG_INTERVAL);
+                    (state.name.clone(), log_now)
+                };
+                if log_now {
+                    let refused = std::mem::take(&mut shared.borrow_mut().full_unlogged);
+                    shared.borrow_mut().full_logged_at = Some(Instant::now());
+                    tracing::warn!(partition = %partition, error = %source, refused, "disk full: appends refused, nothing written (logged at most every 10 s)");
+                }
+                for append in group {
+                    let _ = append
+                        .reply
+                        .send(Err(LogError::DiskFull { partition: partition.clone(), path: source.path.clone() }));
+                }
+                return;
+            }
+            Err(source) => return poison(shared, source, group),
+        }
+    }
+}
+
+/// A write, fsync or delete failed: the partition refuses appends from now on.
+fn poison(shared: &Rc<RefCell<Shared>>, source: DiskError, group: Vec<PendingAppend>) {
+    let cause = PoisonCause {
+        operation: source.operation,
+        path: source.path.clone(),
+        position: source.position,
+        kind: source.source.kind(),
+    };
+    let error_text = source.to_string();
+    let partition = {
+        let mut state = shared.borrow_mut();
+        state.poisoned = Some(cause.clone());
+        state.metrics.poisoned.set(1);
+        state.metrics.partitions_poisoned.inc();
+        if source.operation == "fdatasync" {
+            state.metrics.fsync_errors.inc();
+        } else {
+            state.metrics.write_errors.inc();
+        }
+        state.name.clone()
+    };
+    tracing::error!(partition = %partition, error = %error_text, "log write failed; partition poisoned");
+    let mut first_error = Some(LogError::Disk { partition: partition.clone(), source });
+    for append in group {
+        let error = first_error
+            .take()
+            .unwrap_or_else(|| LogError::Poisoned { partition: partition.clone(), cause: cause.clone() });
+        let _ = append.reply.send(Err(error));
+    }
+}
+
+/// Deletes the oldest sealed segment if it is shipped, or under `drop-oldest` even if
+/// it is not (logged with its offset range and counted). Whether one was deleted.
+async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<bool, DiskError> {
+    let (base_offset, next_offset, shipped) = {
+        let state = shared.borrow();
+        if state.segments.len() < 2 {
+            return Ok(false); // only the active segment: nothing may go
+        }
+        let oldest = state.segments.values().next().expect("two segments");
+        let shipped = oldest.next_offset <= state.shipped_below_offset;
+        if !shipped && state.budget.policy() != DiskFullPolicy::DropOldest {
+            return Ok(false);
+        }
+        (oldest.base_offset, oldest.next_offset, shipped)
+    };
+    let Some(bytes) = delete_segment(shared, base_offset).await? else { return Ok(true) };
+    let state = shared.borrow();
+    if shipped {
+        tracing::info!(partition = %state.name, first_offset = base_offset, last_offset = next_offset - 1, bytes, "disk full: shipped segment deleted");
+    } else {
+        let records = (next_offset - base_offset) as u64;
+        state.metrics.dropped_segments.inc();
+        state.metrics.dropped_records.inc_by(records);
+        state.metrics.dropped_ranges.push(DroppedRange {
+            first_offset: base_offset,
+            last_offset: next_offset - 1,
+            bytes,
+        });
+        tracing::warn!(partition = %state.name, first_offset = base_offset, last_offset = next_offset - 1, records, bytes, "disk full: unshipped segment dropped (log.disk_full_policy = drop-oldest)");
+    }
+    Ok(true)
+}
+
+/// Deletes the sealed segment at `base_offset` (log file first: a crash between the
+/// two leaves an orphan index, which open removes) and closes its file once no reader
+/// holds it, so its space returns. `None` if it was already gone.
+async fn delete_segment(shared: &Rc<RefCell<Shared>>, base_offset: i64) -> Result<Option<u64>, DiskError> {
+    let (view, directory) = {
+        let state = shared.borrow();
+        let Some(view) = state.segments.get(&base_offset).cloned() else { return Ok(None) };
+        assert!(state.segments.keys().next_back() != Some(&base_offset), "the active segment is never deleted");
+        (view, state.directory.clone())
+    };
+    for path in [segment::log_path(&directory, base_offset), segment::index_path(&directory, base_offset)] {
+        if let Err(error) = std::fs::remove_file(&path) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                return Err(DiskError::new("delete", &path, 0, error));
             }
         }
     }
+    {
+        let mut state = shared.borrow_mut();
+        state.segments.remove(&base_offset);
+        state.metrics.segments_deleted.inc();
+        state.account();
+    }
+    let bytes = view.end_position;
+    // Sealed segments hold no handle; a reader that has one open closes it when done.
+    if let Some(Ok(file)) = view.file.map(Rc::try_unwrap) {
+        let _ = file.close().await;
+    }
+    sync_directory(&directory)?;
+    Ok(Some(bytes))
 }
 
 async fn write_group(
@@ -573,6 +791,14 @@ async fn write_group(
     let batch_bytes = plan_batch.total_bytes;
     // A lone append was checked exactly; a group by the sum of its upper bounds.
     assert!(batch_bytes <= options.flush_bytes_max && batch_bytes <= BATCH_BYTES_MAX);
+    if shared.borrow().budget.would_exceed(batch_bytes as u64) {
+        return Err(DiskError::new(
+            OVER_BUDGET,
+            &shared.borrow().directory,
+            active.end_position,
+            std::io::Error::new(std::io::ErrorKind::StorageFull, "the data directory is at log.data_dir_bytes_max"),
+        ));
+    }
     let too_full = active.end_position + batch_bytes as u64 > options.segment_bytes_max;
     let too_old = active.created_at.elapsed() >= options.segment_age_max;
     if active.end_position > 0 && (too_full || too_old) {
@@ -580,13 +806,36 @@ async fn write_group(
     }
     let base_offset = active.next_offset;
     let position = active.end_position;
-    let plan = plan_append(
+    let mut plan = plan_append(
         position,
         batch_bytes,
         DIRECT_IO_ALIGNMENT_BYTES,
         active.log.size_bytes(),
         options.preallocate_bytes,
     );
+    if let Some(size) = plan.preallocate_to {
+        // Leave DISK_RESERVE_BYTES free on the filesystem: without room for
+        // ship.state, shipping (which is what frees the disk) could not go on.
+        let allocated = active.log.size_bytes();
+        let write_end = plan.write_position + plan.write_bytes as u64;
+        let directory = shared.borrow().directory.clone();
+        if let Ok(free) = crate::doctor::sys::available_bytes(&directory) {
+            if free < size.saturating_sub(allocated) + DISK_RESERVE_BYTES {
+                if free < write_end.saturating_sub(allocated) + DISK_RESERVE_BYTES {
+                    return Err(DiskError::new(
+                        PREALLOCATE,
+                        active.log.path(),
+                        write_end,
+                        std::io::Error::new(
+                            std::io::ErrorKind::StorageFull,
+                            format!("the filesystem would have less than the {DISK_RESERVE_BYTES} bytes free the log leaves for ship.state and index files"),
+                        ),
+                    ));
+                }
+                plan.preallocate_to = Some(write_end);
+            }
+        }
+    }
     // Index entry for this batch if an interval of bytes passed since the last one.
     let index_grew = position > 0 && active.bytes_since_index >= options.index_interval_bytes;
     if index_grew {
@@ -640,9 +889,7 @@ async fn write_group(
     state.metrics.appended_records.inc_by(record_count as u64);
     state.metrics.appended_bytes.inc_by(batch_bytes as u64);
     state.metrics.flushes.inc();
-    state.metrics.next_offset.set(active.next_offset);
-    let disk_bytes = state.disk_bytes();
-    state.metrics.disk_bytes.set(disk_bytes as i64);
+    state.account();
     Ok(base_offset)
 }
 

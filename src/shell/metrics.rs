@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::shell::status::{DroppedRanges, ShipperStateCell, StatusBoard};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub topic: String,
@@ -33,9 +35,14 @@ pub struct Metrics {
     segments_deleted: Family<PartitionLabels, Counter>,
     next_offset: Family<PartitionLabels, Gauge>,
     disk_bytes: Family<PartitionLabels, Gauge>,
+    start_offset: Family<PartitionLabels, Gauge>,
+    dropped_segments: Family<PartitionLabels, Counter>,
+    dropped_records: Family<PartitionLabels, Counter>,
     pub cores_running: Gauge,
     pub partitions_poisoned: Gauge,
     ship: ShipFamilies,
+    /// Every partition's handles, for `/status` and `/health`.
+    pub status: StatusBoard,
 }
 
 /// The upstream shipper's metric families (see `ShipMetrics`).
@@ -55,6 +62,7 @@ struct ShipFamilies {
     duplicates: Family<PartitionLabels, Counter>,
     reconciled_batches: Family<PartitionLabels, Counter>,
     stopped: Family<PartitionLabels, Gauge>,
+    skipped_records: Family<PartitionLabels, Counter>,
 }
 
 /// One partition's shipper metric handles.
@@ -74,6 +82,10 @@ pub struct ShipMetrics {
     pub duplicates: Counter,
     pub reconciled_batches: Counter,
     pub stopped: Gauge,
+    /// Records skipped because the log dropped them (drop-oldest) before shipping.
+    pub skipped_records: Counter,
+    /// Running, retrying or stopped (with the error), for `/status`.
+    pub state: ShipperStateCell,
 }
 
 /// One partition's metric handles.
@@ -93,6 +105,10 @@ pub struct PartitionMetrics {
     pub disk_bytes: Gauge,
     /// The process-wide count of poisoned partitions (for /health).
     pub partitions_poisoned: Gauge,
+    pub start_offset: Gauge,
+    pub dropped_segments: Counter,
+    pub dropped_records: Counter,
+    pub dropped_ranges: DroppedRanges,
 }
 
 impl Metrics {
@@ -111,10 +127,14 @@ impl Metrics {
             segments_deleted: Family::default(),
             next_offset: Family::default(),
             disk_bytes: Family::default(),
+            start_offset: Family::default(),
+            dropped_segments: Family::default(),
+            dropped_records: Family::default(),
             cores_running: Gauge::default(),
             partitions_poisoned: Gauge::default(),
             registry: Registry::default(),
             ship: ShipFamilies::default(),
+            status: StatusBoard::default(),
         };
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
@@ -148,6 +168,17 @@ impl Metrics {
         registry.register("log_segments_deleted", "Segments deleted by retention", metrics.segments_deleted.clone());
         registry.register("log_next_offset", "Next offset of the partition (durable end)", metrics.next_offset.clone());
         registry.register("log_disk_bytes", "Bytes of segment data the partition holds", metrics.disk_bytes.clone());
+        registry.register("log_start_offset", "First offset the partition still holds", metrics.start_offset.clone());
+        registry.register(
+            "log_dropped_segments",
+            "Unshipped segments deleted by disk_full_policy = drop-oldest",
+            metrics.dropped_segments.clone(),
+        );
+        registry.register(
+            "log_dropped_records",
+            "Unshipped records deleted by disk_full_policy = drop-oldest",
+            metrics.dropped_records.clone(),
+        );
         registry.register("cores_running", "Executors serving", metrics.cores_running.clone());
         registry.register(
             "partitions_poisoned",
@@ -172,12 +203,12 @@ impl Metrics {
         );
         registry.register(
             "ship_lag_bytes",
-            "Stored bytes not yet acknowledged upstream (estimate: lag records x mean stored bytes per record)",
+            "Stored batch bytes from the cursor to the log's durable end (exact, sampled with lag_records)",
             ship.lag_bytes.clone(),
         );
         registry.register(
             "ship_lag_seconds",
-            "Seconds since the shipper was last caught up with the log (0 when caught up)",
+            "Age of the oldest record not yet acknowledged upstream: seconds since it became durable (0 when caught up)",
             ship.lag_seconds.clone(),
         );
         registry.register(
@@ -209,6 +240,11 @@ impl Metrics {
             ship.reconciled_batches.clone(),
         );
         registry.register(
+            "ship_skipped_records",
+            "Records never shipped because drop-oldest deleted them from the log first",
+            ship.skipped_records.clone(),
+        );
+        registry.register(
             "ship_stopped",
             "1 when the partition's shipping stopped on an error only an operator can resolve",
             ship.stopped.clone(),
@@ -218,7 +254,7 @@ impl Metrics {
 
     pub fn partition(&self, topic: &str, partition: u32) -> PartitionMetrics {
         let labels = PartitionLabels { topic: topic.to_owned(), partition };
-        PartitionMetrics {
+        let handles = PartitionMetrics {
             appended_records: self.appended_records.get_or_create(&labels).clone(),
             appended_bytes: self.appended_bytes.get_or_create(&labels).clone(),
             flushes: self.flushes.get_or_create(&labels).clone(),
@@ -232,13 +268,19 @@ impl Metrics {
             next_offset: self.next_offset.get_or_create(&labels).clone(),
             disk_bytes: self.disk_bytes.get_or_create(&labels).clone(),
             partitions_poisoned: self.partitions_poisoned.clone(),
-        }
+            start_offset: self.start_offset.get_or_create(&labels).clone(),
+            dropped_segments: self.dropped_segments.get_or_create(&labels).clone(),
+            dropped_records: self.dropped_records.get_or_create(&labels).clone(),
+            dropped_ranges: DroppedRanges::default(),
+        };
+        self.status.register_partition(topic, partition, handles.clone());
+        handles
     }
 
     pub fn ship(&self, topic: &str, partition: u32) -> ShipMetrics {
         let labels = PartitionLabels { topic: topic.to_owned(), partition };
         let ship = &self.ship;
-        ShipMetrics {
+        let handles = ShipMetrics {
             shipped_records: ship.shipped_records.get_or_create(&labels).clone(),
             shipped_bytes: ship.shipped_bytes.get_or_create(&labels).clone(),
             lag_records: ship.lag_records.get_or_create(&labels).clone(),
@@ -253,7 +295,11 @@ impl Metrics {
             duplicates: ship.duplicates.get_or_create(&labels).clone(),
             reconciled_batches: ship.reconciled_batches.get_or_create(&labels).clone(),
             stopped: ship.stopped.get_or_create(&labels).clone(),
-        }
+            skipped_records: ship.skipped_records.get_or_create(&labels).clone(),
+            state: ShipperStateCell::default(),
+        };
+        self.status.register_shipper(topic, partition, handles.clone());
+        handles
     }
 
     /// The Prometheus text exposition of every metric.

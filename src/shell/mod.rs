@@ -2,6 +2,7 @@
 //! decides and decides nothing of its own.
 
 pub mod admin;
+pub mod budget;
 pub mod ceiling;
 pub mod disk;
 pub mod engine;
@@ -11,5 +12,6 @@ pub mod metrics;
 pub mod quic;
 pub mod runtime;
 pub mod ship;
+pub mod status;
 pub mod sys;
 pub mod tls;

@@ -107,6 +107,18 @@ pub fn partition_directory(data_dir: &std::path::Path, topic: &str, partition: u
 /// Runs the engine until `shutdown` is set; returns the first fatal problem, if any.
 pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal> {
     let metrics = Metrics::new();
+    let log_config = &valid.config.log;
+    metrics.status.set_settings(crate::shell::status::StatusSettings {
+        data_dir: valid.config.data_dir.clone(),
+        partition_bytes_max: log_config.partition_bytes_max.0,
+        data_dir_bytes_max: log_config.data_dir_bytes_max.0,
+        disk_full_policy: log_config.disk_full_policy,
+    });
+    let budget = Arc::new(crate::shell::budget::DataDirBudget::new(
+        log_config.data_dir_bytes_max.0,
+        log_config.segment_bytes_max.0,
+        log_config.disk_full_policy,
+    ));
     let cores = valid.cores.clone();
     let (admin_address, admin_thread) =
         admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
@@ -138,6 +150,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         let data_dir = valid.config.data_dir.clone();
         let options = LogOptions::from_config(&valid.config.log);
         let metrics = metrics.clone();
+        let budget = budget.clone();
         let core_shutdown = shutdown.clone();
         let events = events.clone();
         let mesh = mesh.clone();
@@ -175,6 +188,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 match PartitionLog::open(&directory, &name, options.clone(), metrics.partition(&topic, partition)).await
                 {
                     Ok(log) => {
+                        log.set_budget(budget.clone());
                         by_partition.insert((topic, partition), log.clone());
                         logs.push(log);
                     }

@@ -21,6 +21,7 @@ use kafka_protocol::messages::ProduceRequest;
 
 use crate::config::ValidConfig;
 use crate::core::ship::errors::{error_name, NONE, OFFSET_OUT_OF_RANGE};
+use crate::core::ship::lag::LagClock;
 use crate::core::ship::reconcile::{ReconcileError, Scan};
 use crate::core::ship::state::{StateError, STATE_FILE_NAME};
 use crate::core::ship::{
@@ -30,6 +31,7 @@ use crate::shell::disk::sync_directory;
 use crate::shell::kafka::{self, ClientOptions, Connection, KafkaError, PRODUCE_VERSIONS};
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::metrics::ShipMetrics;
+use crate::shell::status::ShipperState;
 
 /// How often the shipper looks at the log's durable end while idle.
 pub const LOG_POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -39,6 +41,16 @@ const WAIT_MIN: Duration = Duration::from_micros(100);
 const SCAN_FETCH_BYTES: i32 = 1 << 20;
 /// The name of the state file while it is being written.
 const STATE_FILE_NEW_NAME: &str = "ship.state.new";
+/// How often the lag gauges (records, bytes, seconds, cursor) are sampled together.
+/// Each sample reads at most about one index interval of the log.
+const LAG_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often retention runs with the durable cursor even when it did not move, so
+/// shipped segments go when the data directory (not this partition) needs room.
+const RETAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a `ship.state` write that found the disk full is tried again.
+const PERSIST_FULL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Samples the lag clock keeps (see `core::ship::lag`).
+const LAG_SAMPLES_MAX: usize = 1024;
 
 /// Everything one partition's shipper needs to know.
 #[derive(Debug, Clone)]
@@ -177,19 +189,85 @@ struct Shipper {
     link: Option<Link>,
     exported: ShipStats,
     last_warning: Option<String>,
+    lag_clock: LagClock,
+    lag_refreshed_at: Option<Instant>,
+    /// The cursor last made durable in `ship.state`: retention may delete below it.
+    durable_cursor: Option<i64>,
+    retained_at: Instant,
+    shown_state: ShipperState,
 }
 
 /// Runs the shipper of one partition until `shutdown` is set (then persists the
-/// cursor and returns `Ok`) or until it cannot go on.
+/// cursor and returns `Ok`). If it cannot go on, it marks itself stopped (metric,
+/// `/status`, `/health`), keeps the lag gauges current until shutdown, and returns
+/// why.
 pub async fn run(
     log: PartitionLog,
     setup: ShipperSetup,
     metrics: ShipMetrics,
     shutdown: Arc<AtomicBool>,
 ) -> Result<(), ShipError> {
+    let name = setup.name.clone();
+    let (result, last) = match start(log.clone(), setup, metrics.clone()).await {
+        Ok(mut shipper) => {
+            let result = shipper.serve(&shutdown).await;
+            (result, Some((shipper.core.cursor_offset(), shipper.lag_clock)))
+        }
+        Err(error) => (Err(error), None),
+    };
+    if let Err(error) = &result {
+        metrics.stopped.set(1);
+        metrics.state.set(ShipperState::Stopped { error: error.to_string() });
+        tracing::error!(partition = %name, error = %error, "shipper stopped");
+        // The partition keeps accepting appends: keep its lag current until shutdown.
+        let (cursor, mut clock) = last.unwrap_or_else(|| (log.stats().start_offset, seeded_lag_clock(&log)));
+        while !shutdown.load(Ordering::Acquire) {
+            let now = Instant::now();
+            clock.observe_end(log.next_offset(), now);
+            if let Err(error) = sample_lag(&log, &metrics, &mut clock, cursor).await {
+                tracing::debug!(partition = %name, %error, "lag sample failed; kept the last one");
+            }
+            glommio::timer::sleep(LAG_REFRESH_INTERVAL).await;
+        }
+    }
+    result
+}
+
+/// A lag clock seeded with the modification times of the log's segments.
+fn seeded_lag_clock(log: &PartitionLog) -> LagClock {
+    let mut lag_clock = LagClock::new(LAG_SAMPLES_MAX);
+    let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
+    for (end_offset, path) in log.segment_ends() {
+        let modified = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).unwrap_or(wall_now);
+        let age = wall_now.duration_since(modified).unwrap_or(Duration::ZERO);
+        lag_clock.seed(end_offset, now.checked_sub(age).unwrap_or(now));
+    }
+    lag_clock
+}
+
+/// Sets the cursor and lag gauges together from one look at the log.
+async fn sample_lag(
+    log: &PartitionLog,
+    metrics: &ShipMetrics,
+    clock: &mut LagClock,
+    cursor_offset: i64,
+) -> Result<(), LogError> {
+    // Offsets drop-oldest deleted are not lag: they will never ship.
+    let from_offset = cursor_offset.max(log.stats().start_offset);
+    let (bytes, end_offset) = log.bytes_from(from_offset).await?;
+    metrics.cursor_offset.set(cursor_offset);
+    metrics.lag_records.set((end_offset - from_offset).max(0));
+    metrics.lag_bytes.set(bytes as i64);
+    metrics.lag_seconds.set(clock.lag(from_offset, Instant::now()).as_secs_f64());
+    Ok(())
+}
+
+/// Reads the state, makes the core and frees what the persisted cursor allows.
+async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> Result<Shipper, ShipError> {
     let persisted =
         read_state(&setup.directory).map_err(|source| ShipError::State { partition: setup.name.clone(), source })?;
     let stats = log.stats();
+    let durable_cursor = persisted.as_ref().map(|state| state.cursor_offset);
     let core = ShipperCore::new(
         setup.config.clone(),
         setup.upstream.clone(),
@@ -206,14 +284,28 @@ pub async fn run(
         log_end = stats.next_offset,
         "shipper starting"
     );
-    let mut shipper =
-        Shipper { log, setup, metrics, core, link: None, exported: ShipStats::default(), last_warning: None };
-    let result = shipper.serve(&shutdown).await;
-    if let Err(error) = &result {
-        shipper.metrics.stopped.set(1);
-        tracing::error!(error = %error, "shipper stopped");
+    let lag_clock = seeded_lag_clock(&log);
+    let mut shipper = Shipper {
+        log,
+        setup,
+        metrics,
+        core,
+        link: None,
+        exported: ShipStats::default(),
+        last_warning: None,
+        lag_clock,
+        lag_refreshed_at: None,
+        durable_cursor: None,
+        retained_at: Instant::now(),
+        shown_state: ShipperState::Starting,
+    };
+    // The persisted cursor is durable: the log may free shipped segments below it
+    // (also when the disk fills) from the start.
+    if shipper.core.stop_reason().is_none() {
+        shipper.durable_cursor = durable_cursor;
+        shipper.retain_shipped().await?;
     }
-    result
+    Ok(shipper)
 }
 
 impl Shipper {
@@ -223,7 +315,9 @@ impl Shipper {
                 return self.finish().await;
             }
             let stats = self.log.stats();
-            self.core.handle_log_end(stats.start_offset, stats.next_offset, Instant::now());
+            let now = Instant::now();
+            self.lag_clock.observe_end(stats.next_offset, now);
+            self.core.handle_log_end(stats.start_offset, stats.next_offset, now);
             self.core.handle_timeout(Instant::now());
             while let Some(action) = self.core.poll_action(Instant::now()) {
                 self.execute(action).await?;
@@ -232,6 +326,13 @@ impl Shipper {
             if let Some(reason) = self.core.stop_reason() {
                 return Err(ShipError::Stopped { partition: self.setup.name.clone(), reason: reason.clone() });
             }
+            if self.lag_refreshed_at.is_none_or(|at| at.elapsed() >= LAG_REFRESH_INTERVAL) {
+                self.refresh_lag().await;
+            }
+            if self.retained_at.elapsed() >= RETAIN_INTERVAL {
+                self.retain_shipped().await?;
+            }
+            self.show_state();
             self.wait().await;
         }
     }
@@ -343,15 +444,19 @@ impl Shipper {
                 }
             }
             Action::Persist { generation, state } => {
+                let cursor = state.cursor_offset;
                 self.persist(state).await?;
+                self.durable_cursor = Some(cursor);
                 self.core.handle_persisted(generation);
             }
             Action::ReadLog { from_offset, bytes_max } => {
-                let batches = self
-                    .log
-                    .read(from_offset, bytes_max)
-                    .await
-                    .map_err(|source| ShipError::Log { partition: self.setup.name.clone(), source })?;
+                let batches = match self.log.read(from_offset, bytes_max).await {
+                    Ok(batches) => batches,
+                    // drop-oldest deleted the segment after the core asked: nothing
+                    // read; the next round tells the core where the log now starts.
+                    Err(LogError::OffsetOutOfRange { .. }) => Vec::new(),
+                    Err(source) => return Err(ShipError::Log { partition: self.setup.name.clone(), source }),
+                };
                 self.core.handle_stored(from_offset, batches);
             }
             Action::Send(send) => {
@@ -375,18 +480,53 @@ impl Shipper {
                 }
             }
             Action::Reconnect => self.link = None,
-            Action::Retain { below_offset } => {
-                let report = self
-                    .log
-                    .retain(below_offset)
-                    .await
-                    .map_err(|source| ShipError::Log { partition: self.setup.name.clone(), source })?;
-                if report.segments_deleted > 0 {
-                    tracing::info!(partition = %self.setup.name, segments = report.segments_deleted, bytes = report.bytes_freed, start_offset = report.start_offset, "shipped segments deleted (partition over its disk budget)");
-                }
-            }
+            Action::Retain { below_offset } => self.retain(below_offset).await?,
         }
         Ok(())
+    }
+
+    async fn retain(&mut self, below_offset: i64) -> Result<(), ShipError> {
+        self.retained_at = Instant::now();
+        let report = self
+            .log
+            .retain(below_offset)
+            .await
+            .map_err(|source| ShipError::Log { partition: self.setup.name.clone(), source })?;
+        if report.segments_deleted > 0 {
+            tracing::info!(partition = %self.setup.name, segments = report.segments_deleted, bytes = report.bytes_freed, start_offset = report.start_offset, "shipped segments deleted (partition or data directory over its disk budget)");
+        }
+        Ok(())
+    }
+
+    /// Retention with the durable cursor, if there is one.
+    async fn retain_shipped(&mut self) -> Result<(), ShipError> {
+        self.retained_at = Instant::now();
+        match self.durable_cursor {
+            Some(cursor) => self.retain(cursor).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Samples the cursor and the exact lag in records, bytes and seconds together.
+    async fn refresh_lag(&mut self) {
+        self.lag_refreshed_at = Some(Instant::now());
+        let cursor = self.core.cursor_offset();
+        if let Err(error) = sample_lag(&self.log, &self.metrics, &mut self.lag_clock, cursor).await {
+            tracing::debug!(partition = %self.setup.name, %error, "lag sample failed; kept the last one");
+        }
+    }
+
+    /// Publishes the shipper's state for `/status` when it changed.
+    fn show_state(&mut self) {
+        let state = match (&self.last_warning, self.core.is_running()) {
+            (Some(problem), _) => ShipperState::Retrying { problem: problem.clone() },
+            (None, true) => ShipperState::Running,
+            (None, false) => ShipperState::Starting,
+        };
+        if state != self.shown_state {
+            self.metrics.state.set(state.clone());
+            self.shown_state = state;
+        }
     }
 
     async fn ensure_link(&mut self) -> Result<(), KafkaError> {
@@ -455,12 +595,23 @@ impl Shipper {
         ScanEnd::Found(scan)
     }
 
+    /// Writes `ship.state`. A full filesystem is waited out (the log keeps
+    /// `DISK_RESERVE_BYTES` free for this, so only something else filling the disk gets
+    /// here): shipping cannot go on without it, and stopping would never free the disk.
     async fn persist(&mut self, state: ShipState) -> Result<(), ShipError> {
-        let directory = self.setup.directory.clone();
-        glommio::executor()
-            .spawn_blocking(move || write_state(&directory, &state))
-            .await
-            .map_err(|source| ShipError::State { partition: self.setup.name.clone(), source })
+        loop {
+            let directory = self.setup.directory.clone();
+            let attempt = state.clone();
+            match glommio::executor().spawn_blocking(move || write_state(&directory, &attempt)).await {
+                Ok(()) => return Ok(()),
+                Err(StateFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull => {
+                    self.warn(format!("disk full: ship.state not written ({source}); retrying"));
+                    self.show_state();
+                    glommio::timer::sleep(PERSIST_FULL_RETRY_INTERVAL).await;
+                }
+                Err(source) => return Err(ShipError::State { partition: self.setup.name.clone(), source }),
+            }
+        }
     }
 
     /// On shutdown: make the latest cursor durable so a restart need not reconcile.
@@ -489,15 +640,11 @@ impl Shipper {
         metrics.timeouts.inc_by(delta(stats.timeouts, before.timeouts));
         metrics.duplicates.inc_by(delta(stats.duplicates, before.duplicates));
         metrics.reconciled_batches.inc_by(delta(stats.batches_reconciled, before.batches_reconciled));
+        if stats.records_skipped > before.records_skipped {
+            tracing::warn!(partition = %self.setup.name, records = stats.records_skipped - before.records_skipped, start_offset = self.core.cursor_offset(), "records dropped from the log before shipping are skipped; shipping goes on under a new producer");
+        }
+        metrics.skipped_records.inc_by(delta(stats.records_skipped, before.records_skipped));
         self.exported = stats;
-        let log_stats = self.log.stats();
-        let lag_records = self.core.lag_records().max(0);
-        let records_held = (log_stats.next_offset - log_stats.start_offset).max(1);
-        let lag_bytes = (log_stats.disk_bytes as i128 * i128::from(lag_records) / i128::from(records_held)) as i64;
-        metrics.lag_records.set(lag_records);
-        metrics.lag_bytes.set(lag_bytes);
-        metrics.lag_seconds.set(self.core.lag_duration(Instant::now()).as_secs_f64());
-        metrics.cursor_offset.set(self.core.cursor_offset());
     }
 }
 

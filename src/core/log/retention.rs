@@ -28,6 +28,29 @@ pub fn plan_deletions(sealed: &[SealedSegment], active_bytes: u64, budget_bytes:
     count
 }
 
+/// As `plan_deletions`, and also while less than `excess_bytes` were freed (what the
+/// data directory as a whole is over its retention threshold).
+pub fn plan_deletions_with_excess(
+    sealed: &[SealedSegment],
+    active_bytes: u64,
+    budget_bytes: u64,
+    below_offset: i64,
+    excess_bytes: u64,
+) -> usize {
+    let mut total: u64 = sealed.iter().map(|segment| segment.bytes).sum::<u64>() + active_bytes;
+    let mut freed = 0u64;
+    let mut count = 0;
+    for segment in sealed {
+        if (total <= budget_bytes && freed >= excess_bytes) || segment.next_offset > below_offset {
+            break;
+        }
+        total -= segment.bytes;
+        freed += segment.bytes;
+        count += 1;
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +70,14 @@ mod tests {
         assert_eq!(plan_deletions(&segments(), 500, 0, 1000), 3);
         assert_eq!(plan_deletions(&segments(), 500, 0, 199), 1, "second segment holds offset 199");
         assert_eq!(plan_deletions(&segments(), 500, 0, 0), 0);
+    }
+
+    #[test]
+    fn the_data_directory_excess_deletes_shipped_segments_under_the_partition_budget() {
+        assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 1000, 0), 0);
+        assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 1000, 1), 1);
+        assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 1000, 1001), 2);
+        assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 150, 5000), 1, "only shipped ones");
+        assert_eq!(plan_deletions_with_excess(&segments(), 500, 2000, 1000, 0), 2, "partition budget still applies");
     }
 }

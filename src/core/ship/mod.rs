@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod coalesce;
 pub mod errors;
+pub mod lag;
 pub mod reconcile;
 pub mod sequence;
 pub mod shipper;

@@ -431,7 +431,26 @@ impl ShipperCore {
         assert!(log_start_offset >= self.log_start_offset && log_start_offset <= log_end_offset);
         self.log_start_offset = log_start_offset;
         self.log_end_offset = log_end_offset;
+        if self.phase == Phase::Running && log_start_offset > self.cursor_offset {
+            self.skip_dropped();
+        }
         self.update_behind(now);
+    }
+
+    /// The log deleted records this shipper had not shipped (`log.disk_full_policy =
+    /// drop-oldest`). What it holds of them is dropped too (a batch of them that was in
+    /// flight may still land upstream: it is never sent again), the connection goes
+    /// with their answers, and a new producer epoch starts at the log's start
+    /// (`handle_producer`), since sequences must not skip.
+    fn skip_dropped(&mut self) {
+        self.in_flight.clear();
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.read_end_offset = self.cursor_offset;
+        self.reconnect_pending = true;
+        self.solo = true;
+        self.phase = Phase::NeedProducer;
+        self.check_invariants();
     }
 
     /// Stored batches read from `from_offset` (the `ReadLog` asked for).

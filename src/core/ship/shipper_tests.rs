@@ -949,3 +949,34 @@ fn simulation_upstream_holds_every_record_exactly_once_in_order() {
     assert!(crashes > 20, "the simulation crashed only {crashes} times");
     assert!(records > 10_000, "the simulation shipped only {records} records");
 }
+
+#[test]
+fn records_dropped_from_the_log_while_shipping_are_skipped_under_a_new_producer() {
+    let mut log = big_log(20); // 60 records, 3 per stored batch
+    let (mut core, base) = pipelined(&log);
+    assert_eq!(core.cursor_offset(), 3);
+    let in_flight = sends_until_idle(&mut core, &log, base);
+    assert!(!in_flight.is_empty(), "batches are in flight when the drop happens");
+    // drop-oldest deleted offsets 0..30 (not all shipped): the log now starts at 30.
+    log.start = 30;
+    core.handle_log_end(30, log.end, base);
+    assert_eq!(core.poll_action(base), Some(Action::Reconnect), "the old epoch's answers go with the connection");
+    assert_eq!(core.poll_action(base), Some(Action::InitProducer));
+    // A late answer for a request of the old epoch changes nothing.
+    core.handle_produced(in_flight[0].request, ProduceAnswer::Appended { upstream_offset: Some(1) }, base);
+    assert_eq!(core.cursor_offset(), 3);
+    let mut broker = ModelBroker::default();
+    let producer = broker.init_producer();
+    core.handle_producer(producer, 0);
+    assert_eq!(core.cursor_offset(), 30);
+    assert_eq!(core.stats().records_skipped, 27);
+    let mut durable = None;
+    run_clean(&mut core, &log, &mut broker, &mut durable, base);
+    assert_eq!(core.cursor_offset(), 60);
+    assert_eq!(
+        broker.our_records(),
+        (30..60).map(|offset| record_at(offset, 600)).collect::<Vec<_>>(),
+        "everything after the gap ships once, in order, under the new producer"
+    );
+    assert_eq!(durable.map(|state| (state.producer, state.epoch_start_offset)), Some((producer, 30)));
+}

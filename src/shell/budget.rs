@@ -1,0 +1,84 @@
+//! The data directory's disk budget, shared by every partition on every core: one
+//! atomic count of the segment bytes all partitions hold, against
+//! `log.data_dir_bytes_max`. A partition adds what it writes and subtracts what it
+//! deletes; an append that would go over the budget is treated as a full disk
+//! (`log.disk_full_policy`). An atomic add per flush is the only cross-core touch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::config::DiskFullPolicy;
+
+#[derive(Debug)]
+pub struct DataDirBudget {
+    /// 0: no limit but the filesystem's.
+    bytes_max: u64,
+    /// Below this much room under `bytes_max`, retention deletes shipped segments.
+    retention_room_bytes: u64,
+    policy: DiskFullPolicy,
+    used_bytes: AtomicU64,
+}
+
+impl DataDirBudget {
+    pub fn new(bytes_max: u64, retention_room_bytes: u64, policy: DiskFullPolicy) -> DataDirBudget {
+        DataDirBudget { bytes_max, retention_room_bytes, policy, used_bytes: AtomicU64::new(0) }
+    }
+
+    /// No byte limit, `block` on a full filesystem: the default.
+    pub fn unlimited() -> DataDirBudget {
+        DataDirBudget::new(0, 0, DiskFullPolicy::Block)
+    }
+
+    pub fn policy(&self) -> DiskFullPolicy {
+        self.policy
+    }
+
+    pub fn bytes_max(&self) -> u64 {
+        self.bytes_max
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// A partition's segment bytes went from `before` to `after`.
+    pub fn account(&self, before: u64, after: u64) {
+        if after >= before {
+            self.used_bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.used_bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `extra_bytes` more would go over the budget.
+    pub fn would_exceed(&self, extra_bytes: u64) -> bool {
+        self.bytes_max != 0 && self.used_bytes() + extra_bytes > self.bytes_max
+    }
+
+    /// Bytes retention should free (from shipped segments) for the data directory:
+    /// what is missing to have `retention_room_bytes` of room left.
+    pub fn excess_bytes(&self) -> u64 {
+        if self.bytes_max == 0 {
+            return 0;
+        }
+        (self.used_bytes() + self.retention_room_bytes).saturating_sub(self.bytes_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_and_judges_against_the_limit() {
+        let budget = DataDirBudget::new(1000, 100, DiskFullPolicy::Block);
+        budget.account(0, 850);
+        assert!(!budget.would_exceed(150));
+        assert!(budget.would_exceed(151));
+        assert_eq!(budget.excess_bytes(), 0);
+        budget.account(850, 950);
+        assert_eq!(budget.excess_bytes(), 50);
+        budget.account(950, 100);
+        assert_eq!(budget.used_bytes(), 100);
+        assert!(!DataDirBudget::unlimited().would_exceed(u64::MAX / 2));
+    }
+}

@@ -1,0 +1,283 @@
+//! What `/status` (and so `weir status`) reports per partition: the log's offsets and
+//! disk use against its budgets, the shipper's cursor, lag and state, and what the
+//! disk-full policy dropped. It reads the same atomics `/metrics` exports; the only
+//! non-atomic parts (a shipper's state and error text, the last dropped ranges) sit
+//! behind small mutexes that change only on a state transition or a drop, never per
+//! record.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::Serialize;
+
+use crate::config::DiskFullPolicy;
+use crate::shell::metrics::{PartitionMetrics, ShipMetrics};
+
+/// Dropped ranges remembered per partition (older ones are only counted).
+pub const DROPPED_RANGES_KEPT: usize = 64;
+
+/// A run of offsets the `drop-oldest` policy deleted before they were shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DroppedRange {
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub bytes: u64,
+}
+
+/// The dropped ranges of one partition, newest last, at most `DROPPED_RANGES_KEPT`.
+#[derive(Debug, Clone, Default)]
+pub struct DroppedRanges(Arc<Mutex<VecDeque<DroppedRange>>>);
+
+impl DroppedRanges {
+    pub fn push(&self, range: DroppedRange) {
+        let mut ranges = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if ranges.len() == DROPPED_RANGES_KEPT {
+            ranges.pop_front();
+        }
+        ranges.push_back(range);
+    }
+
+    pub fn list(&self) -> Vec<DroppedRange> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect()
+    }
+}
+
+/// Where a partition's shipper is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ShipperState {
+    /// Reading its state, asking for a producer or reconciling.
+    #[default]
+    Starting,
+    /// Shipping (or caught up and waiting for data).
+    Running,
+    /// The upstream is unreachable or refusing for now; shipping retries by itself.
+    Retrying { problem: String },
+    /// Stopped on an error only an operator can resolve; the partition keeps
+    /// accepting appends.
+    Stopped { error: String },
+    /// weir is not running: what `ship.state` holds (offline status).
+    NotRunning,
+}
+
+impl ShipperState {
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, ShipperState::Stopped { .. })
+    }
+}
+
+/// A shipper's state, shared with the admin thread. Written on transitions only.
+#[derive(Debug, Clone, Default)]
+pub struct ShipperStateCell(Arc<Mutex<ShipperState>>);
+
+impl ShipperStateCell {
+    pub fn set(&self, state: ShipperState) {
+        let mut current = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if *current != state {
+            *current = state;
+        }
+    }
+
+    pub fn get(&self) -> ShipperState {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// The appliance-wide settings `/status` shows next to the partitions.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub data_dir: PathBuf,
+    pub partition_bytes_max: u64,
+    pub data_dir_bytes_max: u64,
+    pub disk_full_policy: DiskFullPolicy,
+}
+
+struct Entry {
+    log: PartitionMetrics,
+    ship: Option<ShipMetrics>,
+}
+
+/// Every partition's handles, registered when its metrics are created.
+#[derive(Default)]
+pub struct StatusBoard {
+    settings: Mutex<Option<StatusSettings>>,
+    partitions: Mutex<BTreeMap<(String, u32), Entry>>,
+}
+
+/// `/status` as JSON (also what `weir status --json` prints).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Status {
+    pub source: String,
+    pub data_dir: Option<PathBuf>,
+    pub disk_full_policy: Option<String>,
+    /// Segment bytes of every partition together.
+    pub data_dir_bytes: u64,
+    /// 0: no limit but the filesystem's.
+    pub data_dir_bytes_max: u64,
+    /// Bytes the filesystem holding the data directory has free (for unprivileged use).
+    pub filesystem_free_bytes: Option<u64>,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: u32,
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+    pub disk_bytes: u64,
+    pub partition_bytes_max: u64,
+    pub disk_full_rejections: u64,
+    pub dropped_segments: u64,
+    pub dropped_records: u64,
+    pub dropped_ranges: Vec<DroppedRange>,
+    /// `None` when the partition is not shipped.
+    pub shipper: Option<ShipperStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ShipperStatus {
+    #[serde(flatten)]
+    pub state: ShipperState,
+    /// Next local offset to ship: every offset below it is acknowledged upstream.
+    pub cursor_offset: i64,
+    pub lag_records: i64,
+    /// `None` where it is not known (offline status).
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: Option<f64>,
+    pub shipped_records: u64,
+    /// Records the shipper skipped because drop-oldest deleted them first.
+    pub skipped_records: u64,
+}
+
+impl StatusBoard {
+    pub fn set_settings(&self, settings: StatusSettings) {
+        *self.settings.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
+    }
+
+    pub fn register_partition(&self, topic: &str, partition: u32, log: PartitionMetrics) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = partitions.entry((topic.to_owned(), partition)).or_insert(Entry { log: log.clone(), ship: None });
+        entry.log = log;
+    }
+
+    pub fn register_shipper(&self, topic: &str, partition: u32, ship: ShipMetrics) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = partitions.get_mut(&(topic.to_owned(), partition)) {
+            entry.ship = Some(ship);
+        }
+    }
+
+    /// Shipped partitions whose shipper stopped, as `topic-partition: error`.
+    pub fn stopped_shippers(&self) -> Vec<String> {
+        let partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        partitions
+            .iter()
+            .filter_map(|((topic, partition), entry)| match entry.ship.as_ref()?.state.get() {
+                ShipperState::Stopped { error } => Some(format!("{topic}-{partition}: {error}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> Status {
+        let settings = self.settings.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list = Vec::with_capacity(partitions.len());
+        for ((topic, partition), entry) in partitions.iter() {
+            let log = &entry.log;
+            let log_start_offset = log.start_offset.get();
+            let log_end_offset = log.next_offset.get();
+            let shipper = entry.ship.as_ref().map(|ship| ShipperStatus {
+                state: ship.state.get(),
+                cursor_offset: ship.cursor_offset.get(),
+                lag_records: ship.lag_records.get(),
+                lag_bytes: Some(ship.lag_bytes.get()),
+                lag_seconds: Some(ship.lag_seconds.get()),
+                shipped_records: ship.shipped_records.get(),
+                skipped_records: ship.skipped_records.get(),
+            });
+            list.push(PartitionStatus {
+                topic: topic.clone(),
+                partition: *partition,
+                log_start_offset,
+                log_end_offset,
+                disk_bytes: log.disk_bytes.get().max(0) as u64,
+                partition_bytes_max: settings.as_ref().map_or(0, |settings| settings.partition_bytes_max),
+                disk_full_rejections: log.disk_full_rejections.get(),
+                dropped_segments: log.dropped_segments.get(),
+                dropped_records: log.dropped_records.get(),
+                dropped_ranges: log.dropped_ranges.list(),
+                shipper,
+            });
+        }
+        let free = settings.as_ref().and_then(|settings| crate::doctor::sys::available_bytes(&settings.data_dir).ok());
+        Status {
+            source: "server".to_owned(),
+            data_dir: settings.as_ref().map(|settings| settings.data_dir.clone()),
+            disk_full_policy: settings.as_ref().map(|settings| settings.disk_full_policy.name().to_owned()),
+            data_dir_bytes: list.iter().map(|partition| partition.disk_bytes).sum(),
+            data_dir_bytes_max: settings.as_ref().map_or(0, |settings| settings.data_dir_bytes_max),
+            filesystem_free_bytes: free,
+            partitions: list,
+        }
+    }
+}
+
+/// The human-readable table `weir status` prints.
+pub fn render_text(status: &Status) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let max = |bytes: u64| if bytes == 0 { "no limit".to_owned() } else { bytes.to_string() };
+    let _ = writeln!(
+        text,
+        "source: {}  data_dir: {}  disk: {} of {} bytes  filesystem free: {}  policy: {}",
+        status.source,
+        status.data_dir.as_ref().map_or("?".to_owned(), |path| path.display().to_string()),
+        status.data_dir_bytes,
+        max(status.data_dir_bytes_max),
+        status.filesystem_free_bytes.map_or("?".to_owned(), |bytes| bytes.to_string()),
+        status.disk_full_policy.as_deref().unwrap_or("?"),
+    );
+    let _ = writeln!(
+        text,
+        "{:<24} {:>12} {:>12} {:>12} {:>10} {:>12} {:>9} {:>14} {:>9}  shipper",
+        "partition", "log_start", "log_end", "cursor", "lag_recs", "lag_bytes", "lag_s", "disk_bytes", "dropped"
+    );
+    for partition in &status.partitions {
+        let name = format!("{}-{}", partition.topic, partition.partition);
+        let (cursor, lag_records, lag_bytes, lag_seconds, state) = match &partition.shipper {
+            None => ("-".to_owned(), "-".to_owned(), "-".to_owned(), "-".to_owned(), "not shipped".to_owned()),
+            Some(shipper) => (
+                shipper.cursor_offset.to_string(),
+                shipper.lag_records.to_string(),
+                shipper.lag_bytes.map_or("?".to_owned(), |bytes| bytes.to_string()),
+                shipper.lag_seconds.map_or("?".to_owned(), |seconds| format!("{seconds:.1}")),
+                match &shipper.state {
+                    ShipperState::Starting => "starting".to_owned(),
+                    ShipperState::Running => "running".to_owned(),
+                    ShipperState::Retrying { problem } => format!("retrying: {problem}"),
+                    ShipperState::Stopped { error } => format!("STOPPED: {error}"),
+                    ShipperState::NotRunning => "not running".to_owned(),
+                },
+            ),
+        };
+        let _ = writeln!(
+            text,
+            "{name:<24} {:>12} {:>12} {cursor:>12} {lag_records:>10} {lag_bytes:>12} {lag_seconds:>9} {:>14} {:>9}  {state}",
+            partition.log_start_offset,
+            partition.log_end_offset,
+            format!("{}/{}", partition.disk_bytes, max(partition.partition_bytes_max)),
+            partition.dropped_records,
+        );
+        for range in &partition.dropped_ranges {
+            let _ = writeln!(
+                text,
+                "  dropped by drop-oldest: offsets {}..={} ({} bytes)",
+                range.first_offset, range.last_offset, range.bytes
+            );
+        }
+    }
+    text
+}
