@@ -55,6 +55,7 @@ struct ShipFamilies {
     duplicates: Family<PartitionLabels, Counter>,
     reconciled_batches: Family<PartitionLabels, Counter>,
     stopped: Family<PartitionLabels, Gauge>,
+    refused: Family<PartitionLabels, Gauge>,
 }
 
 /// One partition's shipper metric handles.
@@ -74,6 +75,7 @@ pub struct ShipMetrics {
     pub duplicates: Counter,
     pub reconciled_batches: Counter,
     pub stopped: Gauge,
+    pub refused: Gauge,
 }
 
 /// One partition's metric handles.
@@ -213,6 +215,11 @@ impl Metrics {
             "1 when the partition's shipping stopped on an error only an operator can resolve",
             ship.stopped.clone(),
         );
+        registry.register(
+            "ship_refused",
+            "1 when the partition's shipping stopped because the broker refused TLS or SASL (certificate, mechanism, password)",
+            ship.refused.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
     }
 
@@ -253,6 +260,7 @@ impl Metrics {
             duplicates: ship.duplicates.get_or_create(&labels).clone(),
             reconciled_batches: ship.reconciled_batches.get_or_create(&labels).clone(),
             stopped: ship.stopped.get_or_create(&labels).clone(),
+            refused: ship.refused.get_or_create(&labels).clone(),
         }
     }
 

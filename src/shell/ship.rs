@@ -28,6 +28,7 @@ use crate::core::ship::{
 };
 use crate::shell::disk::sync_directory;
 use crate::shell::kafka::{self, ClientOptions, Connection, KafkaError, PRODUCE_VERSIONS};
+use crate::shell::kafka_secure::{Refusal, Security};
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::metrics::ShipMetrics;
 
@@ -72,6 +73,7 @@ impl ShipperSetup {
                 client_id: upstream.client_id.clone(),
                 connect_timeout: Duration::from_millis(upstream.connect_timeout_ms.0),
                 request_timeout: Duration::from_millis(upstream.request_timeout_ms.0),
+                security: Security::load_or_refuse(upstream),
             },
             upstream: UpstreamPartition { topic: upstream_topic, partition: upstream_partition },
             config: ShipConfig {
@@ -120,6 +122,8 @@ pub enum ShipError {
     State { partition: String, source: StateFileError },
     #[error("partition {partition}: reading the log for shipping: {source}")]
     Log { partition: String, source: LogError },
+    #[error("partition {partition}: upstream shipping stopped: the broker connection was refused: {source} (fix the [upstream.tls] / [upstream.sasl] settings or the broker's, then restart weir)")]
+    Refused { partition: String, source: Refusal },
 }
 
 /// Reads `ship.state` from a partition directory; `None` when there is none yet.
@@ -177,6 +181,8 @@ struct Shipper {
     link: Option<Link>,
     exported: ShipStats,
     last_warning: Option<String>,
+    /// A TLS or SASL refusal seen: shipping stops with it (retrying cannot help).
+    refused: Option<Refusal>,
 }
 
 /// Runs the shipper of one partition until `shutdown` is set (then persists the
@@ -206,11 +212,22 @@ pub async fn run(
         log_end = stats.next_offset,
         "shipper starting"
     );
-    let mut shipper =
-        Shipper { log, setup, metrics, core, link: None, exported: ShipStats::default(), last_warning: None };
+    let mut shipper = Shipper {
+        log,
+        setup,
+        metrics,
+        core,
+        link: None,
+        exported: ShipStats::default(),
+        last_warning: None,
+        refused: None,
+    };
     let result = shipper.serve(&shutdown).await;
     if let Err(error) = &result {
         shipper.metrics.stopped.set(1);
+        if matches!(error, ShipError::Refused { .. }) {
+            shipper.metrics.refused.set(1);
+        }
         tracing::error!(error = %error, "shipper stopped");
     }
     result
@@ -227,6 +244,9 @@ impl Shipper {
             self.core.handle_timeout(Instant::now());
             while let Some(action) = self.core.poll_action(Instant::now()) {
                 self.execute(action).await?;
+                if let Some(source) = self.refused.take() {
+                    return Err(ShipError::Refused { partition: self.setup.name.clone(), source });
+                }
             }
             self.export_metrics();
             if let Some(reason) = self.core.stop_reason() {
@@ -293,9 +313,17 @@ impl Shipper {
     }
 
     fn transport_failed(&mut self, error: KafkaError) {
+        self.note_refusal(&error);
         self.warn(error.to_string());
         self.link = None;
         self.core.handle_transport_failed(Instant::now());
+    }
+
+    /// Keeps a TLS or SASL refusal: the loop stops shipping with it.
+    fn note_refusal(&mut self, error: &KafkaError) {
+        if let KafkaError::Refused(refusal) = error {
+            self.refused.get_or_insert_with(|| refusal.clone());
+        }
     }
 
     /// Logs a broker problem once per distinct message in a row (retries repeat them).
@@ -323,6 +351,7 @@ impl Shipper {
                     self.core.handle_producer(producer, upstream_end);
                 }
                 Err(error) => {
+                    self.note_refusal(&error);
                     self.warn(format!("InitProducerId: {error}"));
                     self.link = None;
                     self.core.handle_setup_failed(Instant::now());
@@ -336,6 +365,7 @@ impl Shipper {
                     }
                     ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
                     ScanEnd::Transport(error) => {
+                        self.note_refusal(&error);
                         self.warn(format!("reconciliation scan: {error}"));
                         self.link = None;
                         self.core.handle_setup_failed(Instant::now());
