@@ -86,6 +86,18 @@ pub enum KafkaError {
     Refused(Refusal),
 }
 
+impl KafkaError {
+    /// The TLS or SASL refusal this error is or ends with (after trying every
+    /// bootstrap server), if any.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            KafkaError::Refused(refusal) => Some(refusal),
+            KafkaError::NoBootstrap { last } => last.refusal(),
+            _ => None,
+        }
+    }
+}
+
 /// How to reach and talk to the brokers.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {

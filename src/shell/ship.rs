@@ -313,17 +313,19 @@ impl Shipper {
     }
 
     fn transport_failed(&mut self, error: KafkaError) {
-        self.note_refusal(&error);
-        self.warn(error.to_string());
+        if !self.note_refusal(&error) {
+            self.warn(error.to_string());
+        }
         self.link = None;
         self.core.handle_transport_failed(Instant::now());
     }
 
-    /// Keeps a TLS or SASL refusal: the loop stops shipping with it.
-    fn note_refusal(&mut self, error: &KafkaError) {
-        if let KafkaError::Refused(refusal) = error {
-            self.refused.get_or_insert_with(|| refusal.clone());
-        }
+    /// Keeps a TLS or SASL refusal: the loop stops shipping with it (and logs it then,
+    /// once). True when `error` is one.
+    fn note_refusal(&mut self, error: &KafkaError) -> bool {
+        let Some(refusal) = error.refusal() else { return false };
+        self.refused.get_or_insert_with(|| refusal.clone());
+        true
     }
 
     /// Logs a broker problem once per distinct message in a row (retries repeat them).
@@ -351,8 +353,9 @@ impl Shipper {
                     self.core.handle_producer(producer, upstream_end);
                 }
                 Err(error) => {
-                    self.note_refusal(&error);
-                    self.warn(format!("InitProducerId: {error}"));
+                    if !self.note_refusal(&error) {
+                        self.warn(format!("InitProducerId: {error}"));
+                    }
                     self.link = None;
                     self.core.handle_setup_failed(Instant::now());
                 }
@@ -365,8 +368,9 @@ impl Shipper {
                     }
                     ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
                     ScanEnd::Transport(error) => {
-                        self.note_refusal(&error);
-                        self.warn(format!("reconciliation scan: {error}"));
+                        if !self.note_refusal(&error) {
+                            self.warn(format!("reconciliation scan: {error}"));
+                        }
                         self.link = None;
                         self.core.handle_setup_failed(Instant::now());
                     }
