@@ -31,7 +31,7 @@ use broker::{free_port, read_upstream_with, Tansu, UpstreamRecord};
 use bytes::Bytes;
 use common::{read_all, run, small_options};
 use futures_lite::future;
-use secure::{Pki, SaslProxy, Stunnel, BROKER_NAME};
+use secure::{unrelated_ca, Pki, SaslProxy, Stunnel, BROKER_NAME};
 use weir::config::{Config, Host};
 use weir::core::log::batch::{Header, Record};
 use weir::core::ship::{ShipConfig, UpstreamPartition};
@@ -281,28 +281,31 @@ fn a_broker_certificate_from_another_ca_stops_shipping_with_a_clear_error() {
     logs();
     let directory = tempfile::tempdir().unwrap();
     let pki = Pki::new(&directory.path().join("pki"));
-    let other = Pki::new(&directory.path().join("other-pki"));
     let broker = TlsBroker::start(&pki, directory.path());
-    let security = security_from(
-        &broker.address(),
-        &format!(
-            "[upstream.tls]\nenabled = true\nca_file = {:?}\ncertificate_file = {:?}\nkey_file = {:?}\nserver_name = {BROKER_NAME:?}\n",
-            other.ca(),
-            pki.client_certificate(),
-            pki.client_key()
-        ),
-    );
-    let (error, metrics) =
-        ship_until_refused(directory.path(), setup(directory.path(), &broker.address(), "central", security));
-    let text = error.to_string();
-    eprintln!("{text}");
-    assert!(matches!(error, ShipError::Refused { .. }), "{text}");
-    // Both test CAs carry the same subject name, so the chain is found and its
-    // signature fails; a CA of another name gives UnknownIssuer.
-    assert!(text.contains("the broker's certificate is refused (BadSignature)"), "{text}");
-    assert!(text.contains(&other.ca().display().to_string()), "the error names the CA file: {text}");
-    assert_eq!((metrics.stopped.get(), metrics.refused.get()), (1, 1));
-    assert_eq!(metrics.shipped_records.get(), 0);
+    // A CA of another name (nothing chains to it), and an impostor: a CA with the
+    // test CA's very name but another key.
+    let unrelated = unrelated_ca(&directory.path().join("unrelated-ca"));
+    let impostor = Pki::new(&directory.path().join("impostor-pki")).ca();
+    for (ca, why) in [(unrelated, "UnknownIssuer"), (impostor, "BadSignature")] {
+        let security = security_from(
+            &broker.address(),
+            &format!(
+                "[upstream.tls]\nenabled = true\nca_file = {ca:?}\ncertificate_file = {:?}\nkey_file = {:?}\nserver_name = {BROKER_NAME:?}\n",
+                pki.client_certificate(),
+                pki.client_key()
+            ),
+        );
+        let run_directory = directory.path().join(why);
+        let (error, metrics) =
+            ship_until_refused(&run_directory, setup(&run_directory, &broker.address(), "central", security));
+        let text = error.to_string();
+        eprintln!("{text}");
+        assert!(matches!(error, ShipError::Refused { .. }), "{text}");
+        assert!(text.contains(&format!("the broker's certificate is refused ({why})")), "{text}");
+        assert!(text.contains(&ca.display().to_string()), "the error names the CA file: {text}");
+        assert_eq!((metrics.stopped.get(), metrics.refused.get()), (1, 1));
+        assert_eq!(metrics.shipped_records.get(), 0);
+    }
 }
 
 #[test]
@@ -425,6 +428,31 @@ fn a_wrong_password_stops_shipping_with_a_clear_error_and_is_not_retried() {
         let refusals: Vec<_> = broker.proxy.events().into_iter().filter(|event| event.starts_with("refused")).collect();
         assert_eq!(refusals.len(), 1, "{mechanism}: {refusals:?}");
     }
+}
+
+#[test]
+fn a_mechanism_the_broker_does_not_offer_is_refused_with_what_it_offers() {
+    logs();
+    let tansu_port = free_port();
+    let proxy = SaslProxy::start_offering(tansu_port, &[SHIPPER_USER], false, "SCRAM-SHA-512");
+    let tansu = Tansu::start_on(tansu_port, proxy.port);
+    tansu.create_topic("central", 1);
+    let address = format!("127.0.0.1:{}", proxy.port);
+    let directory = tempfile::tempdir().unwrap();
+    let password_file = directory.path().join("upstream-password");
+    std::fs::write(&password_file, SHIPPER_USER.1).unwrap();
+    let security = security_from(
+        &address,
+        &format!(
+            "[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = {:?}\npassword_file = {password_file:?}\n",
+            SHIPPER_USER.0
+        ),
+    );
+    let (error, metrics) = ship_until_refused(directory.path(), setup(directory.path(), &address, "central", security));
+    let text = error.to_string();
+    eprintln!("{text}");
+    assert!(text.contains("does not offer this mechanism; it offers [\"SCRAM-SHA-512\"]"), "{text}");
+    assert_eq!(metrics.refused.get(), 1);
 }
 
 #[test]

@@ -63,6 +63,21 @@ impl Pki {
     }
 }
 
+/// A self-signed CA of another name than the test PKI's (made with rcgen): `ca.pem`
+/// in `directory`. Nothing the test PKI issued chains to it.
+pub fn unrelated_ca(directory: &Path) -> PathBuf {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "some other CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = params.self_signed(&key).unwrap();
+    std::fs::create_dir_all(directory).unwrap();
+    let path = directory.join("ca.pem");
+    std::fs::write(&path, certificate.pem()).unwrap();
+    path
+}
+
 /// stunnel in server mode: TLS on `port`, plain TCP to `target_port`, client
 /// certificates required and checked against the PKI's CA.
 pub struct Stunnel {
@@ -121,8 +136,14 @@ pub struct SaslProxy {
 impl SaslProxy {
     /// `users`: (name, password); `forge`: answer SCRAM with a wrong server signature.
     pub fn start(target_port: u16, users: &[(&str, &str)], forge: bool) -> SaslProxy {
+        SaslProxy::start_offering(target_port, users, forge, "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512")
+    }
+
+    /// `start`, offering only `mechanisms` (comma-separated Kafka names).
+    pub fn start_offering(target_port: u16, users: &[(&str, &str)], forge: bool, mechanisms: &str) -> SaslProxy {
         let mut command = Command::new(crate::broker::python());
         command.arg(repo().join("tests/python/sasl_proxy.py")).args(["--target", &target_port.to_string()]);
+        command.args(["--mechanisms", mechanisms]);
         for (name, password) in users {
             command.args(["--user", &format!("{name}:{password}")]);
         }
