@@ -552,6 +552,30 @@ mod tests {
     }
 
     #[test]
+    fn the_shipper_gets_the_configured_tls_and_sasl_and_refuses_when_their_files_vanish() {
+        let directory = tempfile::tempdir().unwrap();
+        let password = directory.path().join("password");
+        std::fs::write(&password, "pw\n").unwrap();
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nserver_name = \"kafka.example.com\"\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"site-17\"\npassword_file = {password:?}\n"
+        );
+        let host = crate::config::Host { usable_cpus: [0].into_iter().collect() };
+        let valid = crate::config::Config::parse(&text, "test").unwrap().validate(&host, "test").unwrap();
+        let setup = ShipperSetup::from_config(&valid, "telemetry", 0, directory.path()).unwrap();
+        let security = format!("{:?}", setup.client.security);
+        assert!(setup.client.security.tls.as_ref().unwrap().server_name.is_some(), "{security}");
+        assert_eq!(setup.client.security.sasl.as_ref().unwrap().username, "site-17");
+        assert!(security.contains("unusable: None") && !security.contains("pw"), "{security}");
+        // The password file is gone after validation: the shipper gets a setup that
+        // refuses every connection with the reason, rather than shipping without it.
+        std::fs::remove_file(&password).unwrap();
+        let setup = ShipperSetup::from_config(&valid, "telemetry", 0, directory.path()).unwrap();
+        let security = format!("{:?}", setup.client.security);
+        assert!(security.contains("upstream.sasl.password_file") && security.contains("password"), "{security}");
+        assert!(setup.client.security.sasl.is_none() && setup.client.security.tls.is_none(), "{security}");
+    }
+
+    #[test]
     fn the_state_file_round_trips_and_replaces_the_old_one() {
         let directory = tempfile::tempdir().unwrap();
         assert!(read_state(directory.path()).unwrap().is_none(), "no file yet: no state");
