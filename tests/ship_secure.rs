@@ -89,7 +89,7 @@ fn record(seed: u64) -> Record {
         timestamp_ms: 1_700_000_000_000 + seed as i64,
         key: (seed % 5 != 0).then(|| Bytes::from(format!("sensor-{}", seed % 13))),
         value: Some(Bytes::from(
-            (0..(seed % 300) as usize).map(|index| (seed as usize ^ index) as u8).collect::<Vec<_>>(),
+            (0..(seed % 2000) as usize).map(|index| (seed as usize ^ index) as u8).collect::<Vec<_>>(),
         )),
         headers: (0..seed % 3)
             .map(|index| Header { key: format!("h{index}"), value: Some(Bytes::from(seed.to_string())) })
@@ -232,7 +232,12 @@ fn records_shipped_over_mutual_tls_reach_the_broker_exactly_once() {
             pki.client_key()
         ),
     );
-    let local = ship_records(directory.path(), setup(directory.path(), &broker.address(), "central", security), 400);
+    // 1 MiB upstream batches: a Produce request spans many TLS records (rustls takes
+    // at most 64 KiB of plaintext at a time).
+    let mut setup = setup(directory.path(), &broker.address(), "central", security);
+    setup.config.batch_bytes_max = 1 << 20;
+    setup.config.read_ahead_bytes = 2 << 20;
+    let local = ship_records(directory.path(), setup, 1500);
     let upstream = read_upstream_with(
         &broker.address(),
         "central",
@@ -244,7 +249,9 @@ fn records_shipped_over_mutual_tls_reach_the_broker_exactly_once() {
     assert_exactly_once(&upstream, &local);
     let log = broker.stunnel.log_text();
     assert!(log.contains("CN=weir-shipper"), "stunnel verified weir's client certificate: {log}");
-    eprintln!("{} records shipped over mTLS through stunnel", local.len());
+    let bytes: usize = local.iter().map(|(_, record)| record.value.as_ref().map_or(0, Bytes::len)).sum();
+    assert!(bytes > 2 << 20, "enough data for 1 MiB requests: {bytes} bytes of values");
+    eprintln!("{} records ({bytes} bytes of values) shipped over mTLS through stunnel", local.len());
     drop(broker.tansu);
 }
 
