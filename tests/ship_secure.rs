@@ -522,3 +522,183 @@ fn scram_over_mutual_tls_ships_exactly_once() {
         proxy.events()
     );
 }
+
+/// The same log settings as the `[log]` section `serve_config` writes.
+fn serve_log_options() -> weir::shell::log::LogOptions {
+    weir::shell::log::LogOptions {
+        segment_bytes_max: 256 << 10,
+        segment_age_max: Duration::from_secs(3600),
+        index_interval_bytes: 16 << 10,
+        preallocate_bytes: 1 << 20,
+        flush_delay_max: Duration::from_micros(200),
+        flush_bytes_max: 64 << 10,
+        appends_pending_max: 256,
+        partition_bytes_max: 1 << 30,
+    }
+}
+
+/// A `weir serve` config shipping edge topic "telemetry" (1 partition) to "central"
+/// with the given `[upstream.tls]` / `[upstream.sasl]` sections; QUIC off.
+fn serve_config(directory: &Path, bootstrap: &str, admin: &str, security: &str) -> std::path::PathBuf {
+    let path = directory.join("weir.toml");
+    let text = format!(
+        r#"data_dir = "{data_dir}"
+[engine]
+io_memory_bytes = "8 MiB"
+[log]
+segment_bytes_max = "256 KiB"
+index_interval_bytes = "16 KiB"
+preallocate_bytes = "1 MiB"
+flush_delay_us_max = 200
+flush_bytes_max = "64 KiB"
+appends_pending_max = 256
+partition_bytes_max = "1 GiB"
+[admin]
+listen = "{admin}"
+[quic]
+enabled = false
+[upstream]
+enabled = true
+bootstrap_servers = ["{bootstrap}"]
+connect_timeout_ms = 2000
+request_timeout_ms = 5000
+retry_backoff_ms_min = 20
+retry_backoff_ms_max = 300
+[[upstream.topics]]
+edge = "telemetry"
+upstream = "central"
+{security}
+[[topics]]
+name = "telemetry"
+partitions = 1
+"#,
+        data_dir = directory.join("data").display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Appends `count` records to the edge partition "telemetry-0" under `directory/data`.
+fn append_edge(directory: &Path, count: u64) -> Vec<(i64, Record)> {
+    let partition = directory.join("data/telemetry-0");
+    run(move || async move {
+        let log = PartitionLog::open(
+            &partition,
+            "telemetry-0",
+            serve_log_options(),
+            Metrics::new().partition("telemetry", 0),
+        )
+        .await
+        .unwrap();
+        for first in (0..count).step_by(4) {
+            log.append((first..(first + 4).min(count)).map(record).collect()).await.expect("append");
+        }
+        let local = read_all(&log).await;
+        log.close().await.unwrap();
+        local
+    })
+}
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// SIGTERM, through the `kill` command (no unsafe code in tests).
+fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// `weir serve` with the config, the password in `WEIR_UPSTREAM_PASSWORD`.
+fn weir_serve(config: &Path, password: &str, output: &Path) -> std::process::Child {
+    let log = std::fs::File::create(output).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--cores", "1", "--config"])
+        .arg(config)
+        .env("WEIR_LOG", "info")
+        .env("WEIR_UPSTREAM_PASSWORD", password)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("weir starts")
+}
+
+#[test]
+fn weir_serve_ships_over_mutual_tls_and_scram_and_reports_a_wrong_password_in_its_metrics() {
+    logs();
+    let directory = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&directory.path().join("pki"));
+    let tansu_port = free_port();
+    let tls_port = free_port();
+    let proxy = SaslProxy::start(tansu_port, &[SHIPPER_USER, READER_USER], false);
+    let tansu = Tansu::start_on(tansu_port, tls_port);
+    tansu.create_topic("central", 1);
+    let stunnel = Stunnel::start(&pki, tls_port, proxy.port, directory.path());
+    let address = format!("127.0.0.1:{}", stunnel.port);
+    let security = format!(
+        "[upstream.tls]\nenabled = true\nca_file = {:?}\ncertificate_file = {:?}\nkey_file = {:?}\nserver_name = {BROKER_NAME:?}\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = {:?}\npassword_env = \"WEIR_UPSTREAM_PASSWORD\"\n",
+        pki.ca(),
+        pki.client_certificate(),
+        pki.client_key(),
+        SHIPPER_USER.0
+    );
+    let mut settings = tls_reader_settings(&pki);
+    settings[0].1 = "SASL_SSL".into();
+    settings.extend(sasl_reader_settings().into_iter().skip(1));
+
+    // The right password: everything reaches the broker, then a clean stop.
+    let run_directory = directory.path().join("right");
+    let local = append_edge(&run_directory, 600);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = serve_config(&run_directory, &address, &admin, &security);
+    let output = run_directory.join("weir.log");
+    let child = weir_serve(&config, SHIPPER_USER.1, &output);
+    let upstream = read_upstream_with(&address, "central", 0, local.len(), Duration::from_secs(60), &settings);
+    sigterm(&child);
+    let status = { child }.wait_with_output().unwrap().status;
+    let weir_output = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(status.success(), "weir stops cleanly: {status}\n{weir_output}");
+    assert_exactly_once(&upstream, &local);
+    assert!(!weir_output.contains("shipping stopped"), "{weir_output}");
+
+    // A wrong password: weir keeps running (the partition keeps its data), the shipper
+    // stops once with the reason in the log and weir_ship_refused = 1 in /metrics.
+    let run_directory = directory.path().join("wrong");
+    append_edge(&run_directory, 40);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = serve_config(&run_directory, &address, &admin, &security);
+    let output = run_directory.join("weir.log");
+    let child = weir_serve(&config, "not the password", &output);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = std::net::TcpStream::connect(&admin).ok().map(|_| http_get(&admin, "/metrics"));
+        if let Some(metrics) = metrics.filter(|text| {
+            text.contains("weir_ship_refused{")
+                && !text.contains("weir_ship_refused{topic=\"telemetry\",partition=\"0\"} 0")
+        }) {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "no refusal in /metrics after 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    sigterm(&child);
+    let status = { child }.wait_with_output().unwrap().status;
+    let weir_output = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(status.success(), "weir keeps serving and stops cleanly: {status}\n{weir_output}");
+    assert!(metrics.contains("weir_ship_refused{topic=\"telemetry\",partition=\"0\"} 1"), "{metrics}");
+    assert!(metrics.contains("weir_ship_stopped{topic=\"telemetry\",partition=\"0\"} 1"), "{metrics}");
+    assert!(
+        weir_output.contains("SASL_AUTHENTICATION_FAILED") && weir_output.contains("upstream shipping stopped"),
+        "{weir_output}"
+    );
+    assert!(!weir_output.contains("not the password"), "the password is never logged");
+    let refusals = proxy.events().into_iter().filter(|event| event.starts_with("refused")).count();
+    assert_eq!(refusals, 1, "one attempt, no retry loop: {:?}", proxy.events());
+    drop(stunnel);
+}
