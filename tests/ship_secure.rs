@@ -407,6 +407,44 @@ fn each_sasl_mechanism_authenticates_and_ships_exactly_once() {
 }
 
 #[test]
+fn connections_closed_when_their_sasl_session_expires_are_reopened_and_ship_exactly_once() {
+    logs();
+    // The proxy ends the shipper's connections 40 ms after authentication, as a
+    // Kafka broker with connections.max.reauth.ms does when a client does not
+    // re-authenticate (weir does not: it reconnects, authenticates again and re-sends
+    // what was in flight, which the broker de-duplicates).
+    let tansu_port = free_port();
+    let arguments = ["--session-lifetime-ms", "40", "--expire-user", SHIPPER_USER.0].map(str::to_owned);
+    let proxy = SaslProxy::start_with(tansu_port, &[SHIPPER_USER, READER_USER], &arguments);
+    let tansu = Tansu::start_on(tansu_port, proxy.port);
+    tansu.create_topic("central", 1);
+    let address = format!("127.0.0.1:{}", proxy.port);
+    let directory = tempfile::tempdir().unwrap();
+    let password_file = directory.path().join("upstream-password");
+    std::fs::write(&password_file, SHIPPER_USER.1).unwrap();
+    let security = security_from(
+        &address,
+        &format!(
+            "[upstream.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = {:?}\npassword_file = {password_file:?}\n",
+            SHIPPER_USER.0
+        ),
+    );
+    let local = ship_records(directory.path(), setup(directory.path(), &address, "central", security), 3000);
+    let expired = proxy.events().iter().filter(|event| *event == "session expired").count();
+    let shipper_logins = proxy
+        .events()
+        .iter()
+        .filter(|event| **event == format!("authenticated SCRAM-SHA-512 {}", SHIPPER_USER.0))
+        .count();
+    // The reader's sessions do not expire.
+    let upstream =
+        read_upstream_with(&address, "central", 0, local.len(), Duration::from_secs(60), &sasl_reader_settings());
+    assert_exactly_once(&upstream, &local);
+    eprintln!("{} records; {shipper_logins} logins of the shipper, {expired} sessions expired", local.len());
+    assert!(shipper_logins >= 3 && expired >= 2, "sessions expired while shipping: {:?}", proxy.events());
+}
+
+#[test]
 fn a_wrong_password_stops_shipping_with_a_clear_error_and_is_not_retried() {
     logs();
     for mechanism in ["SCRAM-SHA-256", "PLAIN"] {

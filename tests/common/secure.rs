@@ -141,14 +141,20 @@ impl SaslProxy {
 
     /// `start`, offering only `mechanisms` (comma-separated Kafka names).
     pub fn start_offering(target_port: u16, users: &[(&str, &str)], forge: bool, mechanisms: &str) -> SaslProxy {
+        let mut arguments = vec!["--mechanisms".to_owned(), mechanisms.to_owned()];
+        if forge {
+            arguments.push("--forge-server-signature".to_owned());
+        }
+        SaslProxy::start_with(target_port, users, &arguments)
+    }
+
+    /// The proxy with extra command-line `arguments` (see tests/python/sasl_proxy.py).
+    pub fn start_with(target_port: u16, users: &[(&str, &str)], arguments: &[String]) -> SaslProxy {
         let mut command = Command::new(crate::broker::python());
         command.arg(repo().join("tests/python/sasl_proxy.py")).args(["--target", &target_port.to_string()]);
-        command.args(["--mechanisms", mechanisms]);
+        command.args(arguments);
         for (name, password) in users {
             command.args(["--user", &format!("{name}:{password}")]);
-        }
-        if forge {
-            command.arg("--forge-server-signature");
         }
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("the SASL proxy starts");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -163,7 +169,7 @@ impl SaslProxy {
         SaslProxy { child: Some(child), port, lines }
     }
 
-    /// The proxy's "authenticated ..." / "refused ..." lines so far.
+    /// The proxy's "authenticated ..." / "refused ..." / "session expired" lines so far.
     pub fn events(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }

@@ -13,8 +13,12 @@ Used by tests/ship_secure.rs as the SASL peer. Run the broker with
 usage: sasl_proxy.py --target PORT --user NAME:PASSWORD [--user ...]
                      [--mechanisms PLAIN,SCRAM-SHA-256,SCRAM-SHA-512]
                      [--iterations 4096] [--forge-server-signature]
+                     [--session-lifetime-ms N --expire-user NAME ...]
+--session-lifetime-ms N tells the users named by --expire-user a session lifetime of
+N ms and closes their connections N ms after authentication (a Kafka broker with
+connections.max.reauth.ms closes a connection that did not re-authenticate).
 Prints "listening PORT" once, then one line per authentication:
-"authenticated MECHANISM NAME" or "refused MECHANISM NAME REASON".
+"authenticated MECHANISM NAME", "refused MECHANISM NAME REASON" or "session expired".
 """
 
 import argparse
@@ -92,7 +96,7 @@ def handshake_response(correlation, error_code, mechanisms):
     return frame(body)
 
 
-def authenticate_response(correlation, version, error_code, message, auth_bytes):
+def authenticate_response(correlation, version, error_code, message, auth_bytes, lifetime_ms):
     if version >= 2:
         body = struct.pack(">i", correlation) + b"\x00"  # response header v1: no tags
         body += struct.pack(">h", error_code)
@@ -102,7 +106,7 @@ def authenticate_response(correlation, version, error_code, message, auth_bytes)
             encoded = message.encode()
             body += uvarint(len(encoded) + 1) + encoded
         body += uvarint(len(auth_bytes) + 1) + auth_bytes
-        body += struct.pack(">q", 0) + b"\x00"
+        body += struct.pack(">q", lifetime_ms) + b"\x00"
         return frame(body)
     body = struct.pack(">ih", correlation, error_code)
     if message is None:
@@ -112,7 +116,7 @@ def authenticate_response(correlation, version, error_code, message, auth_bytes)
         body += struct.pack(">h", len(encoded)) + encoded
     body += struct.pack(">i", len(auth_bytes)) + auth_bytes
     if version >= 1:
-        body += struct.pack(">q", 0)
+        body += struct.pack(">q", lifetime_ms)
     return frame(body)
 
 
@@ -138,6 +142,8 @@ class Proxy:
         self.mechanisms = args.mechanisms.split(",")
         self.passwords = {}
         self.forge = args.forge_server_signature
+        self.session_lifetime_ms = args.session_lifetime_ms
+        self.expiring_users = set(args.expire_user)
         self.scram = {name: ScramMechanism(name) for name in self.mechanisms if name.startswith("SCRAM-")}
         self.credentials = {}
         for user in args.user:
@@ -155,15 +161,28 @@ class Proxy:
             client_writer.close()
             return
         try:
-            if await self.authenticate(client_reader, client_writer, broker_reader, broker_writer):
-                await asyncio.gather(
+            user = await self.authenticate(client_reader, client_writer, broker_reader, broker_writer)
+            if user is not None:
+                relay = asyncio.gather(
                     self.pump(client_reader, broker_writer), self.pump(broker_reader, client_writer)
                 )
+                if self.lifetime_ms(user) > 0:
+                    # As a Kafka broker with connections.max.reauth.ms does to a client
+                    # that does not re-authenticate: the connection ends at expiry.
+                    try:
+                        await asyncio.wait_for(relay, self.lifetime_ms(user) / 1000)
+                    except asyncio.TimeoutError:
+                        say("session expired")
+                else:
+                    await relay
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
         finally:
             client_writer.close()
             broker_writer.close()
+
+    def lifetime_ms(self, user):
+        return self.session_lifetime_ms if user in self.expiring_users else 0
 
     async def pump(self, reader, writer):
         try:
@@ -179,7 +198,7 @@ class Proxy:
             writer.close()
 
     async def authenticate(self, client_reader, client_writer, broker_reader, broker_writer):
-        """The exchange before the relay; True once the client is authenticated."""
+        """The exchange before the relay: the user once authenticated, else None."""
         mechanism = None
         scram_server = None
         user = "?"
@@ -202,7 +221,7 @@ class Proxy:
                 await client_writer.drain()
                 if not ok:
                     say(f"refused {wanted} ? mechanism not offered (or handshake v{version})")
-                    return False
+                    return None
                 mechanism = wanted
             elif api_key == SASL_AUTHENTICATE and mechanism is not None:
                 message = authenticate_request_bytes(payload, version, at)
@@ -217,19 +236,20 @@ class Proxy:
                         f"with SASL mechanism {mechanism}"
                     )
                     client_writer.write(
-                        authenticate_response(correlation, version, SASL_AUTHENTICATION_FAILED, text, b"")
+                        authenticate_response(correlation, version, SASL_AUTHENTICATION_FAILED, text, b"", 0)
                     )
                     await client_writer.drain()
                     say(f"refused {mechanism} {user} {failure}")
-                    return False
-                client_writer.write(authenticate_response(correlation, version, 0, None, reply))
+                    return None
+                lifetime_ms = self.lifetime_ms(user) if done else 0
+                client_writer.write(authenticate_response(correlation, version, 0, None, reply, lifetime_ms))
                 await client_writer.drain()
                 if done:
                     say(f"authenticated {mechanism} {user}")
-                    return True
+                    return user
             else:
                 say(f"refused ? ? request {api_key} before authentication")
-                return False
+                return None
 
     def step(self, mechanism, message, scram_server):
         """(reply bytes or (server, reply, user), authenticated, failure reason)."""
@@ -275,6 +295,8 @@ async def main():
     parser.add_argument("--mechanisms", default="PLAIN,SCRAM-SHA-256,SCRAM-SHA-512")
     parser.add_argument("--iterations", type=int, default=4096)
     parser.add_argument("--forge-server-signature", action="store_true")
+    parser.add_argument("--session-lifetime-ms", type=int, default=0)
+    parser.add_argument("--expire-user", action="append", default=[])
     args = parser.parse_args()
     proxy = Proxy(args)
     server = await asyncio.start_server(proxy.serve, "127.0.0.1", 0)
