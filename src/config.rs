@@ -810,14 +810,86 @@ pub struct UpstreamConfig {
     pub cursor_persist_interval_ms: Millis,
     #[serde(default = "default_upstream_reconcile_scan_bytes_max")]
     pub reconcile_scan_bytes_max: ByteSize,
-    /// Not supported yet: present only so that a config asking for TLS is refused
-    /// with a clear reason instead of shipping in plain text.
+    /// TLS to the brokers (off by default).
     #[serde(default)]
-    pub tls: Option<toml::Value>,
-    /// Not supported yet, as `tls`.
+    pub tls: UpstreamTlsConfig,
+    /// SASL authentication to the brokers (none by default).
     #[serde(default)]
-    pub sasl: Option<toml::Value>,
+    pub sasl: UpstreamSaslConfig,
 }
+
+/// `[upstream.tls]`: TLS (rustls) to every broker.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamTlsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM file of the CAs trusted to sign broker certificates.
+    #[serde(default = "default_upstream_tls_ca_file")]
+    pub ca_file: PathBuf,
+    /// PEM client certificate chain, for brokers that require one (mTLS).
+    #[serde(default)]
+    pub certificate_file: Option<PathBuf>,
+    /// PEM private key of `certificate_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name checked in every broker's certificate instead of the host connected to.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+/// Debian's bundle of the system's trusted CAs.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn default_upstream_tls_ca_file() -> PathBuf {
+    PathBuf::from(SYSTEM_CA_FILE)
+}
+
+impl Default for UpstreamTlsConfig {
+    fn default() -> Self {
+        UpstreamTlsConfig {
+            enabled: false,
+            ca_file: default_upstream_tls_ca_file(),
+            certificate_file: None,
+            key_file: None,
+            server_name: None,
+        }
+    }
+}
+
+/// `[upstream.sasl]`: how weir authenticates to the brokers.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UpstreamSaslConfig {
+    #[serde(default)]
+    pub mechanism: UpstreamSaslMechanism,
+    #[serde(default)]
+    pub username: String,
+    /// A file holding the password (one trailing line end is ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Refused: present only to say why (a config file is no place for a password).
+    #[serde(default)]
+    pub password: Option<toml::Value>,
+}
+
+/// The SASL mechanisms weir speaks, by their Kafka names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum UpstreamSaslMechanism {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+/// The longest SASL user name accepted.
+pub const UPSTREAM_SASL_USERNAME_BYTES_MAX: usize = 255;
 
 /// One edge topic's upstream mapping.
 #[derive(Debug, Clone, Deserialize)]
@@ -894,8 +966,8 @@ impl Default for UpstreamConfig {
             retry_backoff_ms_max: default_upstream_retry_backoff_ms_max(),
             cursor_persist_interval_ms: default_upstream_cursor_persist_interval_ms(),
             reconcile_scan_bytes_max: default_upstream_reconcile_scan_bytes_max(),
-            tls: None,
-            sasl: None,
+            tls: UpstreamTlsConfig::default(),
+            sasl: UpstreamSaslConfig::default(),
         }
     }
 }
@@ -911,19 +983,7 @@ fn topic_name_ok(name: &str) -> bool {
 impl UpstreamConfig {
     fn validate(&self, edge_topics: &BTreeSet<&str>, problems: &mut Vec<ConfigProblem>) {
         let mut problem = |path: &str, why: String| problems.push(ConfigProblem { path: path.to_owned(), why });
-        if self.tls.is_some() {
-            problem(
-                "upstream.tls",
-                "not supported yet: weir ships to the upstream over plain TCP only; remove [upstream.tls]                  (it is refused rather than ignored so data never goes out unencrypted by surprise)"
-                    .into(),
-            );
-        }
-        if self.sasl.is_some() {
-            problem(
-                "upstream.sasl",
-                "not supported yet: SASL (PLAIN, SCRAM) is not implemented; remove [upstream.sasl]".into(),
-            );
-        }
+        self.validate_security(&mut problem);
         if self.enabled && self.bootstrap_servers.is_empty() {
             problem("upstream.bootstrap_servers", "at least one \"host:port\" is needed when upstream.enabled".into());
         }
@@ -994,6 +1054,77 @@ impl UpstreamConfig {
         }
         if self.reconcile_scan_bytes_max.0 < (1 << 20) {
             problem("upstream.reconcile_scan_bytes_max", "must be at least 1 MiB".into());
+        }
+    }
+
+    /// `[upstream.tls]` and `[upstream.sasl]`: the settings fit together, and when
+    /// shipping is on, the files and the password they name load.
+    fn validate_security(&self, problem: &mut impl FnMut(&str, String)) {
+        let tls = &self.tls;
+        let mut consistent = true;
+        if !tls.enabled {
+            for (path, set) in [
+                ("upstream.tls.certificate_file", tls.certificate_file.is_some()),
+                ("upstream.tls.key_file", tls.key_file.is_some()),
+                ("upstream.tls.server_name", tls.server_name.is_some()),
+                ("upstream.tls.ca_file", tls.ca_file != Path::new(SYSTEM_CA_FILE)),
+            ] {
+                if set {
+                    consistent = false;
+                    problem(path, "set while upstream.tls.enabled = false: enable TLS or remove it (weir never ships in plain text by surprise)".into());
+                }
+            }
+        }
+        match (&tls.certificate_file, &tls.key_file) {
+            (Some(_), None) => {
+                consistent = false;
+                problem(
+                    "upstream.tls.key_file",
+                    "needed with upstream.tls.certificate_file (client certificate)".into(),
+                );
+            }
+            (None, Some(_)) => {
+                consistent = false;
+                problem(
+                    "upstream.tls.certificate_file",
+                    "needed with upstream.tls.key_file (client certificate)".into(),
+                );
+            }
+            _ => {}
+        }
+        let sasl = &self.sasl;
+        if sasl.password.is_some() {
+            consistent = false;
+            problem(
+                "upstream.sasl.password",
+                "a password is not accepted in the config file: put it in a file only weir can read (password_file) or in an environment variable (password_env)".into(),
+            );
+        }
+        if sasl.mechanism == UpstreamSaslMechanism::None {
+            if !sasl.username.is_empty() || sasl.password_file.is_some() || sasl.password_env.is_some() {
+                consistent = false;
+                problem("upstream.sasl.mechanism", "\"none\" with a user or password set: choose \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\", or remove them".into());
+            }
+        } else {
+            if sasl.username.is_empty() || sasl.username.len() > UPSTREAM_SASL_USERNAME_BYTES_MAX {
+                consistent = false;
+                problem("upstream.sasl.username", format!("must be 1..={UPSTREAM_SASL_USERNAME_BYTES_MAX} bytes"));
+            }
+            if sasl.password_file.is_some() == sasl.password_env.is_some() {
+                consistent = false;
+                problem("upstream.sasl", "exactly one of password_file and password_env is needed".into());
+            }
+        }
+        if let Some(variable) = &sasl.password_env {
+            if variable.is_empty() || variable.contains('=') || variable.contains('\0') {
+                consistent = false;
+                problem("upstream.sasl.password_env", format!("{variable:?} is not an environment variable name"));
+            }
+        }
+        if consistent && self.enabled {
+            if let Err(security) = crate::shell::kafka_secure::Security::load(self) {
+                problem(security.path, security.why);
+            }
         }
     }
 
@@ -1161,17 +1292,66 @@ mod tests {
     }
 
     #[test]
-    fn upstream_tls_sasl_and_by_key_are_refused_as_not_supported_yet() {
+    fn upstream_by_key_is_refused_as_not_supported_yet() {
         let found = problems(
-            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[upstream.tls]\nca_file = \"ca.pem\"\n[upstream.sasl]\nmechanism = \"PLAIN\"\n[[upstream.topics]]\nedge = \"telemetry\"\npartitioning = \"by-key\"\n",
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[[upstream.topics]]\nedge = \"telemetry\"\npartitioning = \"by-key\"\n",
         );
         let text: Vec<String> = found.iter().map(ToString::to_string).collect();
-        assert!(text.iter().any(|line| line.starts_with("upstream.tls: not supported yet")), "{text:?}");
-        assert!(text.iter().any(|line| line.starts_with("upstream.sasl: not supported yet")), "{text:?}");
         assert!(
             text.iter()
                 .any(|line| line.starts_with("upstream.topics[0].partitioning:") && line.contains("not supported yet")),
             "{text:?}"
+        );
+    }
+
+    #[test]
+    fn upstream_tls_and_sasl_settings_that_do_not_fit_are_reported_with_their_paths() {
+        let found = problems(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[upstream.tls]\nca_file = \"ca.pem\"\ncertificate_file = \"client.pem\"\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-512\"\npassword = \"hunter2\"\npassword_env = \"A=B\"\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for (path, why) in [
+            ("upstream.tls.ca_file:", "upstream.tls.enabled = false"),
+            ("upstream.tls.certificate_file:", "upstream.tls.enabled = false"),
+            ("upstream.tls.key_file:", "needed with upstream.tls.certificate_file"),
+            ("upstream.sasl.password:", "not accepted in the config file"),
+            ("upstream.sasl.username:", "must be 1..=255 bytes"),
+            ("upstream.sasl.password_env:", "not an environment variable name"),
+        ] {
+            assert!(text.iter().any(|line| line.starts_with(path) && line.contains(why)), "{path} {why}: {text:?}");
+        }
+        let found = problems("[upstream.sasl]\nmechanism = \"SCRAM-SHA-1\"\n");
+        assert!(found[0].to_string().contains("SCRAM-SHA-256"), "{found:?}");
+    }
+
+    #[test]
+    fn upstream_tls_and_sasl_files_are_loaded_when_shipping_is_on() {
+        let directory = tempfile::tempdir().unwrap();
+        let password = directory.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let missing = directory.path().join("missing-ca.pem");
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nca_file = {missing:?}\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].to_string().starts_with("upstream.tls.ca_file:"), "{found:?}");
+        assert!(found[0].to_string().contains("missing-ca.pem"), "{found:?}");
+        // The system's CA bundle (the default) and the password file load.
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
+        );
+        let valid = Config::parse(&text, "test").unwrap().validate(&host(), "test").unwrap();
+        let security = crate::shell::kafka_secure::Security::load(&valid.config.upstream).unwrap();
+        assert!(security.tls.is_some());
+        assert_eq!(security.sasl.unwrap().username, "weir");
+        // An empty password file is refused, with its path.
+        std::fs::write(&password, "\n").unwrap();
+        let found = problems(&text.replace("[upstream.tls]\nenabled = true\n", ""));
+        assert!(
+            found[0].to_string().starts_with("upstream.sasl.password_file:")
+                && found[0].to_string().contains("is empty"),
+            "{found:?}"
         );
     }
 

@@ -45,6 +45,7 @@ fn setup(directory: &Path, bootstrap: &str, topic: &str, batch_bytes_max: usize)
             client_id: "weir-test".into(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            security: weir::shell::kafka_secure::Security::none(),
         },
         upstream: UpstreamPartition { topic: topic.to_owned(), partition: 0 },
         config: ShipConfig {

@@ -36,6 +36,7 @@ fn setup(directory: &Path, bootstrap: Vec<String>) -> ShipperSetup {
             client_id: "weir-fake".into(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_millis(800),
+            security: weir::shell::kafka_secure::Security::none(),
         },
         upstream: UpstreamPartition { topic: "central".into(), partition: 0 },
         config: ShipConfig {

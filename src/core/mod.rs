@@ -4,5 +4,6 @@
 pub mod dedup;
 pub mod log;
 pub mod protocol;
+pub mod sasl;
 pub mod session;
 pub mod ship;

@@ -102,6 +102,8 @@ pub fn checks(valid: &ValidConfig, executor_ok: bool) -> Vec<Check> {
         client_id: upstream.client_id.clone(),
         connect_timeout: Duration::from_millis(upstream.connect_timeout_ms.0).min(PROBE_TIMEOUT_MAX),
         request_timeout: Duration::from_millis(upstream.request_timeout_ms.0).min(PROBE_TIMEOUT_MAX),
+        // The probes connect as the shipper does: TLS and SASL as configured.
+        security: crate::shell::kafka_secure::Security::load_or_refuse(upstream),
     };
     let topics = expectations(valid);
     match probe(upstream.bootstrap_servers.clone(), topics.clone(), options) {

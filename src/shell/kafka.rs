@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_lite::future;
 use glommio::net::TcpStream;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
@@ -32,6 +32,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, Str
 
 use crate::core::ship::errors::{error_name, NONE};
 use crate::core::ship::{ProduceAnswer, ProducerIdentity};
+use crate::shell::kafka_secure::{self, Refusal, Security, Transport};
 
 /// The largest response frame accepted (a Fetch answer is bounded by the request's
 /// `max_bytes`, far below this).
@@ -80,6 +81,21 @@ pub enum KafkaError {
     NoBootstrap { last: Box<KafkaError> },
     #[error("{address}: the answer lacks topic {topic} partition {partition}")]
     MissingPartition { address: String, topic: String, partition: i32 },
+    /// TLS or SASL refused: not retried (see `kafka_secure`).
+    #[error("refused: {0}")]
+    Refused(Refusal),
+}
+
+impl KafkaError {
+    /// The TLS or SASL refusal this error is or ends with (after trying every
+    /// bootstrap server), if any.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            KafkaError::Refused(refusal) => Some(refusal),
+            KafkaError::NoBootstrap { last } => last.refusal(),
+            _ => None,
+        }
+    }
 }
 
 /// How to reach and talk to the brokers.
@@ -88,12 +104,14 @@ pub struct ClientOptions {
     pub client_id: String,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// TLS and SASL (`Security::none()`: plain TCP, no authentication).
+    pub security: Security,
 }
 
 /// One TCP connection to one broker.
 pub struct Connection {
     address: String,
-    stream: TcpStream,
+    stream: Transport,
     client_id: StrBytes,
     request_timeout: Duration,
     next_correlation: i32,
@@ -113,13 +131,22 @@ fn api_name(key: i16) -> &'static str {
         Ok(ApiKey::Metadata) => "Metadata",
         Ok(ApiKey::ApiVersions) => "ApiVersions",
         Ok(ApiKey::InitProducerId) => "InitProducerId",
+        Ok(ApiKey::SaslHandshake) => "SaslHandshake",
+        Ok(ApiKey::SaslAuthenticate) => "SaslAuthenticate",
         _ => "(other API)",
     }
 }
 
 impl Connection {
-    /// Connects and negotiates API versions.
+    /// Connects, runs the TLS handshake (if configured), negotiates API versions and
+    /// authenticates (if configured). A TLS or SASL refusal is `KafkaError::Refused`.
     pub async fn connect(address: &str, options: &ClientOptions) -> Result<Connection, KafkaError> {
+        Connection::open(address, options)
+            .await
+            .map_err(|error| kafka_secure::refine_opening(address, &options.security, error))
+    }
+
+    async fn open(address: &str, options: &ClientOptions) -> Result<Connection, KafkaError> {
         let connect = TcpStream::connect_timeout(address, options.connect_timeout);
         let stream = connect.await.map_err(|error| KafkaError::Connect {
             address: address.to_owned(),
@@ -130,6 +157,18 @@ impl Connection {
             operation: "set TCP_NODELAY",
             source: error.into(),
         })?;
+        let timeout = options.connect_timeout;
+        let opened = future::or(async { Some(Transport::open(stream, address, &options.security).await) }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await;
+        let stream = match opened {
+            Some(stream) => stream?,
+            None => {
+                return Err(KafkaError::Timeout { address: address.to_owned(), operation: "TLS handshake", timeout })
+            }
+        };
         let mut connection = Connection {
             address: address.to_owned(),
             stream,
@@ -162,6 +201,9 @@ impl Connection {
         }
         for api in response.api_keys {
             connection.versions.insert(api.api_key, (api.min_version, api.max_version));
+        }
+        if let Some(credentials) = &options.security.sasl {
+            kafka_secure::authenticate(&mut connection, credentials).await?;
         }
         Ok(connection)
     }

@@ -63,6 +63,7 @@ struct ShipFamilies {
     reconciled_batches: Family<PartitionLabels, Counter>,
     stopped: Family<PartitionLabels, Gauge>,
     skipped_records: Family<PartitionLabels, Counter>,
+    refused: Family<PartitionLabels, Gauge>,
 }
 
 /// One partition's shipper metric handles.
@@ -86,6 +87,7 @@ pub struct ShipMetrics {
     pub skipped_records: Counter,
     /// Running, retrying or stopped (with the error), for `/status`.
     pub state: ShipperStateCell,
+    pub refused: Gauge,
 }
 
 /// One partition's metric handles.
@@ -249,6 +251,11 @@ impl Metrics {
             "1 when the partition's shipping stopped on an error only an operator can resolve",
             ship.stopped.clone(),
         );
+        registry.register(
+            "ship_refused",
+            "1 when the partition's shipping stopped because the broker refused TLS or SASL (certificate, mechanism, password)",
+            ship.refused.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
     }
 
@@ -297,6 +304,7 @@ impl Metrics {
             stopped: ship.stopped.get_or_create(&labels).clone(),
             skipped_records: ship.skipped_records.get_or_create(&labels).clone(),
             state: ShipperStateCell::default(),
+            refused: ship.refused.get_or_create(&labels).clone(),
         };
         self.status.register_shipper(topic, partition, handles.clone());
         handles

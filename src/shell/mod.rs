@@ -7,6 +7,7 @@ pub mod ceiling;
 pub mod disk;
 pub mod engine;
 pub mod kafka;
+pub mod kafka_secure;
 pub mod log;
 pub mod metrics;
 pub mod quic;

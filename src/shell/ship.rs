@@ -29,6 +29,7 @@ use crate::core::ship::{
 };
 use crate::shell::disk::sync_directory;
 use crate::shell::kafka::{self, ClientOptions, Connection, KafkaError, PRODUCE_VERSIONS};
+use crate::shell::kafka_secure::{Refusal, Security};
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::metrics::ShipMetrics;
 use crate::shell::status::ShipperState;
@@ -84,6 +85,7 @@ impl ShipperSetup {
                 client_id: upstream.client_id.clone(),
                 connect_timeout: Duration::from_millis(upstream.connect_timeout_ms.0),
                 request_timeout: Duration::from_millis(upstream.request_timeout_ms.0),
+                security: Security::load_or_refuse(upstream),
             },
             upstream: UpstreamPartition { topic: upstream_topic, partition: upstream_partition },
             config: ShipConfig {
@@ -132,6 +134,8 @@ pub enum ShipError {
     State { partition: String, source: StateFileError },
     #[error("partition {partition}: reading the log for shipping: {source}")]
     Log { partition: String, source: LogError },
+    #[error("partition {partition}: upstream shipping stopped: the broker connection was refused: {source} (fix the [upstream.tls] / [upstream.sasl] settings or the broker's, then restart weir)")]
+    Refused { partition: String, source: Refusal },
 }
 
 /// Reads `ship.state` from a partition directory; `None` when there is none yet.
@@ -195,6 +199,8 @@ struct Shipper {
     durable_cursor: Option<i64>,
     retained_at: Instant,
     shown_state: ShipperState,
+    /// A TLS or SASL refusal seen: shipping stops with it (retrying cannot help).
+    refused: Option<Refusal>,
 }
 
 /// Runs the shipper of one partition until `shutdown` is set (then persists the
@@ -217,6 +223,9 @@ pub async fn run(
     };
     if let Err(error) = &result {
         metrics.stopped.set(1);
+        if matches!(error, ShipError::Refused { .. }) {
+            metrics.refused.set(1);
+        }
         metrics.state.set(ShipperState::Stopped { error: error.to_string() });
         tracing::error!(partition = %name, error = %error, "shipper stopped");
         // The partition keeps accepting appends: keep its lag current until shutdown.
@@ -298,6 +307,7 @@ async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> 
         durable_cursor: None,
         retained_at: Instant::now(),
         shown_state: ShipperState::Starting,
+        refused: None,
     };
     // The persisted cursor is durable: the log may free shipped segments below it
     // (also when the disk fills) from the start.
@@ -321,6 +331,9 @@ impl Shipper {
             self.core.handle_timeout(Instant::now());
             while let Some(action) = self.core.poll_action(Instant::now()) {
                 self.execute(action).await?;
+                if let Some(source) = self.refused.take() {
+                    return Err(ShipError::Refused { partition: self.setup.name.clone(), source });
+                }
             }
             self.export_metrics();
             if let Some(reason) = self.core.stop_reason() {
@@ -394,9 +407,19 @@ impl Shipper {
     }
 
     fn transport_failed(&mut self, error: KafkaError) {
-        self.warn(error.to_string());
+        if !self.note_refusal(&error) {
+            self.warn(error.to_string());
+        }
         self.link = None;
         self.core.handle_transport_failed(Instant::now());
+    }
+
+    /// Keeps a TLS or SASL refusal: the loop stops shipping with it (and logs it then,
+    /// once). True when `error` is one.
+    fn note_refusal(&mut self, error: &KafkaError) -> bool {
+        let Some(refusal) = error.refusal() else { return false };
+        self.refused.get_or_insert_with(|| refusal.clone());
+        true
     }
 
     /// Logs a broker problem once per distinct message in a row (retries repeat them).
@@ -424,7 +447,9 @@ impl Shipper {
                     self.core.handle_producer(producer, upstream_end);
                 }
                 Err(error) => {
-                    self.warn(format!("InitProducerId: {error}"));
+                    if !self.note_refusal(&error) {
+                        self.warn(format!("InitProducerId: {error}"));
+                    }
                     self.link = None;
                     self.core.handle_setup_failed(Instant::now());
                 }
@@ -437,7 +462,9 @@ impl Shipper {
                     }
                     ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
                     ScanEnd::Transport(error) => {
-                        self.warn(format!("reconciliation scan: {error}"));
+                        if !self.note_refusal(&error) {
+                            self.warn(format!("reconciliation scan: {error}"));
+                        }
                         self.link = None;
                         self.core.handle_setup_failed(Instant::now());
                     }
@@ -662,6 +689,30 @@ mod tests {
             upstream_topic: "central".into(),
             upstream_partition: 3,
         }
+    }
+
+    #[test]
+    fn the_shipper_gets_the_configured_tls_and_sasl_and_refuses_when_their_files_vanish() {
+        let directory = tempfile::tempdir().unwrap();
+        let password = directory.path().join("password");
+        std::fs::write(&password, "pw\n").unwrap();
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nserver_name = \"kafka.example.com\"\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"site-17\"\npassword_file = {password:?}\n"
+        );
+        let host = crate::config::Host { usable_cpus: [0].into_iter().collect() };
+        let valid = crate::config::Config::parse(&text, "test").unwrap().validate(&host, "test").unwrap();
+        let setup = ShipperSetup::from_config(&valid, "telemetry", 0, directory.path()).unwrap();
+        let security = format!("{:?}", setup.client.security);
+        assert!(setup.client.security.tls.as_ref().unwrap().server_name.is_some(), "{security}");
+        assert_eq!(setup.client.security.sasl.as_ref().unwrap().username, "site-17");
+        assert!(security.contains("unusable: None") && !security.contains("pw"), "{security}");
+        // The password file is gone after validation: the shipper gets a setup that
+        // refuses every connection with the reason, rather than shipping without it.
+        std::fs::remove_file(&password).unwrap();
+        let setup = ShipperSetup::from_config(&valid, "telemetry", 0, directory.path()).unwrap();
+        let security = format!("{:?}", setup.client.security);
+        assert!(security.contains("upstream.sasl.password_file") && security.contains("password"), "{security}");
+        assert!(setup.client.security.sasl.is_none() && setup.client.security.tls.is_none(), "{security}");
     }
 
     #[test]

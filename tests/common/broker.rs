@@ -250,10 +250,24 @@ pub fn read_upstream(
     expect: usize,
     timeout: Duration,
 ) -> Vec<UpstreamRecord> {
+    read_upstream_with(bootstrap, topic, partition, expect, timeout, &[])
+}
+
+/// `read_upstream` with extra librdkafka settings (`security.protocol`, `ssl.*`,
+/// `sasl.*`) for a broker behind TLS or SASL.
+pub fn read_upstream_with(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    expect: usize,
+    timeout: Duration,
+    settings: &[(&str, String)],
+) -> Vec<UpstreamRecord> {
     let output = Command::new(python())
         .arg(repo().join("tests/python/kafka_read_upstream.py"))
         .args([bootstrap, topic, &partition.to_string(), "--expect", &expect.to_string()])
         .args(["--timeout", &timeout.as_secs_f64().to_string()])
+        .args(settings.iter().flat_map(|(key, value)| ["--config".to_owned(), format!("{key}={value}")]))
         .output()
         .expect("the python reader runs");
     let stdout = String::from_utf8(output.stdout).unwrap();

@@ -7,6 +7,9 @@ broker. Reads from the beginning until the partition's end (EOF, from the Fetch 
 watermark) once at least --expect records were seen, or until --timeout seconds pass.
 
 usage: kafka_read_upstream.py BOOTSTRAP TOPIC PARTITION --expect N [--timeout S]
+                              [--config KEY=VALUE ...]
+--config adds librdkafka settings (security.protocol, ssl.*, sasl.*) for brokers
+behind TLS or SASL.
 """
 
 import argparse
@@ -24,9 +27,12 @@ def main() -> int:
     parser.add_argument("partition", type=int)
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--config", action="append", default=[])
     args = parser.parse_args()
+    extra = dict(setting.split("=", 1) for setting in args.config)
     consumer = Consumer(
-        {
+        extra
+        | {
             "bootstrap.servers": args.bootstrap,
             "group.id": "weir-test-reader",
             "enable.auto.commit": False,
