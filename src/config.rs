@@ -124,6 +124,24 @@ pub struct QuicConfig {
     pub dedup_devices_max: u32,
     #[serde(default = "default_dedup_horizon_records")]
     pub dedup_horizon_records: u32,
+    #[serde(default = "default_connections_per_device_max")]
+    pub connections_per_device_max: u32,
+    #[serde(default = "default_bytes_in_flight_per_connection_max")]
+    pub bytes_in_flight_per_connection_max: ByteSize,
+    #[serde(default = "default_handshakes_max")]
+    pub handshakes_max: u32,
+    #[serde(default = "default_true")]
+    pub reuseport_steering: bool,
+}
+
+fn default_connections_per_device_max() -> u32 {
+    4
+}
+fn default_bytes_in_flight_per_connection_max() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_handshakes_max() -> u32 {
+    4096
 }
 
 fn default_dedup_sequences_per_device_max() -> u32 {
@@ -194,6 +212,10 @@ impl Default for QuicConfig {
             dedup_sequences_per_device_max: default_dedup_sequences_per_device_max(),
             dedup_devices_max: default_dedup_devices_max(),
             dedup_horizon_records: default_dedup_horizon_records(),
+            connections_per_device_max: default_connections_per_device_max(),
+            bytes_in_flight_per_connection_max: default_bytes_in_flight_per_connection_max(),
+            handshakes_max: default_handshakes_max(),
+            reuseport_steering: true,
         }
     }
 }
@@ -659,6 +681,20 @@ impl Config {
         }
         if quic.dedup_sequences_per_device_max == 0 || quic.dedup_sequences_per_device_max > 4096 {
             problem("quic.dedup_sequences_per_device_max", "must be within 1..=4096".into());
+        }
+        if quic.connections_per_device_max == 0 || quic.connections_per_device_max > 1_000_000 {
+            problem("quic.connections_per_device_max", "must be within 1..=1000000".into());
+        }
+        if quic.bytes_in_flight_per_connection_max.0 < quic.frame_bytes_max.0
+            || quic.bytes_in_flight_per_connection_max.0 > 1 << 30
+        {
+            problem(
+                "quic.bytes_in_flight_per_connection_max",
+                "must be at least quic.frame_bytes_max and at most 1 GiB".into(),
+            );
+        }
+        if quic.handshakes_max == 0 || quic.handshakes_max > 1_000_000 {
+            problem("quic.handshakes_max", "must be within 1..=1000000".into());
         }
         if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
             problem("quic.dedup_devices_max", "must be within 1..=1000000".into());

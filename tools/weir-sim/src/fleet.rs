@@ -55,6 +55,8 @@ pub struct Outcome {
     /// Sends still unresolved when the drain time ran out.
     pub abandoned_sends: u64,
     pub latency_us: Histogram<u64>,
+    /// Times the endpoints moved to a new socket (--rebind-every-ms), in all.
+    pub rebinds: u64,
     /// From the start of writing to the last resolved send.
     pub elapsed: Duration,
     pub first_errors: Vec<String>,
@@ -232,8 +234,34 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
             }
         })
     };
+    // NAT rebinding: every endpoint moves to a fresh socket (new source port) now and
+    // then while devices write; their connections must carry on.
+    let rebinds = Arc::new(AtomicU64::new(0));
+    let rebinder = plan.rebind_every.map(|every| {
+        let endpoints = endpoints.clone();
+        let rebinds = rebinds.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut next = start + every;
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                for endpoint in &endpoints {
+                    match std::net::UdpSocket::bind(bind).and_then(|socket| endpoint.rebind(socket)) {
+                        Ok(()) => {
+                            rebinds.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => stats.note_error(format!("rebind: {error}")),
+                    }
+                }
+                next += every;
+            }
+        })
+    });
     while let Some(joined) = fleet.join_next().await {
         joined.expect("device tasks do not panic");
+    }
+    if let Some(rebinder) = rebinder {
+        rebinder.abort();
     }
     ticker.abort();
     running.finish_and_clear();
@@ -265,6 +293,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         failed_records: stats.failed_records.load(Ordering::Relaxed),
         abandoned_sends: stats.abandoned_sends.load(Ordering::Relaxed),
         latency_us,
+        rebinds: rebinds.load(Ordering::Relaxed),
         elapsed,
         first_errors,
     })
