@@ -285,6 +285,8 @@ struct Conn {
     handshaking: bool,
     /// Counted in `DeviceConnections`.
     registered: bool,
+    /// Closed by weir for a protocol violation: nothing more is read.
+    violated: bool,
 }
 
 /// Counters of one core's listener.
@@ -451,6 +453,7 @@ pub async fn run_core(
                                         bytes_in_flight: 0,
                                         handshaking: true,
                                         registered: false,
+                                        violated: false,
                                     },
                                 );
                             }
@@ -754,6 +757,9 @@ fn read_streams(
     wake: &Rc<LocalSender<()>>,
     stats: &mut QuicStats,
 ) {
+    if conn.violated {
+        return;
+    }
     let device = conn.device.clone().expect("identity is known before streams are read");
     let ids: Vec<StreamId> = conn.streams.keys().copied().collect();
     for id in ids {
@@ -806,6 +812,13 @@ fn read_streams(
             let assembler = stream.assembler.as_mut().expect("made above");
             let frame = match assembler.next_frame() {
                 Ok(Some(frame)) => frame,
+                Ok(None) if stream.peer_finished && assembler.buffered_bytes() > 0 => {
+                    protocol_error = Some(format!(
+                        "the stream ended inside a frame ({} bytes of it arrived)",
+                        assembler.buffered_bytes()
+                    ));
+                    break;
+                }
                 Ok(None) => break,
                 Err(error) => {
                     protocol_error = Some(error.to_string());
@@ -844,6 +857,8 @@ fn read_streams(
         }
         if let Some(reason) = protocol_error {
             stats.frames_refused += 1;
+            settings.metrics.refused("protocol");
+            conn.violated = true;
             conn.connection.close(Instant::now(), VarInt::from_u32(CLOSE_PROTOCOL), reason.into_bytes().into());
             return;
         }
