@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use weir_device::{client_endpoint, DeviceClient, DeviceError, Record, RecordAck};
+use weir_device::{client_endpoint, DeviceClient, DeviceError, PendingAck, Record, RecordAck};
 
 use crate::Plan;
 
@@ -360,11 +360,16 @@ impl DeviceRun {
                     self.stats.generated.fetch_add(count, Ordering::Relaxed);
                     let topic = self.topics[topic_rotation % self.topics.len()].clone();
                     topic_rotation += 1;
+                    // Queued here, in generation order (a spawned task per send could be
+                    // queued after a later one); the ack is awaited in a task.
+                    let began = Instant::now();
+                    let pending = self.client.enqueue(&topic, records).await;
                     sends.spawn(send(
-                        self.client.clone(),
+                        pending,
+                        began,
+                        count,
                         device.clone(),
                         topic,
-                        records,
                         self.stats.clone(),
                         self.acked_log.clone(),
                         self.start,
@@ -404,19 +409,21 @@ fn make_records(device: &str, key: &Bytes, first: u64, count: usize, record_byte
 
 #[allow(clippy::too_many_arguments)]
 async fn send(
-    client: Arc<DeviceClient>,
+    pending: Result<PendingAck, DeviceError>,
+    began: Instant,
+    count: u64,
     device: Arc<str>,
     topic: Arc<str>,
-    records: Vec<Record>,
     stats: Arc<Stats>,
     acked_log: Option<mpsc::Sender<AckedBatch>>,
     start: Instant,
     in_flight: Arc<AtomicUsize>,
 ) {
-    let count = records.len() as u64;
     in_flight.fetch_add(1, Ordering::Relaxed);
-    let began = Instant::now();
-    let result = client.send(&topic, records).await;
+    let result = match pending {
+        Ok(pending) => pending.await,
+        Err(error) => Err(error),
+    };
     let resolved = Instant::now();
     in_flight.fetch_sub(1, Ordering::Relaxed);
     match result {
