@@ -25,7 +25,8 @@
 //! core over a channel mesh of datagrams.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -287,6 +288,8 @@ struct Conn {
     registered: bool,
     /// Closed by weir for a protocol violation: nothing more is read.
     violated: bool,
+    /// The deadline this connection has in the core's timer heap, if any.
+    timer_scheduled: Option<Instant>,
 }
 
 /// Counters of one core's listener.
@@ -323,6 +326,10 @@ pub async fn run_core(
         _ => None,
     };
     let mut connections: HashMap<ConnectionHandle, Conn> = HashMap::new();
+    // Only connections with something to do are driven in a pass (datagrams, finished
+    // frames, a due timer), so 10,000 idle connections cost nothing per datagram.
+    let mut dirty: HashSet<ConnectionHandle> = HashSet::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
     let mut handshaking = 0usize;
     let mut stats = QuicStats::default();
     let gro = state.gro_segments().max(1);
@@ -336,8 +343,9 @@ pub async fn run_core(
         let now = Instant::now();
         if shutdown.load(Ordering::Acquire) && closing.is_none() {
             closing = Some(now);
-            for conn in connections.values_mut() {
+            for (handle, conn) in connections.iter_mut() {
                 conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "weir is shutting down".into());
+                dirty.insert(*handle);
             }
         }
         if let Some(since) = closing {
@@ -409,6 +417,7 @@ pub async fn run_core(
                 Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                     if let Some(conn) = connections.get_mut(&handle) {
                         conn.connection.handle_event(event);
+                        dirty.insert(handle);
                     }
                 }
                 Some(DatagramEvent::NewConnection(incoming)) => {
@@ -443,6 +452,7 @@ pub async fn run_core(
                                 metrics.connections_open.inc();
                                 metrics.handshakes_in_progress.inc();
                                 handshaking += 1;
+                                dirty.insert(handle);
                                 connections.insert(
                                     handle,
                                     Conn {
@@ -454,6 +464,7 @@ pub async fn run_core(
                                         handshaking: true,
                                         registered: false,
                                         violated: false,
+                                        timer_scheduled: None,
                                     },
                                 );
                             }
@@ -476,6 +487,7 @@ pub async fn run_core(
         let finished: Vec<Completion> = completions.borrow_mut().drain(..).collect();
         for completion in finished {
             if let Some(conn) = connections.get_mut(&completion.connection) {
+                dirty.insert(completion.connection);
                 conn.frames_in_flight -= 1;
                 conn.bytes_in_flight -= completion.frame_bytes;
                 if let Some(stream) = conn.streams.get_mut(&completion.stream) {
@@ -483,10 +495,23 @@ pub async fn run_core(
                 }
             }
         }
-        // 3. Every connection: timers, events, streams, transmits.
-        let handles: Vec<ConnectionHandle> = connections.keys().copied().collect();
+        // 3. Every connection with something to do: timers, events, streams, transmits.
+        while let Some(Reverse((deadline, index))) = timers.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            timers.pop();
+            let handle = ConnectionHandle(index);
+            if let Some(conn) = connections.get_mut(&handle) {
+                if conn.timer_scheduled == Some(deadline) {
+                    conn.timer_scheduled = None;
+                }
+                dirty.insert(handle);
+            }
+        }
+        let handles: Vec<ConnectionHandle> = dirty.drain().collect();
         for handle in handles {
-            let conn = connections.get_mut(&handle).expect("listed above");
+            let Some(conn) = connections.get_mut(&handle) else { continue };
             if conn.connection.poll_timeout().is_some_and(|deadline| deadline <= now) {
                 conn.connection.handle_timeout(now);
             }
@@ -520,10 +545,15 @@ pub async fn run_core(
                 }
                 forget_connection(conn, &settings);
                 connections.remove(&handle);
+            } else if let Some(deadline) = conn.connection.poll_timeout() {
+                if conn.timer_scheduled.is_none_or(|scheduled| deadline < scheduled) {
+                    conn.timer_scheduled = Some(deadline);
+                    timers.push(Reverse((deadline, handle.0)));
+                }
             }
         }
         // 4. Sleep until there is something to do.
-        let next_timer = connections.values_mut().filter_map(|conn| conn.connection.poll_timeout()).min();
+        let next_timer = timers.peek().map(|Reverse((deadline, _))| *deadline);
         let wait = next_timer
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             .unwrap_or(SHUTDOWN_POLL)
