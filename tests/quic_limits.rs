@@ -101,6 +101,8 @@ impl Appliance {
                 };
             }
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("weir did not start serving");
     }
 
