@@ -158,6 +158,14 @@ pub struct QuicConfig {
     pub socket_receive_buffer_bytes: ByteSize,
     #[serde(default = "default_quic_socket_buffer_bytes")]
     pub socket_send_buffer_bytes: ByteSize,
+    #[serde(default = "default_connections_per_device_max")]
+    pub connections_per_device_max: u32,
+    #[serde(default = "default_bytes_in_flight_per_connection_max")]
+    pub bytes_in_flight_per_connection_max: ByteSize,
+    #[serde(default = "default_handshakes_max")]
+    pub handshakes_max: u32,
+    #[serde(default = "default_true")]
+    pub reuseport_steering: bool,
 }
 
 /// The UDP socket buffers (SO_RCVBUF, SO_SNDBUF) each core's QUIC socket asks for by
@@ -170,6 +178,16 @@ pub const QUIC_SOCKET_BUFFER_BYTES_MAX: u64 = 1 << 30;
 
 fn default_quic_socket_buffer_bytes() -> ByteSize {
     ByteSize(QUIC_SOCKET_BUFFER_BYTES_DEFAULT)
+}
+
+fn default_connections_per_device_max() -> u32 {
+    4
+}
+fn default_bytes_in_flight_per_connection_max() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_handshakes_max() -> u32 {
+    4096
 }
 
 fn default_dedup_sequences_per_device_max() -> u32 {
@@ -242,6 +260,10 @@ impl Default for QuicConfig {
             dedup_horizon_records: default_dedup_horizon_records(),
             socket_receive_buffer_bytes: default_quic_socket_buffer_bytes(),
             socket_send_buffer_bytes: default_quic_socket_buffer_bytes(),
+            connections_per_device_max: default_connections_per_device_max(),
+            bytes_in_flight_per_connection_max: default_bytes_in_flight_per_connection_max(),
+            handshakes_max: default_handshakes_max(),
+            reuseport_steering: true,
         }
     }
 }
@@ -726,6 +748,20 @@ impl Config {
         }
         if quic.dedup_sequences_per_device_max == 0 || quic.dedup_sequences_per_device_max > 4096 {
             problem("quic.dedup_sequences_per_device_max", "must be within 1..=4096".into());
+        }
+        if quic.connections_per_device_max == 0 || quic.connections_per_device_max > 1_000_000 {
+            problem("quic.connections_per_device_max", "must be within 1..=1000000".into());
+        }
+        if quic.bytes_in_flight_per_connection_max.0 < quic.frame_bytes_max.0
+            || quic.bytes_in_flight_per_connection_max.0 > 1 << 30
+        {
+            problem(
+                "quic.bytes_in_flight_per_connection_max",
+                "must be at least quic.frame_bytes_max and at most 1 GiB".into(),
+            );
+        }
+        if quic.handshakes_max == 0 || quic.handshakes_max > 1_000_000 {
+            problem("quic.handshakes_max", "must be within 1..=1000000".into());
         }
         if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
             problem("quic.dedup_devices_max", "must be within 1..=1000000".into());

@@ -34,6 +34,9 @@ pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 const PEER_ANNOUNCE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a device is asked to wait after a partition reports backpressure or a full disk.
 pub const RETRY_AFTER_MS: u32 = 500;
+/// How long a device is asked to wait when a partition's append queue is full (about a
+/// few group commits: the queue drains at disk speed).
+pub const BACKPRESSURE_RETRY_AFTER_MS: u32 = 50;
 
 pub fn mesh(cores: usize) -> MeshBuilder<MeshMessage, Full> {
     MeshBuilder::full(cores, MESH_CHANNEL_CAPACITY)
@@ -46,6 +49,7 @@ pub fn failure_of(error: &LogError) -> AppendFailure {
         LogError::TooLarge { .. } => (ErrorCode::FrameTooLarge, 0),
         LogError::Empty => (ErrorCode::MalformedFrame, 0),
         LogError::Closed { .. } => (ErrorCode::ShuttingDown, RETRY_AFTER_MS),
+        LogError::Backpressure { .. } => (ErrorCode::Backpressure, BACKPRESSURE_RETRY_AFTER_MS),
         _ => (ErrorCode::StorageFailed, 10 * RETRY_AFTER_MS),
     };
     AppendFailure { code, message: error.to_string(), retry_after_ms }
@@ -60,7 +64,8 @@ pub struct DedupSettings {
     pub horizon_records: i64,
 }
 
-type RunWaiters = Vec<oneshot::Sender<Result<i64, AppendFailure>>>;
+/// The digest of the run being appended and who waits for its result.
+type RunWaiters = (u32, Vec<oneshot::Sender<Result<i64, AppendFailure>>>);
 
 pub struct CoreAppender {
     core: usize,
@@ -132,24 +137,38 @@ impl CoreAppender {
             });
         };
         let Some((device, sequence)) = dedup::key_of_records(&records) else {
-            return log.append(records).await.map_err(|error| failure_of(&error));
+            return log.append_unless_behind(records).await.map_err(|error| failure_of(&error));
         };
         let partition_key = (topic.to_owned(), partition);
+        let digest = dedup::digest_of_records(&records);
+        let record_count = records.len() as u32;
+        let reused = |topic: &str| AppendFailure {
+            code: ErrorCode::SequenceReused,
+            message: format!(
+                "sequence {sequence} of device {device} was already used for other records in {topic}-{partition}; \
+                 nothing stored (a resend must repeat the very same frame)"
+            ),
+            retry_after_ms: 0,
+        };
         let stored = self.dedup.borrow().get(&partition_key).and_then(|index| index.lookup(&device, sequence));
         if let Some(run) = stored {
+            if run.digest != digest || run.record_count != record_count {
+                return Err(reused(topic));
+            }
             return Ok(run.base_offset);
         }
         let flight_key = (topic.to_owned(), partition, device.clone(), sequence);
         let waiting = {
             let mut in_flight = self.in_flight.borrow_mut();
             match in_flight.get_mut(&flight_key) {
-                Some(waiters) => {
+                Some((first_digest, _)) if *first_digest != digest => return Err(reused(topic)),
+                Some((_, waiters)) => {
                     let (reply, answer) = oneshot::channel();
                     waiters.push(reply);
                     Some(answer)
                 }
                 None => {
-                    in_flight.insert(flight_key.clone(), Vec::new());
+                    in_flight.insert(flight_key.clone(), (digest, Vec::new()));
                     None
                 }
             }
@@ -163,14 +182,14 @@ impl CoreAppender {
                 })
             });
         }
-        let record_count = records.len() as u32;
-        let result = log.append(records).await.map_err(|error| failure_of(&error));
+        let result = log.append_unless_behind(records).await.map_err(|error| failure_of(&error));
         if let Ok(base_offset) = result {
             if let Some(index) = self.dedup.borrow_mut().get_mut(&partition_key) {
-                index.insert(&device, sequence, StoredRun { base_offset, record_count });
+                index.insert(&device, sequence, StoredRun { base_offset, record_count, digest });
             }
         }
-        for waiter in self.in_flight.borrow_mut().remove(&flight_key).unwrap_or_default() {
+        let waiters = self.in_flight.borrow_mut().remove(&flight_key).map(|(_, waiters)| waiters);
+        for waiter in waiters.unwrap_or_default() {
             let _ = waiter.send(result.clone());
         }
         result
@@ -292,7 +311,9 @@ async fn rebuild_dedup(log: &PartitionLog, settings: DedupSettings) -> Result<De
             for record in records {
                 let Ok(record) = record else { continue };
                 if record.offset >= next {
-                    index.observe(record.offset, dedup::run_key_of_stored(&record));
+                    index.observe(record.offset, dedup::run_key_of_stored(&record), |digest| {
+                        dedup::digest_of_stored(digest, &record)
+                    });
                     next = record.offset + 1;
                 }
             }

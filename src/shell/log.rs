@@ -107,6 +107,8 @@ pub enum LogError {
     Closed { partition: String },
     #[error("partition {partition}: offset {requested} is below the log start {start}")]
     OffsetOutOfRange { partition: String, requested: i64, start: i64 },
+    #[error("partition {partition} is behind: {queued} appends wait for the disk (log.appends_pending_max)")]
+    Backpressure { partition: String, queued: usize },
 }
 
 /// Bytes the log leaves free on the data directory's filesystem: appends that would
@@ -393,6 +395,21 @@ impl PartitionLog {
             return Err(self.closed_error());
         }
         answer.await.unwrap_or_else(|_| Err(self.closed_error()))
+    }
+
+    /// Like `append`, but refuses at once with `LogError::Backpressure` when the
+    /// partition's queue already holds `appends_pending_max` appends (the disk is
+    /// behind), instead of waiting for room: the caller pushes back on its producer.
+    pub async fn append_unless_behind(&self, records: Vec<Record>) -> Result<i64, LogError> {
+        if self.sender.is_full() {
+            return Err(LogError::Backpressure {
+                partition: self.shared.borrow().name.clone(),
+                queued: self.sender.len(),
+            });
+        }
+        // No await between the check and the send in `append`: on this single-threaded
+        // executor the queue cannot fill in between.
+        self.append(records).await
     }
 
     fn closed_error(&self) -> LogError {

@@ -43,6 +43,58 @@ pub struct Metrics {
     ship: ShipFamilies,
     /// Every partition's handles, for `/status` and `/health`.
     pub status: StatusBoard,
+    quic: QuicFamilies,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// The device listener's metric families (see `QuicMetrics`).
+#[derive(Default)]
+struct QuicFamilies {
+    connections_open: Gauge,
+    connections_accepted: Counter,
+    handshakes_started: Counter,
+    handshakes_in_progress: Gauge,
+    retries_sent: Counter,
+    refusals: Family<ReasonLabels, Counter>,
+    frames_received: Counter,
+    frames_acked: Counter,
+    frame_errors: Family<ReasonLabels, Counter>,
+    backpressure_answers: Counter,
+    datagrams_forwarded: Counter,
+    datagrams_forward_dropped: Counter,
+}
+
+/// The device listener's metric handles, shared by every core (atomics).
+#[derive(Clone, Default)]
+pub struct QuicMetrics {
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    pub handshakes_started: Counter,
+    pub handshakes_in_progress: Gauge,
+    pub retries_sent: Counter,
+    refusals: Family<ReasonLabels, Counter>,
+    pub frames_received: Counter,
+    pub frames_acked: Counter,
+    frame_errors: Family<ReasonLabels, Counter>,
+    pub backpressure_answers: Counter,
+    pub datagrams_forwarded: Counter,
+    pub datagrams_forward_dropped: Counter,
+}
+
+impl QuicMetrics {
+    /// Counts a refused or closed connection under `reason` (a fixed, short name).
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts an error answer under its error code's name.
+    pub fn frame_error(&self, code: &'static str) {
+        self.frame_errors.get_or_create(&ReasonLabels { reason: code.to_owned() }).inc();
+    }
 }
 
 /// The upstream shipper's metric families (see `ShipMetrics`).
@@ -137,6 +189,7 @@ impl Metrics {
             registry: Registry::default(),
             ship: ShipFamilies::default(),
             status: StatusBoard::default(),
+            quic: QuicFamilies::default(),
         };
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
@@ -256,7 +309,75 @@ impl Metrics {
             "1 when the partition's shipping stopped because the broker refused TLS or SASL (certificate, mechanism, password)",
             ship.refused.clone(),
         );
+        let quic = &metrics.quic;
+        registry.register(
+            "quic_connections_open",
+            "Device connections open (handshaking or established)",
+            quic.connections_open.clone(),
+        );
+        registry.register(
+            "quic_connections_accepted",
+            "Device connections accepted (handshake started)",
+            quic.connections_accepted.clone(),
+        );
+        registry.register("quic_handshakes_started", "QUIC handshakes started", quic.handshakes_started.clone());
+        registry.register(
+            "quic_handshakes_in_progress",
+            "QUIC handshakes not yet complete",
+            quic.handshakes_in_progress.clone(),
+        );
+        registry.register(
+            "quic_retries_sent",
+            "Retry packets sent (address validation under handshake load)",
+            quic.retries_sent.clone(),
+        );
+        registry.register("quic_refusals", "Connections refused or closed by weir, by reason", quic.refusals.clone());
+        registry.register(
+            "quic_frames_received",
+            "Produce frames read from device streams",
+            quic.frames_received.clone(),
+        );
+        registry.register("quic_frames_acked", "Produce frames answered with an ack", quic.frames_acked.clone());
+        registry.register(
+            "quic_frame_errors",
+            "Produce frames answered with an error, by error code",
+            quic.frame_errors.clone(),
+        );
+        registry.register(
+            "quic_backpressure_answers",
+            "Frames answered Backpressure with retry-after (a partition was behind on disk)",
+            quic.backpressure_answers.clone(),
+        );
+        registry.register(
+            "quic_datagrams_forwarded",
+            "Datagrams that landed on the wrong core and were forwarded to their owner",
+            quic.datagrams_forwarded.clone(),
+        );
+        registry.register(
+            "quic_datagrams_forward_dropped",
+            "Datagrams for another core dropped (its queue was full or it had not joined)",
+            quic.datagrams_forward_dropped.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
+    }
+
+    /// The device listener's metric handles.
+    pub fn quic(&self) -> QuicMetrics {
+        let quic = &self.quic;
+        QuicMetrics {
+            connections_open: quic.connections_open.clone(),
+            connections_accepted: quic.connections_accepted.clone(),
+            handshakes_started: quic.handshakes_started.clone(),
+            handshakes_in_progress: quic.handshakes_in_progress.clone(),
+            retries_sent: quic.retries_sent.clone(),
+            refusals: quic.refusals.clone(),
+            frames_received: quic.frames_received.clone(),
+            frames_acked: quic.frames_acked.clone(),
+            frame_errors: quic.frame_errors.clone(),
+            backpressure_answers: quic.backpressure_answers.clone(),
+            datagrams_forwarded: quic.datagrams_forwarded.clone(),
+            datagrams_forward_dropped: quic.datagrams_forward_dropped.clone(),
+        }
     }
 
     pub fn partition(&self, topic: &str, partition: u32) -> PartitionMetrics {

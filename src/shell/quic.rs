@@ -9,12 +9,24 @@
 //! answers in frame order per stream -> `poll_transmit` -> send -> sleep until the
 //! socket is readable, the earliest connection timer, or a frame task finished.
 //!
-//! Limits: connections, streams per connection (transport config), frame bytes and
-//! records per frame (protocol limits), frames in flight per connection; past the
-//! handshake limit new connections must prove their address (Retry).
+//! Limits: connections (per core), connections per device (all cores), streams per
+//! connection (transport config), frame bytes and records per frame (protocol limits),
+//! frames and bytes in flight per connection (unread bytes wait under QUIC flow
+//! control); past `handshakes_before_retry` handshakes in progress new connections must
+//! prove their address (Retry), past `handshakes_max` they are refused.
+//!
+//! Order on a stream: a frame is stored only after the stream's previous frame was.
+//! When a frame gets a retryable error, the frames behind it on the stream are refused
+//! with the same error (not stored) until the device resends a frame it already sent,
+//! so a device that resends in sequence order never has a later frame stored first.
+//!
+//! Steering: a datagram whose connection id names another core (the reuseport
+//! program could not steer it, e.g. when it is not attached) is forwarded to that
+//! core over a channel mesh of datagrams.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -24,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::future;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
 use quinn_proto::{
     ConnectionHandle, ConnectionIdGenerator, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ServerConfig,
@@ -35,6 +48,7 @@ use crate::certs;
 use crate::core::log::batch::Record;
 use crate::core::protocol::{self, ErrorCode, FrameLimits};
 use crate::core::session::{self, FrameAssembler};
+use crate::shell::metrics::QuicMetrics;
 
 /// How often the driver re-checks the shutdown flag while idle.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
@@ -47,6 +61,11 @@ const CLOSE_NO_IDENTITY: u32 = 0x101;
 const CLOSE_DEVICE_DENIED: u32 = 0x102;
 const CLOSE_PROTOCOL: u32 = 0x103;
 const CLOSE_SHUTDOWN: u32 = 0x104;
+const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x105;
+/// Datagrams forwarded from other cores waiting for this core's driver.
+const FORWARD_INBOX_MAX: usize = 4096;
+/// Queue depth of each core-to-core datagram channel.
+const FORWARD_CHANNEL_CAPACITY: usize = 1024;
 
 /// Why an append failed, as it crosses cores: a protocol error code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +97,75 @@ pub struct QuicSettings {
     /// Topics devices may write (every topic when None).
     pub topics_allowed: Option<HashSet<String>>,
     pub devices_denied: HashSet<String>,
+    /// Connections one device (certificate) may hold open, over all cores.
+    pub connections_per_device_max: usize,
+    /// Bytes of frames being processed (read, not yet answered) per connection.
+    pub bytes_in_flight_per_connection_max: usize,
+    /// Handshakes in progress per core beyond which new connections are refused.
+    pub handshakes_max: usize,
+    /// Open connections per device, shared by every core.
+    pub device_connections: Arc<DeviceConnections>,
+    pub metrics: QuicMetrics,
+}
+
+/// Open connections per device over all cores. Touched only when a connection is
+/// established or ends, never per datagram or frame, so one mutex is cheap here.
+#[derive(Debug, Default)]
+pub struct DeviceConnections {
+    open: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl DeviceConnections {
+    /// Counts one more connection of `device`, or returns how many it holds when that
+    /// would exceed `max`.
+    pub fn try_open(&self, device: &str, max: usize) -> Result<(), usize> {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(device.to_owned()).or_insert(0);
+        if *count >= max {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    pub fn close(&self, device: &str) {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(device) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(device);
+            }
+        }
+    }
+}
+
+/// Messages between the cores' listeners: who is who, and datagrams for another core.
+#[derive(Debug)]
+pub enum DatagramMessage {
+    Hello { core: usize },
+    Datagram { from: SocketAddr, to_ip: Option<std::net::IpAddr>, ecn: Option<u8>, bytes: Vec<u8> },
+}
+
+pub type DatagramMesh = MeshBuilder<DatagramMessage, Full>;
+
+/// The mesh the listeners forward mis-steered datagrams over (one per process).
+pub fn datagram_mesh(cores: usize) -> DatagramMesh {
+    MeshBuilder::full(cores, FORWARD_CHANNEL_CAPACITY)
+}
+
+/// The core a datagram belongs to, when its destination connection id is one weir
+/// chose (8 bytes, the core in the first 4), read from a short header or a long one.
+pub fn core_of_datagram(datagram: &[u8]) -> Option<u32> {
+    let first = *datagram.first()?;
+    let id = if first & 0x80 == 0 {
+        datagram.get(1..1 + CONNECTION_ID_BYTES)?
+    } else {
+        if *datagram.get(5)? as usize != CONNECTION_ID_BYTES {
+            return None;
+        }
+        datagram.get(6..6 + CONNECTION_ID_BYTES)?
+    };
+    Some(u32::from_be_bytes(id[..4].try_into().expect("4 bytes")))
 }
 
 /// Connection ids carry the owning core in their first 4 bytes (for reuseport steering);
@@ -128,6 +216,16 @@ fn ring_fill(bytes: &mut [u8]) {
 /// the first socket's port is used for the rest. A fresh port per start keeps a
 /// restarted process out of a stale group (SO_REUSEPORT groups need the same user).
 pub fn bind_sockets(address: SocketAddr, cores: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    bind_sockets_steered(address, cores, true)
+}
+
+/// `bind_sockets`, with the steering program attached only when `steering` (without
+/// it, datagrams that land on the wrong core are forwarded, at some cost).
+pub fn bind_sockets_steered(
+    address: SocketAddr,
+    cores: usize,
+    steering: bool,
+) -> std::io::Result<Vec<std::net::UdpSocket>> {
     let mut sockets = Vec::with_capacity(cores);
     let mut address = address;
     for _ in 0..cores {
@@ -140,7 +238,7 @@ pub fn bind_sockets(address: SocketAddr, cores: usize) -> std::io::Result<Vec<st
         address = bound.local_addr()?;
         sockets.push(bound);
     }
-    if let Some(first) = sockets.first() {
+    if let Some(first) = sockets.first().filter(|_| steering) {
         crate::shell::sys::attach_reuseport_steering(first)?;
     }
     Ok(sockets)
@@ -165,7 +263,17 @@ struct Completion {
     connection: ConnectionHandle,
     stream: StreamId,
     frame_number: u64,
+    frame_bytes: usize,
     answer: Vec<u8>,
+}
+
+/// What a stream's frames must respect to keep their order (see the module docs).
+#[derive(Debug, Default)]
+struct StreamOrder {
+    /// Set by a retryable failure: (code, retry_after_ms) later frames are refused with.
+    refusing: Option<(ErrorCode, u32)>,
+    /// The highest sequence failed or refused since `refusing` was set.
+    refused_sequence_max: u64,
 }
 
 #[derive(Default)]
@@ -179,6 +287,7 @@ struct StreamState {
     /// Resolves when the stream's latest frame is stored: the next frame waits for it,
     /// so a stream's frames are stored in the order they were sent.
     previous_stored: Option<futures_channel::oneshot::Receiver<()>>,
+    order: Rc<RefCell<StreamOrder>>,
 }
 
 struct Conn {
@@ -186,6 +295,15 @@ struct Conn {
     device: Option<String>,
     streams: HashMap<StreamId, StreamState>,
     frames_in_flight: usize,
+    bytes_in_flight: usize,
+    /// Until the handshake completes (or the connection ends).
+    handshaking: bool,
+    /// Counted in `DeviceConnections`.
+    registered: bool,
+    /// Closed by weir for a protocol violation: nothing more is read.
+    violated: bool,
+    /// The deadline this connection has in the core's timer heap, if any.
+    timer_scheduled: Option<Instant>,
 }
 
 /// Counters of one core's listener.
@@ -198,13 +316,15 @@ pub struct QuicStats {
     pub datagrams_dropped_on_send: u64,
 }
 
-/// Runs one core's listener until `shutdown` is set.
+/// Runs one core's listener until `shutdown` is set. With `forward` (more than one
+/// core), datagrams for another core's connections are forwarded there.
 pub async fn run_core(
     core: usize,
     socket: std::net::UdpSocket,
     settings: Arc<QuicSettings>,
     appender: Rc<dyn Appender>,
     shutdown: Arc<AtomicBool>,
+    forward: Option<DatagramMesh>,
 ) -> std::io::Result<QuicStats> {
     let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
     let readiness = glommio::net::UdpSocket::from(socket2::Socket::from(socket.try_clone()?));
@@ -214,7 +334,17 @@ pub async fn run_core(
     let (wake_sender, wake_receiver) = local_channel::new_bounded::<()>(1);
     let wake = Rc::new(wake_sender);
     let completions: Rc<RefCell<VecDeque<Completion>>> = Rc::new(RefCell::new(VecDeque::new()));
+    let metrics = settings.metrics.clone();
+    let forwarding = match forward {
+        Some(mesh) if mesh.nr_peers() > 1 => join_forwarding(core, mesh, &wake, &shutdown).await,
+        _ => None,
+    };
     let mut connections: HashMap<ConnectionHandle, Conn> = HashMap::new();
+    // Only connections with something to do are driven in a pass (datagrams, finished
+    // frames, a due timer), so 10,000 idle connections cost nothing per datagram.
+    let mut dirty: HashSet<ConnectionHandle> = HashSet::new();
+    let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+    let mut handshaking = 0usize;
     let mut stats = QuicStats::default();
     let gro = state.gro_segments().max(1);
     let mut receive_buffers: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; 65_535 * gro.min(8)]).collect();
@@ -222,20 +352,29 @@ pub async fn run_core(
     let mut response_buffer: Vec<u8> = Vec::new();
     let max_gso = state.max_gso_segments().max(1);
     let mut closing: Option<Instant> = None;
+    let mut arrivals: Vec<Arrival> = Vec::with_capacity(RECV_BATCH);
     loop {
         let now = Instant::now();
         if shutdown.load(Ordering::Acquire) && closing.is_none() {
             closing = Some(now);
-            for conn in connections.values_mut() {
+            for (handle, conn) in connections.iter_mut() {
                 conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "weir is shutting down".into());
+                dirty.insert(*handle);
             }
         }
         if let Some(since) = closing {
             if connections.is_empty() || now.duration_since(since) > CLOSE_DRAIN_MAX {
+                for conn in connections.values() {
+                    forget_connection(conn, &settings);
+                }
                 return Ok(stats);
             }
         }
-        // 1. Datagrams in.
+        // 1. Datagrams in: from other cores, then from the socket.
+        arrivals.clear();
+        if let Some(forwarding) = &forwarding {
+            arrivals.extend(forwarding.inbox.borrow_mut().drain(..));
+        }
         loop {
             let mut metas = [RecvMeta::default(); RECV_BATCH];
             let mut slices: Vec<IoSliceMut<'_>> =
@@ -254,72 +393,139 @@ pub async fn run_core(
                 let mut data = &buffer[..meta.len];
                 while !data.is_empty() {
                     let length = data.len().min(meta.stride.max(1));
-                    let datagram = BytesMut::from(&data[..length]);
+                    let datagram = &data[..length];
                     data = &data[length..];
-                    response_buffer.clear();
-                    let ecn = meta.ecn.and_then(|ecn| quinn_proto::EcnCodepoint::from_bits(ecn as u8));
-                    match endpoint.handle(now, meta.addr, meta.dst_ip, ecn, datagram, &mut response_buffer) {
-                        Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                            if let Some(conn) = connections.get_mut(&handle) {
-                                conn.connection.handle_event(event);
-                            }
-                        }
-                        Some(DatagramEvent::NewConnection(incoming)) => {
-                            if closing.is_some() || connections.len() >= settings.connections_max {
-                                stats.connections_refused += 1;
-                                let transmit = endpoint.refuse(incoming, &mut response_buffer);
-                                send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                            } else if !incoming.remote_address_validated()
-                                && endpoint.open_connections() >= settings.handshakes_before_retry
-                                && incoming.may_retry()
-                            {
-                                if let Ok(transmit) = endpoint.retry(incoming, &mut response_buffer) {
-                                    send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                                }
+                    let owner = core_of_datagram(datagram).map(|owner| owner as usize);
+                    if let (Some(forwarding), Some(owner)) = (&forwarding, owner) {
+                        if owner != core && owner < forwarding.cores {
+                            let message = DatagramMessage::Datagram {
+                                from: meta.addr,
+                                to_ip: meta.dst_ip,
+                                ecn: meta.ecn.map(|ecn| ecn as u8),
+                                bytes: datagram.to_vec(),
+                            };
+                            if forwarding.forward(owner, message) {
+                                metrics.datagrams_forwarded.inc();
                             } else {
-                                match endpoint.accept(incoming, now, &mut response_buffer, None) {
-                                    Ok((handle, connection)) => {
-                                        stats.connections_accepted += 1;
-                                        connections.insert(
-                                            handle,
-                                            Conn {
-                                                connection,
-                                                device: None,
-                                                streams: HashMap::new(),
-                                                frames_in_flight: 0,
-                                            },
-                                        );
-                                    }
-                                    Err(error) => {
-                                        if let Some(transmit) = error.response {
-                                            send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                                        }
-                                    }
-                                }
+                                metrics.datagrams_forward_dropped.inc();
                             }
+                            continue;
                         }
-                        Some(DatagramEvent::Response(transmit)) => {
-                            send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                        }
-                        None => {}
+                    }
+                    arrivals.push(Arrival {
+                        from: meta.addr,
+                        to_ip: meta.dst_ip,
+                        ecn: meta.ecn.map(|ecn| ecn as u8),
+                        bytes: BytesMut::from(datagram),
+                    });
+                }
+            }
+            if arrivals.len() >= FORWARD_INBOX_MAX {
+                break; // serve what arrived before reading more
+            }
+        }
+        for arrival in arrivals.drain(..) {
+            response_buffer.clear();
+            let ecn = arrival.ecn.and_then(quinn_proto::EcnCodepoint::from_bits);
+            match endpoint.handle(now, arrival.from, arrival.to_ip, ecn, arrival.bytes, &mut response_buffer) {
+                Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                    if let Some(conn) = connections.get_mut(&handle) {
+                        conn.connection.handle_event(event);
+                        dirty.insert(handle);
                     }
                 }
+                Some(DatagramEvent::NewConnection(incoming)) => {
+                    let refusal = if closing.is_some() {
+                        Some("shutting_down")
+                    } else if connections.len() >= settings.connections_max {
+                        Some("connections_max")
+                    } else if handshaking >= settings.handshakes_max {
+                        Some("handshakes_max")
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refusal {
+                        stats.connections_refused += 1;
+                        metrics.refused(reason);
+                        let transmit = endpoint.refuse(incoming, &mut response_buffer);
+                        send(&state, &socket, &transmit, &response_buffer, &mut stats);
+                    } else if !incoming.remote_address_validated()
+                        && handshaking >= settings.handshakes_before_retry
+                        && incoming.may_retry()
+                    {
+                        if let Ok(transmit) = endpoint.retry(incoming, &mut response_buffer) {
+                            metrics.retries_sent.inc();
+                            send(&state, &socket, &transmit, &response_buffer, &mut stats);
+                        }
+                    } else {
+                        match endpoint.accept(incoming, now, &mut response_buffer, None) {
+                            Ok((handle, connection)) => {
+                                stats.connections_accepted += 1;
+                                metrics.connections_accepted.inc();
+                                metrics.handshakes_started.inc();
+                                metrics.connections_open.inc();
+                                metrics.handshakes_in_progress.inc();
+                                handshaking += 1;
+                                dirty.insert(handle);
+                                connections.insert(
+                                    handle,
+                                    Conn {
+                                        connection,
+                                        device: None,
+                                        streams: HashMap::new(),
+                                        frames_in_flight: 0,
+                                        bytes_in_flight: 0,
+                                        handshaking: true,
+                                        registered: false,
+                                        violated: false,
+                                        timer_scheduled: None,
+                                    },
+                                );
+                            }
+                            Err(error) => {
+                                metrics.refused("handshake_failed");
+                                if let Some(transmit) = error.response {
+                                    send(&state, &socket, &transmit, &response_buffer, &mut stats);
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(DatagramEvent::Response(transmit)) => {
+                    send(&state, &socket, &transmit, &response_buffer, &mut stats);
+                }
+                None => {}
             }
         }
         // 2. Finished frames: queue their answers in frame order.
         let finished: Vec<Completion> = completions.borrow_mut().drain(..).collect();
         for completion in finished {
             if let Some(conn) = connections.get_mut(&completion.connection) {
+                dirty.insert(completion.connection);
                 conn.frames_in_flight -= 1;
+                conn.bytes_in_flight -= completion.frame_bytes;
                 if let Some(stream) = conn.streams.get_mut(&completion.stream) {
                     stream.ready.insert(completion.frame_number, completion.answer);
                 }
             }
         }
-        // 3. Every connection: timers, events, streams, transmits.
-        let handles: Vec<ConnectionHandle> = connections.keys().copied().collect();
+        // 3. Every connection with something to do: timers, events, streams, transmits.
+        while let Some(Reverse((deadline, index))) = timers.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            timers.pop();
+            let handle = ConnectionHandle(index);
+            if let Some(conn) = connections.get_mut(&handle) {
+                if conn.timer_scheduled == Some(deadline) {
+                    conn.timer_scheduled = None;
+                }
+                dirty.insert(handle);
+            }
+        }
+        let handles: Vec<ConnectionHandle> = dirty.drain().collect();
         for handle in handles {
-            let conn = connections.get_mut(&handle).expect("listed above");
+            let Some(conn) = connections.get_mut(&handle) else { continue };
             if conn.connection.poll_timeout().is_some_and(|deadline| deadline <= now) {
                 conn.connection.handle_timeout(now);
             }
@@ -329,7 +535,12 @@ pub async fn run_core(
                 }
             }
             while let Some(event) = conn.connection.poll() {
+                let was_handshaking = conn.handshaking;
                 handle_event(core, handle, conn, event, &settings, &appender, &completions, &wake, &mut stats);
+                if was_handshaking && !conn.handshaking {
+                    handshaking -= 1;
+                    metrics.handshakes_in_progress.dec();
+                }
             }
             // Readable streams may have been reported before identity was known; read all.
             if conn.device.is_some() {
@@ -342,16 +553,27 @@ pub async fn run_core(
                 send(&state, &socket, &transmit, &transmit_buffer, &mut stats);
             }
             if conn.connection.is_drained() {
+                if conn.handshaking {
+                    handshaking -= 1;
+                    metrics.handshakes_in_progress.dec();
+                }
+                forget_connection(conn, &settings);
                 connections.remove(&handle);
+            } else if let Some(deadline) = conn.connection.poll_timeout() {
+                if conn.timer_scheduled.is_none_or(|scheduled| deadline < scheduled) {
+                    conn.timer_scheduled = Some(deadline);
+                    timers.push(Reverse((deadline, handle.0)));
+                }
             }
         }
         // 4. Sleep until there is something to do.
-        let next_timer = connections.values_mut().filter_map(|conn| conn.connection.poll_timeout()).min();
+        let next_timer = timers.peek().map(|Reverse((deadline, _))| *deadline);
         let wait = next_timer
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             .unwrap_or(SHUTDOWN_POLL)
             .min(SHUTDOWN_POLL);
-        if !completions.borrow().is_empty() || wait.is_zero() {
+        let forwarded_waiting = forwarding.as_ref().is_some_and(|forwarding| !forwarding.inbox.borrow().is_empty());
+        if !completions.borrow().is_empty() || forwarded_waiting || wait.is_zero() {
             glommio::yield_if_needed().await;
             continue;
         }
@@ -367,6 +589,96 @@ pub async fn run_core(
         };
         let slept = glommio::timer::sleep(wait);
         future::or(readable, future::or(woken, slept)).await;
+    }
+}
+
+/// A datagram to feed the endpoint: read from the socket or forwarded by another core.
+struct Arrival {
+    from: SocketAddr,
+    to_ip: Option<std::net::IpAddr>,
+    ecn: Option<u8>,
+    bytes: BytesMut,
+}
+
+/// This core's end of the datagram mesh.
+struct Forwarding {
+    cores: usize,
+    senders: Senders<DatagramMessage>,
+    /// Mesh peer id of each core that announced itself.
+    peer_of_core: Rc<RefCell<HashMap<usize, usize>>>,
+    inbox: Rc<RefCell<VecDeque<Arrival>>>,
+}
+
+impl Forwarding {
+    /// Hands a datagram to its owner core; false when it had to be dropped (QUIC's
+    /// loss recovery resends).
+    fn forward(&self, owner: usize, message: DatagramMessage) -> bool {
+        let Some(peer) = self.peer_of_core.borrow().get(&owner).copied() else { return false };
+        self.senders.try_send_to(peer, message).is_ok()
+    }
+}
+
+/// Joins the datagram mesh (or gives up when the process stops first) and starts the
+/// tasks that put datagrams from other cores into the inbox.
+async fn join_forwarding(
+    core: usize,
+    mesh: DatagramMesh,
+    wake: &Rc<LocalSender<()>>,
+    shutdown: &Arc<AtomicBool>,
+) -> Option<Forwarding> {
+    let cores = mesh.nr_peers();
+    let stopped = async {
+        while !shutdown.load(Ordering::Acquire) {
+            glommio::timer::sleep(SHUTDOWN_POLL).await;
+        }
+        None
+    };
+    let (senders, mut receivers) = future::or(async { mesh.join().await.ok() }, stopped).await?;
+    let forwarding = Forwarding {
+        cores,
+        senders,
+        peer_of_core: Rc::new(RefCell::new(HashMap::new())),
+        inbox: Rc::new(RefCell::new(VecDeque::new())),
+    };
+    for (peer, receiver) in receivers.streams() {
+        let peer_of_core = forwarding.peer_of_core.clone();
+        let inbox = forwarding.inbox.clone();
+        let wake = wake.clone();
+        glommio::spawn_local(async move {
+            use futures_lite::StreamExt;
+            let mut receiver = receiver;
+            while let Some(message) = receiver.next().await {
+                match message {
+                    DatagramMessage::Hello { core } => {
+                        peer_of_core.borrow_mut().insert(core, peer);
+                    }
+                    DatagramMessage::Datagram { from, to_ip, ecn, bytes } => {
+                        let mut inbox = inbox.borrow_mut();
+                        if inbox.len() < FORWARD_INBOX_MAX {
+                            inbox.push_back(Arrival { from, to_ip, ecn, bytes: BytesMut::from(&bytes[..]) });
+                        }
+                        let _ = wake.try_send(());
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    for peer in 0..forwarding.senders.nr_consumers() {
+        if peer != forwarding.senders.peer_id() {
+            let _ = forwarding.senders.send_to(peer, DatagramMessage::Hello { core }).await;
+        }
+    }
+    Some(forwarding)
+}
+
+/// A connection leaves this core: its device slot is given back.
+fn forget_connection(conn: &Conn, settings: &QuicSettings) {
+    settings.metrics.connections_open.dec();
+    if conn.registered {
+        if let Some(device) = &conn.device {
+            settings.device_connections.close(device);
+        }
     }
 }
 
@@ -404,6 +716,7 @@ fn handle_event(
 ) {
     match event {
         Event::Connected => {
+            conn.handshaking = false;
             let device = conn
                 .connection
                 .crypto_session()
@@ -411,13 +724,17 @@ fn handle_event(
                 .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
                 .and_then(|chain| chain.first().and_then(|leaf| certs::device_id_of(leaf)));
             match device {
-                None => conn.connection.close(
-                    Instant::now(),
-                    VarInt::from_u32(CLOSE_NO_IDENTITY),
-                    "the client certificate names no device (subject CN)".into(),
-                ),
+                None => {
+                    settings.metrics.refused("no_identity");
+                    conn.connection.close(
+                        Instant::now(),
+                        VarInt::from_u32(CLOSE_NO_IDENTITY),
+                        "the client certificate names no device (subject CN)".into(),
+                    )
+                }
                 Some(device) if settings.devices_denied.contains(&device) => {
                     tracing::warn!(core, device, "denied device refused");
+                    settings.metrics.refused("device_denied");
                     conn.connection.close(
                         Instant::now(),
                         VarInt::from_u32(CLOSE_DEVICE_DENIED),
@@ -425,8 +742,25 @@ fn handle_event(
                     )
                 }
                 Some(device) => {
-                    tracing::debug!(core, device, remote = %conn.connection.remote_address(), "device connected");
-                    conn.device = Some(device);
+                    match settings.device_connections.try_open(&device, settings.connections_per_device_max) {
+                        Ok(()) => {
+                            tracing::debug!(core, device, remote = %conn.connection.remote_address(), "device connected");
+                            conn.registered = true;
+                            conn.device = Some(device);
+                        }
+                        Err(open) => {
+                            settings.metrics.refused("connections_per_device_max");
+                            conn.connection.close(
+                            Instant::now(),
+                            VarInt::from_u32(CLOSE_TOO_MANY_CONNECTIONS),
+                            format!(
+                                "device {device} already holds {open} connections (quic.connections_per_device_max = {})",
+                                settings.connections_per_device_max
+                            )
+                            .into(),
+                        )
+                        }
+                    }
                 }
             }
         }
@@ -447,6 +781,11 @@ fn handle_event(
             read_streams(handle, conn, settings, appender, completions, wake, stats);
         }
         Event::ConnectionLost { reason } => {
+            if conn.handshaking {
+                // Unknown CA, no certificate, wrong ALPN, or the peer gave up.
+                conn.handshaking = false;
+                settings.metrics.refused("handshake_failed");
+            }
             tracing::debug!(core, device = ?conn.device, %reason, "connection lost");
         }
         _ => {}
@@ -462,10 +801,15 @@ fn read_streams(
     wake: &Rc<LocalSender<()>>,
     stats: &mut QuicStats,
 ) {
+    if conn.violated {
+        return;
+    }
     let device = conn.device.clone().expect("identity is known before streams are read");
     let ids: Vec<StreamId> = conn.streams.keys().copied().collect();
     for id in ids {
-        if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max {
+        if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max
+            || conn.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
+        {
             return; // leave bytes unread: flow control pushes back on the device
         }
         let mut protocol_error = None;
@@ -503,13 +847,22 @@ fn read_streams(
             }
         }
         loop {
-            if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max {
+            if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max
+                || conn.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
+            {
                 break;
             }
             let stream = conn.streams.get_mut(&id).expect("listed above");
             let assembler = stream.assembler.as_mut().expect("made above");
             let frame = match assembler.next_frame() {
                 Ok(Some(frame)) => frame,
+                Ok(None) if stream.peer_finished && assembler.buffered_bytes() > 0 => {
+                    protocol_error = Some(format!(
+                        "the stream ended inside a frame ({} bytes of it arrived)",
+                        assembler.buffered_bytes()
+                    ));
+                    break;
+                }
                 Ok(None) => break,
                 Err(error) => {
                     protocol_error = Some(error.to_string());
@@ -520,49 +873,84 @@ fn read_streams(
             stream.next_frame_number += 1;
             let (stored, next_waits) = futures_channel::oneshot::channel();
             let previous = stream.previous_stored.replace(next_waits);
+            let frame_bytes = frame.len();
             conn.frames_in_flight += 1;
-            let task = process_frame(frame, device.clone(), settings.clone(), appender.clone());
+            conn.bytes_in_flight += frame_bytes;
+            let order = stream.order.clone();
+            let task = process_frame(frame, device.clone(), settings.clone(), appender.clone(), order);
             let completions = completions.clone();
             let wake = wake.clone();
             stats.frames_accepted += 1;
+            settings.metrics.frames_received.inc();
             glommio::spawn_local(async move {
                 if let Some(previous) = previous {
                     let _ = previous.await;
                 }
                 let answer = task.await;
                 let _ = stored.send(());
-                completions.borrow_mut().push_back(Completion { connection: handle, stream: id, frame_number, answer });
+                completions.borrow_mut().push_back(Completion {
+                    connection: handle,
+                    stream: id,
+                    frame_number,
+                    frame_bytes,
+                    answer,
+                });
                 let _ = wake.try_send(());
             })
             .detach();
         }
         if let Some(reason) = protocol_error {
             stats.frames_refused += 1;
+            settings.metrics.refused("protocol");
+            conn.violated = true;
             conn.connection.close(Instant::now(), VarInt::from_u32(CLOSE_PROTOCOL), reason.into_bytes().into());
             return;
         }
     }
 }
 
-/// Checks, routes and appends one frame; returns the answer frame's bytes.
+/// Checks, routes and appends one frame; returns the answer frame's bytes. Runs once
+/// the stream's previous frame is done, so `order` reflects every earlier frame.
 async fn process_frame(
     frame: Vec<u8>,
     device: String,
     settings: Arc<QuicSettings>,
     appender: Rc<dyn Appender>,
+    order: Rc<RefCell<StreamOrder>>,
 ) -> Vec<u8> {
     let answer = match protocol::check_produce(&frame, &settings.limits) {
         Err(error) => protocol::error_frame(sequence_of(&frame), error.code(), &error.to_string(), 0),
         Ok(produce) => {
             let sequence = produce.sequence;
-            match settings.topics.get(&produce.topic) {
-                None => protocol::error_frame(
+            let refusing = {
+                let mut order = order.borrow_mut();
+                match order.refusing {
+                    // A frame already sent once: the device started resending in order.
+                    Some(_) if sequence <= order.refused_sequence_max => {
+                        order.refusing = None;
+                        None
+                    }
+                    Some(refusing) => {
+                        order.refused_sequence_max = sequence;
+                        Some(refusing)
+                    }
+                    None => None,
+                }
+            };
+            match (refusing, settings.topics.get(&produce.topic)) {
+                (Some((code, retry_after_ms)), _) => protocol::error_frame(
+                    sequence,
+                    code,
+                    "an earlier frame on this stream was not stored: resend the frames in sequence order",
+                    retry_after_ms,
+                ),
+                (None, None) => protocol::error_frame(
                     sequence,
                     ErrorCode::UnknownTopic,
                     &format!("no topic {:?}", produce.topic),
                     0,
                 ),
-                Some(_)
+                (None, Some(_))
                     if settings.topics_allowed.as_ref().is_some_and(|allowed| !allowed.contains(&produce.topic)) =>
                 {
                     protocol::error_frame(
@@ -572,7 +960,7 @@ async fn process_frame(
                         0,
                     )
                 }
-                Some(partitions) => {
+                (None, Some(partitions)) => {
                     let runs = session::route(produce.records, &device, sequence, *partitions);
                     let appends = runs
                         .iter()
@@ -591,6 +979,11 @@ async fn process_frame(
                     }
                     match failure {
                         Some(failure) => {
+                            if failure.code.is_retryable() {
+                                let mut order = order.borrow_mut();
+                                order.refusing = Some((failure.code, failure.retry_after_ms));
+                                order.refused_sequence_max = sequence;
+                            }
                             protocol::error_frame(sequence, failure.code, &failure.message, failure.retry_after_ms)
                         }
                         None => protocol::ack_frame(sequence, session::ack_parts(&runs, &base_offsets)),
@@ -599,6 +992,14 @@ async fn process_frame(
             }
         }
     };
+    if answer.kind == protocol::KIND_ACK {
+        settings.metrics.frames_acked.inc();
+    } else if let Some(code) = ErrorCode::from_u16(answer.error_code) {
+        settings.metrics.frame_error(code.name());
+        if code == ErrorCode::Backpressure {
+            settings.metrics.backpressure_answers.inc();
+        }
+    }
     protocol::with_length_prefix(&protocol::encode(&answer))
 }
 

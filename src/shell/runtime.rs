@@ -123,7 +123,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     let (admin_address, admin_thread) =
         admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
     let partitions: usize = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum();
-    let quic = if valid.config.quic.enabled { Some(prepare_quic(&valid)?) } else { None };
+    let quic = if valid.config.quic.enabled { Some(prepare_quic_measured(&valid, &metrics)?) } else { None };
     tracing::info!(
         cores = ?cores,
         partitions,
@@ -136,6 +136,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     let mut first_fatal: Option<Fatal> = None;
     let mut alive = 0usize;
     let mesh = engine::mesh(cores.len());
+    let datagram_mesh = quic::datagram_mesh(cores.len());
     let mut sockets =
         quic.as_ref().map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
     for (core, cpu) in cores.iter().copied().enumerate() {
@@ -154,6 +155,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         let core_shutdown = shutdown.clone();
         let events = events.clone();
         let mesh = mesh.clone();
+        let datagram_mesh = datagram_mesh.clone();
         let core_count = cores.len();
         let dedup = engine::DedupSettings {
             limits: crate::core::dedup::DedupLimits {
@@ -226,7 +228,15 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             let listener_task = match (joined, listener) {
                 (Some(appender), Some((socket, settings))) => {
                     let appender: Rc<dyn Appender> = Rc::new(appender);
-                    Some(glommio::spawn_local(quic::run_core(core, socket, settings, appender, core_shutdown.clone())))
+                    let forward = Some(datagram_mesh);
+                    Some(glommio::spawn_local(quic::run_core(
+                        core,
+                        socket,
+                        settings,
+                        appender,
+                        core_shutdown.clone(),
+                        forward,
+                    )))
                 }
                 _ => None,
             };
@@ -354,6 +364,11 @@ pub struct PreparedQuic {
 }
 
 pub fn prepare_quic(valid: &ValidConfig) -> Result<PreparedQuic, Fatal> {
+    prepare_quic_measured(valid, &Metrics::new())
+}
+
+/// `prepare_quic`, with the listener's metrics registered in `metrics`.
+pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<PreparedQuic, Fatal> {
     let config = &valid.config.quic;
     let directory = &config.certs_dir;
     let (ca, certificate, key) = (directory.join("ca.pem"), directory.join("server.pem"), directory.join("server.key"));
@@ -381,7 +396,7 @@ pub fn prepare_quic(valid: &ValidConfig) -> Result<PreparedQuic, Fatal> {
         .map_err(|error| Fatal::Quic { reason: error.to_string() })?;
     let address: SocketAddr =
         config.listen.parse().map_err(|_| Fatal::Quic { reason: format!("bad address {}", config.listen) })?;
-    let sockets = quic::bind_sockets(address, valid.cores.len())
+    let sockets = quic::bind_sockets_steered(address, valid.cores.len(), config.reuseport_steering)
         .map_err(|error| Fatal::Quic { reason: format!("cannot bind {address}: {error}") })?;
     let address = sockets[0].local_addr().map_err(|error| Fatal::Quic { reason: error.to_string() })?;
     let (receive_bytes, send_bytes) =
@@ -417,6 +432,11 @@ pub fn prepare_quic(valid: &ValidConfig) -> Result<PreparedQuic, Fatal> {
         topics_allowed: (!config.topics_allowed.is_empty())
             .then(|| config.topics_allowed.iter().cloned().collect::<HashSet<_>>()),
         devices_denied: config.devices_denied.iter().cloned().collect(),
+        connections_per_device_max: config.connections_per_device_max as usize,
+        bytes_in_flight_per_connection_max: config.bytes_in_flight_per_connection_max.0 as usize,
+        handshakes_max: config.handshakes_max as usize,
+        device_connections: Arc::new(quic::DeviceConnections::default()),
+        metrics: metrics.quic(),
     };
     Ok(PreparedQuic { settings: Arc::new(settings), sockets, address })
 }

@@ -8,6 +8,9 @@ usage: aioquic_device.py --server HOST:PORT --ca CA --cert CERT --key KEY
 Sends N produce frames of R records each on one bidirectional stream, reads one answer
 per frame, prints one JSON object per answer (one per line). With --resend-last the
 last frame is sent twice (same sequence, same bytes), as after a lost answer.
+With --no-cert the device offers no client certificate; with --truncate the stream
+ends in the middle of its last frame. When weir closes the connection, one JSON object
+{"kind": "closed", "error_code", "reason"} is printed and the exit code is 3.
 """
 import argparse
 import asyncio
@@ -41,7 +44,8 @@ async def run(arguments):
     host, port = arguments.server.rsplit(":", 1)
     configuration = QuicConfiguration(is_client=True, alpn_protocols=["weir/1"])
     configuration.load_verify_locations(arguments.ca)
-    configuration.load_cert_chain(arguments.cert, arguments.key)
+    if not arguments.no_cert:
+        configuration.load_cert_chain(arguments.cert, arguments.key)
     configuration.server_name = "localhost"
     configuration.verify_mode = ssl.CERT_REQUIRED
     archives = [
@@ -63,11 +67,21 @@ async def run(arguments):
             writer.write(struct.pack(">I", arguments.declare_length) + b"x" * 16)
         for archive in archives:
             writer.write(weir_frames.frame(archive))
+        if arguments.truncate:
+            whole = weir_frames.frame(archives[-1])
+            writer.write(whole[: len(whole) // 2])
         writer.write_eof()
-        for _ in archives:
-            (length,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 10))
-            answer = weir_frames.decode_answer(await asyncio.wait_for(reader.readexactly(length), 10))
-            print(json.dumps(answer), flush=True)
+        try:
+            for _ in archives + ([None] if arguments.truncate else []):
+                (length,) = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 10))
+                answer = weir_frames.decode_answer(await asyncio.wait_for(reader.readexactly(length), 10))
+                print(json.dumps(answer), flush=True)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            closed = getattr(client._quic, "_close_event", None)
+            if closed is None:
+                raise
+            print(json.dumps({"kind": "closed", "error_code": closed.error_code, "reason": closed.reason_phrase}), flush=True)
+            sys.exit(3)
 
 
 def main():
@@ -85,6 +99,8 @@ def main():
     parser.add_argument("--resend-last", action="store_true")
     parser.add_argument("--garbage", action="store_true", help="send one frame that is not an archive")
     parser.add_argument("--declare-length", type=int, help="first send a frame header declaring this length")
+    parser.add_argument("--no-cert", action="store_true", help="offer no client certificate")
+    parser.add_argument("--truncate", action="store_true", help="end the stream inside one more frame")
     arguments = parser.parse_args()
     asyncio.run(asyncio.wait_for(run(arguments), 30))
 

@@ -146,6 +146,9 @@ pub enum ErrorCode {
     QuotaExceeded = 9,
     /// The appliance is shutting down; reconnect and resend.
     ShuttingDown = 10,
+    /// The frame reuses a sequence the appliance stored with other records: a device
+    /// bug (a resend must be the very same frame). Nothing was stored; do not resend.
+    SequenceReused = 11,
 }
 
 impl ErrorCode {
@@ -161,8 +164,26 @@ impl ErrorCode {
             8 => ErrorCode::SequenceTooOld,
             9 => ErrorCode::QuotaExceeded,
             10 => ErrorCode::ShuttingDown,
+            11 => ErrorCode::SequenceReused,
             _ => return None,
         })
+    }
+
+    /// The code's name as docs/PROTOCOL.md spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedFrame => "MalformedFrame",
+            ErrorCode::FrameTooLarge => "FrameTooLarge",
+            ErrorCode::TopicNotAllowed => "TopicNotAllowed",
+            ErrorCode::UnknownTopic => "UnknownTopic",
+            ErrorCode::Backpressure => "Backpressure",
+            ErrorCode::DiskFull => "DiskFull",
+            ErrorCode::StorageFailed => "StorageFailed",
+            ErrorCode::SequenceTooOld => "SequenceTooOld",
+            ErrorCode::QuotaExceeded => "QuotaExceeded",
+            ErrorCode::ShuttingDown => "ShuttingDown",
+            ErrorCode::SequenceReused => "SequenceReused",
+        }
     }
 
     /// Whether resending the same frame later can succeed.

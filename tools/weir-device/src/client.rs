@@ -154,9 +154,18 @@ impl DeviceClient {
     /// over several frames; the ack lists each record's sequence, partition and offset,
     /// in the order given. An error means some records may not be stored.
     pub async fn send(&self, topic: &str, records: Vec<Record>) -> Result<Ack, DeviceError> {
+        self.enqueue(topic, records).await?.await
+    }
+
+    /// The first half of `send`: waits until the records are queued, then returns the
+    /// future of their ack. Records are sequenced (and stored) in the order they are
+    /// queued, so a caller that needs its sends stored in order queues them one after
+    /// the other and awaits the acks concurrently: concurrent `send` calls from
+    /// separate tasks are queued in whatever order those tasks happen to run.
+    pub async fn enqueue(&self, topic: &str, records: Vec<Record>) -> Result<PendingAck, DeviceError> {
         check_topic(topic)?;
         if records.is_empty() {
-            return Ok(Ack { records: Vec::new() });
+            return Ok(PendingAck { answer: None });
         }
         if records.len() > self.queue_records_max {
             return Err(DeviceError::TooManyRecords { records: records.len(), max: self.queue_records_max });
@@ -169,7 +178,7 @@ impl DeviceClient {
         let (reply, answer) = oneshot::channel();
         let command = Command::Send { topic: topic.into(), records, permits, reply };
         self.commands.send(command).await.map_err(|_| DeviceError::Closed)?;
-        answer.await.map_err(|_| DeviceError::Closed)?
+        Ok(PendingAck { answer: Some(answer) })
     }
 
     /// Closes the open batches now instead of at the end of their linger.
@@ -185,6 +194,25 @@ impl DeviceClient {
         done.await.map_err(|_| DeviceError::Closed)?;
         let _ = self.task.await;
         Ok(())
+    }
+}
+
+/// The ack of queued records (see `DeviceClient::enqueue`).
+#[must_use = "the records are sent either way; the ack says whether they are stored"]
+pub struct PendingAck {
+    answer: Option<oneshot::Receiver<Result<Ack, DeviceError>>>,
+}
+
+impl std::future::Future for PendingAck {
+    type Output = Result<Ack, DeviceError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.answer.as_mut() {
+            None => std::task::Poll::Ready(Ok(Ack { records: Vec::new() })),
+            Some(answer) => std::pin::Pin::new(answer)
+                .poll(context)
+                .map(|result| result.map_err(|_| DeviceError::Closed).and_then(|result| result)),
+        }
     }
 }
 

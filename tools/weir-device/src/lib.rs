@@ -40,7 +40,7 @@ pub mod retry;
 pub mod sequence_state;
 pub mod tls;
 
-pub use client::{client_endpoint, DeviceClient};
+pub use client::{client_endpoint, DeviceClient, PendingAck};
 pub use error::{DeviceError, LinkError};
 pub use profile::{DeviceProfile, ProfileError, ProfileProblem};
 pub use weir::core::log::batch::{Header, Record};

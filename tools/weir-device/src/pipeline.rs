@@ -11,6 +11,10 @@
 //!   is only used once the shell has persisted a reservation covering it.
 //! - Frames are (re)sent in sequence order: a frame waiting for its retry time holds
 //!   back every later frame that is not yet on the wire, so a retry cannot overtake.
+//!   After a retryable error, nothing is written until every frame sent behind the
+//!   failed one is answered: weir refuses those (it stores a stream's frames only in
+//!   order), and the resends then go out in sequence order again. So with several
+//!   frames in flight, the log still holds a device's frames in sequence order.
 //! - Everything is bounded: `frames_in_flight_max` frames formed and unanswered, the
 //!   records the shell admitted (it holds `queue_records_max` permits, released through
 //!   `Output::Release`), and `attempts_max` tries per frame (failed connects count).
@@ -339,6 +343,11 @@ impl Pipeline {
             }
             if frame.not_before > now {
                 return None; // keep the order: nothing overtakes a frame waiting to retry
+            }
+            if self.frames.iter().skip(index + 1).any(|later| later.state != FrameState::Unsent) {
+                // Frames behind this one are on the wire: wait for their answers (weir
+                // refuses them after this one's failure), then resend all in order.
+                return None;
             }
             if frame.attempts >= self.settings.attempts_max {
                 self.fail_exhausted(index);
@@ -721,6 +730,30 @@ mod tests {
         let resent = transmit_all(&mut pipeline, resend_at);
         assert_eq!(resent.iter().map(sequence_of).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(resent[0], frames[0]);
+    }
+
+    #[test]
+    fn after_a_retryable_error_nothing_is_written_until_the_frames_behind_it_are_answered() {
+        let now = Instant::now();
+        let mut pipeline = Pipeline::new(settings(), Sequence(1), false, 1, Some(0), now);
+        pipeline.submit(&topic(), records(12), now);
+        let frames = transmit_all(&mut pipeline, now);
+        assert_eq!(frames.iter().map(sequence_of).collect::<Vec<_>>(), [1, 2, 3]);
+        let refused = |sequence| encode(&error_frame(sequence, ErrorCode::Backpressure, "behind", 20)).to_vec();
+        pipeline.handle_answer(&refused(1), now);
+        let later = now + Duration::from_secs(5);
+        assert!(pipeline.poll_transmit(later).is_none(), "2 and 3 are still on the wire");
+        pipeline.handle_answer(&refused(2), later);
+        assert!(pipeline.poll_transmit(later).is_none(), "3 is still on the wire");
+        pipeline.handle_answer(&refused(3), later);
+        let mut resent = Vec::new();
+        let mut at = later;
+        while resent.len() < 3 {
+            resent.extend(transmit_all(&mut pipeline, at));
+            at += Duration::from_millis(10);
+        }
+        assert_eq!(resent.iter().map(sequence_of).collect::<Vec<_>>(), [1, 2, 3], "resent in sequence order");
+        assert_eq!(resent, frames, "the very same bytes");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use weir_device::{client_endpoint, DeviceClient, DeviceError, Record, RecordAck};
+use weir_device::{client_endpoint, DeviceClient, DeviceError, PendingAck, Record, RecordAck};
 
 use crate::Plan;
 
@@ -55,6 +55,8 @@ pub struct Outcome {
     /// Sends still unresolved when the drain time ran out.
     pub abandoned_sends: u64,
     pub latency_us: Histogram<u64>,
+    /// Times the endpoints moved to a new socket (--rebind-every-ms), in all.
+    pub rebinds: u64,
     /// From the start of writing to the last resolved send.
     pub elapsed: Duration,
     pub first_errors: Vec<String>,
@@ -232,8 +234,34 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
             }
         })
     };
+    // NAT rebinding: every endpoint moves to a fresh socket (new source port) now and
+    // then while devices write; their connections must carry on.
+    let rebinds = Arc::new(AtomicU64::new(0));
+    let rebinder = plan.rebind_every.map(|every| {
+        let endpoints = endpoints.clone();
+        let rebinds = rebinds.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut next = start + every;
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                for endpoint in &endpoints {
+                    match std::net::UdpSocket::bind(bind).and_then(|socket| endpoint.rebind(socket)) {
+                        Ok(()) => {
+                            rebinds.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => stats.note_error(format!("rebind: {error}")),
+                    }
+                }
+                next += every;
+            }
+        })
+    });
     while let Some(joined) = fleet.join_next().await {
         joined.expect("device tasks do not panic");
+    }
+    if let Some(rebinder) = rebinder {
+        rebinder.abort();
     }
     ticker.abort();
     running.finish_and_clear();
@@ -265,6 +293,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         failed_records: stats.failed_records.load(Ordering::Relaxed),
         abandoned_sends: stats.abandoned_sends.load(Ordering::Relaxed),
         latency_us,
+        rebinds: rebinds.load(Ordering::Relaxed),
         elapsed,
         first_errors,
     })
@@ -331,11 +360,16 @@ impl DeviceRun {
                     self.stats.generated.fetch_add(count, Ordering::Relaxed);
                     let topic = self.topics[topic_rotation % self.topics.len()].clone();
                     topic_rotation += 1;
+                    // Queued here, in generation order (a spawned task per send could be
+                    // queued after a later one); the ack is awaited in a task.
+                    let began = Instant::now();
+                    let pending = self.client.enqueue(&topic, records).await;
                     sends.spawn(send(
-                        self.client.clone(),
+                        pending,
+                        began,
+                        count,
                         device.clone(),
                         topic,
-                        records,
                         self.stats.clone(),
                         self.acked_log.clone(),
                         self.start,
@@ -375,19 +409,21 @@ fn make_records(device: &str, key: &Bytes, first: u64, count: usize, record_byte
 
 #[allow(clippy::too_many_arguments)]
 async fn send(
-    client: Arc<DeviceClient>,
+    pending: Result<PendingAck, DeviceError>,
+    began: Instant,
+    count: u64,
     device: Arc<str>,
     topic: Arc<str>,
-    records: Vec<Record>,
     stats: Arc<Stats>,
     acked_log: Option<mpsc::Sender<AckedBatch>>,
     start: Instant,
     in_flight: Arc<AtomicUsize>,
 ) {
-    let count = records.len() as u64;
     in_flight.fetch_add(1, Ordering::Relaxed);
-    let began = Instant::now();
-    let result = client.send(&topic, records).await;
+    let result = match pending {
+        Ok(pending) => pending.await,
+        Err(error) => Err(error),
+    };
     let resolved = Instant::now();
     in_flight.fetch_sub(1, Ordering::Relaxed);
     match result {

@@ -97,6 +97,10 @@ struct Options {
     /// Longest wait for outstanding sends after --seconds, in seconds.
     #[arg(long, default_value_t = 30.0)]
     drain_seconds: f64,
+    /// Move every endpoint to a new UDP socket (a new source port, as after a NAT
+    /// rebinding) every this many milliseconds while devices write; 0: never.
+    #[arg(long, default_value_t = 0)]
+    rebind_every_ms: u64,
 }
 
 /// A bad option: reported on stderr, exit code 2.
@@ -124,6 +128,7 @@ pub struct Plan {
     pub connect_concurrency: usize,
     pub sends_in_flight: usize,
     pub drain_seconds: f64,
+    pub rebind_every: Option<std::time::Duration>,
 }
 
 fn plan(options: Options) -> Result<Plan, UsageError> {
@@ -148,6 +153,9 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     }
     if options.devices_per_endpoint == 0 {
         return Err(usage("--devices-per-endpoint must be at least 1"));
+    }
+    if options.rebind_every_ms > 3_600_000 {
+        return Err(usage(format!("--rebind-every-ms {} is over an hour", options.rebind_every_ms)));
     }
     if options.connect_concurrency == 0 || options.sends_in_flight == 0 {
         return Err(usage("--connect-concurrency and --sends-in-flight must be at least 1"));
@@ -232,6 +240,7 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         connect_concurrency: options.connect_concurrency,
         sends_in_flight: options.sends_in_flight,
         drain_seconds: options.drain_seconds,
+        rebind_every: (options.rebind_every_ms > 0).then(|| std::time::Duration::from_millis(options.rebind_every_ms)),
     })
 }
 

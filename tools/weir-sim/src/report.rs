@@ -58,6 +58,7 @@ impl Summary {
             "rate": plan.rate,
             "record_bytes": plan.record_bytes,
             "topics": plan.topics,
+            "rebinds": outcome.rebinds,
         });
         let mut lines = vec![
             format!(

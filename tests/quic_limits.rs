@@ -1,0 +1,481 @@
+//! The QUIC engine under stress, against a real `weir serve` on two cores, checked by
+//! reading the log itself: devices that rebind their socket mid-stream (with and without
+//! the reuseport steering program), partitions that fall behind on disk and answer
+//! Backpressure, bad input of every kind, and 10,000 idle connections (connecting
+//! through Retry), while well-behaved devices keep being served.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::run;
+use weir::core::log::batch::{self, Record};
+use weir::shell::log::{LogOptions, PartitionLog};
+use weir::shell::metrics::Metrics;
+
+const PARTITIONS: u64 = 4;
+
+/// The tests of this file each load both cores; they run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_weir")).with_file_name(name);
+    assert!(path.exists(), "{} is missing: build the workspace (tools/test does)", path.display());
+    path
+}
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("WEIR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(path.exists(), "{} is missing: run tools/test, which creates the venv with aioquic", path.display());
+    path
+}
+
+fn certs(directory: &Path, args: &[&str]) {
+    let output = Command::new(binary("weir")).arg("certs").args(args).arg("--dir").arg(directory).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+struct Appliance {
+    child: Child,
+    quic: String,
+    admin: String,
+    root: PathBuf,
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Appliance {
+    /// `weir serve --cores 2` with the PKI in `root/certs` and `extra` appended to the
+    /// config (sections of its own: `[quic]` keys go in `quic`).
+    fn start(root: &Path, quic: &str, extra: &str) -> Appliance {
+        let config = root.join("weir.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{quic}\n{extra}\n[[topics]]\nname = \"telemetry\"\npartitions = {PARTITIONS}\n",
+                root.join("data").display(),
+                root.join("certs").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(binary("weir"))
+            .args(["serve", "--cores", "2", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !line.contains("DEBUG") {
+                    eprintln!("weir: {line}");
+                }
+                let _ = sender.send(line);
+            }
+        });
+        let field = |line: &str, name: &str| {
+            line.find(name).map(|at| line[at + name.len()..].split_whitespace().next().unwrap().to_owned())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut quic, mut admin) = (None, None);
+        while Instant::now() < deadline {
+            let Ok(line) = receiver.recv_timeout(Duration::from_millis(100)) else { continue };
+            quic = quic.or(field(&line, "quic="));
+            admin = admin.or(field(&line, "admin=http://"));
+            if line.contains("weir serving") {
+                return Appliance {
+                    child,
+                    quic: quic.expect("the QUIC address is logged"),
+                    admin: admin.expect("the admin address is logged"),
+                    root: root.to_owned(),
+                };
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("weir did not start serving");
+    }
+
+    /// The value of one metric line (`name` with its labels, as exposed).
+    fn metric(&self, name: &str) -> f64 {
+        let mut stream = std::net::TcpStream::connect(&self.admin).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .map_or(0.0, |value| value.trim().parse().unwrap())
+    }
+
+    fn sim(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("weir-sim"));
+        command.args(["--server", &self.quic, "--threads", "2", "--certs"]).arg(self.root.join("certs")).args(args);
+        command
+    }
+
+    fn aioquic(&self, device: &str, args: &[&str]) -> Output {
+        let certs = self.root.join("certs");
+        Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
+            .args(["--server", &self.quic, "--ca"])
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join(format!("devices/{device}.pem")))
+            .arg("--key")
+            .arg(certs.join(format!("devices/{device}.key")))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn stop(mut self) {
+        Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
+        assert_eq!(self.child.wait().unwrap().code(), Some(0), "weir stops cleanly");
+    }
+}
+
+fn summary(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn answers(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+fn read_partition(directory: PathBuf) -> Vec<(i64, Record)> {
+    run(move || async move {
+        let log =
+            PartitionLog::open(&directory, "p", LogOptions::default(), Metrics::new().partition("t", 0)).await.unwrap();
+        let mut records = Vec::new();
+        let mut next = 0;
+        loop {
+            let batches = log.read(next, 4 << 20).await.unwrap();
+            if batches.is_empty() {
+                break;
+            }
+            for bytes in batches {
+                for record in batch::records(&bytes).unwrap() {
+                    let record = record.unwrap();
+                    if record.offset >= next {
+                        records.push((record.offset, record.to_record(&bytes)));
+                    }
+                }
+            }
+            next = records.last().map_or(next, |(offset, _)| offset + 1);
+        }
+        log.close().await.unwrap();
+        records
+    })
+}
+
+fn header<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
+    record
+        .headers
+        .iter()
+        .find(|header| header.key == key)
+        .and_then(|header| header.value.as_deref())
+        .map(|value| std::str::from_utf8(value).unwrap())
+}
+
+/// Reads the whole log after a weir-sim run: every record once, each device's records
+/// in the order it generated them, every acked record where its ack says, and nothing
+/// stored that was not acked. Returns the number of records.
+fn assert_log_matches_acks(root: &Path, acked_log: &Path, acked_count: u64) -> usize {
+    let logs: HashMap<u64, Vec<(i64, Record)>> = (0..PARTITIONS)
+        .map(|partition| (partition, read_partition(root.join(format!("data/telemetry-{partition}")))))
+        .collect();
+    let mut seen = HashSet::new();
+    let mut last_n: HashMap<String, u64> = HashMap::new();
+    for records in logs.values() {
+        for (offset, record) in records {
+            let device = header(record, "weir.device").expect("stamped device").to_owned();
+            let value = std::str::from_utf8(record.value.as_deref().unwrap()).unwrap();
+            let n: u64 = value.split(' ').nth(1).unwrap().parse().unwrap();
+            assert!(seen.insert((device.clone(), n)), "({device}, {n}) stored twice (offset {offset})");
+            if let Some(previous) = last_n.insert(device.clone(), n) {
+                assert!(previous < n, "{device}: record {n} stored after {previous}");
+            }
+        }
+    }
+    let acked = std::fs::read_to_string(acked_log).unwrap();
+    let mut lines = 0u64;
+    for line in acked.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (device, sequence, partition, offset) =
+            (fields[0], fields[1], fields[2].parse::<u64>().unwrap(), fields[3].parse::<usize>().unwrap());
+        let (stored_offset, record) = &logs[&partition][offset];
+        assert_eq!(*stored_offset as usize, offset);
+        assert_eq!(header(record, "weir.device"), Some(device));
+        assert_eq!(header(record, "weir.sequence"), Some(sequence));
+        lines += 1;
+    }
+    assert_eq!(lines, acked_count);
+    let stored: usize = logs.values().map(Vec::len).sum();
+    assert_eq!(stored as u64, acked_count, "nothing stored that was not acked");
+    stored
+}
+
+/// Devices write with 4 frames in flight while their endpoints move to a new socket
+/// every 200 ms; returns the sim summary after checking the log.
+fn write_while_rebinding(steering: bool) -> (serde_json::Value, f64) {
+    let root = tempfile::tempdir().unwrap();
+    certs(&root.path().join("certs"), &["--device-count", "40", "--device-prefix", "sim-"]);
+    let appliance = Appliance::start(root.path(), &format!("reuseport_steering = {steering}"), "");
+    let acked_log = root.path().join("acked.txt");
+    let output = appliance
+        .sim(&[
+            "--devices",
+            "40",
+            "--devices-per-endpoint",
+            "4",
+            "--rate",
+            "40",
+            "--seconds",
+            "4",
+            "--record-bytes",
+            "64",
+            "--frames-in-flight",
+            "4",
+            "--rebind-every-ms",
+            "200",
+        ])
+        .arg("--acked-log")
+        .arg(&acked_log)
+        .output()
+        .unwrap();
+    let summary = summary(&output);
+    let accepted = appliance.metric("weir_quic_connections_accepted_total");
+    let forwarded = appliance.metric("weir_quic_datagrams_forwarded_total");
+    appliance.stop();
+    assert_eq!(summary["connected"], 40, "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
+    assert!(summary["rebinds"].as_u64().unwrap() >= 10 * 10, "{summary}");
+    assert_eq!(accepted, 40.0, "no device had to reconnect: every connection survived every rebinding");
+    let acked = summary["acked"].as_u64().unwrap();
+    assert!(acked >= 2_000, "too little traffic to mean anything: {summary}");
+    assert_log_matches_acks(root.path(), &acked_log, acked);
+    (summary, forwarded)
+}
+
+#[test]
+fn devices_rebinding_their_socket_mid_stream_keep_their_connections_and_lose_or_duplicate_nothing() {
+    let _serial = one_at_a_time();
+    write_while_rebinding(true);
+}
+
+#[test]
+fn without_the_steering_program_datagrams_on_the_wrong_core_are_forwarded_to_their_connection() {
+    let _serial = one_at_a_time();
+    let (_, forwarded) = write_while_rebinding(false);
+    assert!(forwarded > 0.0, "rebinding moved some connections' datagrams to the other core's socket");
+}
+
+#[test]
+fn a_partition_behind_on_disk_answers_backpressure_and_every_record_is_acked_once_in_order() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    certs(&root.path().join("certs"), &["--device-count", "200", "--device-prefix", "sim-"]);
+    // A queue of one append per partition: any burst finds the partition behind.
+    let appliance = Appliance::start(root.path(), "", "[log]\nappends_pending_max = 1\n");
+    let profile = root.path().join("device.toml");
+    std::fs::write(
+        &profile,
+        "[server]\naddresses = [\"127.0.0.1:4433\"]\nname = \"localhost\"\n[tls]\nca = \"ca.pem\"\ncertificate = \"d.pem\"\nkey = \"d.key\"\n[retry]\nattempts_max = 1000\nbackoff_ms_min = 1\nbackoff_ms_max = 50\n",
+    )
+    .unwrap();
+    let acked_log = root.path().join("acked.txt");
+    let output = appliance
+        .sim(&["--devices", "200", "--rate", "50", "--seconds", "4", "--record-bytes", "64", "--frames-in-flight", "4"])
+        .arg("--profile")
+        .arg(&profile)
+        .arg("--acked-log")
+        .arg(&acked_log)
+        .output()
+        .unwrap();
+    let summary = summary(&output);
+    let backpressure = appliance.metric("weir_quic_backpressure_answers_total");
+    let memory_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", appliance.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:").map(|rest| rest.trim().trim_end_matches(" kB").parse::<u64>()))
+        .unwrap()
+        .unwrap();
+    appliance.stop();
+    eprintln!("backpressure answers: {backpressure}, weir peak RSS {memory_peak_kib} KiB, sim: {summary}");
+    assert!(backpressure > 0.0, "the partitions answered Backpressure");
+    assert_eq!(summary["errors"], 0, "the devices backed off and every send was acked in the end: {summary}");
+    let acked = summary["acked"].as_u64().unwrap();
+    assert!(acked >= 10_000, "{summary}");
+    assert_log_matches_acks(root.path(), &acked_log, acked);
+}
+
+#[test]
+fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    certs(&root.path().join("certs"), &["--device", "dev-1", "--device", "dev-2", "--device", "busy-1"]);
+    let appliance = Appliance::start(root.path(), "connections_per_device_max = 1", "");
+    // A sequence reused with other records (the same keys, so the same partitions, but
+    // fewer of them): refused, and the first records stay.
+    let first = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--sequence", "50", "--records", "4"]));
+    assert_eq!(first[0]["kind"], "ack", "{}", first[0]);
+    let reused = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--sequence", "50", "--records", "2"]));
+    assert_eq!(reused[0]["error_code"], 11, "SequenceReused: {}", reused[0]);
+    assert!(reused[0]["message"].as_str().unwrap().contains("sequence 50"), "{}", reused[0]);
+    let resent = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--sequence", "50", "--records", "4"]));
+    assert_eq!(resent[0], first[0], "the true resend still gets the original offsets");
+    // A stream that ends inside a frame closes the connection with the reason.
+    let truncated = appliance.aioquic("dev-1", &["--frames", "1", "--sequence", "60", "--truncate"]);
+    assert_eq!(truncated.status.code(), Some(3), "{}", String::from_utf8_lossy(&truncated.stderr));
+    let closed = answers(&truncated).pop().unwrap();
+    assert!(closed["reason"].as_str().unwrap().contains("ended inside a frame"), "{closed}");
+    // No client certificate: the handshake fails.
+    let anonymous = appliance.aioquic("dev-1", &["--frames", "1", "--no-cert"]);
+    assert!(!anonymous.status.success(), "a device without a certificate must be refused");
+    // A certificate from another CA fails the handshake too.
+    let stranger = root.path().join("stranger");
+    certs(&stranger, &["--device", "dev-1"]);
+    let foreign = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
+        .args(["--server", &appliance.quic, "--ca"])
+        .arg(root.path().join("certs/ca.pem"))
+        .arg("--cert")
+        .arg(stranger.join("devices/dev-1.pem"))
+        .arg("--key")
+        .arg(stranger.join("devices/dev-1.key"))
+        .output()
+        .unwrap();
+    assert!(!foreign.status.success(), "a certificate from an unknown CA must be refused");
+    // Garbage datagrams (random bytes, and bytes shaped like short headers naming either
+    // core) are dropped without harm.
+    let garbage = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for index in 0..2_000u32 {
+        let mut datagram = vec![0u8; 20 + (index as usize % 1200)];
+        for byte in datagram.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        if index % 2 == 0 {
+            datagram[0] = 0x40;
+            datagram[1..5].copy_from_slice(&(index % 2 + (index / 2) % 2).to_be_bytes());
+        }
+        garbage.send_to(&datagram, &appliance.quic).unwrap();
+    }
+    // One connection per device here: a second one of busy-1 is closed with the reason.
+    let accepted_before = appliance.metric("weir_quic_connections_accepted_total");
+    let idle = appliance
+        .sim(&["--devices", "1", "--device-prefix", "busy-", "--device-first", "1", "--rate", "0", "--seconds", "8"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while appliance.metric("weir_quic_connections_accepted_total") <= accepted_before
+        || appliance.metric("weir_quic_handshakes_in_progress") > 0.0
+    {
+        assert!(Instant::now() < deadline, "the idle device connects");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = appliance.aioquic("busy-1", &["--frames", "1"]);
+    assert_eq!(second.status.code(), Some(3), "{}", String::from_utf8_lossy(&second.stderr));
+    let closed = answers(&second).pop().unwrap();
+    assert!(closed["reason"].as_str().unwrap().contains("connections_per_device_max"), "{closed}");
+    let mut idle = idle;
+    assert!(idle.wait().unwrap().success());
+    // After all that, a good device is served.
+    let good = answers(&appliance.aioquic("dev-2", &["--frames", "3"]));
+    assert!(good.iter().all(|answer| answer["kind"] == "ack"), "{good:?}");
+    let refusals = |reason: &str| appliance.metric(&format!("weir_quic_refusals_total{{reason=\"{reason}\"}}"));
+    assert!(refusals("handshake_failed") >= 2.0, "no certificate and the foreign CA are counted");
+    assert_eq!(refusals("connections_per_device_max"), 1.0);
+    assert_eq!(refusals("protocol"), 1.0, "the truncated stream");
+    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"SequenceReused\"}"), 1.0);
+    appliance.stop();
+}
+
+#[test]
+fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let certs_dir = root.path().join("certs");
+    certs(&certs_dir, &["--device-count", "10000", "--device-prefix", "idle-"]);
+    certs(&certs_dir, &["--device-count", "20", "--device-prefix", "busy-"]);
+    // Few handshakes before Retry: the fleet connecting 256 at a time gets Retries.
+    let appliance = Appliance::start(root.path(), "handshakes_before_retry = 16", "");
+    let mut idle = appliance
+        .sim(&[
+            "--devices",
+            "10000",
+            "--device-prefix",
+            "idle-",
+            "--rate",
+            "0",
+            "--seconds",
+            "20",
+            "--connect-concurrency",
+            "256",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while appliance.metric("weir_quic_connections_open") < 10_000.0 {
+        assert!(Instant::now() < deadline, "10,000 idle devices connect");
+        assert!(idle.try_wait().unwrap().is_none(), "the idle fleet ended early");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let acked_log = root.path().join("acked.txt");
+    let busy = appliance
+        .sim(&[
+            "--devices",
+            "20",
+            "--device-prefix",
+            "busy-",
+            "--rate",
+            "50",
+            "--seconds",
+            "3",
+            "--frames-in-flight",
+            "4",
+        ])
+        .arg("--acked-log")
+        .arg(&acked_log)
+        .output()
+        .unwrap();
+    let busy = summary(&busy);
+    let open_meanwhile = appliance.metric("weir_quic_connections_open");
+    let retries = appliance.metric("weir_quic_retries_sent_total");
+    let idle_output = idle.wait_with_output().unwrap();
+    let idle_summary = summary(&idle_output);
+    appliance.stop();
+    eprintln!("idle: {idle_summary}\nbusy: {busy}\nretries sent: {retries}");
+    assert_eq!(idle_summary["connected"], 10_000, "{idle_summary}");
+    assert!(open_meanwhile >= 10_000.0, "the idle connections stayed open: {open_meanwhile}");
+    assert!(retries > 0.0, "clients arriving during the handshake flood proved their address with a Retry");
+    assert_eq!(busy["connected"], 20, "{busy}");
+    assert_eq!(busy["errors"], 0, "{busy}");
+    let acked = busy["acked"].as_u64().unwrap();
+    assert!(acked >= 1_000, "{busy}");
+    assert_log_matches_acks(root.path(), &acked_log, acked);
+}
