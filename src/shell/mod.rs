@@ -9,6 +9,7 @@ pub mod kafka;
 pub mod log;
 pub mod metrics;
 pub mod quic;
+pub mod quic_ceiling;
 pub mod runtime;
 pub mod ship;
 pub mod sys;
