@@ -15,7 +15,8 @@
 //!    `--seconds`; every ack means fdatasync'ed.
 //! 3. The raw ceiling: `weir::shell::quic_ceiling::DiscardServer` (the same TLS,
 //!    sockets and quinn-proto driver, answering each frame with an ack of the same shape
-//!    and storing nothing) on the same cores, driven by the same fleet plan.
+//!    and storing nothing) on the same cores, also a child process (`weir-bench
+//!    serve-ceiling`), driven by the same fleet plan.
 //!
 //! `ratio` is weir's acked records/s over the ceiling's. Latency is per record, from
 //! the device's send call to its ack (hdrhistogram, weir-sim's). The offered load must
@@ -37,7 +38,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use weir::config::{Config, Host};
-use weir::shell::quic_ceiling::{DiscardReport, DiscardServer};
+use weir::shell::quic_ceiling::DiscardServer;
 use weir_device::{client_endpoint, DeviceClient, DeviceProfile};
 use weir_sim::fleet::Outcome;
 
@@ -51,6 +52,7 @@ const DEVICES_MAX: u32 = 100_000;
 const IDLE_CONNECTIONS_MAX: u32 = 100_000;
 const SECONDS_MAX: u64 = 3600;
 const RATE_MAX: f64 = 1_000_000.0;
+const QUEUE_RECORDS_MAX: usize = 4096;
 const TOPIC: &str = "telemetry";
 /// Device certificates name `bench-<n>`.
 const DEVICE_PREFIX: &str = "bench-";
@@ -94,9 +96,15 @@ pub struct IngestArgs {
     /// a lower count for quick runs).
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub idle_connections: u32,
-    /// Sends each device keeps outstanding (weir-sim --sends-in-flight).
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    /// Sends each device keeps outstanding (weir-sim --sends-in-flight). With the
+    /// offered rate above capacity, each send carries up to --queue-records records, so
+    /// the two bound the records in flight (and with them the ack latency).
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub sends_in_flight: usize,
+    /// Records one device may have queued and unacknowledged (the device profile's
+    /// flow.queue_records_max; batch.records_max is lowered to it if above).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub queue_records: usize,
     /// Tokio threads of the device fleet (default: the CPUs available).
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
@@ -169,6 +177,9 @@ impl IngestArgs {
         if self.sends_in_flight == 0 || self.sends_in_flight > 4096 {
             problems.push(format!("--sends-in-flight {}: must be within 1..=4096", self.sends_in_flight));
         }
+        if self.queue_records == 0 || self.queue_records > QUEUE_RECORDS_MAX {
+            problems.push(format!("--queue-records {}: must be within 1..={QUEUE_RECORDS_MAX}", self.queue_records));
+        }
         if self.threads == Some(0) {
             problems.push("--threads 0: must be at least 1".to_owned());
         }
@@ -240,7 +251,7 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
 
     // weir: idle connections first (on a fresh server), then the fleet.
     say(format_args!("starting weir serve --cores {}", args.cores));
-    let weir = WeirChild::spawn(&config_path, args.cores)?;
+    let weir = ServerChild::weir(&config_path, args.cores)?;
     say(format_args!("weir serving QUIC on {} (pid {})", weir.address, weir.pid()));
     let idle =
         runtime.block_on(idle_phase(weir.pid(), weir.address, &certs, &device_ids[..args.idle_connections as usize]));
@@ -260,7 +271,9 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     ));
     say(format_args!("fleet against weir: {} devices x {} records/s for {} s", args.devices, args.rate, args.seconds));
     let weir_plan = fleet_plan(args, weir.address, &certs, &device_ids);
+    let cpu_started = (cpu_seconds(weir.pid()), cpu_seconds_self());
     let weir_outcome = runtime.block_on(weir_sim::fleet::run(&weir_plan));
+    let weir_cpu = CpuUse::since(cpu_started, weir.pid());
     let stopped = weir.stop();
     let weir_outcome = weir_outcome.map_err(|error| IngestError::Fleet { phase: "weir", why: error.to_string() })?;
     stopped?;
@@ -269,18 +282,29 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     }
 
     // The ceiling: the same cores, the same fleet plan.
-    let server = DiscardServer::start(&valid).map_err(|fatal| IngestError::Ceiling(fatal.to_string()))?;
-    say(format_args!("raw QUIC ceiling (discard server) on {}", server.address()));
-    let raw_plan = fleet_plan(args, server.address(), &certs, &device_ids);
+    let ceiling = ServerChild::ceiling(&config_path, args.cores)?;
+    say(format_args!("raw QUIC ceiling (discard server) on {} (pid {})", ceiling.address, ceiling.pid()));
+    let raw_plan = fleet_plan(args, ceiling.address, &certs, &device_ids);
+    let cpu_started = (cpu_seconds(ceiling.pid()), cpu_seconds_self());
     let raw_outcome = runtime.block_on(weir_sim::fleet::run(&raw_plan));
-    let discard = server.stop().map_err(IngestError::Ceiling)?;
+    let raw_cpu = CpuUse::since(cpu_started, ceiling.pid());
+    let discard = ceiling.stop().and_then(|stdout| {
+        stdout
+            .lines()
+            .last()
+            .and_then(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .ok_or_else(|| IngestError::Ceiling(format!("no totals line in its output: {stdout:?}")))
+    });
     let raw_outcome = raw_outcome.map_err(|error| IngestError::Fleet { phase: "raw", why: error.to_string() })?;
+    let discard = discard?;
     if raw_outcome.connected == 0 {
         return Err(IngestError::Fleet { phase: "raw", why: first_error(&raw_outcome, "no device connected") });
     }
     drop(runtime);
 
     let report = IngestReport {
+        weir_cpu,
+        raw_cpu,
         args,
         cpus: valid.cores.clone(),
         connections_max,
@@ -319,7 +343,12 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
         record_bytes: args.record_bytes,
         seconds: args.seconds as f64,
         topics: vec![TOPIC.to_owned()],
-        profile_template: device_profile(server, certs, &device_ids[0]),
+        profile_template: {
+            let mut profile = device_profile(server, certs, &device_ids[0]);
+            profile.flow.queue_records_max = args.queue_records;
+            profile.batch.records_max = profile.batch.records_max.min(args.queue_records);
+            profile
+        },
         certs: certs.to_owned(),
         acked_log: None,
         threads: args.threads(),
@@ -330,21 +359,49 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
     }
 }
 
-/// `weir serve` in a child process, with its QUIC address read from its log.
-struct WeirChild {
+/// A server in a child process (`weir serve`, or the ceiling), with its QUIC address
+/// read from its log. Both run as children so that neither shares a process with the
+/// device fleet, and weir's memory is its own.
+struct ServerChild {
+    name: &'static str,
     child: Child,
     address: SocketAddr,
 }
 
-impl WeirChild {
-    fn spawn(config: &Path, cores: usize) -> Result<WeirChild, IngestError> {
+/// What the ceiling child logs once it serves, after `quic=<address>`.
+const CEILING_SERVING: &str = "ceiling serving";
+
+impl ServerChild {
+    fn weir(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
+        let cores = cores.to_string();
+        ServerChild::spawn(
+            "weir serve",
+            &["serve-weir", "serve", "--cores", &cores, "--config"],
+            config,
+            "weir serving",
+        )
+    }
+
+    fn ceiling(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
+        let cores = cores.to_string();
+        ServerChild::spawn(
+            "raw QUIC ceiling",
+            &["serve-ceiling", "--cores", &cores, "--config"],
+            config,
+            CEILING_SERVING,
+        )
+    }
+
+    fn spawn(name: &'static str, args: &[&str], config: &Path, serving: &str) -> Result<ServerChild, IngestError> {
+        let failed =
+            |why: String| if name == "weir serve" { IngestError::Weir(why) } else { IngestError::Ceiling(why) };
         let executable = std::env::current_exe().map_err(io_error("find", Path::new("weir-bench")))?;
         let mut child = Command::new(&executable)
-            .args(["serve-weir", "serve", "--cores", &cores.to_string(), "--config"])
+            .args(args)
             .arg(config)
             .env("WEIR_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io_error("start", &executable))?;
@@ -364,34 +421,34 @@ impl WeirChild {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(IngestError::Weir(format!("not serving after {SERVE_START_MAX:?}: {}", seen.join(" | "))));
+                return Err(failed(format!("not serving after {SERVE_START_MAX:?}: {}", seen.join(" | "))));
             }
             match received.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
                     if let Some(at) = line.find("quic=") {
                         address = line[at + 5..].split_whitespace().next().and_then(|text| text.parse().ok());
                     }
-                    let serving = line.contains("weir serving");
+                    let ready = line.contains(serving);
                     seen.push(line);
-                    if serving {
+                    if ready {
                         break;
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     let status = child.wait().map(|status| status.to_string()).unwrap_or_default();
-                    return Err(IngestError::Weir(format!("exited ({status}) before serving: {}", seen.join(" | "))));
+                    return Err(failed(format!("exited ({status}) before serving: {}", seen.join(" | "))));
                 }
             }
         }
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || while received.recv().is_ok() {});
         match address {
-            Some(address) => Ok(WeirChild { child, address }),
+            Some(address) => Ok(ServerChild { name, child, address }),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                Err(IngestError::Weir(format!("no QUIC address in its log: {}", seen.join(" | "))))
+                Err(failed(format!("no QUIC address in its log: {}", seen.join(" | "))))
             }
         }
     }
@@ -400,22 +457,86 @@ impl WeirChild {
         self.child.id()
     }
 
-    /// SIGINT, then wait (bounded) for a clean exit.
-    fn stop(mut self) -> Result<(), IngestError> {
+    /// SIGINT, then wait (bounded) for a clean exit; returns its stdout.
+    fn stop(mut self) -> Result<String, IngestError> {
+        let failed = |name: &str, why: String| {
+            if name == "weir serve" {
+                IngestError::Weir(why)
+            } else {
+                IngestError::Ceiling(why)
+            }
+        };
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-INT", &pid]).status();
         let deadline = Instant::now() + SERVE_STOP_MAX;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(IngestError::Weir(format!("exited with {status}"))),
+                Ok(Some(status)) if status.success() => break,
+                Ok(Some(status)) => return Err(failed(self.name, format!("exited with {status}"))),
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    return Err(IngestError::Weir(format!("did not stop within {SERVE_STOP_MAX:?} of SIGINT")));
+                    return Err(failed(self.name, format!("did not stop within {SERVE_STOP_MAX:?} of SIGINT")));
                 }
             }
+        }
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stdout);
+        }
+        Ok(stdout)
+    }
+}
+
+/// The hidden `serve-ceiling` subcommand: the raw QUIC ceiling for a config, until
+/// SIGINT; then its totals as one JSON line on stdout.
+pub fn serve_ceiling(config: &Path, cores: usize) -> i32 {
+    let host = Host::probe();
+    let valid = match Config::load(config)
+        .and_then(|loaded| loaded.validate(&host, &config.display().to_string()))
+        .and_then(|valid| valid.with_core_count(cores, &host))
+    {
+        Ok(valid) => valid,
+        Err(error) => {
+            eprintln!("weir-bench serve-ceiling: {error}");
+            return 2;
+        }
+    };
+    let shutdown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Err(error) = weir::shell::runtime::shutdown_on_signals(&shutdown) {
+        eprintln!("weir-bench serve-ceiling: signal handlers: {error}");
+        return 1;
+    }
+    let server = match DiscardServer::start(&valid) {
+        Ok(server) => server,
+        Err(fatal) => {
+            eprintln!("weir-bench serve-ceiling: {fatal}");
+            return fatal.exit_code();
+        }
+    };
+    eprintln!("weir-bench serve-ceiling: quic={} {CEILING_SERVING}", server.address());
+    while !shutdown.load(std::sync::atomic::Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match server.stop() {
+        Ok(report) => {
+            let totals = report.totals;
+            println!(
+                "{}",
+                json!({
+                    "frames": totals.frames,
+                    "records": totals.records,
+                    "refused_frames": totals.refused_frames,
+                    "connections_accepted": report.connections_accepted,
+                    "connections_refused": report.connections_refused,
+                })
+            );
+            0
+        }
+        Err(error) => {
+            eprintln!("weir-bench serve-ceiling: {error}");
+            1
         }
     }
 }
@@ -520,14 +641,57 @@ async fn idle_phase(
     })
 }
 
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat; 0 when
+/// unreadable (the figure is a diagnostic, not a result).
+fn cpu_seconds(pid: u32) -> f64 {
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_self() -> f64 {
+    cpu_seconds_of("/proc/self/stat")
+}
+
+/// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+fn cpu_seconds_of(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else { return 0.0 };
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let Some(after_name) = stat.rfind(')').map(|at| &stat[at + 2..]) else { return 0.0 };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    (ticks(11) + ticks(12)) / CLOCK_TICKS_PER_S
+}
+
+/// CPU used during a fleet phase by the server child and by this process (the fleet).
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    server_s: f64,
+    fleet_s: f64,
+}
+
+impl CpuUse {
+    fn since((server_started, fleet_started): (f64, f64), pid: u32) -> CpuUse {
+        CpuUse { server_s: cpu_seconds(pid) - server_started, fleet_s: cpu_seconds_self() - fleet_started }
+    }
+
+    fn us_per_record(seconds: f64, records: u64) -> f64 {
+        round(seconds * 1e6 / records.max(1) as f64, 2)
+    }
+}
+
 struct IngestReport<'a> {
     args: &'a IngestArgs,
     cpus: Vec<usize>,
     connections_max: u32,
     weir: Outcome,
     raw: Outcome,
-    discard: DiscardReport,
+    /// The ceiling child's totals (frames, records, connections).
+    discard: serde_json::Value,
     idle: IdleFigures,
+    weir_cpu: CpuUse,
+    raw_cpu: CpuUse,
 }
 
 fn quantile(histogram: &Histogram<u64>, quantile: f64) -> u64 {
@@ -590,8 +754,8 @@ impl IngestReport<'_> {
             "errors": errors(weir),
             "raw_acked": raw.acked,
             "raw_errors": errors(raw),
-            "raw_server_records": self.discard.totals.records,
-            "raw_server_frames": self.discard.totals.frames,
+            "raw_server_records": self.discard["records"],
+            "raw_server_frames": self.discard["frames"],
         });
         let shape = json!({
             "rss_bytes_per_idle_connection": idle.bytes_per_connection(),
@@ -612,10 +776,19 @@ impl IngestReport<'_> {
             "raw_connected": raw.connected,
             "rate": args.rate,
             "sends_in_flight": args.sends_in_flight,
+            "queue_records": args.queue_records,
             "record_bytes": args.record_bytes,
             "seconds": args.seconds,
             "partitions": args.partitions,
             "threads": args.threads(),
+            "server_cpu_s": round(self.weir_cpu.server_s, 2),
+            "fleet_cpu_s": round(self.weir_cpu.fleet_s, 2),
+            "raw_server_cpu_s": round(self.raw_cpu.server_s, 2),
+            "raw_fleet_cpu_s": round(self.raw_cpu.fleet_s, 2),
+            "server_cpu_us_per_record": CpuUse::us_per_record(self.weir_cpu.server_s, weir.acked),
+            "raw_server_cpu_us_per_record": CpuUse::us_per_record(self.raw_cpu.server_s, raw.acked),
+            "fleet_cpu_us_per_record": CpuUse::us_per_record(self.weir_cpu.fleet_s, weir.acked),
+            "raw_fleet_cpu_us_per_record": CpuUse::us_per_record(self.raw_cpu.fleet_s, raw.acked),
         });
         let (serde_json::Value::Object(mut all), serde_json::Value::Object(rest)) = (figures, shape) else {
             unreachable!("json! objects are objects")
@@ -652,6 +825,18 @@ impl IngestReport<'_> {
                 quantile(&raw.latency_us, 0.99),
                 raw.acked,
                 errors(raw)
+            ),
+            format!(
+                "cpu:  weir server {:.2} s ({:.2} us/record), fleet {:.2} s ({:.2} us/record); ceiling server {:.2} s \
+                 ({:.2} us/record), fleet {:.2} s ({:.2} us/record)",
+                self.weir_cpu.server_s,
+                CpuUse::us_per_record(self.weir_cpu.server_s, weir.acked),
+                self.weir_cpu.fleet_s,
+                CpuUse::us_per_record(self.weir_cpu.fleet_s, weir.acked),
+                self.raw_cpu.server_s,
+                CpuUse::us_per_record(self.raw_cpu.server_s, raw.acked),
+                self.raw_cpu.fleet_s,
+                CpuUse::us_per_record(self.raw_cpu.fleet_s, raw.acked)
             ),
             format!(
                 "idle: {} of {} connections held; server RSS {} -> {} bytes, {} bytes per connection",

@@ -65,6 +65,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Runs the raw QUIC ceiling for a config until SIGINT: how `ingest` starts it.
+    #[command(hide = true)]
+    ServeCeiling {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        cores: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +126,7 @@ fn main() {
         Command::Log(args) => run_log(&args),
         Command::Ingest(args) => ingest::run(&args).map_err(BenchError::from),
         Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
+        Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
     };
     match outcome {
         Ok(()) => {}
