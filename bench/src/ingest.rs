@@ -10,7 +10,9 @@
 //!    own. Idle phase first, on the fresh server: `--idle-connections` devices connect
 //!    (each its own certificate and connection) and stay idle; the server's RSS is read
 //!    from /proc before and after, and the difference per connection is reported.
-//!    Then the fleet phase: `weir_sim::fleet` (the simulator's own code) with
+//!    Then weir is restarted on the same data (the driver's cost per wakeup grows with
+//!    its connections, so closing ones must not tax the next phase), and the fleet
+//!    phase runs: `weir_sim::fleet` (the simulator's own code) with
 //!    `--devices` devices writing `--record-bytes` records at `--rate` each for
 //!    `--seconds`; every ack means fdatasync'ed.
 //! 3. The raw ceiling: `weir::shell::quic_ceiling::DiscardServer` (the same TLS,
@@ -269,6 +271,11 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
         idle.rss_after_bytes,
         idle.bytes_per_connection()
     ));
+    // A fresh weir for the fleet: the driver visits every connection on every wakeup,
+    // so connections the idle phase left closing would tax the fleet phase.
+    weir.stop()?;
+    let weir = ServerChild::weir(&config_path, args.cores)?;
+    say(format_args!("weir restarted on {} (pid {})", weir.address, weir.pid()));
     say(format_args!("fleet against weir: {} devices x {} records/s for {} s", args.devices, args.rate, args.seconds));
     let weir_plan = fleet_plan(args, weir.address, &certs, &device_ids);
     let cpu_started = (cpu_seconds(weir.pid()), cpu_seconds_self());
@@ -622,7 +629,12 @@ async fn idle_phase(
     tokio::time::sleep(RSS_SETTLE).await;
     let rss_after_bytes = rss_bytes(pid)?;
     let connected = clients.len();
-    drop(clients); // each driver closes its connection
+    // Close them properly (bounded), so the server is not left timing them out.
+    let mut closes = JoinSet::new();
+    for client in clients {
+        closes.spawn(client.close());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while closes.join_next().await.is_some() {} }).await;
     let idle = endpoints.iter().map(|endpoint| endpoint.wait_idle());
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         for wait in idle {
