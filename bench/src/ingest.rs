@@ -11,7 +11,8 @@
 //!    (each its own certificate and connection) and stay idle; the server's RSS is read
 //!    from /proc before and after, and the difference per connection is reported.
 //!    Then weir is restarted on the same data (the driver's cost per wakeup grows with
-//!    its connections, so closing ones must not tax the next phase), and the fleet
+//!    its connections, so closing ones must not tax the next phase; `--keep-idle-open`
+//!    keeps them connected to the same weir instead, to measure exactly that), and the fleet
 //!    phase runs: `weir_sim::fleet` (the simulator's own code) with
 //!    `--devices` devices writing `--record-bytes` records at `--rate` each for
 //!    `--seconds`; every ack means fdatasync'ed.
@@ -107,6 +108,11 @@ pub struct IngestArgs {
     /// flow.queue_records_max; batch.records_max is lowered to it if above).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub queue_records: usize,
+    /// Keep the idle connections open on the same weir during its fleet phase (the
+    /// issue's scenario: idle devices connected while others write) instead of closing
+    /// them and restarting weir.
+    #[arg(long)]
+    pub keep_idle_open: bool,
     /// Tokio threads of the device fleet (default: the CPUs available).
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
@@ -257,7 +263,7 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     say(format_args!("weir serving QUIC on {} (pid {})", weir.address, weir.pid()));
     let idle =
         runtime.block_on(idle_phase(weir.pid(), weir.address, &certs, &device_ids[..args.idle_connections as usize]));
-    let idle = match idle {
+    let (idle, idle_devices) = match idle {
         Ok(idle) => idle,
         Err(error) => {
             let _ = weir.stop();
@@ -272,15 +278,26 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
         idle.bytes_per_connection()
     ));
     // A fresh weir for the fleet: the driver visits every connection on every wakeup,
-    // so connections the idle phase left closing would tax the fleet phase.
-    weir.stop()?;
-    let weir = ServerChild::weir(&config_path, args.cores)?;
-    say(format_args!("weir restarted on {} (pid {})", weir.address, weir.pid()));
+    // so connections the idle phase left closing would tax the fleet phase. With
+    // --keep-idle-open the idle devices stay connected to the same weir instead.
+    let (weir, idle_devices) = if args.keep_idle_open {
+        say("the idle devices stay connected during the fleet phase");
+        (weir, Some(idle_devices))
+    } else {
+        runtime.block_on(idle_devices.close());
+        weir.stop()?;
+        let weir = ServerChild::weir(&config_path, args.cores)?;
+        say(format_args!("weir restarted on {} (pid {})", weir.address, weir.pid()));
+        (weir, None)
+    };
     say(format_args!("fleet against weir: {} devices x {} records/s for {} s", args.devices, args.rate, args.seconds));
     let weir_plan = fleet_plan(args, weir.address, &certs, &device_ids);
     let cpu_started = (cpu_seconds(weir.pid()), cpu_seconds_self());
     let weir_outcome = runtime.block_on(weir_sim::fleet::run(&weir_plan));
     let weir_cpu = CpuUse::since(cpu_started, weir.pid());
+    if let Some(idle_devices) = idle_devices {
+        runtime.block_on(idle_devices.close());
+    }
     let stopped = weir.stop();
     let weir_outcome = weir_outcome.map_err(|error| IngestError::Fleet { phase: "weir", why: error.to_string() })?;
     stopped?;
@@ -583,7 +600,7 @@ async fn idle_phase(
     server: SocketAddr,
     certs: &Path,
     device_ids: &[String],
-) -> Result<IdleFigures, IngestError> {
+) -> Result<(IdleFigures, IdleDevices), IngestError> {
     tokio::time::sleep(RSS_SETTLE).await;
     let rss_before_bytes = rss_bytes(pid)?;
     let bind: SocketAddr = "127.0.0.1:0".parse().expect("a valid address");
@@ -629,20 +646,7 @@ async fn idle_phase(
     tokio::time::sleep(RSS_SETTLE).await;
     let rss_after_bytes = rss_bytes(pid)?;
     let connected = clients.len();
-    // Close them properly (bounded), so the server is not left timing them out.
-    let mut closes = JoinSet::new();
-    for client in clients {
-        closes.spawn(client.close());
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), async { while closes.join_next().await.is_some() {} }).await;
-    let idle = endpoints.iter().map(|endpoint| endpoint.wait_idle());
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        for wait in idle {
-            wait.await;
-        }
-    })
-    .await;
-    Ok(IdleFigures {
+    let figures = IdleFigures {
         requested: device_ids.len(),
         connected,
         connect_failures,
@@ -650,7 +654,33 @@ async fn idle_phase(
         rss_before_bytes,
         rss_after_bytes,
         connect_seconds,
-    })
+    };
+    Ok((figures, IdleDevices { clients, endpoints }))
+}
+
+/// The idle devices, still connected.
+struct IdleDevices {
+    clients: Vec<DeviceClient>,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl IdleDevices {
+    /// Closes them properly (bounded), so the server is not left timing them out.
+    async fn close(self) {
+        let mut closes = JoinSet::new();
+        for client in self.clients {
+            closes.spawn(client.close());
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), async { while closes.join_next().await.is_some() {} }).await;
+        let idle = self.endpoints.iter().map(|endpoint| endpoint.wait_idle());
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            for wait in idle {
+                wait.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/<pid>/stat; 0 when
@@ -789,6 +819,7 @@ impl IngestReport<'_> {
             "rate": args.rate,
             "sends_in_flight": args.sends_in_flight,
             "queue_records": args.queue_records,
+            "keep_idle_open": args.keep_idle_open,
             "record_bytes": args.record_bytes,
             "seconds": args.seconds,
             "partitions": args.partitions,
