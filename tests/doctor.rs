@@ -377,8 +377,14 @@ fn measure_shows_the_disk_ceiling_next_to_the_flush_window_with_a_suggestion() {
     assert!(seen.contains(" MB/s; fdatasync p50 ") && seen.contains("log.flush_delay_us_max is 1000000 us"), "{seen}");
     assert_eq!(check(&report, "measure.disk")["status"], "warn", "{seen}");
     assert!(fix(&report, "measure.disk").starts_with("suggest log.flush_delay_us_max = "), "{report:#}");
-    assert_eq!(check(&report, "measure.network")["status"], "skip");
-    assert!(saw(&report, "measure.network").contains("loopback UDP/QUIC ceiling arrives with QUIC ingestion"));
+    // The loopback QUIC ceiling (shell::quic_ceiling, weir-bench ingest's server), with
+    // a measured rate above zero, next to the QUIC config.
+    let network = saw(&report, "measure.network");
+    assert_eq!(check(&report, "measure.network")["status"], "ok", "{network}");
+    assert!(network.starts_with("loopback QUIC ceiling (weir's TLS and quinn-proto driver"), "{network}");
+    let rate: f64 = network.split("): ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(rate > 0.0 && network.contains(" records/s of 256 B "), "{network}");
+    assert!(network.contains("quic.connections_max 10000"), "{network}");
     let leftovers: Vec<_> =
         std::fs::read_dir(directory.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
     assert_eq!(leftovers, ["weir.toml"], "the measurement removes its file and directory");

@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 mod cores;
+mod ingest;
 mod options;
 mod raw_phase;
 mod records;
@@ -54,6 +55,24 @@ struct Cli {
 enum Command {
     /// Group-commit appends against raw O_DIRECT writes + fdatasync of the same sizes.
     Log(LogArgs),
+    /// Devices over QUIC into weir (durable acks) against the raw QUIC ceiling, plus
+    /// weir's memory per idle device connection.
+    Ingest(ingest::IngestArgs),
+    /// Runs `weir` itself (`weir-bench serve-weir serve ...`): how `ingest` starts weir
+    /// as a child process.
+    #[command(hide = true)]
+    ServeWeir {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Runs the raw QUIC ceiling for a config until SIGINT: how `ingest` starts it.
+    #[command(hide = true)]
+    ServeCeiling {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        cores: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +92,15 @@ pub enum BenchError {
     NothingWritten,
     #[error("a phase was aborted because another core failed")]
     Aborted,
+    #[error("{0}")]
+    Ingest(#[from] ingest::IngestError),
 }
 
 impl BenchError {
     fn exit_code(&self) -> i32 {
         match self {
             BenchError::Usage(_) => EXIT_BAD_FLAGS,
+            BenchError::Ingest(error) if error.is_usage() => EXIT_BAD_FLAGS,
             _ => EXIT_RUN_FAILED,
         }
     }
@@ -102,6 +124,9 @@ fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Log(args) => run_log(&args),
+        Command::Ingest(args) => ingest::run(&args).map_err(BenchError::from),
+        Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
+        Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
     };
     match outcome {
         Ok(()) => {}

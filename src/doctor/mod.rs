@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ConfigError, CoreSelection, Host, ValidConfig};
 use crate::shell::ceiling::{self, CeilingFile};
+use crate::shell::quic_ceiling;
 use crate::shell::runtime::exit_code;
 use verdict::{DiskCeiling, SpaceFacts};
 
@@ -30,9 +31,6 @@ use verdict::{DiskCeiling, SpaceFacts};
 pub const MEASURE_DURATION: Duration = Duration::from_secs(3);
 /// The most write timings `--measure` keeps (about 20 s of 4 KiB writes at 50 us).
 const MEASURE_SAMPLES_MAX: usize = 1 << 18;
-
-const QUIC_CEILING_NOT_YET: &str =
-    "no QUIC endpoint yet: the loopback UDP/QUIC ceiling arrives with QUIC ingestion (issue 3)";
 
 /// A check's verdict. The order is severity: a report's worst status decides its exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -183,7 +181,7 @@ pub fn diagnose(config_path: Option<&Path>, measure: bool) -> Report {
             Err("io_uring or the data directory failed its check".to_owned())
         };
         checks.push(verdict::disk_ceiling(&shown, &measured, valid.config.log.flush_delay_us_max.0));
-        checks.push(verdict::skip("measure.network", QUIC_CEILING_NOT_YET));
+        checks.push(measure_network(&valid, io_uring_ok));
     }
     Report::new(origin, checks, false)
 }
@@ -377,6 +375,61 @@ fn network_checks(valid: &ValidConfig) -> Vec<Check> {
             &sys::reuseport_cbpf(valid.cores.len().clamp(2, 1024)).map_err(|error| error.to_string()),
         ),
     ]
+}
+
+/// The loopback QUIC ceiling: `shell::quic_ceiling`, the discard server `weir-bench
+/// ingest` measures weir against, on the config's cores and QUIC settings, driven by
+/// quinn-proto clients for [`MEASURE_DURATION`].
+fn measure_network(valid: &ValidConfig, io_uring_ok: bool) -> Check {
+    const NAME: &str = "measure.network";
+    let load = quic_ceiling::LoopbackLoad {
+        connections: 16,
+        record_bytes: 256,
+        records_per_frame: 256,
+        frames_in_flight: 4,
+        duration: MEASURE_DURATION,
+    };
+    let quic = &valid.config.quic;
+    let config = format!(
+        "quic.connections_max {}, quic.frames_in_flight_per_connection_max {}, quic.stream_window_bytes {}, \
+         quic.connection_window_bytes {}",
+        quic.connections_max,
+        quic.frames_in_flight_per_connection_max,
+        quic.stream_window_bytes.0,
+        quic.connection_window_bytes.0
+    );
+    let measured = if io_uring_ok {
+        quic_ceiling::measure_loopback(valid, load).map_err(|error| error.to_string())
+    } else {
+        Err("io_uring failed its check".to_owned())
+    };
+    match measured {
+        Ok(ceiling) => Check {
+            name: NAME,
+            status: Status::Ok,
+            saw: format!(
+                "loopback QUIC ceiling (weir's TLS and quinn-proto driver on {} core(s), frames answered unchecked, \
+                 nothing stored): {:.0} records/s of {} B ({:.1} MB/s) over {} connections, {} records per frame, {} \
+                 frames in flight each; round trip p50 {} us, p99 {} us; {config}",
+                valid.cores.len(),
+                ceiling.records_per_s,
+                ceiling.record_bytes,
+                ceiling.mb_per_s,
+                ceiling.connections,
+                ceiling.records_per_frame,
+                load.frames_in_flight,
+                ceiling.round_trip_us_p50,
+                ceiling.round_trip_us_p99
+            ),
+            fix: None,
+        },
+        Err(error) => Check {
+            name: NAME,
+            status: Status::Warn,
+            saw: format!("could not measure the loopback QUIC ceiling: {error}"),
+            fix: Some("fix the failing io_uring and UDP checks above first".to_owned()),
+        },
+    }
 }
 
 /// The raw disk ceiling on the data directory's filesystem: `shell::ceiling`, the same

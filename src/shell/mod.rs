@@ -11,6 +11,7 @@ pub mod kafka_secure;
 pub mod log;
 pub mod metrics;
 pub mod quic;
+pub mod quic_ceiling;
 pub mod runtime;
 pub mod ship;
 pub mod status;

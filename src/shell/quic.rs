@@ -83,6 +83,14 @@ pub trait Appender {
         partition: u32,
         records: Vec<Record>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, AppendFailure>>>>;
+
+    /// The whole answer (length prefix included) to a frame, given before any check,
+    /// route or append: only the raw QUIC ceiling (`shell::quic_ceiling`) answers here,
+    /// so it measures this driver with no protocol work and no storage. weir's
+    /// appenders keep the default, `None`.
+    fn answer_unchecked(&self, _frame: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Everything a core's listener needs, shared by all cores.
@@ -918,6 +926,9 @@ async fn process_frame(
     appender: Rc<dyn Appender>,
     order: Rc<RefCell<StreamOrder>>,
 ) -> Vec<u8> {
+    if let Some(answer) = appender.answer_unchecked(&frame) {
+        return answer;
+    }
     let answer = match protocol::check_produce(&frame, &settings.limits) {
         Err(error) => protocol::error_frame(sequence_of(&frame), error.code(), &error.to_string(), 0),
         Ok(produce) => {

@@ -10,15 +10,13 @@
 
 #![deny(unsafe_code)]
 
-mod fleet;
-mod report;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use weir_device::DeviceProfile;
+use weir_sim::{fleet, report, Plan};
 
 /// The largest fleet one simulator runs.
 const DEVICES_MAX: u32 = 100_000;
@@ -110,25 +108,6 @@ struct UsageError(String);
 
 fn usage(message: impl Into<String>) -> UsageError {
     UsageError(message.into())
-}
-
-/// The fleet's settings after every option was checked.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub device_ids: Vec<String>,
-    pub rate: f64,
-    pub record_bytes: usize,
-    pub seconds: f64,
-    pub topics: Vec<String>,
-    pub profile_template: DeviceProfile,
-    pub certs: PathBuf,
-    pub acked_log: Option<PathBuf>,
-    pub threads: usize,
-    pub devices_per_endpoint: usize,
-    pub connect_concurrency: usize,
-    pub sends_in_flight: usize,
-    pub drain_seconds: f64,
-    pub rebind_every: Option<std::time::Duration>,
 }
 
 fn plan(options: Options) -> Result<Plan, UsageError> {
