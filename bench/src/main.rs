@@ -17,6 +17,7 @@ mod options;
 mod raw_phase;
 mod records;
 mod report;
+mod ship;
 mod weir_phase;
 
 use std::io::Write;
@@ -54,6 +55,9 @@ struct Cli {
 enum Command {
     /// Group-commit appends against raw O_DIRECT writes + fdatasync of the same sizes.
     Log(LogArgs),
+    /// Drain a backlog of the log into tansu with weir's shipper, against a
+    /// confluent-kafka producer sending the same records to the same broker.
+    Ship(ship::ShipArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,8 @@ pub enum BenchError {
     NothingWritten,
     #[error("a phase was aborted because another core failed")]
     Aborted,
+    #[error("ship: {0}")]
+    Ship(#[from] ship::ShipBenchError),
 }
 
 impl BenchError {
@@ -102,6 +108,7 @@ fn main() {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Log(args) => run_log(&args),
+        Command::Ship(args) => ship::run_ship(&args),
     };
     match outcome {
         Ok(()) => {}
