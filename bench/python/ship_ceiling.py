@@ -7,7 +7,8 @@ timestamp 1_700_000_000_000 + s ms, headers appender/seq/nothing), appender by
 appender in chunks of --records-per-append, the way the bench appended them. While it
 runs it prints `progress RECORDS` lines (records the broker acknowledged so far); its
 last line is one JSON object: records, payload_bytes, elapsed_s (first produce() to the
-end of flush()), window_records (acknowledged records per --window-ms window).
+end of flush()), cpu_s (the process's CPU time, librdkafka's threads included, over
+the same span), window_records (acknowledged records per --window-ms window).
 
 `sample`: reads --count records from each of --offsets with check.crcs=true and prints
 every one as a JSON line (offset, key and value as hex, timestamp, headers).
@@ -64,6 +65,7 @@ def produce(args: argparse.Namespace) -> int:
     payload_bytes = 0
     record_bytes = args.record_bytes
     started = time.monotonic()
+    cpu_started = time.process_time()
     window_started = started
     last_progress = started
     for chunk_start in range(0, args.records_per_appender, args.records_per_append):
@@ -112,6 +114,7 @@ def produce(args: argparse.Namespace) -> int:
         window_started = now
         print(f"progress {acknowledged}", flush=True)
     elapsed = time.monotonic() - started
+    cpu = time.process_time() - cpu_started
     if errors:
         print(f"producer error: {errors[0]}", file=sys.stderr)
         return 2
@@ -121,6 +124,7 @@ def produce(args: argparse.Namespace) -> int:
                 "records": produced,
                 "payload_bytes": payload_bytes,
                 "elapsed_s": elapsed,
+                "cpu_s": cpu,
                 "window_records": window_records,
             }
         ),

@@ -403,6 +403,30 @@ fn check_room(data_dir: &Path, backlog_bytes: u64) -> Result<(), ShipBenchError>
     Ok(())
 }
 
+/// CPU seconds (user + system) process `pid` has used so far, from /proc; 0 when
+/// unreadable.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks_per_s = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the first,
+    // utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|text| text.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / ticks_per_s
+}
+
+/// CPU seconds spent in a phase by the bench process (weir's shipper) and the broker.
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseCpu {
+    own_s: f64,
+    broker_s: f64,
+}
+
 /// What the cores share with the main thread.
 struct Shared {
     gate: AtomicU8,
@@ -777,6 +801,7 @@ fn run_with_broker(plan: &ShipPlan, data_dir: &Path) -> Result<(), ShipBenchErro
         * (plan.record_bytes as u64 + RECORD_OVERHEAD_BYTES_MIN);
     let bar = progress_bar("backlog", total_payload_bytes);
     let started = Instant::now();
+    let mut drain_cpu = None;
     let mut last_line = Instant::now();
     while shared.backlog_ready.load(Ordering::Acquire) < cores && shared.finished.load(Ordering::Acquire) == 0 {
         let done = shared.appended_payload_bytes.load(Ordering::Relaxed);
@@ -800,8 +825,19 @@ fn run_with_broker(plan: &ShipPlan, data_dir: &Path) -> Result<(), ShipBenchErro
                 .progress_chars("=> "),
         );
         let started = Instant::now();
-        while shared.finished.load(Ordering::Acquire) < cores {
+        let (own_before, broker_before) = (cpu_seconds(std::process::id()), cpu_seconds(broker.child.id()));
+        loop {
             let shipped = shared.shipped_records.load(Ordering::Relaxed);
+            let finished = shared.finished.load(Ordering::Acquire) == cores;
+            if drain_cpu.is_none() && (shipped >= total_records || finished) {
+                drain_cpu = Some(PhaseCpu {
+                    own_s: cpu_seconds(std::process::id()) - own_before,
+                    broker_s: cpu_seconds(broker.child.id()) - broker_before,
+                });
+            }
+            if finished {
+                break;
+            }
             bar.set_position(shipped);
             if last_line.elapsed() >= Duration::from_secs(2) {
                 let per_record = total_payload_bytes / total_records.max(1);
@@ -854,7 +890,7 @@ fn run_with_broker(plan: &ShipPlan, data_dir: &Path) -> Result<(), ShipBenchErro
     }
 
     let ceiling = run_ceiling(plan, &broker)?;
-    let report = ShipReport::new(plan, &results, &ceiling, sampled);
+    let report = ShipReport::new(plan, &results, &ceiling, sampled, drain_cpu.unwrap_or_default());
     println!("{}", report.human());
     println!("{}", report.json());
     Ok(())
@@ -911,9 +947,12 @@ struct CeilingFigures {
     payload_bytes: u64,
     elapsed: Duration,
     window_records: Vec<Vec<u64>>,
+    /// The producer processes' CPU (their own `process_time`) and the broker's.
+    cpu: PhaseCpu,
 }
 
 fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipBenchError> {
+    let broker_before = cpu_seconds(broker.child.id());
     let acknowledged: Arc<Vec<AtomicU64>> = Arc::new((0..plan.partitions()).map(|_| AtomicU64::new(0)).collect());
     let mut readers = Vec::new();
     for partition in 0..plan.partitions() {
@@ -967,9 +1006,15 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         std::thread::sleep(PROGRESS_TICK);
     }
     bar.finish_and_clear();
+    let broker_cpu_s = cpu_seconds(broker.child.id()) - broker_before;
 
-    let mut figures =
-        CeilingFigures { records: 0, payload_bytes: 0, elapsed: Duration::ZERO, window_records: Vec::new() };
+    let mut figures = CeilingFigures {
+        records: 0,
+        payload_bytes: 0,
+        elapsed: Duration::ZERO,
+        window_records: Vec::new(),
+        cpu: PhaseCpu { own_s: 0.0, broker_s: broker_cpu_s },
+    };
     for (partition, mut child, reader) in readers {
         let ceiling_error = |why: String| ShipBenchError::Ceiling { partition, why };
         let last = reader.join().map_err(|_| ceiling_error("the output reader panicked".into()))?;
@@ -990,6 +1035,7 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         }
         figures.records += records;
         figures.payload_bytes += value["payload_bytes"].as_u64().unwrap_or(0);
+        figures.cpu.own_s += value["cpu_s"].as_f64().unwrap_or(0.0);
         figures.elapsed = figures.elapsed.max(Duration::from_secs_f64(value["elapsed_s"].as_f64().unwrap_or(0.0)));
         figures.window_records.push(
             value["window_records"]
@@ -1049,7 +1095,13 @@ struct ShipReport {
 }
 
 impl ShipReport {
-    fn new(plan: &ShipPlan, results: &[CoreResult], ceiling: &CeilingFigures, sampled: usize) -> ShipReport {
+    fn new(
+        plan: &ShipPlan,
+        results: &[CoreResult],
+        ceiling: &CeilingFigures,
+        sampled: usize,
+        drain_cpu: PhaseCpu,
+    ) -> ShipReport {
         let records: i64 = results.iter().map(|result| result.records).sum();
         let payload_bytes: u64 = results.iter().map(|result| result.payload_bytes).sum();
         let stored_bytes: u64 = results.iter().map(|result| result.stored_bytes).sum();
@@ -1108,6 +1160,10 @@ impl ShipReport {
             "verified_records": records,
             "verified_samples": sampled,
             "ceiling_records": ceiling.records,
+            "drain_weir_cpu_s": round(drain_cpu.own_s),
+            "drain_broker_cpu_s": round(drain_cpu.broker_s),
+            "ceiling_client_cpu_s": round(ceiling.cpu.own_s),
+            "ceiling_broker_cpu_s": round(ceiling.cpu.broker_s),
             "cores": plan.cpus.len(),
             "record_bytes": plan.record_bytes,
             "batch_bytes_max": plan.batch_bytes_max,
@@ -1117,8 +1173,9 @@ impl ShipReport {
             "backlog: {records} records, {:.1} MB payload ({:.1} MB stored) in {:.1} s on {} core(s)\n\
              drain (weir shipper -> tansu): {drain_mb_per_s:.1} MB/s payload, {:.2} s, {requests} Produce requests \
              of {} bytes on average; upstream high watermark = {records} records, {sampled} sampled records \
-             equal\n\
-             ceiling (confluent-kafka -> tansu, same records): {ceiling_mb_per_s:.1} MB/s payload, {:.2} s\n\
+             equal; CPU s: weir {:.1}, broker {:.1}\n\
+             ceiling (confluent-kafka -> tansu, same records): {ceiling_mb_per_s:.1} MB/s payload, {:.2} s; CPU s: \
+             client {:.1}, broker {:.1}\n\
              ratio {ratio:.2}; {}-ms windows, MB/s per partition p10/p50/p90: drain {:.1}/{:.1}/{:.1}, ceiling \
              {:.1}/{:.1}/{:.1}",
             payload_bytes as f64 / 1e6,
@@ -1127,7 +1184,11 @@ impl ShipReport {
             plan.cpus.len(),
             drain.as_secs_f64(),
             shipped_bytes / requests.max(1),
+            drain_cpu.own_s,
+            drain_cpu.broker_s,
             ceiling.elapsed.as_secs_f64(),
+            ceiling.cpu.own_s,
+            ceiling.cpu.broker_s,
             plan.window.as_millis(),
             percentile(&drain_windows, 0.10),
             percentile(&drain_windows, 0.50),
