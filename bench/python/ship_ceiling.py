@@ -1,6 +1,6 @@
 """The upstream ceiling of `weir-bench ship`, and its independent reader.
 
-`produce`: a confluent-kafka (librdkafka) idempotent producer, acks=all, sends one
+`produce`: a confluent-kafka (librdkafka) idempotent producer, acks=all, TCP_NODELAY (as weir), sends one
 partition's share of the bench's records to the broker, the same records weir's log
 holds (bench/src/records.rs: key "{a}:{s}", value byte i = (s*31 + a + i) % 251,
 timestamp 1_700_000_000_000 + s ms, headers appender/seq/nothing), appender by
@@ -8,7 +8,8 @@ appender in chunks of --records-per-append, the way the bench appended them. Whi
 runs it prints `progress RECORDS` lines (records the broker acknowledged so far); its
 last line is one JSON object: records, payload_bytes, elapsed_s (first produce() to the
 end of flush()), cpu_s (the process's CPU time, librdkafka's threads included, over
-the same span), window_records (acknowledged records per --window-ms window).
+the same span), batch_bytes_avg and batch_records_avg (librdkafka's statistics of the
+batches it sent, over a recent window), window_records (acknowledged records per --window-ms window).
 
 `sample`: reads --count records from each of --offsets with check.crcs=true and prints
 every one as a JSON line (offset, key and value as hex, timestamp, headers).
@@ -40,6 +41,15 @@ def produce(args: argparse.Namespace) -> int:
     def on_error(error):
         errors.append(str(error))
 
+    # librdkafka's own statistics: the mean size of the batches it sent.
+    batch_stats = {}
+
+    def on_stats(text):
+        topic = json.loads(text).get("topics", {}).get(args.topic)
+        if topic and topic.get("batchsize", {}).get("cnt", 0) > 0:
+            batch_stats["batch_bytes_avg"] = topic["batchsize"]["avg"]
+            batch_stats["batch_records_avg"] = topic["batchcnt"]["avg"]
+
     producer = Producer(
         {
             "bootstrap.servers": args.bootstrap,
@@ -50,9 +60,13 @@ def produce(args: argparse.Namespace) -> int:
             "batch.size": args.batch_bytes,
             "message.max.bytes": max(args.batch_bytes + 4096, 1_000_000),
             "compression.type": "none",
+            # TCP_NODELAY, as weir's connections have it.
+            "socket.nagle.disable": True,
             "queue.buffering.max.kbytes": 1 << 20,
             "queue.buffering.max.messages": 1_000_000,
             "error_cb": on_error,
+            "stats_cb": on_stats,
+            "statistics.interval.ms": 1000,
         }
     )
     # Connect and learn the partition's leader before the clock starts.
@@ -115,6 +129,7 @@ def produce(args: argparse.Namespace) -> int:
         print(f"progress {acknowledged}", flush=True)
     elapsed = time.monotonic() - started
     cpu = time.process_time() - cpu_started
+    producer.poll(1.1)  # one more statistics report, covering the end
     if errors:
         print(f"producer error: {errors[0]}", file=sys.stderr)
         return 2
@@ -126,6 +141,8 @@ def produce(args: argparse.Namespace) -> int:
                 "elapsed_s": elapsed,
                 "cpu_s": cpu,
                 "window_records": window_records,
+                "batch_bytes_avg": batch_stats.get("batch_bytes_avg", 0),
+                "batch_records_avg": batch_stats.get("batch_records_avg", 0),
             }
         ),
         flush=True,

@@ -949,6 +949,8 @@ struct CeilingFigures {
     window_records: Vec<Vec<u64>>,
     /// The producer processes' CPU (their own `process_time`) and the broker's.
     cpu: PhaseCpu,
+    /// librdkafka's mean batch size (the largest over the partitions).
+    batch_bytes_avg: u64,
 }
 
 fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipBenchError> {
@@ -1014,6 +1016,7 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         elapsed: Duration::ZERO,
         window_records: Vec::new(),
         cpu: PhaseCpu { own_s: 0.0, broker_s: broker_cpu_s },
+        batch_bytes_avg: 0,
     };
     for (partition, mut child, reader) in readers {
         let ceiling_error = |why: String| ShipBenchError::Ceiling { partition, why };
@@ -1036,6 +1039,7 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         figures.records += records;
         figures.payload_bytes += value["payload_bytes"].as_u64().unwrap_or(0);
         figures.cpu.own_s += value["cpu_s"].as_f64().unwrap_or(0.0);
+        figures.batch_bytes_avg = figures.batch_bytes_avg.max(value["batch_bytes_avg"].as_u64().unwrap_or(0));
         figures.elapsed = figures.elapsed.max(Duration::from_secs_f64(value["elapsed_s"].as_f64().unwrap_or(0.0)));
         figures.window_records.push(
             value["window_records"]
@@ -1157,6 +1161,7 @@ impl ShipReport {
             "stored_bytes": stored_bytes,
             "produce_requests": requests,
             "upstream_batch_bytes_avg": shipped_bytes / requests.max(1),
+            "ceiling_batch_bytes_avg": ceiling.batch_bytes_avg,
             "verified_records": records,
             "verified_samples": sampled,
             "ceiling_records": ceiling.records,
@@ -1174,8 +1179,8 @@ impl ShipReport {
              drain (weir shipper -> tansu): {drain_mb_per_s:.1} MB/s payload, {:.2} s, {requests} Produce requests \
              of {} bytes on average; upstream high watermark = {records} records, {sampled} sampled records \
              equal; CPU s: weir {:.1}, broker {:.1}\n\
-             ceiling (confluent-kafka -> tansu, same records): {ceiling_mb_per_s:.1} MB/s payload, {:.2} s; CPU s: \
-             client {:.1}, broker {:.1}\n\
+             ceiling (confluent-kafka -> tansu, same records): {ceiling_mb_per_s:.1} MB/s payload, {:.2} s, batches of \
+             {} bytes on average; CPU s: client {:.1}, broker {:.1}\n\
              ratio {ratio:.2}; {}-ms windows, MB/s per partition p10/p50/p90: drain {:.1}/{:.1}/{:.1}, ceiling \
              {:.1}/{:.1}/{:.1}",
             payload_bytes as f64 / 1e6,
@@ -1187,6 +1192,7 @@ impl ShipReport {
             drain_cpu.own_s,
             drain_cpu.broker_s,
             ceiling.elapsed.as_secs_f64(),
+            ceiling.batch_bytes_avg,
             ceiling.cpu.own_s,
             ceiling.cpu.broker_s,
             plan.window.as_millis(),
