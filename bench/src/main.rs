@@ -9,6 +9,9 @@
 //! way an append-only log at best can (sequential, aligned, preallocated, one sync per
 //! write), nothing more and nothing less.
 //!
+//! `weir-bench ship` drains a backlog of the log into tansu with weir's shipper, against
+//! a confluent-kafka producer sending the same records to the same broker (`ship.rs`).
+//!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
 
