@@ -9,7 +9,8 @@ runs it prints `progress RECORDS` lines (records the broker acknowledged so far)
 last line is one JSON object: records, payload_bytes, elapsed_s (first produce() to the
 end of flush()), cpu_s (the process's CPU time, librdkafka's threads included, over
 the same span), batch_bytes_avg and batch_records_avg (librdkafka's statistics of the
-batches it sent, over a recent window), window_records (acknowledged records per --window-ms window).
+batches it sent, over a recent window), rtt_us_avg and queue_us_avg (its Produce round
+trip and the time records waited in its queue, same window), window_records (acknowledged records per --window-ms window).
 
 `sample`: reads --count records from each of --offsets with check.crcs=true and prints
 every one as a JSON line (offset, key and value as hex, timestamp, headers).
@@ -45,10 +46,16 @@ def produce(args: argparse.Namespace) -> int:
     batch_stats = {}
 
     def on_stats(text):
-        topic = json.loads(text).get("topics", {}).get(args.topic)
+        stats = json.loads(text)
+        topic = stats.get("topics", {}).get(args.topic)
         if topic and topic.get("batchsize", {}).get("cnt", 0) > 0:
             batch_stats["batch_bytes_avg"] = topic["batchsize"]["avg"]
             batch_stats["batch_records_avg"] = topic["batchcnt"]["avg"]
+        for broker in stats.get("brokers", {}).values():
+            if broker.get("nodeid", -1) >= 0 and broker.get("rtt", {}).get("cnt", 0) > 0:
+                # Produce round trip and time in librdkafka's queue, microseconds.
+                batch_stats["rtt_us_avg"] = broker["rtt"]["avg"]
+                batch_stats["queue_us_avg"] = broker["int_latency"]["avg"]
 
     producer = Producer(
         {
@@ -143,6 +150,8 @@ def produce(args: argparse.Namespace) -> int:
                 "window_records": window_records,
                 "batch_bytes_avg": batch_stats.get("batch_bytes_avg", 0),
                 "batch_records_avg": batch_stats.get("batch_records_avg", 0),
+                "rtt_us_avg": batch_stats.get("rtt_us_avg", 0),
+                "queue_us_avg": batch_stats.get("queue_us_avg", 0),
             }
         ),
         flush=True,

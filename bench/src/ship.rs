@@ -949,8 +949,11 @@ struct CeilingFigures {
     window_records: Vec<Vec<u64>>,
     /// The producer processes' CPU (their own `process_time`) and the broker's.
     cpu: PhaseCpu,
-    /// librdkafka's mean batch size (the largest over the partitions).
+    /// librdkafka's mean batch size, Produce round trip and queueing time (the largest
+    /// over the partitions).
     batch_bytes_avg: u64,
+    rtt_us_avg: u64,
+    queue_us_avg: u64,
 }
 
 fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipBenchError> {
@@ -1017,6 +1020,8 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         window_records: Vec::new(),
         cpu: PhaseCpu { own_s: 0.0, broker_s: broker_cpu_s },
         batch_bytes_avg: 0,
+        rtt_us_avg: 0,
+        queue_us_avg: 0,
     };
     for (partition, mut child, reader) in readers {
         let ceiling_error = |why: String| ShipBenchError::Ceiling { partition, why };
@@ -1040,6 +1045,8 @@ fn run_ceiling(plan: &ShipPlan, broker: &Broker) -> Result<CeilingFigures, ShipB
         figures.payload_bytes += value["payload_bytes"].as_u64().unwrap_or(0);
         figures.cpu.own_s += value["cpu_s"].as_f64().unwrap_or(0.0);
         figures.batch_bytes_avg = figures.batch_bytes_avg.max(value["batch_bytes_avg"].as_u64().unwrap_or(0));
+        figures.rtt_us_avg = figures.rtt_us_avg.max(value["rtt_us_avg"].as_u64().unwrap_or(0));
+        figures.queue_us_avg = figures.queue_us_avg.max(value["queue_us_avg"].as_u64().unwrap_or(0));
         figures.elapsed = figures.elapsed.max(Duration::from_secs_f64(value["elapsed_s"].as_f64().unwrap_or(0.0)));
         figures.window_records.push(
             value["window_records"]
@@ -1162,6 +1169,8 @@ impl ShipReport {
             "produce_requests": requests,
             "upstream_batch_bytes_avg": shipped_bytes / requests.max(1),
             "ceiling_batch_bytes_avg": ceiling.batch_bytes_avg,
+            "ceiling_produce_rtt_ms_avg": round(ceiling.rtt_us_avg as f64 / 1e3),
+            "ceiling_queue_ms_avg": round(ceiling.queue_us_avg as f64 / 1e3),
             "verified_records": records,
             "verified_samples": sampled,
             "ceiling_records": ceiling.records,
