@@ -9,6 +9,9 @@
 //! way an append-only log at best can (sequential, aligned, preallocated, one sync per
 //! write), nothing more and nothing less.
 //!
+//! `weir-bench ship` drains a backlog of the log into tansu with weir's shipper, against
+//! a confluent-kafka producer sending the same records to the same broker (`ship.rs`).
+//!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
 
@@ -18,6 +21,7 @@ mod options;
 mod raw_phase;
 mod records;
 mod report;
+mod ship;
 mod weir_phase;
 
 use std::io::Write;
@@ -73,6 +77,9 @@ enum Command {
         #[arg(long)]
         cores: usize,
     },
+    /// Drain a backlog of the log into tansu with weir's shipper, against a
+    /// confluent-kafka producer sending the same records to the same broker.
+    Ship(ship::ShipArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +101,8 @@ pub enum BenchError {
     Aborted,
     #[error("{0}")]
     Ingest(#[from] ingest::IngestError),
+    #[error("ship: {0}")]
+    Ship(#[from] ship::ShipBenchError),
 }
 
 impl BenchError {
@@ -127,6 +136,7 @@ fn main() {
         Command::Ingest(args) => ingest::run(&args).map_err(BenchError::from),
         Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
         Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
+        Command::Ship(args) => ship::run_ship(&args),
     };
     match outcome {
         Ok(()) => {}

@@ -47,7 +47,10 @@ pub const API_VERSIONS_VERSIONS: VersionRange = VersionRange { min: 0, max: 3 };
 pub const METADATA_VERSIONS: VersionRange = VersionRange { min: 1, max: 12 };
 pub const INIT_PRODUCER_ID_VERSIONS: VersionRange = VersionRange { min: 3, max: 4 };
 pub const PRODUCE_VERSIONS: VersionRange = VersionRange { min: 3, max: 12 };
-pub const FETCH_VERSIONS: VersionRange = VersionRange { min: 4, max: 12 };
+/// Fetch stops at v11 (the last non-flexible version): tansu 0.6.0's SQLite engine
+/// answers v12 with a tagged field (tag 0) that v12 does not define, which a strict
+/// decoder refuses. weir needs nothing from v12 (high watermark and records only).
+pub const FETCH_VERSIONS: VersionRange = VersionRange { min: 4, max: 11 };
 pub const LIST_OFFSETS_VERSIONS: VersionRange = VersionRange { min: 1, max: 7 };
 
 /// Why a broker conversation failed. Transport problems are retried by the caller;

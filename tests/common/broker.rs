@@ -297,3 +297,92 @@ pub fn read_upstream_with(
         })
         .collect()
 }
+
+/// tansu built with SQLite storage: `WEIR_TANSU_SQLITE`, else the one
+/// tools/install-broker built into ./.tools/bin.
+pub fn tansu_sqlite_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("WEIR_TANSU_SQLITE") {
+        return PathBuf::from(path);
+    }
+    let path = repo().join(".tools/bin/tansu");
+    assert!(path.exists(), "{} is missing: run tools/install-broker (or set WEIR_TANSU_SQLITE)", path.display());
+    path
+}
+
+/// A tansu broker with SQLite storage: its database is `tansu.db` in its own
+/// directory (the process's working directory, as tansu takes a relative path), and
+/// it keeps its port, so it can be stopped and started again with every acknowledged
+/// record and its producers' state.
+pub struct TansuSqlite {
+    child: Option<Child>,
+    pub port: u16,
+    directory: PathBuf,
+}
+
+impl TansuSqlite {
+    /// Starts tansu on a free port with a new database in `directory`.
+    pub fn start(directory: &Path) -> TansuSqlite {
+        std::fs::create_dir_all(directory).unwrap();
+        let mut tansu = TansuSqlite { child: None, port: free_port(), directory: directory.to_owned() };
+        tansu.resume();
+        tansu
+    }
+
+    /// Starts the stopped broker again, on the same port and database.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_sqlite_path())
+            .current_dir(&self.directory)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(tansu_log())
+            .stderr(tansu_log())
+            .spawn()
+            .expect("tansu (SQLite) starts");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(20));
+    }
+
+    /// Stops the broker: SIGTERM, then SIGKILL if it is still there after 5 s.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let output = Command::new(tansu_sqlite_path())
+            .args(["topic", "create", name, "--partitions", &partitions.to_string(), "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .output()
+            .expect("tansu topic create runs");
+        assert!(output.status.success(), "tansu topic create {name}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+impl Drop for TansuSqlite {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
