@@ -101,8 +101,15 @@ pub enum BenchError {
     Aborted,
     #[error("{0}")]
     Ingest(#[from] ingest::IngestError),
+    /// Boxed: the ship bench's errors are large and rare.
     #[error("ship: {0}")]
-    Ship(#[from] ship::ShipBenchError),
+    Ship(Box<ship::ShipBenchError>),
+}
+
+impl From<ship::ShipBenchError> for BenchError {
+    fn from(error: ship::ShipBenchError) -> BenchError {
+        BenchError::Ship(Box::new(error))
+    }
 }
 
 impl BenchError {
