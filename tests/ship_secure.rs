@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use broker::{free_port, read_upstream_with, Tansu, UpstreamRecord};
 use bytes::Bytes;
 use common::{read_all, run, small_options};
-use futures_lite::future;
 use secure::{unrelated_ca, Pki, SaslProxy, Stunnel, BROKER_NAME};
 use weir::config::{Config, Host};
 use weir::core::log::batch::{Header, Record};
@@ -162,17 +161,20 @@ fn ship_until_refused(directory: &Path, setup: ShipperSetup) -> (ShipError, Ship
         log.append((0..20).map(record).collect()).await.expect("append");
         let metrics = Metrics::new().ship("edge", 0);
         let shutdown = Arc::new(AtomicBool::new(false));
-        let shipper = ship::run(log.clone(), setup, metrics.clone(), shutdown.clone());
-        let outcome = future::or(async { Some(shipper.await) }, async {
-            glommio::timer::sleep(Duration::from_secs(30)).await;
-            None
-        })
-        .await;
+        let shipper = glommio::spawn_local(ship::run(log.clone(), setup, metrics.clone(), shutdown.clone()));
+        // A stopped shipper marks itself stopped and then keeps the partition's lag
+        // current until shutdown; it returns its error when shut down.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while metrics.stopped.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the shipper kept retrying for 30 s instead of stopping");
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.store(true, std::sync::atomic::Ordering::Release);
+        let outcome = shipper.await;
         log.close().await.unwrap();
         let error = match outcome {
-            Some(Err(error)) => error,
-            Some(Ok(())) => panic!("the shipper ended without an error"),
-            None => panic!("the shipper kept retrying for 30 s instead of stopping"),
+            Err(error) => error,
+            Ok(()) => panic!("the shipper ended without an error"),
         };
         (error, metrics)
     })

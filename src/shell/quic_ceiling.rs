@@ -288,6 +288,9 @@ fn measure_with_pki(valid: &ValidConfig, load: LoopbackLoad, pki: &Path) -> Resu
     config.config.quic.certs_dir = pki.to_owned();
     config.config.quic.generate_dev_certs = false;
     config.config.quic.connections_max = config.config.quic.connections_max.max(load.connections as u32);
+    // Every client connection presents the one throwaway device certificate.
+    config.config.quic.connections_per_device_max =
+        config.config.quic.connections_per_device_max.max(load.connections as u32);
     let client = client_config(pki, &config)?;
     let server = DiscardServer::start(&config)?;
     let address = server.address();
