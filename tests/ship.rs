@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{read_upstream, Relay, Tansu, UpstreamRecord};
+use broker::{assert_exactly_once, read_upstream, Relay, Tansu};
 use bytes::Bytes;
 use common::{read_all, run, small_options};
 use rand::{Rng, SeedableRng};
@@ -89,28 +89,6 @@ fn rich_record(seed: u64, rng: &mut impl Rng) -> Record {
     }
 }
 
-fn to_upstream(offset: i64, record: &Record) -> UpstreamRecord {
-    UpstreamRecord {
-        offset,
-        key: record.key.as_ref().map(|key| key.to_vec()),
-        value: record.value.as_ref().map(|value| value.to_vec()),
-        timestamp_ms: record.timestamp_ms,
-        headers: record
-            .headers
-            .iter()
-            .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
-            .collect(),
-    }
-}
-
-/// Upstream must hold exactly the log's records, in order, each once.
-fn assert_exactly_once(upstream: &[UpstreamRecord], local: &[(i64, Record)]) {
-    assert_eq!(upstream.len(), local.len(), "upstream holds {} records, the log {}", upstream.len(), local.len());
-    for ((offset, record), found) in local.iter().zip(upstream) {
-        assert_eq!(found, &to_upstream(*offset, record), "record at offset {offset} differs upstream");
-    }
-}
-
 /// Appends `appends` groups of 1..=4 rich records from `appenders` concurrent tasks,
 /// pausing `pause` between appends.
 async fn append_load(log: &PartitionLog, appenders: u64, appends: u64, pause: Duration) {
@@ -177,7 +155,7 @@ fn records_appended_through_the_log_reach_upstream_exactly_once_in_order() {
     });
     let elapsed = started.elapsed();
     let upstream = read_upstream(&tansu.address(), "central", 0, local.len(), Duration::from_secs(60));
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("shipping", &upstream, &local);
     eprintln!(
         "shipped {} records ({shipped_bytes} bytes) in {requests} Produce requests, {:.1} s",
         local.len(),
@@ -250,7 +228,7 @@ fn a_link_outage_mid_stream_drains_the_backlog_exactly_once() {
     assert!(transport_failures >= 1, "the shipper saw the outage");
     assert!(lag_max > 1000, "a backlog built up during the outage ({lag_max} records at most)");
     let upstream = read_upstream(&tansu.address(), "central", 0, local.len(), Duration::from_secs(60));
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("shipping", &upstream, &local);
 }
 
 #[test]
@@ -306,5 +284,5 @@ fn shipped_segments_are_deleted_over_budget_and_unshipped_ones_never() {
     assert!(after.start_offset > 0, "shipped segments were deleted: {after:?}");
     assert!(after.disk_bytes < before.disk_bytes / 2, "{after:?}");
     let upstream = read_upstream(&tansu.address(), "central", 0, everything.len(), Duration::from_secs(60));
-    assert_exactly_once(&upstream, &everything);
+    assert_exactly_once("shipping", &upstream, &everything);
 }

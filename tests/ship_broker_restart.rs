@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{read_upstream, TansuSqlite, UpstreamRecord};
+use broker::{assert_exactly_once, read_upstream, TansuSqlite};
 use bytes::Bytes;
 use common::{read_all, run};
 use rand::{Rng, SeedableRng};
@@ -60,34 +60,6 @@ fn record(seed: u64) -> Record {
             Header { key: "seed".into(), value: Some(Bytes::from(seed.to_string())) },
             Header { key: "empty".into(), value: None },
         ],
-    }
-}
-
-fn to_upstream(offset: i64, record: &Record) -> UpstreamRecord {
-    UpstreamRecord {
-        offset,
-        key: record.key.as_ref().map(|key| key.to_vec()),
-        value: record.value.as_ref().map(|value| value.to_vec()),
-        timestamp_ms: record.timestamp_ms,
-        headers: record
-            .headers
-            .iter()
-            .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
-            .collect(),
-    }
-}
-
-/// Upstream must hold exactly the log's records, in order, each once.
-fn assert_exactly_once(upstream: &[UpstreamRecord], local: &[(i64, Record)], context: &str) {
-    assert_eq!(
-        upstream.len(),
-        local.len(),
-        "{context}: upstream holds {} records, the log {}",
-        upstream.len(),
-        local.len()
-    );
-    for ((offset, record), found) in local.iter().zip(upstream) {
-        assert_eq!(found, &to_upstream(*offset, record), "{context}: record at offset {offset} differs upstream");
     }
 }
 
@@ -204,5 +176,5 @@ fn a_broker_outage_with_appends_meanwhile_drains_exactly_once_when_it_returns() 
     assert!(transport_failures >= 1, "the shipper saw the broker go");
     assert!(lag_max > 500, "a backlog built up while the broker was down ({lag_max} records at most)");
     let upstream = read_upstream(&broker.address(), "central", 0, local.len(), Duration::from_secs(60));
-    assert_exactly_once(&upstream, &local, "after the outage");
+    assert_exactly_once("after the outage", &upstream, &local);
 }

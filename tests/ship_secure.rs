@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::{free_port, read_upstream_with, Tansu, UpstreamRecord};
+use broker::{assert_exactly_once, free_port, read_upstream_with, Tansu};
 use bytes::Bytes;
 use common::{read_all, run, small_options};
 use secure::{unrelated_ca, Pki, SaslProxy, Stunnel, BROKER_NAME};
@@ -92,20 +92,6 @@ fn record(seed: u64) -> Record {
         )),
         headers: (0..seed % 3)
             .map(|index| Header { key: format!("h{index}"), value: Some(Bytes::from(seed.to_string())) })
-            .collect(),
-    }
-}
-
-fn to_upstream(offset: i64, record: &Record) -> UpstreamRecord {
-    UpstreamRecord {
-        offset,
-        key: record.key.as_ref().map(|key| key.to_vec()),
-        value: record.value.as_ref().map(|value| value.to_vec()),
-        timestamp_ms: record.timestamp_ms,
-        headers: record
-            .headers
-            .iter()
-            .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
             .collect(),
     }
 }
@@ -180,13 +166,6 @@ fn ship_until_refused(directory: &Path, setup: ShipperSetup) -> (ShipError, Ship
     })
 }
 
-fn assert_exactly_once(upstream: &[UpstreamRecord], local: &[(i64, Record)]) {
-    assert_eq!(upstream.len(), local.len(), "upstream holds {} records, the log {}", upstream.len(), local.len());
-    for ((offset, record), found) in local.iter().zip(upstream) {
-        assert_eq!(found, &to_upstream(*offset, record), "record at offset {offset} differs upstream");
-    }
-}
-
 /// tansu behind stunnel (client certificates required), advertising the stunnel port.
 struct TlsBroker {
     tansu: Tansu,
@@ -248,7 +227,7 @@ fn records_shipped_over_mutual_tls_reach_the_broker_exactly_once() {
         Duration::from_secs(60),
         &tls_reader_settings(&pki),
     );
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("secure shipping", &upstream, &local);
     let log = broker.stunnel.log_text();
     assert!(log.contains("CN=weir-shipper"), "stunnel verified weir's client certificate: {log}");
     let bytes: usize = local.iter().map(|(_, record)| record.value.as_ref().map_or(0, Bytes::len)).sum();
@@ -282,7 +261,7 @@ fn the_broker_certificate_is_also_checked_against_its_ip_address_without_a_name_
         Duration::from_secs(60),
         &tls_reader_settings(&pki),
     );
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("secure shipping", &upstream, &local);
 }
 
 #[test]
@@ -399,7 +378,7 @@ fn each_sasl_mechanism_authenticates_and_ships_exactly_once() {
             Duration::from_secs(60),
             &sasl_reader_settings(),
         );
-        assert_exactly_once(&upstream, &local);
+        assert_exactly_once("secure shipping", &upstream, &local);
         let authenticated = format!("authenticated {mechanism} {}", SHIPPER_USER.0);
         assert!(broker.proxy.events().contains(&authenticated), "{mechanism}: {:?}", broker.proxy.events());
         eprintln!("{mechanism}: {} records shipped", local.len());
@@ -441,7 +420,7 @@ fn connections_closed_when_their_sasl_session_expires_are_reopened_and_ship_exac
     // The reader's sessions do not expire.
     let upstream =
         read_upstream_with(&address, "central", 0, local.len(), Duration::from_secs(60), &sasl_reader_settings());
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("secure shipping", &upstream, &local);
     eprintln!("{} records; {shipper_logins} logins of the shipper, {expired} sessions expired", local.len());
     assert!(shipper_logins >= 3 && expired >= 2, "sessions expired while shipping: {:?}", proxy.events());
 }
@@ -555,7 +534,7 @@ fn scram_over_mutual_tls_ships_exactly_once() {
     settings[0].1 = "SASL_SSL".into();
     settings.extend(sasl_reader_settings().into_iter().skip(1));
     let upstream = read_upstream_with(&address, "central", 0, local.len(), Duration::from_secs(60), &settings);
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("secure shipping", &upstream, &local);
     assert!(
         proxy.events().contains(&format!("authenticated SCRAM-SHA-512 {}", SHIPPER_USER.0)),
         "{:?}",
@@ -704,7 +683,7 @@ fn weir_serve_ships_over_mutual_tls_and_scram_and_reports_a_wrong_password_in_it
     let status = { child }.wait_with_output().unwrap().status;
     let weir_output = std::fs::read_to_string(&output).unwrap_or_default();
     assert!(status.success(), "weir stops cleanly: {status}\n{weir_output}");
-    assert_exactly_once(&upstream, &local);
+    assert_exactly_once("secure shipping", &upstream, &local);
     assert!(!weir_output.contains("shipping stopped"), "{weir_output}");
 
     // A wrong password: weir keeps running (the partition keeps its data), the shipper

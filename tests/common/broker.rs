@@ -232,6 +232,46 @@ pub struct UpstreamRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+impl UpstreamRecord {
+    /// What the independent reader must see for the log's `record` at `offset`.
+    pub fn of(offset: i64, record: &weir::core::log::batch::Record) -> UpstreamRecord {
+        UpstreamRecord {
+            offset,
+            key: record.key.as_ref().map(|key| key.to_vec()),
+            value: record.value.as_ref().map(|value| value.to_vec()),
+            timestamp_ms: record.timestamp_ms,
+            headers: record
+                .headers
+                .iter()
+                .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
+                .collect(),
+        }
+    }
+}
+
+/// Upstream must hold exactly the log's records, in order, each once; `context` starts
+/// every failure message.
+pub fn assert_exactly_once(
+    context: &str,
+    upstream: &[UpstreamRecord],
+    local: &[(i64, weir::core::log::batch::Record)],
+) {
+    assert_eq!(
+        upstream.len(),
+        local.len(),
+        "{context}: upstream holds {} records, the log {}",
+        upstream.len(),
+        local.len()
+    );
+    for ((offset, record), found) in local.iter().zip(upstream) {
+        assert_eq!(
+            found,
+            &UpstreamRecord::of(*offset, record),
+            "{context}: record at offset {offset} differs upstream"
+        );
+    }
+}
+
 fn unhex(text: &str) -> Vec<u8> {
     (0..text.len()).step_by(2).map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap()).collect()
 }
