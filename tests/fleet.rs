@@ -11,51 +11,14 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run;
-use weir::core::log::batch::{self, Record};
-use weir::shell::log::{LogOptions, PartitionLog};
-use weir::shell::metrics::Metrics;
+use common::{header, read_partition};
+use weir::core::log::batch::Record;
 
 fn binary(name: &str) -> PathBuf {
     let weir = PathBuf::from(env!("CARGO_BIN_EXE_weir"));
     let path = weir.with_file_name(name);
     assert!(path.exists(), "{} is missing: build the workspace (tools/test does)", path.display());
     path
-}
-
-fn read_partition(directory: PathBuf) -> Vec<(i64, Record)> {
-    run(move || async move {
-        let log =
-            PartitionLog::open(&directory, "p", LogOptions::default(), Metrics::new().partition("t", 0)).await.unwrap();
-        let mut records = Vec::new();
-        let mut next = 0;
-        loop {
-            let batches = log.read(next, 4 << 20).await.unwrap();
-            if batches.is_empty() {
-                break;
-            }
-            for bytes in batches {
-                for record in batch::records(&bytes).unwrap() {
-                    let record = record.unwrap();
-                    if record.offset >= next {
-                        records.push((record.offset, record.to_record(&bytes)));
-                    }
-                }
-            }
-            next = records.last().map_or(next, |(offset, _)| offset + 1);
-        }
-        log.close().await.unwrap();
-        records
-    })
-}
-
-fn header<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
-    record
-        .headers
-        .iter()
-        .find(|header| header.key == key)
-        .and_then(|header| header.value.as_deref())
-        .map(|value| std::str::from_utf8(value).unwrap())
 }
 
 #[test]

@@ -12,10 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run;
-use weir::core::log::batch::{self, Record};
-use weir::shell::log::{LogOptions, PartitionLog};
-use weir::shell::metrics::Metrics;
+use common::read_partition;
+use weir::core::log::batch::Record;
 
 fn weir() -> Command {
     Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -125,32 +123,6 @@ impl Appliance {
 fn answers(output: &std::process::Output) -> Vec<serde_json::Value> {
     assert!(output.status.success(), "device failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
-}
-
-fn read_partition(directory: PathBuf) -> Vec<(i64, Record)> {
-    run(move || async move {
-        let log =
-            PartitionLog::open(&directory, "p", LogOptions::default(), Metrics::new().partition("t", 0)).await.unwrap();
-        let mut records = Vec::new();
-        let mut next = 0;
-        loop {
-            let batches = log.read(next, 1 << 20).await.unwrap();
-            if batches.is_empty() {
-                break;
-            }
-            for bytes in batches {
-                for record in batch::records(&bytes).unwrap() {
-                    let record = record.unwrap();
-                    if record.offset >= next {
-                        records.push((record.offset, record.to_record(&bytes)));
-                    }
-                }
-            }
-            next = records.last().map_or(next, |(offset, _)| offset + 1);
-        }
-        log.close().await.unwrap();
-        records
-    })
 }
 
 fn header<'a>(record: &'a Record, key: &str) -> Option<&'a [u8]> {

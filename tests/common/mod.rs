@@ -86,6 +86,28 @@ pub async fn read_all(log: &PartitionLog) -> Vec<(i64, Record)> {
     found
 }
 
+/// Every record of the partition in `directory` (as `weir serve` left it), opened and
+/// recovered with the default options on a test executor.
+pub fn read_partition(directory: std::path::PathBuf) -> Vec<(i64, Record)> {
+    run(move || async move {
+        let metrics = weir::shell::metrics::Metrics::new().partition("t", 0);
+        let log = PartitionLog::open(&directory, "p", LogOptions::default(), metrics).await.unwrap();
+        let records = read_all(&log).await;
+        log.close().await.unwrap();
+        records
+    })
+}
+
+/// The UTF-8 value of `record`'s header `key`, if it has one.
+pub fn header<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
+    record
+        .headers
+        .iter()
+        .find(|header| header.key == key)
+        .and_then(|header| header.value.as_deref())
+        .map(|value| std::str::from_utf8(value).unwrap())
+}
+
 /// Copies a partition directory.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
