@@ -192,6 +192,28 @@ fn an_aioquic_device_writes_over_mtls_and_every_acked_record_is_in_the_log() {
     }
 }
 
+/// A certificate for `device` from the CA in `certs` whose validity ended a day ago;
+/// returns the paths of its PEM and key.
+fn expired_device_certificate(certs: &Path, device: &str) -> (PathBuf, PathBuf) {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), ca_key).unwrap();
+    let mut params = CertificateParams::new(Vec::new()).unwrap();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, device);
+    params.distinguished_name = name;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(30 * 86_400)).into();
+    params.not_after = (now - Duration::from_secs(86_400)).into();
+    let key = KeyPair::generate().unwrap();
+    let certificate = params.signed_by(&key, &issuer).unwrap();
+    let (pem, key_path) = (certs.join(format!("expired-{device}.pem")), certs.join(format!("expired-{device}.key")));
+    std::fs::write(&pem, certificate.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (pem, key_path)
+}
+
 #[test]
 fn refusals_carry_their_reasons() {
     let root = tempfile::tempdir().unwrap();
@@ -224,6 +246,25 @@ fn refusals_carry_their_reasons() {
         .output()
         .unwrap();
     assert!(!foreign.status.success(), "a certificate from an unknown CA must be refused");
+    // A certificate from the right CA whose validity has ended fails the handshake, and
+    // the device is told why (rustls' alert, carried in QUIC's CONNECTION_CLOSE).
+    let (expired_pem, expired_key) = expired_device_certificate(&root.path().join("certs"), "dev-1");
+    let expired = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
+        .args(["--server", &appliance.quic, "--ca"])
+        .arg(root.path().join("certs/ca.pem"))
+        .arg("--cert")
+        .arg(&expired_pem)
+        .arg("--key")
+        .arg(&expired_key)
+        .args(["--frames", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(expired.status.code(), Some(3), "an expired device certificate must be refused");
+    let closed: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&expired.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(closed["error_code"], 0x100 + 45, "TLS alert certificate_expired as a QUIC crypto error: {closed}");
+    assert!(closed["reason"].as_str().unwrap().contains("certificate expired"), "{closed}");
     // A frame that is no valid archive is answered with MalformedFrame.
     let garbage = answers(&appliance.device("dev-1", &["--garbage"]));
     assert_eq!(garbage[0]["error_code"], 1, "{}", garbage[0]);
