@@ -946,7 +946,10 @@ pub enum UpstreamPartitioning {
     /// Edge partition p goes to upstream partition p.
     #[default]
     Kept,
-    /// By record key, as Kafka's default partitioner (not supported yet).
+    /// By record key, as Kafka's default partitioner: devices' records are routed to
+    /// edge partitions with Kafka's murmur2 (`session::KeyHash::KafkaMurmur2`) and edge
+    /// partition p ships to upstream partition p of a topic with exactly as many
+    /// partitions (the shipper checks the count and retries until it matches).
     ByKey,
 }
 
@@ -1050,12 +1053,6 @@ impl UpstreamConfig {
                         format!("{upstream:?} is not a Kafka topic name (1..=249 of a-z A-Z 0-9 . _ -)"),
                     );
                 }
-            }
-            if topic.partitioning == UpstreamPartitioning::ByKey {
-                problem(
-                    &format!("{path}.partitioning"),
-                    "\"by-key\" is not supported yet: use \"kept\" (edge partition p -> upstream partition p)".into(),
-                );
             }
         }
         let batch_bytes = self.batch_bytes_max.0;
@@ -1167,6 +1164,27 @@ impl UpstreamConfig {
     /// The upstream topic and partition edge `topic`/`partition` ships to, or `None`
     /// when shipping is off or the topic is not mapped. With no `[[upstream.topics]]`
     /// every edge topic ships to the upstream topic of the same name, partitions kept.
+    /// How devices' record keys of edge `topic` are hashed to its partitions: Kafka's
+    /// partitioner when the topic is mapped `by-key` (whether or not shipping is enabled
+    /// now, so that turning shipping on or off never moves a key), weir's own otherwise.
+    pub fn key_hash(&self, topic: &str) -> crate::core::session::KeyHash {
+        match self.topics.iter().find(|mapping| mapping.edge == topic) {
+            Some(mapping) if mapping.partitioning == UpstreamPartitioning::ByKey => {
+                crate::core::session::KeyHash::KafkaMurmur2
+            }
+            _ => crate::core::session::KeyHash::Crc32c,
+        }
+    }
+
+    /// The partition count edge `topic`'s upstream topic must have: exactly the edge
+    /// topic's when it is mapped `by-key`, else `None` (at least as many will do).
+    pub fn partitions_exact(&self, topic: &str, topics: &[TopicConfig]) -> Option<u32> {
+        if self.key_hash(topic) != crate::core::session::KeyHash::KafkaMurmur2 {
+            return None;
+        }
+        topics.iter().find(|edge| edge.name == topic).map(|edge| edge.partitions)
+    }
+
     pub fn destination(&self, topic: &str, partition: u32) -> Option<(String, i32)> {
         if !self.enabled {
             return None;
@@ -1328,16 +1346,18 @@ mod tests {
     }
 
     #[test]
-    fn upstream_by_key_is_refused_as_not_supported_yet() {
-        let found = problems(
-            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[[upstream.topics]]\nedge = \"telemetry\"\npartitioning = \"by-key\"\n",
-        );
-        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
-        assert!(
-            text.iter()
-                .any(|line| line.starts_with("upstream.topics[0].partitioning:") && line.contains("not supported yet")),
-            "{text:?}"
-        );
+    fn upstream_by_key_hashes_that_topic_like_kafka_and_ships_to_exactly_as_many_partitions() {
+        let config = Config::parse(
+            "[[topics]]\nname = \"telemetry\"\npartitions = 4\n[[topics]]\nname = \"other\"\npartitions = 2\n[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n[[upstream.topics]]\nedge = \"telemetry\"\npartitioning = \"by-key\"\n[[upstream.topics]]\nedge = \"other\"\n",
+            "test",
+        )
+        .unwrap();
+        let valid = config.validate(&host(), "test").unwrap();
+        let upstream = &valid.config.upstream;
+        assert_eq!(upstream.key_hash("telemetry"), crate::core::session::KeyHash::KafkaMurmur2);
+        assert_eq!(upstream.key_hash("other"), crate::core::session::KeyHash::Crc32c);
+        assert_eq!(upstream.partitions_exact("telemetry", &valid.config.topics), Some(4));
+        assert_eq!(upstream.partitions_exact("other", &valid.config.topics), None);
     }
 
     #[test]

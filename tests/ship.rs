@@ -47,7 +47,7 @@ fn setup(directory: &Path, bootstrap: &str, topic: &str, batch_bytes_max: usize)
             request_timeout: Duration::from_secs(5),
             security: weir::shell::kafka_secure::Security::none(),
         },
-        upstream: UpstreamPartition { topic: topic.to_owned(), partition: 0 },
+        upstream: UpstreamPartition { topic: topic.to_owned(), partition: 0, partitions_exact: None },
         config: ShipConfig {
             batch_bytes_max,
             in_flight_max: 5,

@@ -76,7 +76,7 @@ fn setup(directory: &Path, bootstrap: &str) -> ShipperSetup {
             request_timeout: Duration::from_secs(5),
             security: weir::shell::kafka_secure::Security::none(),
         },
-        upstream: UpstreamPartition { topic: "central".into(), partition: 0 },
+        upstream: UpstreamPartition { topic: "central".into(), partition: 0, partitions_exact: None },
         config: ShipConfig {
             batch_bytes_max: 32 << 10,
             in_flight_max: 5,

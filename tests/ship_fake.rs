@@ -38,7 +38,7 @@ fn setup(directory: &Path, bootstrap: Vec<String>) -> ShipperSetup {
             request_timeout: Duration::from_millis(800),
             security: weir::shell::kafka_secure::Security::none(),
         },
-        upstream: UpstreamPartition { topic: "central".into(), partition: 0 },
+        upstream: UpstreamPartition { topic: "central".into(), partition: 0, partitions_exact: None },
         config: ShipConfig {
             batch_bytes_max: 8 << 10,
             in_flight_max: 5,

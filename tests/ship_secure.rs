@@ -67,7 +67,7 @@ fn setup(directory: &Path, bootstrap: &str, topic: &str, security: Security) -> 
             request_timeout: Duration::from_secs(5),
             security,
         },
-        upstream: UpstreamPartition { topic: topic.to_owned(), partition: 0 },
+        upstream: UpstreamPartition { topic: topic.to_owned(), partition: 0, partitions_exact: None },
         config: ShipConfig {
             batch_bytes_max: 64 << 10,
             in_flight_max: 5,

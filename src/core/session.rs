@@ -3,7 +3,10 @@
 //!
 //! Routing: a keyed record goes to partition `crc32c(key) mod partitions`; an unkeyed
 //! record to `crc32c(device id) mod partitions`, so a device's unkeyed records stay in
-//! one partition and in order. A frame's records for one partition are appended as one
+//! one partition and in order. A topic shipped upstream with `partitioning = "by-key"`
+//! hashes with Kafka's default partitioner instead (`murmur2(key) & 0x7fffffff mod
+//! partitions`), so that edge partition p, shipped to upstream partition p of a topic
+//! with as many partitions, holds exactly the keys a Kafka producer would have sent there. A frame's records for one partition are appended as one
 //! run, in frame order, so they get consecutive offsets; the answer describes each
 //! stretch of consecutive frame records that went to the same partition.
 
@@ -76,12 +79,63 @@ impl FrameAssembler {
     }
 }
 
+/// How a topic's record keys are hashed to partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyHash {
+    /// `crc32c`: weir's own (fast, hardware-assisted).
+    #[default]
+    Crc32c,
+    /// Kafka's default partitioner: `murmur2(key) & 0x7fffffff` (a topic shipped `by-key`).
+    KafkaMurmur2,
+}
+
+impl KeyHash {
+    fn hash(self, bytes: &[u8]) -> u32 {
+        match self {
+            KeyHash::Crc32c => crc32c::crc32c(bytes),
+            KeyHash::KafkaMurmur2 => kafka_murmur2(bytes) & 0x7fff_ffff,
+        }
+    }
+}
+
+/// Kafka's `Utils.murmur2` (MurmurHash2, 32-bit, seed 0x9747b28c), as its default
+/// partitioner uses it.
+pub fn kafka_murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut hash = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        hash = hash.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        hash ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        hash ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        hash ^= u32::from(rest[0]);
+        hash = hash.wrapping_mul(M);
+    }
+    hash ^= hash >> 13;
+    hash = hash.wrapping_mul(M);
+    hash ^= hash >> 15;
+    hash
+}
+
 /// The partition a record goes to.
-pub fn partition_for(key: Option<&[u8]>, device_id: &str, partitions: u32) -> u32 {
+pub fn partition_for(key: Option<&[u8]>, device_id: &str, partitions: u32, key_hash: KeyHash) -> u32 {
     assert!(partitions > 0);
     let hash = match key {
-        Some(key) => crc32c::crc32c(key),
-        None => crc32c::crc32c(device_id.as_bytes()),
+        Some(key) => key_hash.hash(key),
+        None => key_hash.hash(device_id.as_bytes()),
     };
     hash % partitions
 }
@@ -96,13 +150,19 @@ pub struct PartitionRun {
 }
 
 /// Routes a checked frame's records, stamping each with the device id and sequence.
-pub fn route(records: Vec<Record>, device_id: &str, sequence: u64, partitions: u32) -> Vec<PartitionRun> {
+pub fn route(
+    records: Vec<Record>,
+    device_id: &str,
+    sequence: u64,
+    partitions: u32,
+    key_hash: KeyHash,
+) -> Vec<PartitionRun> {
     let device = Bytes::from(device_id.to_owned());
     let sequence_text = Bytes::from(sequence.to_string());
     let mut runs: Vec<PartitionRun> = Vec::new();
     let mut previous: Option<u32> = None;
     for (index, mut record) in records.into_iter().enumerate() {
-        let partition = partition_for(record.key.as_deref(), device_id, partitions);
+        let partition = partition_for(record.key.as_deref(), device_id, partitions, key_hash);
         record.headers.push(Header { key: DEVICE_HEADER.to_owned(), value: Some(device.clone()) });
         record.headers.push(Header { key: SEQUENCE_HEADER.to_owned(), value: Some(sequence_text.clone()) });
         let run_index = match runs.iter().position(|run| run.partition == partition) {
@@ -184,7 +244,7 @@ mod tests {
     #[test]
     fn routing_keeps_frame_order_per_partition_and_parts_cover_every_record() {
         let records = vec![record(Some(b"a")), record(Some(b"b")), record(Some(b"a")), record(None), record(None)];
-        let runs = route(records, "dev-1", 9, 4);
+        let runs = route(records, "dev-1", 9, 4, KeyHash::Crc32c);
         let total: usize = runs.iter().map(|run| run.records.len()).sum();
         assert_eq!(total, 5);
         for run in &runs {
@@ -206,6 +266,25 @@ mod tests {
         }
         assert_eq!(covered, vec![1; 5]);
         // Unkeyed records of one device share a partition.
-        assert_eq!(partition_for(None, "dev-1", 4), partition_for(None, "dev-1", 4));
+        assert_eq!(partition_for(None, "dev-1", 4, KeyHash::Crc32c), partition_for(None, "dev-1", 4, KeyHash::Crc32c));
+    }
+
+    #[test]
+    fn murmur2_matches_kafkas_own_test_vectors_and_partitioner() {
+        // Kafka's UtilsTest.testMurmur2 (the values as Java ints).
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (b"abc", 479_470_107),
+        ];
+        for (data, expected) in cases {
+            assert_eq!(kafka_murmur2(data) as i32, expected, "{:?}", String::from_utf8_lossy(data));
+        }
+        // The partitioner: toPositive(murmur2(key)) % partitions.
+        let positive = (-973_932_308i32 & 0x7fff_ffff) as u32;
+        assert_eq!(partition_for(Some(b"21"), "dev-1", 7, KeyHash::KafkaMurmur2), positive % 7);
     }
 }

@@ -52,6 +52,9 @@ pub struct TopicExpectation {
     pub upstream: String,
     /// (edge topic, its partition count).
     pub edge_topics: Vec<(String, u32)>,
+    /// Some edge topic ships to it `by-key`: the upstream topic needs exactly as many
+    /// partitions (more would put keys where Kafka's partitioner does not).
+    pub by_key: bool,
 }
 
 impl TopicExpectation {
@@ -71,13 +74,18 @@ pub struct UpstreamFacts {
 
 /// The mapped upstream topics, from the config.
 pub fn expectations(valid: &ValidConfig) -> Vec<TopicExpectation> {
-    let mut by_upstream: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
+    let mut by_upstream: BTreeMap<String, (Vec<(String, u32)>, bool)> = BTreeMap::new();
     for topic in &valid.config.topics {
         if let Some((upstream, _)) = valid.config.upstream.destination(&topic.name, 0) {
-            by_upstream.entry(upstream).or_default().push((topic.name.clone(), topic.partitions));
+            let entry = by_upstream.entry(upstream).or_default();
+            entry.0.push((topic.name.clone(), topic.partitions));
+            entry.1 |= valid.config.upstream.partitions_exact(&topic.name, &valid.config.topics).is_some();
         }
     }
-    by_upstream.into_iter().map(|(upstream, edge_topics)| TopicExpectation { upstream, edge_topics }).collect()
+    by_upstream
+        .into_iter()
+        .map(|(upstream, (edge_topics, by_key))| TopicExpectation { upstream, edge_topics, by_key })
+        .collect()
 }
 
 /// The three upstream checks: skipped when shipping is off or a glommio executor
@@ -319,6 +327,18 @@ fn topics_check(facts: &UpstreamFacts) -> Check {
                     "kafka-topics.sh --bootstrap-server {bootstrap} --alter --topic {topic} --partitions {needed}"
                 ));
             }
+            Some(0) if found.partitions > needed as usize && expectation.by_key => {
+                failures.push(format!(
+                    "topic {topic} has {} partitions; partitioning = \"by-key\" needs exactly {needed} ({edges}): \
+                     weir would not ship it",
+                    found.partitions
+                ));
+                fixes.push(format!(
+                    "give the edge topic as many partitions as {topic} ({} in [[topics]]; this moves keys to new \
+                     edge partitions), or ship to a topic with {needed} partitions",
+                    found.partitions
+                ));
+            }
             Some(0) if found.partitions > needed as usize => {
                 warnings.push(format!(
                     "topic {topic} has {} partitions, more than the {needed} shipped to it ({edges}): upstream \
@@ -368,8 +388,8 @@ mod tests {
 
     fn facts(servers: Vec<ServerOutcome>, found: Vec<(Option<i16>, usize)>) -> UpstreamFacts {
         let topics = vec![
-            TopicExpectation { upstream: "central".into(), edge_topics: vec![("telemetry".into(), 4)] },
-            TopicExpectation { upstream: "audit".into(), edge_topics: vec![("audit".into(), 1)] },
+            TopicExpectation { upstream: "central".into(), edge_topics: vec![("telemetry".into(), 4)], by_key: false },
+            TopicExpectation { upstream: "audit".into(), edge_topics: vec![("audit".into(), 1)], by_key: false },
         ];
         let metadata = found
             .into_iter()
@@ -420,5 +440,11 @@ mod tests {
         let checks = judge(&facts(vec![answered()], vec![(Some(0), 6), (Some(0), 1)]));
         assert_eq!(checks[2].status, Status::Warn);
         assert!(checks[2].saw.contains("upstream partitions 4..5 get nothing"), "{}", checks[2].saw);
+        // Shipped by key, a wider upstream topic fails: weir would not ship to it.
+        let mut wide_by_key = facts(vec![answered()], vec![(Some(0), 6), (Some(0), 1)]);
+        wide_by_key.topics[0].by_key = true;
+        let checks = judge(&wide_by_key);
+        assert_eq!(checks[2].status, Status::Fail);
+        assert!(checks[2].saw.contains("\"by-key\" needs exactly 4"), "{}", checks[2].saw);
     }
 }

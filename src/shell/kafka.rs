@@ -80,6 +80,11 @@ pub enum KafkaError {
     Broker { address: String, api: &'static str, code: i16, name: &'static str },
     #[error("{address}: metadata for topic {topic} partition {partition}: {why}")]
     Metadata { address: String, topic: String, partition: i32, why: &'static str },
+    #[error(
+        "{address}: topic {topic} has {found} partitions; partitioning = \"by-key\" needs exactly {expected} \
+         (as many as the edge topic), or records would not sit where Kafka's partitioner puts their keys"
+    )]
+    PartitionCount { address: String, topic: String, expected: u32, found: usize },
     #[error("no bootstrap server could be used; the last said: {last}")]
     NoBootstrap { last: Box<KafkaError> },
     #[error("{address}: the answer lacks topic {topic} partition {partition}")]
@@ -367,9 +372,21 @@ pub async fn connect_to_leader(
     partition: i32,
     options: &ClientOptions,
 ) -> Result<Connection, KafkaError> {
+    connect_to_leader_checked(bootstrap_servers, topic, partition, None, options).await
+}
+
+/// `connect_to_leader`, also refusing a topic whose partition count is not
+/// `partitions_exact` (a `by-key` mapping) with `KafkaError::PartitionCount`.
+pub async fn connect_to_leader_checked(
+    bootstrap_servers: &[String],
+    topic: &str,
+    partition: i32,
+    partitions_exact: Option<u32>,
+    options: &ClientOptions,
+) -> Result<Connection, KafkaError> {
     let mut last = None;
     for server in bootstrap_servers {
-        match leader_via(server, topic, partition, options).await {
+        match leader_via(server, topic, partition, partitions_exact, options).await {
             Ok(connection) => return Ok(connection),
             Err(error) => last = Some(error),
         }
@@ -383,6 +400,7 @@ async fn leader_via(
     server: &str,
     topic: &str,
     partition: i32,
+    partitions_exact: Option<u32>,
     options: &ClientOptions,
 ) -> Result<Connection, KafkaError> {
     let mut connection = Connection::connect(server, options).await?;
@@ -399,6 +417,16 @@ async fn leader_via(
         .ok_or_else(|| missing("the topic is not in the answer"))?;
     if topic_metadata.error_code != NONE {
         return Err(connection.broker_error("Metadata", topic_metadata.error_code));
+    }
+    if let Some(expected) = partitions_exact {
+        if topic_metadata.partitions.len() != expected as usize {
+            return Err(KafkaError::PartitionCount {
+                address: server.to_owned(),
+                topic: topic.to_owned(),
+                expected,
+                found: topic_metadata.partitions.len(),
+            });
+        }
     }
     let partition_metadata = topic_metadata
         .partitions

@@ -100,8 +100,8 @@ pub struct QuicSettings {
     pub connections_max: usize,
     pub handshakes_before_retry: usize,
     pub frames_in_flight_per_connection_max: usize,
-    /// Topic name -> partition count.
-    pub topics: HashMap<String, u32>,
+    /// Topic name -> partition count and how its keys are hashed to partitions.
+    pub topics: HashMap<String, (u32, session::KeyHash)>,
     /// Topics devices may write (every topic when None).
     pub topics_allowed: Option<HashSet<String>>,
     pub devices_denied: HashSet<String>,
@@ -971,8 +971,8 @@ async fn process_frame(
                         0,
                     )
                 }
-                (None, Some(partitions)) => {
-                    let runs = session::route(produce.records, &device, sequence, *partitions);
+                (None, Some((partitions, key_hash))) => {
+                    let runs = session::route(produce.records, &device, sequence, *partitions, *key_hash);
                     let appends = runs
                         .iter()
                         .map(|run| appender.append(produce.topic.clone(), run.partition, run.records.clone()))

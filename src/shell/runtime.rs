@@ -428,7 +428,12 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
         connections_max: config.connections_max as usize,
         handshakes_before_retry: config.handshakes_before_retry as usize,
         frames_in_flight_per_connection_max: config.frames_in_flight_per_connection_max as usize,
-        topics: valid.config.topics.iter().map(|topic| (topic.name.clone(), topic.partitions)).collect(),
+        topics: valid
+            .config
+            .topics
+            .iter()
+            .map(|topic| (topic.name.clone(), (topic.partitions, valid.config.upstream.key_hash(&topic.name))))
+            .collect(),
         topics_allowed: (!config.topics_allowed.is_empty())
             .then(|| config.topics_allowed.iter().cloned().collect::<HashSet<_>>()),
         devices_denied: config.devices_denied.iter().cloned().collect(),

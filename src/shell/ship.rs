@@ -87,7 +87,11 @@ impl ShipperSetup {
                 request_timeout: Duration::from_millis(upstream.request_timeout_ms.0),
                 security: Security::load_or_refuse(upstream),
             },
-            upstream: UpstreamPartition { topic: upstream_topic, partition: upstream_partition },
+            upstream: UpstreamPartition {
+                topic: upstream_topic,
+                partition: upstream_partition,
+                partitions_exact: upstream.partitions_exact(topic, &valid.config.topics),
+            },
             config: ShipConfig {
                 batch_bytes_max,
                 in_flight_max: upstream.in_flight_max as usize,
@@ -560,10 +564,11 @@ impl Shipper {
         if self.link.is_some() {
             return Ok(());
         }
-        let connection = kafka::connect_to_leader(
+        let connection = kafka::connect_to_leader_checked(
             &self.setup.bootstrap_servers,
             &self.setup.upstream.topic,
             self.setup.upstream.partition,
+            self.setup.upstream.partitions_exact,
             &self.setup.client,
         )
         .await?;

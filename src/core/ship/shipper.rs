@@ -86,6 +86,9 @@ impl ShipConfig {
 pub struct UpstreamPartition {
     pub topic: String,
     pub partition: i32,
+    /// The partition count the upstream topic must have (`by-key`: exactly the edge
+    /// topic's); `None` when any count holding `partition` will do.
+    pub partitions_exact: Option<u32>,
 }
 
 /// Names one Produce request the shell sent for the core.

@@ -28,7 +28,7 @@ fn config() -> ShipConfig {
 }
 
 fn upstream() -> UpstreamPartition {
-    UpstreamPartition { topic: "central".to_owned(), partition: 2 }
+    UpstreamPartition { topic: "central".to_owned(), partition: 2, partitions_exact: None }
 }
 
 fn record_at(offset: i64, value_bytes: usize) -> Record {
