@@ -16,3 +16,4 @@ pub mod fuzzing;
 pub mod inspect;
 pub mod shell;
 pub mod status;
+pub mod sync;

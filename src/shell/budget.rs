@@ -3,8 +3,14 @@
 //! `log.data_dir_bytes_max`. A partition adds what it writes and subtracts what it
 //! deletes; an append that would go over the budget is treated as a full disk
 //! (`log.disk_full_policy`). An atomic add per flush is the only cross-core touch.
+//!
+//! The room for a batch is *reserved* before it is written (one compare-and-swap), so
+//! two cores can never both take the last room under the budget: a check followed by a
+//! separate add let every core pass the check at once and go over by a batch each.
+//! `tests/loom.rs` model-checks this file's every interleaving of two cores (it
+//! includes this file with loom's atomics in place of std's, through `crate::sync`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::DiskFullPolicy;
 
@@ -49,9 +55,25 @@ impl DataDirBudget {
         }
     }
 
-    /// Whether `extra_bytes` more would go over the budget.
-    pub fn would_exceed(&self, extra_bytes: u64) -> bool {
-        self.bytes_max != 0 && self.used_bytes() + extra_bytes > self.bytes_max
+    /// Counts `extra_bytes` in if they fit under the budget, atomically with the check;
+    /// whether they were. The caller gives them back with `account(reserved, 0)` or
+    /// turns them into written bytes (`account` of its own totals, reservation included).
+    pub fn try_reserve(&self, extra_bytes: u64) -> bool {
+        if self.bytes_max == 0 {
+            self.used_bytes.fetch_add(extra_bytes, Ordering::Relaxed);
+            return true;
+        }
+        let mut used = self.used_bytes.load(Ordering::Relaxed);
+        loop {
+            if used + extra_bytes > self.bytes_max {
+                return false;
+            }
+            match self.used_bytes.compare_exchange_weak(used, used + extra_bytes, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
     }
 
     /// Bytes retention should free (from shipped segments) for the data directory:
@@ -70,15 +92,21 @@ mod tests {
 
     #[test]
     fn accounts_and_judges_against_the_limit() {
+        crate::sync::model(accounts_and_judges);
+    }
+
+    fn accounts_and_judges() {
         let budget = DataDirBudget::new(1000, 100, DiskFullPolicy::Block);
         budget.account(0, 850);
-        assert!(!budget.would_exceed(150));
-        assert!(budget.would_exceed(151));
+        assert!(!budget.try_reserve(151));
+        assert!(budget.try_reserve(150));
+        assert_eq!(budget.used_bytes(), 1000);
+        budget.account(150, 0);
         assert_eq!(budget.excess_bytes(), 0);
         budget.account(850, 950);
         assert_eq!(budget.excess_bytes(), 50);
         budget.account(950, 100);
         assert_eq!(budget.used_bytes(), 100);
-        assert!(!DataDirBudget::unlimited().would_exceed(u64::MAX / 2));
+        assert!(DataDirBudget::unlimited().try_reserve(u64::MAX / 2));
     }
 }

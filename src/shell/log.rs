@@ -162,7 +162,9 @@ struct Shared {
     /// Every offset below this is durably acknowledged upstream (told by `retain`).
     shipped_below_offset: i64,
     budget: std::sync::Arc<DataDirBudget>,
-    /// Segment bytes last counted into `budget`.
+    /// Bytes of the batch being written, reserved in `budget` before its write.
+    reserved_bytes: u64,
+    /// Segment bytes (and `reserved_bytes`) last counted into `budget`.
     accounted_bytes: u64,
     /// When a refused append was last logged, and how many were refused since.
     full_logged_at: Option<Instant>,
@@ -176,7 +178,7 @@ struct Shared {
 impl Shared {
     /// Brings the budget and the gauges up to date with the segments.
     fn account(&mut self) {
-        let bytes = self.disk_bytes();
+        let bytes = self.disk_bytes() + self.reserved_bytes;
         self.budget.account(self.accounted_bytes, bytes);
         self.accounted_bytes = bytes;
         self.metrics.disk_bytes.set(bytes as i64);
@@ -270,6 +272,7 @@ impl PartitionLog {
             shipped_below_offset: 0,
             budget: std::sync::Arc::new(DataDirBudget::unlimited()),
             accounted_bytes: 0,
+            reserved_bytes: 0,
             full_logged_at: None,
             full_unlogged: 0,
             position_hint: None,
@@ -797,6 +800,8 @@ async fn delete_segment(shared: &Rc<RefCell<Shared>>, base_offset: i64) -> Resul
     Ok(Some(bytes))
 }
 
+/// Reserves the batch's room in the data directory's budget, writes it, and turns the
+/// reservation into written bytes (or gives it back when the write failed).
 async fn write_group(
     shared: &Rc<RefCell<Shared>>,
     active: &mut ActiveSegment,
@@ -804,18 +809,41 @@ async fn write_group(
 ) -> Result<i64, DiskError> {
     let options = shared.borrow().options.clone();
     let records = group.iter().flat_map(|append| append.records.iter());
-    let plan_batch = batch::plan_batch(records.clone());
+    let plan_batch = batch::plan_batch(records);
     let batch_bytes = plan_batch.total_bytes;
     // A lone append was checked exactly; a group by the sum of its upper bounds.
     assert!(batch_bytes <= options.flush_bytes_max && batch_bytes <= BATCH_BYTES_MAX);
-    if shared.borrow().budget.would_exceed(batch_bytes as u64) {
-        return Err(DiskError::new(
-            OVER_BUDGET,
-            &shared.borrow().directory,
-            active.end_position,
-            std::io::Error::new(std::io::ErrorKind::StorageFull, "the data directory is at log.data_dir_bytes_max"),
-        ));
+    {
+        let mut state = shared.borrow_mut();
+        assert_eq!(state.reserved_bytes, 0, "one write at a time per partition");
+        if !state.budget.try_reserve(batch_bytes as u64) {
+            return Err(DiskError::new(
+                OVER_BUDGET,
+                &state.directory,
+                active.end_position,
+                std::io::Error::new(std::io::ErrorKind::StorageFull, "the data directory is at log.data_dir_bytes_max"),
+            ));
+        }
+        state.reserved_bytes = batch_bytes as u64;
+        state.accounted_bytes += batch_bytes as u64;
     }
+    let written = write_reserved(shared, active, group, &options, &plan_batch).await;
+    let mut state = shared.borrow_mut();
+    // Written: the segment's end grew by exactly the reservation; failed: it is freed.
+    state.reserved_bytes = 0;
+    state.account();
+    written
+}
+
+async fn write_reserved(
+    shared: &Rc<RefCell<Shared>>,
+    active: &mut ActiveSegment,
+    group: &[PendingAppend],
+    options: &LogOptions,
+    plan_batch: &batch::BatchPlan,
+) -> Result<i64, DiskError> {
+    let records = group.iter().flat_map(|append| append.records.iter());
+    let batch_bytes = plan_batch.total_bytes;
     let too_full = active.end_position + batch_bytes as u64 > options.segment_bytes_max;
     let too_old = active.created_at.elapsed() >= options.segment_age_max;
     if active.end_position > 0 && (too_full || too_old) {
@@ -867,7 +895,7 @@ async fn write_group(
     let tail = &active.tail;
     let write_log = active.log.append(&plan, |buffer| {
         buffer[..plan.tail_bytes].copy_from_slice(tail);
-        let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], &plan_batch, base_offset, records);
+        let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], plan_batch, base_offset, records);
         debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + batch_bytes]).is_ok());
         assert_eq!(header.base_offset, base_offset);
         let end_in_buffer = plan.tail_bytes + batch_bytes;
@@ -906,6 +934,7 @@ async fn write_group(
     state.metrics.appended_records.inc_by(record_count as u64);
     state.metrics.appended_bytes.inc_by(batch_bytes as u64);
     state.metrics.flushes.inc();
+    state.reserved_bytes = 0; // now in the segment's end
     state.account();
     Ok(base_offset)
 }
