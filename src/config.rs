@@ -1259,6 +1259,16 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_endpoint_binds_to_loopback_unless_told_otherwise() {
+        let appliance = Config::parse(include_str!("../firmware-config/appliance.toml"), "appliance").unwrap();
+        let bare = Config::parse("", "bare").unwrap();
+        for (name, config) in [("embedded", Config::embedded()), ("appliance", appliance), ("no [admin]", bare)] {
+            let address: std::net::SocketAddr = config.admin.listen.parse().unwrap();
+            assert!(address.ip().is_loopback(), "{name}: admin.listen = {address}");
+        }
+    }
+
+    #[test]
     fn the_disk_budget_and_policy_are_parsed_and_checked() {
         let text = "[log]\ndata_dir_bytes_max = \"1 GiB\"\ndisk_full_policy = \"drop-oldest\"\n";
         let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
