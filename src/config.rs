@@ -160,6 +160,9 @@ pub struct QuicConfig {
     pub socket_send_buffer_bytes: ByteSize,
     #[serde(default = "default_connections_per_device_max")]
     pub connections_per_device_max: u32,
+    /// Records per second one device may write (0: no quota); see `core::quota`.
+    #[serde(default)]
+    pub device_records_per_s_max: u32,
     #[serde(default = "default_bytes_in_flight_per_connection_max")]
     pub bytes_in_flight_per_connection_max: ByteSize,
     #[serde(default = "default_handshakes_max")]
@@ -261,6 +264,7 @@ impl Default for QuicConfig {
             socket_receive_buffer_bytes: default_quic_socket_buffer_bytes(),
             socket_send_buffer_bytes: default_quic_socket_buffer_bytes(),
             connections_per_device_max: default_connections_per_device_max(),
+            device_records_per_s_max: 0,
             bytes_in_flight_per_connection_max: default_bytes_in_flight_per_connection_max(),
             handshakes_max: default_handshakes_max(),
             reuseport_steering: true,

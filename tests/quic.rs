@@ -303,3 +303,36 @@ fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a
     assert_eq!(fresh[0]["kind"], "ack");
     assert_eq!(stored(root.path()), 24, "only the new frame was stored");
 }
+
+#[test]
+fn a_device_over_its_record_quota_is_refused_with_retry_after_and_nothing_past_it_is_stored() {
+    let root = tempfile::tempdir().unwrap();
+    // 50 records/s, one connection per device (it gets the whole quota), 40-record frames.
+    let appliance = Appliance::start(
+        root.path(),
+        "device_records_per_s_max = 50\nconnections_per_device_max = 1\nrecords_per_frame_max = 40",
+        1,
+    );
+    let first = answers(&appliance.device("dev-1", &["--frames", "4", "--records", "40", "--sequence", "1"]));
+    assert_eq!(first.len(), 4);
+    assert_eq!(first[0]["kind"], "ack", "the burst holds one frame: {}", first[0]);
+    // 10 records left of the 50-record burst: the next 40 need 30 more, 600 ms at 50/s.
+    assert_eq!(first[1]["error_code"], 9, "QuotaExceeded: {}", first[1]);
+    let retry_after_ms = first[1]["retry_after_ms"].as_u64().unwrap();
+    assert!((500..=600).contains(&retry_after_ms), "{}", first[1]);
+    assert!(first[1]["message"].as_str().unwrap().contains("quota of 50 records/s"), "{}", first[1]);
+    for later in &first[2..] {
+        assert_eq!(later["error_code"], 9, "frames behind a refused one are refused too: {later}");
+    }
+    // After the wait, the refused frames are accepted, resent in order.
+    std::thread::sleep(Duration::from_millis(retry_after_ms + 100));
+    let resent = answers(
+        &appliance.device("dev-1", &["--frames", "1", "--records", "40", "--sequence", "2", "--first-frame", "1"]),
+    );
+    assert_eq!(resent[0]["kind"], "ack", "{}", resent[0]);
+    appliance.stop();
+    // The log holds exactly the two acknowledged frames: 80 records.
+    let stored: usize =
+        (0..4).map(|partition| read_partition(root.path().join(format!("data/telemetry-{partition}"))).len()).sum();
+    assert_eq!(stored, 80);
+}

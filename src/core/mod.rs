@@ -4,6 +4,7 @@
 pub mod dedup;
 pub mod log;
 pub mod protocol;
+pub mod quota;
 pub mod sasl;
 pub mod session;
 pub mod ship;

@@ -47,6 +47,7 @@ use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use crate::certs;
 use crate::core::log::batch::Record;
 use crate::core::protocol::{self, ErrorCode, FrameLimits};
+use crate::core::quota::RecordQuota;
 use crate::core::session::{self, FrameAssembler};
 use crate::shell::metrics::QuicMetrics;
 
@@ -100,6 +101,8 @@ pub struct QuicSettings {
     pub connections_max: usize,
     pub handshakes_before_retry: usize,
     pub frames_in_flight_per_connection_max: usize,
+    /// Records per second per device (0: no quota); each connection gets its share.
+    pub device_records_per_s_max: u32,
     /// Topic name -> partition count and how its keys are hashed to partitions.
     pub topics: HashMap<String, (u32, session::KeyHash)>,
     /// Topics devices may write (every topic when None).
@@ -301,6 +304,8 @@ struct StreamState {
 struct Conn {
     connection: quinn_proto::Connection,
     device: Option<String>,
+    /// This connection's share of the device's record quota (`core::quota`).
+    quota: Option<Rc<RefCell<RecordQuota>>>,
     streams: HashMap<StreamId, StreamState>,
     frames_in_flight: usize,
     bytes_in_flight: usize,
@@ -480,6 +485,12 @@ pub async fn run_core(
                                     Conn {
                                         connection,
                                         device: None,
+                                        quota: RecordQuota::for_connection(
+                                            settings.device_records_per_s_max,
+                                            settings.connections_per_device_max as u32,
+                                            settings.limits.records_per_frame_max as u32,
+                                        )
+                                        .map(|quota| Rc::new(RefCell::new(quota))),
                                         streams: HashMap::new(),
                                         frames_in_flight: 0,
                                         bytes_in_flight: 0,
@@ -885,7 +896,8 @@ fn read_streams(
             conn.frames_in_flight += 1;
             conn.bytes_in_flight += frame_bytes;
             let order = stream.order.clone();
-            let task = process_frame(frame, device.clone(), settings.clone(), appender.clone(), order);
+            let task =
+                process_frame(frame, device.clone(), settings.clone(), appender.clone(), order, conn.quota.clone());
             let completions = completions.clone();
             let wake = wake.clone();
             stats.frames_accepted += 1;
@@ -925,6 +937,7 @@ async fn process_frame(
     settings: Arc<QuicSettings>,
     appender: Rc<dyn Appender>,
     order: Rc<RefCell<StreamOrder>>,
+    quota: Option<Rc<RefCell<RecordQuota>>>,
 ) -> Vec<u8> {
     if let Some(answer) = appender.answer_unchecked(&frame) {
         return answer;
@@ -969,6 +982,25 @@ async fn process_frame(
                         ErrorCode::TopicNotAllowed,
                         &format!("device {device} may not write topic {:?}", produce.topic),
                         0,
+                    )
+                }
+                (None, Some(_))
+                    if let Some(wait) = quota.as_ref().and_then(|quota| {
+                        quota.borrow_mut().take(produce.records.len() as u32, std::time::Instant::now()).err()
+                    }) =>
+                {
+                    let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+                    let mut order = order.borrow_mut();
+                    order.refusing = Some((ErrorCode::QuotaExceeded, retry_after_ms));
+                    order.refused_sequence_max = sequence;
+                    protocol::error_frame(
+                        sequence,
+                        ErrorCode::QuotaExceeded,
+                        &format!(
+                            "device {device} is over its quota of {} records/s (quic.device_records_per_s_max)",
+                            settings.device_records_per_s_max
+                        ),
+                        retry_after_ms,
                     )
                 }
                 (None, Some((partitions, key_hash))) => {

@@ -438,6 +438,7 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
             .then(|| config.topics_allowed.iter().cloned().collect::<HashSet<_>>()),
         devices_denied: config.devices_denied.iter().cloned().collect(),
         connections_per_device_max: config.connections_per_device_max as usize,
+        device_records_per_s_max: config.device_records_per_s_max,
         bytes_in_flight_per_connection_max: config.bytes_in_flight_per_connection_max.0 as usize,
         handshakes_max: config.handshakes_max as usize,
         device_connections: Arc::new(quic::DeviceConnections::default()),
