@@ -330,6 +330,10 @@ fn a_device_over_its_record_quota_is_refused_with_retry_after_and_nothing_past_i
         &appliance.device("dev-1", &["--frames", "1", "--records", "40", "--sequence", "2", "--first-frame", "1"]),
     );
     assert_eq!(resent[0]["kind"], "ack", "{}", resent[0]);
+    // A frame over quic.records_per_frame_max is refused before the quota is consulted.
+    let crowded = answers(&appliance.device("dev-1", &["--frames", "1", "--records", "41", "--sequence", "10"]));
+    assert_eq!(crowded[0]["error_code"], 2, "FrameTooLarge: {}", crowded[0]);
+    assert!(crowded[0]["message"].as_str().unwrap().contains("over the limit: 41 > 40"), "{}", crowded[0]);
     appliance.stop();
     // The log holds exactly the two acknowledged frames: 80 records.
     let stored: usize =
