@@ -378,6 +378,42 @@ fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served()
 }
 
 #[test]
+fn one_connection_over_connections_max_is_refused_and_served_once_one_closes() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let certs_dir = root.path().join("certs");
+    certs(&certs_dir, &["--device", "dev-1"]);
+    certs(&certs_dir, &["--device-count", "3", "--device-prefix", "idle-"]);
+    let appliance = Appliance::start(root.path(), "connections_max = 3", "");
+    let mut idle = appliance
+        .sim(&["--devices", "3", "--device-prefix", "idle-", "--rate", "0", "--seconds", "6"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while appliance.metric("weir_quic_connections_open") < 3.0 {
+        assert!(Instant::now() < deadline, "the 3 idle devices connect");
+        assert!(idle.try_wait().unwrap().is_none(), "the idle fleet ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The fourth connection is refused at its first packet, whoever it is.
+    let refused = appliance.aioquic("dev-1", &["--frames", "1"]);
+    assert!(!refused.status.success(), "a connection over connections_max must be refused");
+    let refusals = appliance.metric("weir_quic_refusals_total{reason=\"connections_max\"}");
+    assert!(refusals >= 1.0, "counted under its reason: {refusals}");
+    assert_eq!(appliance.metric("weir_quic_connections_open"), 3.0);
+    assert!(idle.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while appliance.metric("weir_quic_connections_open") > 0.0 {
+        assert!(Instant::now() < deadline, "the idle devices' connections close");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let served = answers(&appliance.aioquic("dev-1", &["--frames", "2"]));
+    assert!(served.iter().all(|answer| answer["kind"] == "ack"), "{served:?}");
+    appliance.stop();
+}
+
+#[test]
 fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
