@@ -61,6 +61,10 @@ impl Appliance {
     /// `weir serve --cores 2` with the PKI in `root/certs` and `extra` appended to the
     /// config (sections of its own: `[quic]` keys go in `quic`).
     fn start(root: &Path, quic: &str, extra: &str) -> Appliance {
+        Appliance::start_on_cores(root, quic, extra, 2)
+    }
+
+    fn start_on_cores(root: &Path, quic: &str, extra: &str, cores: usize) -> Appliance {
         let config = root.join("weir.toml");
         std::fs::write(
             &config,
@@ -72,7 +76,7 @@ impl Appliance {
         )
         .unwrap();
         let mut child = Command::new(binary("weir"))
-            .args(["serve", "--cores", "2", "--config"])
+            .args(["serve", "--cores", &cores.to_string(), "--config"])
             .arg(&config)
             .stderr(Stdio::piped())
             .spawn()
@@ -384,7 +388,8 @@ fn one_connection_over_connections_max_is_refused_and_served_once_one_closes() {
     let certs_dir = root.path().join("certs");
     certs(&certs_dir, &["--device", "dev-1"]);
     certs(&certs_dir, &["--device-count", "3", "--device-prefix", "idle-"]);
-    let appliance = Appliance::start(root.path(), "connections_max = 3", "");
+    // connections_max is per core: one core, so the limit is the appliance's.
+    let appliance = Appliance::start_on_cores(root.path(), "connections_max = 3", "", 1);
     let mut idle = appliance
         .sim(&["--devices", "3", "--device-prefix", "idle-", "--rate", "0", "--seconds", "6"])
         .stdout(Stdio::null())
