@@ -462,7 +462,7 @@ impl Shipper {
                 match self.scan(Scan::new(producer, scan_from_offset, bytes_max)).await {
                     ScanEnd::Found(scan) => {
                         self.core.handle_scanned(scan.ours());
-                        tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, "reconciled with upstream");
+                        tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, sequences_unchecked = self.core.stats().sequences_unchecked, "reconciled with upstream");
                     }
                     ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
                     ScanEnd::Transport(error) => {
@@ -671,6 +671,9 @@ impl Shipper {
         metrics.transport_failures.inc_by(delta(stats.transport_failures, before.transport_failures));
         metrics.timeouts.inc_by(delta(stats.timeouts, before.timeouts));
         metrics.duplicates.inc_by(delta(stats.duplicates, before.duplicates));
+        if stats.duplicates > before.duplicates {
+            tracing::info!(partition = %self.setup.name, batches = stats.duplicates - before.duplicates, cursor = self.core.cursor_offset(), "upstream already held batches sent again (duplicates)");
+        }
         metrics.reconciled_batches.inc_by(delta(stats.batches_reconciled, before.batches_reconciled));
         if stats.records_skipped > before.records_skipped {
             tracing::warn!(partition = %self.setup.name, records = stats.records_skipped - before.records_skipped, start_offset = self.core.cursor_offset(), "records dropped from the log before shipping are skipped; shipping goes on under a new producer");
@@ -691,6 +694,7 @@ mod tests {
             epoch_start_offset: 10,
             cursor_offset: 99,
             upstream_scan_from_offset: 1234,
+            upstream_scan_from_local_offset: Some(90),
             upstream_topic: "central".into(),
             upstream_partition: 3,
         }

@@ -400,6 +400,14 @@ impl TansuSqlite {
         }
     }
 
+    /// Kills the broker with SIGKILL: whatever it had not committed is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

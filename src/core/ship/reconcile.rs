@@ -50,6 +50,8 @@ pub enum ReconcileError {
     UpstreamAheadOfLog { upstream_offset: i64, local_last_offset: i64, log_end_offset: i64 },
     #[error("upstream offset {upstream_offset} holds a batch of ours for local offsets {local_first_offset}..={local_last_offset}, which straddles the cursor {cursor_offset}")]
     StraddlesCursor { upstream_offset: i64, local_first_offset: i64, local_last_offset: i64, cursor_offset: i64 },
+    #[error("upstream offset {upstream_offset} holds a batch of ours with base sequence {found}, where the records counted from the scan point make it {expected}")]
+    SequenceMismatch { upstream_offset: i64, found: i32, expected: i32 },
     #[error("malformed upstream batch at upstream offset {upstream_offset}: {what}")]
     Malformed { upstream_offset: i64, what: &'static str },
 }
@@ -197,8 +199,81 @@ impl Scan {
 pub struct Reconciled {
     pub cursor_offset: i64,
     pub upstream_scan_from_offset: i64,
+    /// The local offset of our first record at or after `upstream_scan_from_offset`,
+    /// when known (see `ShipState::upstream_scan_from_local_offset`).
+    pub upstream_scan_from_local_offset: Option<i64>,
     /// Batches found upstream beyond the persisted cursor (they were in doubt).
     pub batches_recovered: usize,
+    /// Batches of ours whose base sequence the broker did not keep (it answered 0):
+    /// tansu's SQLite storage rebuilds fetched batches from stored rows. Counting
+    /// still places them; their sequences could not be checked.
+    pub sequences_unchecked: usize,
+}
+
+/// Decides the cursor by counting our records upstream from the scan point, whose
+/// local offset is known: our records there are `scan_from_local_offset` and the
+/// offsets after it, in order, because one producer's batches are appended in
+/// sequence order with no gap. This holds however the broker regroups records into
+/// batches when it answers a Fetch, and it never needs a sequence's wrap resolved.
+/// Where the broker kept a batch's base sequence it must agree with the count.
+pub fn decide_by_count(
+    producer: ProducerIdentity,
+    epoch_start_offset: i64,
+    cursor_offset: i64,
+    upstream_scan_from_offset: i64,
+    scan_from_local_offset: i64,
+    log_end_offset: i64,
+    ours: &[FoundBatch],
+) -> Result<Reconciled, ReconcileError> {
+    assert!(epoch_start_offset <= scan_from_local_offset && scan_from_local_offset <= cursor_offset);
+    let mut reconciled = Reconciled {
+        cursor_offset,
+        upstream_scan_from_offset,
+        upstream_scan_from_local_offset: Some(scan_from_local_offset),
+        batches_recovered: 0,
+        sequences_unchecked: 0,
+    };
+    let mut next_local = scan_from_local_offset;
+    let mut next_upstream = upstream_scan_from_offset;
+    for batch in ours.iter().filter(|batch| batch.producer == producer) {
+        if batch.next_upstream_offset <= next_upstream {
+            continue; // before the scan point, or a batch answered twice
+        }
+        let first_upstream = batch.upstream_offset.max(next_upstream);
+        if batch.upstream_offset == first_upstream {
+            let expected = Sequence::of_offset(next_local, epoch_start_offset);
+            if batch.base_sequence != expected.0 {
+                if batch.base_sequence != 0 {
+                    return Err(ReconcileError::SequenceMismatch {
+                        upstream_offset: batch.upstream_offset,
+                        found: batch.base_sequence,
+                        expected: expected.0,
+                    });
+                }
+                reconciled.sequences_unchecked += 1;
+            }
+        }
+        let count = batch.next_upstream_offset - first_upstream;
+        let local_first = next_local;
+        next_local += count;
+        next_upstream = batch.next_upstream_offset;
+        if next_local > log_end_offset {
+            return Err(ReconcileError::UpstreamAheadOfLog {
+                upstream_offset: batch.upstream_offset,
+                local_last_offset: next_local - 1,
+                log_end_offset,
+            });
+        }
+        if next_local > cursor_offset {
+            if local_first >= cursor_offset {
+                reconciled.batches_recovered += 1;
+            }
+            reconciled.cursor_offset = next_local;
+        }
+        reconciled.upstream_scan_from_offset = next_upstream;
+        reconciled.upstream_scan_from_local_offset = Some(next_local);
+    }
+    Ok(reconciled)
 }
 
 /// Decides the cursor from the batches of ours found upstream.
@@ -210,7 +285,13 @@ pub fn decide(
     log_end_offset: i64,
     ours: &[FoundBatch],
 ) -> Result<Reconciled, ReconcileError> {
-    let mut reconciled = Reconciled { cursor_offset, upstream_scan_from_offset, batches_recovered: 0 };
+    let mut reconciled = Reconciled {
+        cursor_offset,
+        upstream_scan_from_offset,
+        upstream_scan_from_local_offset: None,
+        batches_recovered: 0,
+        sequences_unchecked: 0,
+    };
     for batch in ours.iter().filter(|batch| batch.producer == producer) {
         if batch.base_sequence < 0 {
             return Err(ReconcileError::Malformed {
@@ -244,6 +325,7 @@ pub fn decide(
         if local_last + 1 > reconciled.cursor_offset {
             reconciled.cursor_offset = local_last + 1;
             reconciled.upstream_scan_from_offset = reconciled.upstream_scan_from_offset.max(batch.next_upstream_offset);
+            reconciled.upstream_scan_from_local_offset = Some(local_last + 1);
         }
     }
     Ok(reconciled)
@@ -369,13 +451,31 @@ mod tests {
         // Persisted cursor 20; upstream holds our batches 10..20 (acked), 20..25, 25..27.
         let ours = [found(300, 10, 10, 0), found(310, 20, 5, 0), found(315, 25, 2, 0)];
         let reconciled = decide(OURS, 0, 20, 300, 40, &ours).unwrap();
-        assert_eq!(reconciled, Reconciled { cursor_offset: 27, upstream_scan_from_offset: 317, batches_recovered: 2 });
+        assert_eq!(
+            reconciled,
+            Reconciled {
+                cursor_offset: 27,
+                upstream_scan_from_offset: 317,
+                upstream_scan_from_local_offset: Some(27),
+                batches_recovered: 2,
+                sequences_unchecked: 0,
+            }
+        );
     }
 
     #[test]
     fn decide_keeps_the_cursor_when_nothing_in_doubt_arrived() {
         let reconciled = decide(OURS, 0, 20, 300, 40, &[found(300, 10, 10, 0)]).unwrap();
-        assert_eq!(reconciled, Reconciled { cursor_offset: 20, upstream_scan_from_offset: 300, batches_recovered: 0 });
+        assert_eq!(
+            reconciled,
+            Reconciled {
+                cursor_offset: 20,
+                upstream_scan_from_offset: 300,
+                upstream_scan_from_local_offset: None,
+                batches_recovered: 0,
+                sequences_unchecked: 0,
+            }
+        );
     }
 
     #[test]
@@ -406,5 +506,99 @@ mod tests {
         assert_eq!(ours[0].base_sequence, i32::MAX - 1);
         let reconciled = decide(OURS, epoch_start, cursor, 900, cursor + 10, &ours).unwrap();
         assert_eq!(reconciled.cursor_offset, cursor + 4);
+    }
+
+    // ----- counting from a known scan point -----
+
+    /// A batch as tansu's SQLite storage answers a Fetch: rebuilt from stored rows,
+    /// consecutive records of one producer merged, base sequence 0.
+    fn rebuilt(upstream_offset: i64, count: i32) -> FoundBatch {
+        FoundBatch {
+            upstream_offset,
+            next_upstream_offset: upstream_offset + i64::from(count),
+            producer: OURS,
+            base_sequence: 0,
+            last_offset_delta: count - 1,
+        }
+    }
+
+    #[test]
+    fn counting_moves_the_cursor_past_in_doubt_records() {
+        // Scan point: upstream 300 is local 10; cursor 20 (records 10..20 were acked
+        // without an upstream offset, so the scan point stayed behind).
+        let ours = [found(300, 10, 10, 0), found(310, 20, 5, 0), found(315, 25, 2, 0)];
+        let reconciled = decide_by_count(OURS, 0, 20, 300, 10, 40, &ours).unwrap();
+        assert_eq!(
+            reconciled,
+            Reconciled {
+                cursor_offset: 27,
+                upstream_scan_from_offset: 317,
+                upstream_scan_from_local_offset: Some(27),
+                batches_recovered: 2,
+                sequences_unchecked: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn counting_places_batches_a_broker_rebuilt_without_their_sequences() {
+        // The sequence-based decision takes these for long-acked batches (sequence 0
+        // is near the epoch start) and would resend records the broker holds; tansu
+        // then answers DUPLICATE_SEQUENCE_NUMBER for a batch that is only partly there.
+        let ours = [rebuilt(300, 17)];
+        assert_eq!(decide(OURS, 0, 20, 300, 40, &ours).unwrap().cursor_offset, 20);
+        let reconciled = decide_by_count(OURS, 0, 20, 300, 10, 40, &ours).unwrap();
+        assert_eq!(reconciled.cursor_offset, 27);
+        assert_eq!(reconciled.upstream_scan_from_offset, 317);
+        assert_eq!(reconciled.upstream_scan_from_local_offset, Some(27));
+        assert_eq!(reconciled.sequences_unchecked, 1);
+    }
+
+    #[test]
+    fn counting_skips_other_producers_between_ours() {
+        let mut other = found(305, 0, 50, 0);
+        other.producer = OTHER;
+        let ours = [rebuilt(300, 5), other, rebuilt(355, 4)];
+        let reconciled = decide_by_count(OURS, 0, 12, 300, 10, 40, &ours).unwrap();
+        assert_eq!(reconciled.cursor_offset, 19);
+        assert_eq!(reconciled.upstream_scan_from_offset, 359);
+    }
+
+    #[test]
+    fn counting_keeps_the_cursor_when_only_acked_records_are_upstream() {
+        let reconciled = decide_by_count(OURS, 0, 20, 300, 10, 40, &[found(300, 10, 10, 0)]).unwrap();
+        assert_eq!(reconciled.cursor_offset, 20);
+        assert_eq!(reconciled.batches_recovered, 0);
+        assert_eq!(reconciled.upstream_scan_from_offset, 310);
+        assert_eq!(reconciled.upstream_scan_from_local_offset, Some(20));
+    }
+
+    #[test]
+    fn counting_clips_a_batch_that_starts_before_the_scan_point() {
+        // A broker that regroups may answer a batch reaching back before the scan point.
+        let reconciled = decide_by_count(OURS, 0, 10, 300, 10, 40, &[rebuilt(295, 8)]).unwrap();
+        assert_eq!(reconciled.cursor_offset, 13);
+    }
+
+    #[test]
+    fn counting_refuses_a_kept_sequence_that_disagrees() {
+        let result = decide_by_count(OURS, 0, 20, 300, 10, 40, &[found(300, 11, 10, 0)]);
+        assert_eq!(result, Err(ReconcileError::SequenceMismatch { upstream_offset: 300, found: 11, expected: 10 }));
+    }
+
+    #[test]
+    fn counting_refuses_upstream_records_beyond_the_local_log() {
+        let result = decide_by_count(OURS, 0, 20, 300, 20, 22, &[rebuilt(300, 5)]);
+        assert!(matches!(result, Err(ReconcileError::UpstreamAheadOfLog { .. })));
+    }
+
+    #[test]
+    fn counting_works_across_the_sequence_wrap() {
+        let epoch_start = 5;
+        let cursor = epoch_start + (1i64 << 31) - 2;
+        let ours = [found(1000, cursor, 4, epoch_start), found(1004, cursor + 4, 3, epoch_start)];
+        assert_eq!(ours[1].base_sequence, 2);
+        let reconciled = decide_by_count(OURS, epoch_start, cursor, 1000, cursor, cursor + 10, &ours).unwrap();
+        assert_eq!(reconciled.cursor_offset, cursor + 7);
     }
 }

@@ -42,7 +42,7 @@ use bytes::Bytes;
 use super::backoff::Backoff;
 use super::coalesce::{build_next, ProducerIdentity, StoredBatch, UpstreamBatch};
 use super::errors::{classify, error_name, ErrorClass};
-use super::reconcile::{decide, FoundBatch, ReconcileError};
+use super::reconcile::{decide, decide_by_count, FoundBatch, ReconcileError};
 use super::sequence::Sequence;
 use super::state::ShipState;
 use crate::core::log::batch::{BatchError, BATCH_BYTES_MAX};
@@ -203,6 +203,9 @@ pub struct ShipStats {
     pub timeouts: u64,
     pub duplicates: u64,
     pub batches_reconciled: u64,
+    /// Batches found by reconciliation whose sequences the broker did not keep (it
+    /// rebuilt them), placed by counting records alone.
+    pub sequences_unchecked: u64,
     pub producers_initialised: u64,
     /// Local records skipped because the log no longer held them when a new producer
     /// epoch started (only possible if something deleted unshipped data).
@@ -305,6 +308,8 @@ pub struct ShipperCore {
     epoch_start_offset: i64,
     cursor_offset: i64,
     scan_from_offset: i64,
+    /// Our first local offset at or after `scan_from_offset` upstream, when known.
+    scan_from_local_offset: Option<i64>,
     log_start_offset: i64,
     log_end_offset: i64,
     read_end_offset: i64,
@@ -320,6 +325,16 @@ pub struct ShipperCore {
     /// Send one batch alone until it is acknowledged: set at start, after any failure,
     /// and whenever nothing is in flight (see the module doc on forgotten producers).
     solo: bool,
+    /// Send each stored batch on its own until the broker appends one (an answer with
+    /// an upstream offset): set when a restart left batches in doubt. Every batch weir
+    /// ever sent was a run of whole stored batches, so a stored batch is either wholly
+    /// upstream or not at all, and a DUPLICATE_SEQUENCE_NUMBER answer for it is true
+    /// even from a broker that answers it for any sequence below the next one it
+    /// expects (tansu) and whose stored records do not say which producer wrote them
+    /// (tansu's SQLite storage), where reconciliation sees nothing. A coalesced batch
+    /// reaching past what the broker holds would be answered the same way, and its
+    /// tail would be lost.
+    uncoalesced: bool,
     /// A persist made a newer cursor durable: the log may delete below it.
     retain_pending: bool,
     retained_below_offset: i64,
@@ -353,6 +368,7 @@ impl ShipperCore {
             epoch_start_offset: log_start_offset,
             cursor_offset: log_start_offset,
             scan_from_offset: 0,
+            scan_from_local_offset: None,
             log_start_offset,
             log_end_offset,
             read_end_offset: log_start_offset,
@@ -366,6 +382,7 @@ impl ShipperCore {
             setup_outstanding: false,
             reconnect_pending: false,
             solo: true,
+            uncoalesced: false,
             retain_pending: false,
             retained_below_offset: 0,
             persist: PersistTracker::default(),
@@ -403,11 +420,13 @@ impl ShipperCore {
         self.cursor_offset = state.cursor_offset;
         self.read_end_offset = state.cursor_offset;
         self.scan_from_offset = state.upstream_scan_from_offset;
+        self.scan_from_local_offset = state.upstream_scan_from_local_offset;
         self.persist.durable = Some(state.clone());
         // Nothing can be in doubt when the cursor is at the log end: every batch ever
         // sent covered offsets below it.
         self.phase =
             if state.cursor_offset == self.log_end_offset { self.after_cursor_known() } else { Phase::NeedReconcile };
+        self.uncoalesced = self.phase == Phase::NeedReconcile;
     }
 
     /// The phase once the cursor is certain: a new epoch if the log no longer holds
@@ -505,6 +524,7 @@ impl ShipperCore {
         self.epoch_start_offset = self.cursor_offset;
         self.read_end_offset = self.cursor_offset;
         self.scan_from_offset = upstream_end_offset;
+        self.scan_from_local_offset = Some(self.cursor_offset);
         self.stats.producers_initialised += 1;
         self.phase = Phase::PersistingProducer { generation: None };
         self.check_invariants();
@@ -517,20 +537,38 @@ impl ShipperCore {
         self.setup_outstanding = false;
         self.backoff.reset();
         let producer = self.producer.expect("reconciliation needs a producer");
-        match decide(
-            producer,
-            self.epoch_start_offset,
-            self.cursor_offset,
-            self.scan_from_offset,
-            self.log_end_offset,
-            ours,
-        ) {
+        // Counting needs the scan point's local offset (every state since format
+        // version 2 has it); a version 1 state falls back to the batches' sequences.
+        let decided = match self.scan_from_local_offset {
+            Some(scan_from_local_offset) => decide_by_count(
+                producer,
+                self.epoch_start_offset,
+                self.cursor_offset,
+                self.scan_from_offset,
+                scan_from_local_offset,
+                self.log_end_offset,
+                ours,
+            ),
+            None => decide(
+                producer,
+                self.epoch_start_offset,
+                self.cursor_offset,
+                self.scan_from_offset,
+                self.log_end_offset,
+                ours,
+            ),
+        };
+        match decided {
             Ok(reconciled) => {
                 assert!(reconciled.cursor_offset >= self.cursor_offset);
                 self.cursor_offset = reconciled.cursor_offset;
                 self.read_end_offset = reconciled.cursor_offset;
                 self.scan_from_offset = reconciled.upstream_scan_from_offset;
+                if reconciled.upstream_scan_from_local_offset.is_some() {
+                    self.scan_from_local_offset = reconciled.upstream_scan_from_local_offset;
+                }
                 self.stats.batches_reconciled += reconciled.batches_recovered as u64;
+                self.stats.sequences_unchecked += reconciled.sequences_unchecked as u64;
                 self.phase = self.after_cursor_known();
             }
             Err(error) => self.stop(StopReason::Reconcile(error)),
@@ -675,8 +713,12 @@ impl ShipperCore {
             assert_eq!(entry.batch.first_offset, self.cursor_offset, "acknowledgements move the cursor contiguously");
             self.cursor_offset = entry.batch.next_offset();
             if let Some(upstream_offset) = upstream_offset {
-                self.scan_from_offset =
-                    self.scan_from_offset.max(upstream_offset + i64::from(entry.batch.record_count));
+                self.uncoalesced = false;
+                let upstream_end = upstream_offset + i64::from(entry.batch.record_count);
+                if upstream_end > self.scan_from_offset {
+                    self.scan_from_offset = upstream_end;
+                    self.scan_from_local_offset = Some(self.cursor_offset);
+                }
             }
             self.stats.shipped_records += entry.batch.record_count as u64;
             self.stats.shipped_batches += 1;
@@ -819,10 +861,11 @@ impl ShipperCore {
             // Coalesce only when behind: wait for a full batch's worth while the log
             // holds more than was read; at the log's end, ship what there is.
             let caught_up = self.read_end_offset >= self.log_end_offset && !self.read_outstanding;
-            if self.pending_bytes < self.config.batch_bytes_max && !caught_up {
+            if self.pending_bytes < self.config.batch_bytes_max && !caught_up && !self.uncoalesced {
                 break;
             }
             let pending = self.pending.make_contiguous();
+            let pending = if self.uncoalesced { &pending[..1] } else { pending };
             let first_offset = pending[0].base_offset();
             let batch = build_next(pending, self.config.batch_bytes_max, producer, self.epoch_start_offset)
                 .map_err(|reason| StopReason::BadStoredBatch { offset: first_offset, reason })?;
@@ -887,6 +930,7 @@ impl ShipperCore {
             epoch_start_offset: self.epoch_start_offset,
             cursor_offset: self.cursor_offset,
             upstream_scan_from_offset: self.scan_from_offset,
+            upstream_scan_from_local_offset: self.scan_from_local_offset,
             upstream_topic: self.upstream.topic.clone(),
             upstream_partition: self.upstream.partition,
         })
@@ -944,6 +988,9 @@ impl ShipperCore {
 
     fn check_invariants(&self) {
         assert!(self.cursor_offset >= self.epoch_start_offset || self.producer.is_none());
+        if let Some(local) = self.scan_from_local_offset {
+            assert!(self.epoch_start_offset <= local && local <= self.cursor_offset, "the scan point is acknowledged");
+        }
         assert!(self.in_flight.len() <= self.config.in_flight_max);
         let mut next = self.cursor_offset;
         for entry in &self.in_flight {

@@ -86,15 +86,34 @@ struct ProducerEntry {
     recent: VecDeque<(i32, i32, i64)>,
 }
 
-/// A broker following Kafka's idempotence rules for one partition.
+/// How a model broker de-duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Dedup {
+    /// Kafka's rules: the last 5 batches by exact (firstSeq, lastSeq) answered with
+    /// their offset; any other sequence but the next is OUT_OF_ORDER_SEQUENCE; a
+    /// forgotten producer's first batch takes any sequence.
+    #[default]
+    Kafka,
+    /// tansu 0.6 with memory storage: Kafka's rules, but a duplicate is answered
+    /// DUPLICATE_SEQUENCE_NUMBER without an offset.
+    TansuMemory,
+    /// tansu 0.6 with SQLite storage: any batch whose base sequence is below the next
+    /// expected one is DUPLICATE_SEQUENCE_NUMBER (even one reaching past what it
+    /// holds), above it OUT_OF_ORDER; producers are never forgotten; and a Fetch
+    /// answers batches rebuilt from stored rows, which keep no producer id (so
+    /// reconciliation's scan sees none of ours).
+    TansuSqlite,
+}
+
+/// A broker following Kafka's idempotence rules for one partition (or tansu's, see
+/// `Dedup`).
 #[derive(Default)]
 struct ModelBroker {
     log: Vec<(i64, Bytes)>,
     next_offset: i64,
     producers: HashMap<i64, ProducerEntry>,
     next_producer_id: i64,
-    /// Answer duplicates as tansu does (DUPLICATE_SEQUENCE_NUMBER) instead of success.
-    tansu_duplicates: bool,
+    dedup: Dedup,
 }
 
 impl ModelBroker {
@@ -110,10 +129,18 @@ impl ModelBroker {
         };
         let first = header.base_sequence;
         let last = Sequence(first).last_of_batch(header.record_count).0;
-        if let Some(entry) = self.producers.get(&header.producer_id) {
+        if self.dedup == Dedup::TansuSqlite {
+            let next = self.producers.get(&header.producer_id).map_or(Sequence(0), |entry| entry.last_sequence.plus(1));
+            if next.0 > first {
+                return ProduceAnswer::Error { code: errors::DUPLICATE_SEQUENCE_NUMBER };
+            }
+            if next.0 < first {
+                return ProduceAnswer::Error { code: errors::OUT_OF_ORDER_SEQUENCE_NUMBER };
+            }
+        } else if let Some(entry) = self.producers.get(&header.producer_id) {
             assert_eq!(entry.epoch, header.producer_epoch, "weir never bumps the epoch");
             if let Some((_, _, offset)) = entry.recent.iter().find(|(a, b, _)| *a == first && *b == last) {
-                return if self.tansu_duplicates {
+                return if self.dedup == Dedup::TansuMemory {
                     ProduceAnswer::Error { code: errors::DUPLICATE_SEQUENCE_NUMBER }
                 } else {
                     ProduceAnswer::Appended { upstream_offset: Some(*offset) }
@@ -172,9 +199,23 @@ impl ModelBroker {
                 break;
             }
             assert!(*base <= offset || !out.is_empty() || *base >= offset);
+            let at = out.len();
             out.extend_from_slice(bytes);
+            if self.dedup == Dedup::TansuSqlite {
+                // Rebuilt from rows without producer: id and epoch -1, sequence 0.
+                out[at + 43..at + 53].fill(0xff);
+                out[at + 53..at + 57].fill(0);
+            }
         }
         out
+    }
+
+    /// Forgets every producer's de-duplication state (Kafka's producer.id.expiration.ms);
+    /// tansu's SQLite storage keeps it for good.
+    fn forget_producers(&mut self) {
+        if self.dedup != Dedup::TansuSqlite {
+            self.producers.clear();
+        }
     }
 
     fn our_records(&self) -> Vec<Record> {
@@ -559,6 +600,7 @@ fn a_restart_at_the_log_end_ships_without_reconciling() {
         epoch_start_offset: 0,
         cursor_offset: 10,
         upstream_scan_from_offset: 10,
+        upstream_scan_from_local_offset: Some(10),
         upstream_topic: "central".into(),
         upstream_partition: 2,
     };
@@ -567,16 +609,15 @@ fn a_restart_at_the_log_end_ships_without_reconciling() {
     assert_eq!(core.poll_action(base), None);
 }
 
-#[test]
-fn a_restart_behind_the_log_end_reconciles_first() {
-    let mut log = big_log(4);
-    log.append(1, 5);
-    let base = Instant::now();
+/// A core restarted from a state with cursor 3 and scan point upstream 100 (local
+/// offset `scan_from_local`, unknown in a version 1 state), behind the log end.
+fn restarted_behind(log: &LocalLog, scan_from_local: Option<i64>, base: Instant) -> ShipperCore {
     let state = ShipState {
         producer: ProducerIdentity { id: 5, epoch: 0 },
         epoch_start_offset: 0,
         cursor_offset: 3,
         upstream_scan_from_offset: 100,
+        upstream_scan_from_local_offset: scan_from_local,
         upstream_topic: "central".into(),
         upstream_partition: 2,
     };
@@ -590,20 +631,56 @@ fn a_restart_behind_the_log_end_reconciles_first() {
         })
     );
     assert_eq!(core.poll_action(base), None, "nothing is sent while reconciling");
-    // Upstream holds our batch for offsets 3..=5 (sequences 3..=5) at upstream offset 100.
-    let found = FoundBatch {
+    core
+}
+
+#[test]
+fn a_restart_behind_the_log_end_reconciles_first() {
+    let mut log = big_log(4);
+    log.append(1, 5);
+    let base = Instant::now();
+    for scan_from_local in [Some(3), None] {
+        let mut core = restarted_behind(&log, scan_from_local, base);
+        // Upstream holds our batch for offsets 3..=5 (sequences 3..=5) at upstream offset 100.
+        let found = FoundBatch {
+            upstream_offset: 100,
+            next_upstream_offset: 103,
+            producer: ProducerIdentity { id: 5, epoch: 0 },
+            base_sequence: 3,
+            last_offset_delta: 2,
+        };
+        core.handle_scanned(&[found]);
+        assert_eq!(core.cursor_offset(), 6, "scan point known: {}", scan_from_local.is_some());
+        assert_eq!(core.stats().batches_reconciled, 1);
+        assert_eq!(core.current_state().unwrap().upstream_scan_from_local_offset, Some(6));
+        let sends = sends_until_idle(&mut core, &log, base);
+        assert_eq!(sends[0].first_offset, 6);
+        assert_eq!(sends[0].base_sequence, Sequence(6));
+    }
+}
+
+/// tansu's SQLite storage answers a Fetch with batches rebuilt from stored rows:
+/// base sequence 0, our consecutive batches merged. Counting from the persisted scan
+/// point still finds exactly where shipping stopped.
+#[test]
+fn a_restart_places_batches_the_broker_rebuilt_without_sequences() {
+    let mut log = big_log(4);
+    log.append(1, 5);
+    let base = Instant::now();
+    let mut core = restarted_behind(&log, Some(3), base);
+    let rebuilt = FoundBatch {
         upstream_offset: 100,
-        next_upstream_offset: 103,
+        next_upstream_offset: 106,
         producer: ProducerIdentity { id: 5, epoch: 0 },
-        base_sequence: 3,
-        last_offset_delta: 2,
+        base_sequence: 0,
+        last_offset_delta: 5,
     };
-    core.handle_scanned(&[found]);
-    assert_eq!(core.cursor_offset(), 6);
-    assert_eq!(core.stats().batches_reconciled, 1);
+    core.handle_scanned(&[rebuilt]);
+    assert_eq!(core.cursor_offset(), 9);
+    assert_eq!(core.stats().sequences_unchecked, 1);
     let sends = sends_until_idle(&mut core, &log, base);
-    assert_eq!(sends[0].first_offset, 6);
-    assert_eq!(sends[0].base_sequence, Sequence(6));
+    assert_eq!(sends[0].first_offset, 9);
+    assert_eq!(sends[0].base_sequence, Sequence(9));
 }
 
 #[test]
@@ -613,6 +690,7 @@ fn a_state_for_another_upstream_partition_is_refused() {
         epoch_start_offset: 0,
         cursor_offset: 0,
         upstream_scan_from_offset: 0,
+        upstream_scan_from_local_offset: Some(0),
         upstream_topic: "elsewhere".into(),
         upstream_partition: 2,
     };
@@ -627,6 +705,7 @@ fn a_cursor_beyond_the_log_is_refused() {
         epoch_start_offset: 0,
         cursor_offset: 11,
         upstream_scan_from_offset: 0,
+        upstream_scan_from_local_offset: Some(0),
         upstream_topic: "central".into(),
         upstream_partition: 2,
     };
@@ -645,6 +724,7 @@ fn a_log_that_lost_the_cursor_starts_a_new_producer_epoch_at_its_start() {
         epoch_start_offset: 0,
         cursor_offset: 2,
         upstream_scan_from_offset: 0,
+        upstream_scan_from_local_offset: Some(0),
         upstream_topic: "central".into(),
         upstream_partition: 2,
     };
@@ -704,7 +784,7 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64, tansu_duplicates: bool) -> Sim {
+    fn new(seed: u64, dedup: Dedup) -> Sim {
         let base = Instant::now();
         let log = LocalLog::default();
         let mut config = config();
@@ -715,7 +795,7 @@ impl Sim {
             base,
             now_ms: 0,
             log,
-            broker: ModelBroker { tansu_duplicates, ..ModelBroker::default() },
+            broker: ModelBroker { dedup, ..ModelBroker::default() },
             core,
             requests: VecDeque::new(),
             answers: VecDeque::new(),
@@ -818,7 +898,7 @@ impl Sim {
         }
         self.reads.clear();
         if self.chance(3) {
-            self.broker.producers.clear(); // down longer than producer.id.expiration.ms
+            self.broker.forget_producers(); // down longer than producer.id.expiration.ms
         }
         let mut config = config();
         config.in_flight_max = 1 + (self.seed % 5) as usize;
@@ -879,7 +959,7 @@ impl Sim {
             81 if faults => self.refuse_next = true,
             82 if faults && self.chance(3) => self.crash(),
             83 if faults && self.core.in_flight_len() == 0 && self.chance(4) => {
-                self.broker.producers.clear();
+                self.broker.forget_producers();
             }
             84 if faults => self.broker.produce_foreign(1 + self.random.below_or_equal(3) as usize),
             85 if faults && self.chance(10) => self.now_ms += 6_000, // past the request timeout
@@ -893,8 +973,8 @@ impl Sim {
     }
 }
 
-fn simulate(seed: u64, tansu_duplicates: bool) -> (u32, usize) {
-    let mut sim = Sim::new(seed, tansu_duplicates);
+fn simulate(seed: u64, dedup: Dedup) -> (u32, usize) {
+    let mut sim = Sim::new(seed, dedup);
     sim.drive();
     for _ in 0..4000 {
         sim.step(true);
@@ -906,7 +986,7 @@ fn simulate(seed: u64, tansu_duplicates: bool) -> (u32, usize) {
         steps += 1;
         assert!(
             steps < 200_000,
-            "seed {seed}: never settled (cursor {}, log end {})",
+            "seed {seed} ({dedup:?}): never settled (cursor {}, log end {})",
             sim.core.cursor_offset(),
             sim.log.end
         );
@@ -922,7 +1002,7 @@ fn simulate(seed: u64, tansu_duplicates: bool) -> (u32, usize) {
         let duplicated: Vec<_> =
             seen.iter().filter(|(_, count)| **count > 1).map(|(offset, _)| *offset).take(10).collect();
         let missing: Vec<_> = expected.iter().filter(|offset| !seen.contains_key(offset)).take(10).collect();
-        panic!("seed {seed}: upstream is not the log exactly once in order: duplicated {duplicated:?}, missing {missing:?}");
+        panic!("seed {seed} ({dedup:?}): upstream is not the log exactly once in order: duplicated {duplicated:?}, missing {missing:?}");
     }
     for (record, offset) in shipped.iter().zip(0..) {
         let value_bytes = record.value.as_ref().unwrap().len();
@@ -940,8 +1020,8 @@ fn simulation_upstream_holds_every_record_exactly_once_in_order() {
     let mut crashes = 0;
     let mut records = 0;
     for seed in seeds {
-        for tansu_duplicates in [false, true] {
-            let (seed_crashes, seed_records) = simulate(seed, tansu_duplicates);
+        for dedup in [Dedup::Kafka, Dedup::TansuMemory, Dedup::TansuSqlite] {
+            let (seed_crashes, seed_records) = simulate(seed, dedup);
             crashes += seed_crashes;
             records += seed_records;
         }
