@@ -166,3 +166,98 @@ fn drop_oldest_under_the_budget_deletes_the_oldest_unshipped_segment_and_reports
     let kept: Vec<_> = acked.into_iter().filter(|(offset, _)| *offset >= start).collect();
     assert_eq!(reread, kept, "exactly the dropped ranges are missing");
 }
+
+/// Two cores, one partition each, sharing a `drop-oldest` budget: once partition `a`
+/// filled it, partition `b`, whose only segment is its active one (so nothing of its
+/// own may go), keeps accepting because `a`'s core drops `a`'s oldest segments for it
+/// (`log::keep_room`). Exactly the reported ranges are missing from `a`; `b` has all.
+#[test]
+fn drop_oldest_frees_room_on_another_core_for_a_partition_with_nothing_of_its_own_to_drop() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use weir::shell::log::keep_room;
+
+    let root = tempfile::tempdir().unwrap();
+    let (first, second) = (root.path().join("a-0"), root.path().join("b-0"));
+    let mut options = small_options(); // 64 KiB segments
+    options.partition_bytes_max = 64 << 20; // only the data-dir budget binds
+    let budget = Arc::new(DataDirBudget::new(512 << 10, options.segment_bytes_max, DiskFullPolicy::DropOldest));
+    let a_full = Arc::new(AtomicBool::new(false));
+    let b_done = Arc::new(AtomicBool::new(false));
+    let dropped_before_b = Arc::new(AtomicU64::new(0));
+    let metrics_a = Metrics::new().partition("a", 0);
+    let observed_a = metrics_a.clone();
+
+    let core_a = {
+        let (budget, options, a_full, b_done, dropped_before_b) =
+            (budget.clone(), options.clone(), a_full.clone(), b_done.clone(), dropped_before_b.clone());
+        let metrics = metrics_a;
+        std::thread::spawn(move || {
+            run(move || async move {
+                let a = PartitionLog::open(&first, "a-0", options, metrics.clone()).await.unwrap();
+                a.set_budget(budget.clone());
+                let keeper = {
+                    let b_done = b_done.clone();
+                    glommio::spawn_local(keep_room(vec![a.clone()], budget.clone(), move || {
+                        b_done.load(Ordering::Acquire)
+                    }))
+                };
+                let mut acked = Vec::new();
+                for seed in 0..400u64 {
+                    let offset = a.append(vec![record(seed, 3000)]).await.expect("drop-oldest keeps accepting");
+                    acked.push((offset, record(seed, 3000)));
+                }
+                dropped_before_b.store(metrics.dropped_records.get(), Ordering::Release);
+                a_full.store(true, Ordering::Release);
+                keeper.await;
+                let reread = read_all(&a).await;
+                a.close().await.unwrap();
+                (acked, reread)
+            })
+        })
+    };
+    let core_b = {
+        let (budget, a_full, b_done) = (budget.clone(), a_full.clone(), b_done.clone());
+        std::thread::spawn(move || {
+            run(move || async move {
+                while !a_full.load(Ordering::Acquire) {
+                    glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                let b = PartitionLog::open(&second, "b-0", options, Metrics::new().partition("b", 0)).await.unwrap();
+                b.set_budget(budget.clone());
+                let mut acked = Vec::new();
+                // Under one segment's worth: b never has a sealed segment of its own.
+                for seed in 0..18u64 {
+                    let result = b.append(vec![record(1000 + seed, 3000)]).await;
+                    acked.push((result.map_err(|error| error.to_string()), record(1000 + seed, 3000)));
+                }
+                let segments = b.segment_ends().len();
+                let reread = read_all(&b).await;
+                b.close().await.unwrap();
+                b_done.store(true, Ordering::Release);
+                (acked, reread, segments)
+            })
+        })
+    };
+    let (acked_b, reread_b, segments_b) = core_b.join().unwrap();
+    let (acked_a, reread_a) = core_a.join().unwrap();
+    assert_eq!(segments_b, 1, "b never had a segment of its own to drop");
+    let acked_b: Vec<(i64, weir::core::log::batch::Record)> = acked_b
+        .into_iter()
+        .map(|(result, record)| (result.unwrap_or_else(|error| panic!("b refused an append: {error}")), record))
+        .collect();
+    assert_eq!(reread_b, acked_b, "every record b acknowledged is in b");
+    let dropped_for_b = observed_a.dropped_records.get() - dropped_before_b.load(Ordering::Acquire);
+    assert!(dropped_for_b > 0, "a's core dropped a's oldest segments to make room for b");
+    assert!(budget.used_bytes() <= 512 << 10, "the budget held: {} bytes used", budget.used_bytes());
+    // Exactly the reported ranges are missing from a, and they are its oldest.
+    let ranges = observed_a.dropped_ranges.list();
+    assert_eq!(ranges[0].first_offset, 0);
+    for pair in ranges.windows(2) {
+        assert_eq!(pair[1].first_offset, pair[0].last_offset + 1, "{ranges:?}");
+    }
+    let start = ranges.last().unwrap().last_offset + 1;
+    let dropped: i64 = ranges.iter().map(|range| range.last_offset - range.first_offset + 1).sum();
+    assert_eq!(observed_a.dropped_records.get() as i64, dropped);
+    let kept: Vec<_> = acked_a.into_iter().filter(|(offset, _)| *offset >= start).collect();
+    assert_eq!(reread_a, kept, "exactly the dropped ranges are missing from a");
+}

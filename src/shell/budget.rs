@@ -22,11 +22,20 @@ pub struct DataDirBudget {
     retention_room_bytes: u64,
     policy: DiskFullPolicy,
     used_bytes: AtomicU64,
+    /// Bytes a partition that could not make room among its own segments wants other
+    /// partitions, on any core, to free under `drop-oldest`; 0 when none is wanted.
+    room_wanted: AtomicU64,
 }
 
 impl DataDirBudget {
     pub fn new(bytes_max: u64, retention_room_bytes: u64, policy: DiskFullPolicy) -> DataDirBudget {
-        DataDirBudget { bytes_max, retention_room_bytes, policy, used_bytes: AtomicU64::new(0) }
+        DataDirBudget {
+            bytes_max,
+            retention_room_bytes,
+            policy,
+            used_bytes: AtomicU64::new(0),
+            room_wanted: AtomicU64::new(0),
+        }
     }
 
     /// No byte limit, `block` on a full filesystem: the default.
@@ -76,6 +85,29 @@ impl DataDirBudget {
         }
     }
 
+    /// A partition needs `bytes` of room and has no sealed segment of its own to drop:
+    /// asks every core's room keeper (`log::keep_room`) for them.
+    pub fn want_room(&self, bytes: u64) {
+        self.room_wanted.fetch_max(bytes.max(1), Ordering::AcqRel);
+    }
+
+    /// Bytes of room still wanted by some partition (0: none).
+    pub fn room_wanted(&self) -> u64 {
+        self.room_wanted.load(Ordering::Acquire)
+    }
+
+    /// A room keeper freed `bytes` for the partitions that wanted room.
+    pub fn room_given(&self, bytes: u64) {
+        let mut wanted = self.room_wanted.load(Ordering::Acquire);
+        loop {
+            let left = wanted.saturating_sub(bytes);
+            match self.room_wanted.compare_exchange_weak(wanted, left, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => wanted = now,
+            }
+        }
+    }
+
     /// Bytes retention should free (from shipped segments) for the data directory:
     /// what is missing to have `retention_room_bytes` of room left.
     pub fn excess_bytes(&self) -> u64 {
@@ -108,5 +140,24 @@ mod tests {
         budget.account(950, 100);
         assert_eq!(budget.used_bytes(), 100);
         assert!(DataDirBudget::unlimited().try_reserve(u64::MAX / 2));
+    }
+
+    #[test]
+    fn room_wanted_is_the_largest_ask_until_that_much_is_given() {
+        crate::sync::model(room_wanted_until_given);
+    }
+
+    fn room_wanted_until_given() {
+        let budget = DataDirBudget::new(1000, 100, DiskFullPolicy::DropOldest);
+        assert_eq!(budget.room_wanted(), 0);
+        budget.want_room(300);
+        budget.want_room(200);
+        assert_eq!(budget.room_wanted(), 300);
+        budget.room_given(250);
+        assert_eq!(budget.room_wanted(), 50);
+        budget.room_given(250);
+        assert_eq!(budget.room_wanted(), 0);
+        budget.want_room(0);
+        assert_eq!(budget.room_wanted(), 1, "any ask wants at least a byte");
     }
 }

@@ -550,6 +550,17 @@ impl PartitionLog {
         Ok(report)
     }
 
+    /// When this partition's oldest sealed segment was last written (`None` when it
+    /// has only its active segment): how a room keeper picks whose segment goes.
+    pub fn oldest_sealed_modified(&self) -> Option<SystemTime> {
+        let shared = self.shared.borrow();
+        if shared.segments.len() < 2 {
+            return None;
+        }
+        let oldest = shared.segments.values().next().expect("two segments");
+        std::fs::metadata(oldest.path(&shared.directory)).and_then(|metadata| metadata.modified()).ok()
+    }
+
     /// Flushes everything queued, seals nothing, trims the active segment's
     /// preallocation, syncs and stops the flusher.
     pub async fn close(&self) -> Result<(), LogError> {
@@ -639,6 +650,32 @@ async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receive
     }
 }
 
+/// How long at most a partition with no segment of its own to drop waits for other
+/// partitions to free room under `drop-oldest`, in steps, before refusing appends.
+const ROOM_WAIT_STEP: Duration = Duration::from_millis(10);
+const ROOM_WAIT_STEPS: usize = 50;
+
+/// How often a core's room keeper looks whether some partition wants room.
+const ROOM_KEEPER_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Roughly the bytes `group` takes in a batch (record framing counted generously).
+fn group_bytes_estimate(group: &[PendingAppend]) -> u64 {
+    let mut bytes = batch::BATCH_HEADER_BYTES as u64;
+    for append in group {
+        for record in &append.records {
+            let headers: usize = record
+                .headers
+                .iter()
+                .map(|header| header.key.len() + header.value.as_ref().map_or(0, Bytes::len) + 10)
+                .sum();
+            bytes += (record.key.as_ref().map_or(0, Bytes::len) + record.value.as_ref().map_or(0, Bytes::len) + headers)
+                as u64
+                + 32;
+        }
+    }
+    bytes
+}
+
 /// How often at most a partition logs that it refuses appends on a full disk.
 const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -660,6 +697,7 @@ async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: 
         return;
     }
     let mut attempts = 0usize;
+    let mut waited = 0usize;
     loop {
         match write_group(shared, active, &group).await {
             Ok(base_offset) => {
@@ -675,10 +713,20 @@ async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: 
                 attempts += 1;
                 if attempts <= MAKE_ROOM_ATTEMPTS_MAX {
                     match make_room(shared).await {
-                        Ok(true) => continue,
-                        Ok(false) => {}
+                        Ok(Some(_)) => continue,
+                        Ok(None) => {}
                         Err(error) => return poison(shared, error, group),
                     }
+                }
+                // Under drop-oldest with nothing of its own left to drop, the partition
+                // asks the other partitions (on every core) for room and waits a
+                // little for it before refusing.
+                let budget = shared.borrow().budget.clone();
+                if budget.policy() == DiskFullPolicy::DropOldest && waited < ROOM_WAIT_STEPS {
+                    budget.want_room(group_bytes_estimate(&group));
+                    waited += 1;
+                    glommio::timer::sleep(ROOM_WAIT_STEP).await;
+                    continue;
                 }
                 let (partition, log_now) = {
                     let mut state = shared.borrow_mut();
@@ -736,21 +784,23 @@ fn poison(shared: &Rc<RefCell<Shared>>, source: DiskError, group: Vec<PendingApp
 }
 
 /// Deletes the oldest sealed segment if it is shipped, or under `drop-oldest` even if
-/// it is not (logged with its offset range and counted). Whether one was deleted.
-async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<bool, DiskError> {
+/// it is not (logged with its offset range and counted). The bytes freed, if one was
+/// deleted.
+async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<Option<u64>, DiskError> {
     let (base_offset, next_offset, shipped) = {
         let state = shared.borrow();
         if state.segments.len() < 2 {
-            return Ok(false); // only the active segment: nothing may go
+            return Ok(None); // only the active segment: nothing may go
         }
         let oldest = state.segments.values().next().expect("two segments");
         let shipped = oldest.next_offset <= state.shipped_below_offset;
         if !shipped && state.budget.policy() != DiskFullPolicy::DropOldest {
-            return Ok(false);
+            return Ok(None);
         }
         (oldest.base_offset, oldest.next_offset, shipped)
     };
-    let Some(bytes) = delete_segment(shared, base_offset).await? else { return Ok(true) };
+    // Already gone (another task deleted it meanwhile): room was made all the same.
+    let Some(bytes) = delete_segment(shared, base_offset).await? else { return Ok(Some(0)) };
     let state = shared.borrow();
     if shipped {
         tracing::info!(partition = %state.name, first_offset = base_offset, last_offset = next_offset - 1, bytes, "disk full: shipped segment deleted");
@@ -765,7 +815,35 @@ async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<bool, DiskError> {
         });
         tracing::warn!(partition = %state.name, first_offset = base_offset, last_offset = next_offset - 1, records, bytes, "disk full: unshipped segment dropped (log.disk_full_policy = drop-oldest)");
     }
-    Ok(true)
+    Ok(Some(bytes))
+}
+
+/// A core's room keeper under `drop-oldest`: while some partition (on any core) wants
+/// room it could not make among its own segments (`DataDirBudget::want_room`), deletes
+/// the oldest sealed segment among this core's partitions (the one written longest
+/// ago), shipped or not, and counts the bytes freed. Every core runs one, so two cores
+/// may each drop a segment for one ask. Returns when `stopping` says so.
+pub async fn keep_room(logs: Vec<PartitionLog>, budget: std::sync::Arc<DataDirBudget>, stopping: impl Fn() -> bool) {
+    while !stopping() {
+        glommio::timer::sleep(ROOM_KEEPER_INTERVAL).await;
+        if budget.room_wanted() == 0 {
+            continue;
+        }
+        let oldest = logs
+            .iter()
+            .filter(|log| log.shared.borrow().poisoned.is_none())
+            .filter_map(|log| log.oldest_sealed_modified().map(|modified| (modified, log)))
+            .min_by_key(|(modified, _)| *modified);
+        let Some((_, log)) = oldest else { continue };
+        match make_room(&log.shared).await {
+            Ok(Some(bytes)) => budget.room_given(bytes.max(1)),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(partition = %log.name(), error = %error, "deleting a segment to make room failed");
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// Deletes the sealed segment at `base_offset` (log file first: a crash between the

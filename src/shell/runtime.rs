@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::config::ValidConfig;
+use crate::config::{DiskFullPolicy, ValidConfig};
 use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
@@ -248,6 +248,14 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                 let task = ship::run(log.clone(), setup, ship_metrics, core_shutdown.clone());
                 shipper_tasks.push(glommio::spawn_local(task));
             }
+            // Under drop-oldest, this core frees room for partitions (on any core) that
+            // have no segment of their own left to drop.
+            let room_keeper = (budget.policy() == DiskFullPolicy::DropOldest).then(|| {
+                let stopping = core_shutdown.clone();
+                glommio::spawn_local(crate::shell::log::keep_room(logs.clone(), budget.clone(), move || {
+                    stopping.load(Ordering::Acquire)
+                }))
+            });
             // Counted before it is reported, so /health agrees once "serving" is logged.
             metrics.cores_running.inc();
             let _ = events.send(CoreEvent::Serving { core });
@@ -270,6 +278,9 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                     None
                 })
                 .await;
+            }
+            if let Some(task) = room_keeper {
+                task.await;
             }
             for log in &logs {
                 if let Err(source) = log.close().await {
