@@ -205,6 +205,29 @@ impl Schedule {
     }
 }
 
+/// Keeps one flow's datagrams (one session, one direction) in their order through a
+/// jittered delay, as a queue in a real path does: a datagram is never released before
+/// the one sent ahead of it, so jitter alone stretches gaps but reorders nothing. Only
+/// datagrams the schedule marks `reordered` skip the line (and do not hold later ones
+/// back). netem's jitter, by contrast, reorders freely; `--jitter-reorders` asks for that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowOrder {
+    last_due: Duration,
+}
+
+impl FlowOrder {
+    /// When a datagram of this flow arriving at `now` with `delay` is due.
+    pub fn due(&mut self, now: Duration, delay: Duration, reordered: bool) -> Duration {
+        let due = now + delay;
+        if reordered {
+            return due;
+        }
+        let due = due.max(self.last_due);
+        self.last_due = due;
+        due
+    }
+}
+
 /// Why a datagram could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueFull {
@@ -494,6 +517,43 @@ mod tests {
             assert!(problems.contains(name), "{name} missing from:\n{problems}");
         }
         assert!(everything().problems().is_empty());
+    }
+
+    #[test]
+    fn jitter_keeps_a_flows_order_and_only_reordered_datagrams_are_overtaken() {
+        let impairments = Impairments {
+            delay: Duration::from_millis(200),
+            jitter: Duration::from_millis(50),
+            reorder: 0.1,
+            reorder_hold: Duration::from_millis(30),
+            ..Impairments::NONE
+        };
+        let mut schedule = Schedule::new(impairments, 21);
+        let mut flow = FlowOrder::default();
+        let mut queue = DelayQueue::new(100_000, usize::MAX);
+        let mut reordered_count = 0;
+        for index in 0..20_000u64 {
+            let now = Duration::from_millis(index * 2);
+            let Fate::Forward { delay, reordered, .. } = schedule.decide(Direction::ToServer, now) else {
+                panic!("no loss configured")
+            };
+            reordered_count += u64::from(reordered);
+            let due = flow.due(now, delay, reordered);
+            assert!(due >= now + delay, "never earlier than its own delay");
+            queue.push(due, 1, (index, reordered)).unwrap();
+        }
+        let mut in_order = Vec::new();
+        let mut overtaken = 0;
+        while let Some((index, reordered)) = queue.pop_due(Duration::MAX) {
+            if reordered {
+                overtaken += 1;
+            } else {
+                in_order.push(index);
+            }
+        }
+        assert!(in_order.windows(2).all(|pair| pair[0] < pair[1]), "jitter reordered the flow");
+        assert_eq!(overtaken, reordered_count);
+        assert!(reordered_count > 1000);
     }
 
     #[test]

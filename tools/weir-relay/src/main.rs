@@ -26,7 +26,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use weir_relay::{Counters, Cut, DelayQueue, Direction, Fate, Impairments, Schedule};
+use weir_relay::{Counters, Cut, DelayQueue, Direction, Fate, FlowOrder, Impairments, Schedule};
 
 /// The largest UDP payload.
 const DATAGRAM_BYTES_MAX: usize = 65_535;
@@ -64,6 +64,10 @@ struct Options {
     /// The delay varies uniformly within +-this many milliseconds (floored at 0).
     #[arg(long, default_value_t = 0)]
     jitter_ms: u64,
+    /// Let jitter reorder datagrams, as netem does (by default each flow keeps its order
+    /// through the jitter, and only --reorder reorders).
+    #[arg(long)]
+    jitter_reorders: bool,
     /// Probability that a datagram is held back --reorder-ms longer, so later ones overtake it.
     #[arg(long, default_value_t = 0.0)]
     reorder: f64,
@@ -157,6 +161,9 @@ struct Session {
     socket: Arc<UdpSocket>,
     reader: JoinHandle<()>,
     last_active: Instant,
+    /// The order of the session's datagrams towards weir and back (see `FlowOrder`).
+    to_server: FlowOrder,
+    to_client: FlowOrder,
 }
 
 impl Drop for Session {
@@ -223,6 +230,7 @@ struct Relay {
     session_next: u64,
     sessions_max: usize,
     session_idle: Duration,
+    jitter_reorders: bool,
     replies: mpsc::Sender<(u64, Vec<u8>)>,
     counters: Counters,
     start: Instant,
@@ -249,7 +257,16 @@ impl Relay {
         let id = self.session_next;
         self.session_next += 1;
         let reader = tokio::spawn(read_from_server(socket.clone(), id, self.replies.clone()));
-        self.sessions.insert(client, Session { id, client, socket, reader, last_active: Instant::now() });
+        let session = Session {
+            id,
+            client,
+            socket,
+            reader,
+            last_active: Instant::now(),
+            to_server: FlowOrder::default(),
+            to_client: FlowOrder::default(),
+        };
+        self.sessions.insert(client, session);
         self.clients.insert(id, client);
         self.counters.sessions += 1;
         Some(id)
@@ -292,8 +309,9 @@ impl Relay {
         self.start.elapsed()
     }
 
-    /// Applies the schedule to one datagram: drop it, send it now, or hold it.
-    fn impair(&mut self, direction: Direction, target: Target, bytes: Vec<u8>) {
+    /// Applies the schedule to one datagram of `client`'s session: drop it, send it now,
+    /// or hold it.
+    fn impair(&mut self, client: SocketAddr, direction: Direction, target: Target, bytes: Vec<u8>) {
         let now = self.since_start();
         match self.schedule.decide(direction, now) {
             Fate::CutDropped => self.counters.cut_dropped += 1,
@@ -301,13 +319,24 @@ impl Relay {
             Fate::Forward { delay, duplicate, reordered } => {
                 self.counters.reordered += u64::from(reordered);
                 self.counters.duplicated += u64::from(duplicate);
+                let due = match self.sessions.get_mut(&client) {
+                    Some(_) if self.jitter_reorders => now + delay,
+                    Some(session) => match direction {
+                        Direction::ToServer => session.to_server.due(now, delay, reordered),
+                        Direction::ToClient => session.to_client.due(now, delay, reordered),
+                    },
+                    None => return, // closed meanwhile
+                };
+                if due <= now {
+                    self.release_due(); // what is due goes first, so nothing overtakes it
+                }
                 let copy = duplicate.then(|| Held { target: target.copy(), bytes: bytes.clone() });
                 for held in std::iter::once(Held { target, bytes }).chain(copy) {
-                    if delay.is_zero() {
+                    if due <= now {
                         self.send(held);
                     } else {
                         let length = held.bytes.len();
-                        if self.queue.push(now + delay, length, held).is_err() {
+                        if self.queue.push(due, length, held).is_err() {
                             self.counters.queue_dropped += 1;
                         }
                     }
@@ -376,6 +405,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
         session_next: 0,
         sessions_max: options.sessions_max,
         session_idle: Duration::from_secs(options.session_idle_s),
+        jitter_reorders: options.jitter_reorders,
         replies,
         counters: Counters::default(),
         start,
@@ -413,7 +443,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
                 let Ok((length, client)) = received else { continue };
                 relay.counters.received_from_clients += 1;
                 if let Some(session) = relay.open_session(client).await {
-                    relay.impair(Direction::ToServer, Target::Server { session }, buffer[..length].to_vec());
+                    relay.impair(client, Direction::ToServer, Target::Server { session }, buffer[..length].to_vec());
                 }
             }
             Some((session, bytes)) = from_server.recv() => {
@@ -422,7 +452,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
                 if let Some(found) = relay.sessions.get_mut(&client) {
                     found.last_active = Instant::now();
                 }
-                relay.impair(Direction::ToClient, Target::Client(client), bytes);
+                relay.impair(client, Direction::ToClient, Target::Client(client), bytes);
             }
         }
     }
