@@ -32,6 +32,8 @@ use weir_relay::{Counters, Cut, DelayQueue, Direction, Fate, FlowOrder, Impairme
 const DATAGRAM_BYTES_MAX: usize = 65_535;
 /// Datagrams from weir queued between the sessions' readers and the relay loop.
 const FROM_SERVER_QUEUE_MAX: usize = 4096;
+/// Send failures logged on stderr (all are counted).
+const SEND_ERRORS_LOGGED_MAX: u64 = 8;
 /// How often idle sessions are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// The longest run, and the latest cut start and longest cut.
@@ -311,7 +313,7 @@ impl Relay {
 
     /// Applies the schedule to one datagram of `client`'s session: drop it, send it now,
     /// or hold it.
-    fn impair(&mut self, client: SocketAddr, direction: Direction, target: Target, bytes: Vec<u8>) {
+    async fn impair(&mut self, client: SocketAddr, direction: Direction, target: Target, bytes: Vec<u8>) {
         let now = self.since_start();
         match self.schedule.decide(direction, now) {
             Fate::CutDropped => self.counters.cut_dropped += 1,
@@ -328,12 +330,12 @@ impl Relay {
                     None => return, // closed meanwhile
                 };
                 if due <= now {
-                    self.release_due(); // what is due goes first, so nothing overtakes it
+                    self.release_due().await; // what is due goes first, so nothing overtakes it
                 }
                 let copy = duplicate.then(|| Held { target: target.copy(), bytes: bytes.clone() });
                 for held in std::iter::once(Held { target, bytes }).chain(copy) {
                     if due <= now {
-                        self.send(held);
+                        self.send(held).await;
                     } else {
                         let length = held.bytes.len();
                         if self.queue.push(due, length, held).is_err() {
@@ -345,26 +347,35 @@ impl Relay {
         }
     }
 
-    fn send(&mut self, held: Held) {
+    /// Sends one datagram now. Awaiting the socket (rather than `try_send`, which
+    /// fails on a new socket whose readiness tokio has not seen yet) costs nothing on
+    /// loopback and waits only while the kernel's send buffer is full.
+    async fn send(&mut self, held: Held) {
         let sent = match held.target {
-            Target::Client(client) => self.listen.try_send_to(&held.bytes, client),
+            Target::Client(client) => self.listen.send_to(&held.bytes, client).await,
             Target::Server { session } => {
                 let Some(session) = self.clients.get(&session).and_then(|client| self.sessions.get(client)) else {
                     return; // the session closed while this was held
                 };
-                session.socket.try_send(&held.bytes)
+                let socket = session.socket.clone();
+                socket.send(&held.bytes).await
             }
         };
         match sent {
             Ok(_) => self.counters.forwarded += 1,
-            Err(_) => self.counters.send_errors += 1,
+            Err(error) => {
+                self.counters.send_errors += 1;
+                if self.counters.send_errors <= SEND_ERRORS_LOGGED_MAX {
+                    eprintln!("weir-relay: send failed ({error}); counted in send_errors");
+                }
+            }
         }
     }
 
-    fn release_due(&mut self) {
+    async fn release_due(&mut self) {
         let now = self.since_start();
         while let Some(held) = self.queue.pop_due(now) {
-            self.send(held);
+            self.send(held).await;
         }
     }
 }
@@ -416,7 +427,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
     let mut buffer = vec![0u8; DATAGRAM_BYTES_MAX];
     let listen = relay.listen.clone();
     loop {
-        relay.release_due();
+        relay.release_due().await;
         let due_epoch = relay.schedule.rebind_epoch(relay.since_start());
         if due_epoch > rebind_epoch {
             rebind_epoch = due_epoch;
@@ -443,7 +454,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
                 let Ok((length, client)) = received else { continue };
                 relay.counters.received_from_clients += 1;
                 if let Some(session) = relay.open_session(client).await {
-                    relay.impair(client, Direction::ToServer, Target::Server { session }, buffer[..length].to_vec());
+                    relay.impair(client, Direction::ToServer, Target::Server { session }, buffer[..length].to_vec()).await;
                 }
             }
             Some((session, bytes)) = from_server.recv() => {
@@ -452,7 +463,7 @@ async fn run(options: Options, impairments: Impairments, run_for: Option<Duratio
                 if let Some(found) = relay.sessions.get_mut(&client) {
                     found.last_active = Instant::now();
                 }
-                relay.impair(client, Direction::ToClient, Target::Client(client), bytes);
+                relay.impair(client, Direction::ToClient, Target::Client(client), bytes).await;
             }
         }
     }

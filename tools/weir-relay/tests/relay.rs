@@ -146,7 +146,9 @@ fn rebinding_moves_the_source_port_and_replies_still_come_back() {
     let ports: BTreeSet<u16> = seen.lock().unwrap().iter().map(|(_, from)| from.port()).collect();
     let rebinds = counters["rebinds"].as_u64().unwrap();
     assert!(rebinds >= 3, "{counters}");
-    assert_eq!(ports.len() as u64, rebinds + 1, "one new source port per rebind: {ports:?}, {counters}");
+    // One new source port per rebind (the last rebind may come too late for a datagram).
+    let ports_used = ports.len() as u64;
+    assert!(ports_used == rebinds + 1 || ports_used == rebinds, "{ports:?}, {counters}");
 }
 
 #[test]
