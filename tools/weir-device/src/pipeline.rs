@@ -280,7 +280,6 @@ impl Pipeline {
 
     /// Call at (or after) `poll_timeout`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.batcher.close_due(now);
         if self.link == Link::Connected {
             if let Some(sent_at) = self.oldest_awaiting_sent_at() {
                 if sent_at + self.settings.answer_timeout <= now {
@@ -364,7 +363,8 @@ impl Pipeline {
 
     /// When `handle_timeout` must run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut deadline = self.batcher.deadline();
+        // A batch's linger matters only when a frame slot is free (see `form_frames`).
+        let mut deadline = self.has_frame_room().then(|| self.batcher.deadline()).flatten();
         let mut consider = |candidate: Option<Instant>| {
             deadline = match (deadline, candidate) {
                 (Some(current), Some(candidate)) => Some(current.min(candidate)),
@@ -410,9 +410,21 @@ impl Pipeline {
         }
     }
 
-    /// Encodes closed batches into frames while there is room and a sequence.
+    fn has_frame_room(&self) -> bool {
+        self.frames.len() < self.settings.frames_in_flight_max
+    }
+
+    /// Closes the batches whose linger ran out, then encodes closed batches into frames
+    /// while there is room and a sequence. Batches are closed by their linger only when
+    /// a frame slot is free: while every slot is taken an open batch keeps growing (up
+    /// to `records_max` / `bytes_max`), so a device whose round trip is longer than
+    /// `frames_in_flight_max` records' worth of its rate sends fuller frames instead of
+    /// falling behind at one record per frame.
     fn form_frames(&mut self, now: Instant) {
-        while self.frames.len() < self.settings.frames_in_flight_max && self.batcher.has_closed() {
+        if self.has_frame_room() {
+            self.batcher.close_due(now);
+        }
+        while self.has_frame_room() && self.batcher.has_closed() {
             if self.sequence_next >= self.sequence_reserved_end {
                 if !self.sequence_reserving {
                     self.sequence_reserving = true;
@@ -617,6 +629,38 @@ mod tests {
         let parts =
             vec![AckPart { base_offset: base, partition: 1, first_record: 0, record_count: count, reserved: 0 }];
         encode(&ack_frame(sequence, parts)).to_vec()
+    }
+
+    #[test]
+    fn records_arriving_while_every_frame_slot_is_taken_fill_one_frame_not_one_each() {
+        // Regression (found through weir-relay's 200 ms delay): batches closed by their
+        // linger while the window was full waited as one-record frames, so a device
+        // could send at most frames_in_flight_max records per round trip and fell
+        // further behind every second. A batch now keeps growing until a slot frees.
+        let now = Instant::now();
+        let settings = PipelineSettings { frames_in_flight_max: 1, records_max: 16, ..settings() };
+        let mut pipeline = Pipeline::new(settings, Sequence(1), false, 1, Some(0), now);
+        pipeline.submit(&topic(), records(1), now);
+        pipeline.flush(now);
+        assert_eq!(transmit_all(&mut pipeline, now).len(), 1);
+        let mut at = now;
+        for _ in 0..6 {
+            // The shell: run every timeout due by now, then the next send comes.
+            while let Some(deadline) = pipeline.poll_timeout().filter(|deadline| *deadline <= at) {
+                pipeline.handle_timeout(deadline);
+            }
+            assert!(pipeline.poll_transmit(at).is_none(), "the window is full");
+            if at < now + Duration::from_millis(200) {
+                at += Duration::from_millis(40); // each send's linger runs out before the next
+                pipeline.submit(&topic(), records(1), at);
+            }
+        }
+        assert_eq!(pipeline.frames_pending(), 1, "nothing formed while no slot is free");
+        pipeline.handle_answer(&ack_all(1, 1, 0), at);
+        let frames = transmit_all(&mut pipeline, at);
+        assert_eq!(frames.len(), 1);
+        let checked = check_produce(&frames[0][4..], &FRAME_LIMITS_V1).unwrap();
+        assert_eq!((checked.sequence, checked.records.len()), (2, 5), "the five sends share one frame");
     }
 
     #[test]
