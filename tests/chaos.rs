@@ -575,3 +575,53 @@ fn every_acked_record_reaches_upstream_exactly_once_through_loss_delay_reorderin
 fn long_chaos_run() {
     run_all(env_u64("WEIR_CHAOS_SECONDS", 600));
 }
+
+/// The checker itself: a correct upstream passes, and each kind of damage is counted.
+#[test]
+fn the_upstream_check_counts_lost_duplicated_and_unacked_records() {
+    let record = |offset: i64, device: &str, n: u64, sequence: u64| UpstreamRecord {
+        offset,
+        key: Some(device.as_bytes().to_vec()),
+        value: Some(format!("{device} {n} ....").into_bytes()),
+        timestamp_ms: 1,
+        headers: vec![
+            ("weir.device".to_owned(), Some(device.as_bytes().to_vec())),
+            ("weir.sequence".to_owned(), Some(sequence.to_string().into_bytes())),
+        ],
+    };
+    let acked = "sim-0 7 0 0 0 telemetry\nsim-0 7 0 1 1 telemetry\nsim-1 9 1 0 0 telemetry\n";
+    let good: BTreeMap<u32, Vec<UpstreamRecord>> = BTreeMap::from([
+        (0, vec![record(0, "sim-0", 0, 7), record(1, "sim-0", 1, 7)]),
+        (1, vec![record(0, "sim-1", 0, 9)]),
+    ]);
+    let verdict = compare(acked, &good);
+    assert_eq!((verdict.lost, verdict.duplicated, verdict.unacked, verdict.malformed), (0, 0, 0, 0), "{verdict:?}");
+
+    // sim-0's second record stored twice (a resend appended again).
+    let mut twice = good.clone();
+    twice.get_mut(&0).unwrap().push(record(2, "sim-0", 1, 8));
+    let verdict = compare(acked, &twice);
+    assert_eq!((verdict.duplicated, verdict.unacked), (1, 1), "{verdict:?}");
+    assert!(verdict.malformed > 0, "n does not grow: {verdict:?}");
+
+    // sim-1's record never shipped.
+    let mut missing = good.clone();
+    missing.get_mut(&1).unwrap().clear();
+    assert_eq!(compare(acked, &missing).lost, 1);
+
+    // A device's records upstream in another order than it wrote them (both from one
+    // frame, so the acks' device and sequence still match: the order check catches it).
+    let mut swapped = good.clone();
+    let partition = swapped.get_mut(&0).unwrap();
+    partition.swap(0, 1);
+    for (offset, record) in partition.iter_mut().enumerate() {
+        record.offset = offset as i64;
+    }
+    let verdict = compare(acked, &swapped);
+    assert!(verdict.malformed > 0 && verdict.lost == 0, "{verdict:?}");
+
+    // An acked record replaced by one of another frame.
+    let mut replaced = good;
+    replaced.get_mut(&1).unwrap()[0] = record(0, "sim-1", 0, 10);
+    assert_eq!(compare(acked, &replaced).lost, 1);
+}
