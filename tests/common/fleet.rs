@@ -130,4 +130,3 @@ pub fn compare(acked_log: &str, upstream: &BTreeMap<u32, Vec<UpstreamRecord>>) -
     verdict.unacked = upstream_places.saturating_sub(acked_places.len() as u64);
     verdict
 }
-
