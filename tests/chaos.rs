@@ -30,12 +30,11 @@ mod server;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker::{read_upstream, Tansu, UpstreamRecord};
-use fleet::{binary, compare, metric, write_profile};
+use fleet::{binary, compare, env_u64, metric, write_profile, FleetConfig};
 use server::Server;
 
 const PARTITIONS: u32 = 2;
@@ -45,13 +44,6 @@ const RATE: u32 = 25;
 const RECORD_BYTES: usize = 100;
 /// How long a relay or a device fleet may run at most, whatever happens.
 const PROCESS_SECONDS_MAX: u64 = 3600;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
 
 /// Whether a scenario's devices must keep their first connection throughout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,46 +361,6 @@ impl Drop for Relay {
     }
 }
 
-fn write_config(root: &Path, broker: &str, quic_config: &str) -> PathBuf {
-    let config = root.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"data_dir = "{data}"
-[engine]
-io_memory_bytes = "8 MiB"
-[admin]
-listen = "127.0.0.1:0"
-[quic]
-listen = "127.0.0.1:0"
-certs_dir = "{certs}"
-generate_dev_certs = false
-# Outlives the 30 s cut: a connection waiting it out is kept.
-idle_timeout_s = 120
-{quic_config}
-[upstream]
-enabled = true
-bootstrap_servers = ["{broker}"]
-request_timeout_ms = 5000
-connect_timeout_ms = 500
-retry_backoff_ms_min = 20
-retry_backoff_ms_max = 500
-cursor_persist_interval_ms = 100
-[[upstream.topics]]
-edge = "telemetry"
-upstream = "central"
-[[topics]]
-name = "telemetry"
-partitions = {PARTITIONS}
-"#,
-            data = root.join("data").display(),
-            certs = root.join("certs").display(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
 fn run_scenario(scenario: &Scenario, seed: u64) -> Measured {
     let root_dir = tempfile::tempdir().unwrap();
     let root = root_dir.path();
@@ -420,7 +372,16 @@ fn run_scenario(scenario: &Scenario, seed: u64) -> Measured {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let tansu = Tansu::start();
     tansu.create_topic("central", PARTITIONS);
-    let config = write_config(root, &tansu.address(), scenario.quic_config);
+    // The QUIC idle timeout outlives the 30 s cut: a connection waiting it out is kept.
+    let quic_extra = format!("idle_timeout_s = 120\n{}", scenario.quic_config);
+    let config = FleetConfig {
+        partitions: PARTITIONS,
+        admin: "127.0.0.1:0",
+        quic: "127.0.0.1:0",
+        quic_extra: &quic_extra,
+        upstream: Some(&tansu.address()),
+    }
+    .write(root);
     let profile = write_profile(root, scenario.answer_ms);
     let server = Server::start(&config, 2);
     let relay = Relay::start(server.quic.as_deref().expect("QUIC is on"), seed, &scenario.relay);

@@ -13,7 +13,11 @@
 //! beyond what weir remembers is stored again). The seed is printed; replay with
 //! WEIR_DEVICE_CRASH_SEED.
 
+#[path = "common/broker.rs"]
+mod broker;
 mod common;
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/server.rs"]
 mod server;
 
@@ -23,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::read_partition;
+use fleet::{env_u64, FleetConfig};
 use rand::{Rng, SeedableRng};
 use server::{weir, Server};
 
@@ -31,7 +36,7 @@ const FRAMES: u64 = 24;
 const RECORDS: u64 = 20;
 
 fn python() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
+    broker::python()
 }
 
 fn device(certs: &Path, server: &Server, round: u64) -> Command {
@@ -62,37 +67,9 @@ fn offset_of(line: &str) -> i64 {
     parts[0]["base_offset"].as_i64().unwrap()
 }
 
-fn write_config(root: &Path) -> PathBuf {
-    let config = root.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"data_dir = "{data}"
-[engine]
-io_memory_bytes = "8 MiB"
-[admin]
-listen = "127.0.0.1:0"
-[quic]
-listen = "127.0.0.1:0"
-certs_dir = "{certs}"
-generate_dev_certs = false
-[[topics]]
-name = "telemetry"
-partitions = 1
-"#,
-            data = root.join("data").display(),
-            certs = root.join("certs").display(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
 #[test]
 fn frames_resent_after_a_device_is_killed_mid_write_are_stored_once() {
-    let seed: u64 = std::env::var("WEIR_DEVICE_CRASH_SEED")
-        .map(|text| text.parse().expect("WEIR_DEVICE_CRASH_SEED is a number"))
-        .unwrap_or_else(|_| rand::random());
+    let seed = env_u64("WEIR_DEVICE_CRASH_SEED", rand::random());
     eprintln!("seed {seed} (replay with WEIR_DEVICE_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let root_dir = tempfile::tempdir().unwrap();
@@ -100,7 +77,9 @@ fn frames_resent_after_a_device_is_killed_mid_write_are_stored_once() {
     let certs = root.join("certs");
     let output = weir().args(["certs", "--device", "dev-1", "--dir"]).arg(&certs).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let config = write_config(root);
+    let config =
+        FleetConfig { partitions: 1, admin: "127.0.0.1:0", quic: "127.0.0.1:0", quic_extra: "", upstream: None }
+            .write(root);
     let mut server = Server::start(&config, 1);
     // (round, frame) -> base offset of its first ack.
     let mut acked: BTreeMap<(u64, u64), i64> = BTreeMap::new();

@@ -24,12 +24,11 @@ mod fleet;
 mod server;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker::{free_port, read_upstream, TansuSqlite, UpstreamRecord};
-use fleet::{binary, compare, write_profile};
+use fleet::{binary, compare, env_u64, write_profile, FleetConfig};
 use rand::{Rng, SeedableRng};
 use server::Server;
 
@@ -40,53 +39,9 @@ const RATE: u32 = 20;
 /// How long the devices write; the kills go on after that while they drain.
 const WRITE_SECONDS: u64 = 90;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(value) => value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
-        Err(_) => default,
-    }
-}
-
 /// A UDP port nobody listens on now.
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn write_config(root: &Path, broker: &str, quic_port: u16, admin_port: u16) -> PathBuf {
-    let config = root.join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"data_dir = "{data}"
-[engine]
-io_memory_bytes = "8 MiB"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-[quic]
-listen = "127.0.0.1:{quic_port}"
-certs_dir = "{certs}"
-generate_dev_certs = false
-[upstream]
-enabled = true
-bootstrap_servers = ["{broker}"]
-request_timeout_ms = 5000
-connect_timeout_ms = 500
-retry_backoff_ms_min = 20
-retry_backoff_ms_max = 500
-cursor_persist_interval_ms = 100
-[[upstream.topics]]
-edge = "telemetry"
-upstream = "central"
-[[topics]]
-name = "telemetry"
-partitions = {PARTITIONS}
-"#,
-            data = root.join("data").display(),
-            certs = root.join("certs").display(),
-        ),
-    )
-    .unwrap();
-    config
 }
 
 #[test]
@@ -107,7 +62,15 @@ fn every_acked_record_reaches_upstream_exactly_once_across_100_sigkills_and_brok
     let mut tansu = TansuSqlite::start(&root.join("broker"));
     tansu.create_topic("central", PARTITIONS);
     let quic_port = free_udp_port();
-    let config = write_config(root, &tansu.address(), quic_port, free_port());
+    let (quic, admin) = (format!("127.0.0.1:{quic_port}"), format!("127.0.0.1:{}", free_port()));
+    let config = FleetConfig {
+        partitions: PARTITIONS,
+        admin: &admin,
+        quic: &quic,
+        quic_extra: "",
+        upstream: Some(&tansu.address()),
+    }
+    .write(root);
     // A short answer timeout: a device whose weir died reconnects and resends soon.
     let profile = write_profile(root, 1500);
     let acked_log = root.join("acked.txt");

@@ -130,3 +130,70 @@ pub fn compare(acked_log: &str, upstream: &BTreeMap<u32, Vec<UpstreamRecord>>) -
     verdict.unacked = upstream_places.saturating_sub(acked_places.len() as u64);
     verdict
 }
+
+/// A whole-number setting from the environment (a seed, a duration), else `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// A `weir serve` config for a fleet test: topic `telemetry` with `partitions`, data
+/// under `root/data`, device certificates from `root/certs` (made by `weir certs`),
+/// and, with `upstream`, shipping to that broker as topic `central` (partitions kept).
+pub struct FleetConfig<'a> {
+    pub partitions: u32,
+    /// host:port; port 0 picks one (the server logs it).
+    pub admin: &'a str,
+    pub quic: &'a str,
+    /// More lines for the `[quic]` section.
+    pub quic_extra: &'a str,
+    pub upstream: Option<&'a str>,
+}
+
+impl FleetConfig<'_> {
+    pub fn write(&self, root: &Path) -> PathBuf {
+        let config = root.join("weir.toml");
+        let mut text = format!(
+            r#"data_dir = "{data}"
+[engine]
+io_memory_bytes = "8 MiB"
+[admin]
+listen = "{admin}"
+[quic]
+listen = "{quic}"
+certs_dir = "{certs}"
+generate_dev_certs = false
+{quic_extra}
+[[topics]]
+name = "telemetry"
+partitions = {partitions}
+"#,
+            data = root.join("data").display(),
+            certs = root.join("certs").display(),
+            admin = self.admin,
+            quic = self.quic,
+            quic_extra = self.quic_extra,
+            partitions = self.partitions,
+        );
+        if let Some(broker) = self.upstream {
+            text.push_str(&format!(
+                r#"[upstream]
+enabled = true
+bootstrap_servers = ["{broker}"]
+request_timeout_ms = 5000
+connect_timeout_ms = 500
+retry_backoff_ms_min = 20
+retry_backoff_ms_max = 500
+cursor_persist_interval_ms = 100
+[[upstream.topics]]
+edge = "telemetry"
+upstream = "central"
+"#
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        config
+    }
+}
