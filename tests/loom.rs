@@ -1,30 +1,59 @@
-//! loom models of what weir shares between cores: every interleaving of two cores'
-//! operations is run, not a lucky few.
+//! loom models of what weir shares between threads: every interleaving of two cores'
+//! (or a core's and the admin thread's) operations is run, not a lucky few. Each file
+//! modelled here is included with a `sync` module of this crate that re-exports loom's
+//! `Arc`, `Mutex` and atomics in place of std's (the seam is `src/sync.rs`), so the
+//! model runs weir's own code, not a copy of it.
 //!
-//! - The data directory's disk budget (`src/shell/budget.rs`, included here with loom's
-//!   atomics through a `sync` module of this crate): two cores reserving the last room
-//!   never both get it; reservations given back and bytes deleted on another core
-//!   leave the count exact.
-//! - The check-then-add it replaced is modelled too, to show the model catches the
-//!   overshoot it had (that test expects loom to find the bad interleaving).
+//! - The data directory's disk budget (`src/shell/budget.rs`): two cores reserving the
+//!   last room never both get it; reservations given back and bytes deleted on another
+//!   core leave the count exact.
+//! - The shutdown signal (`src/shell/shutdown.rs`): once it is set (by the signal
+//!   handler, by a failing core, or both at once) every core and the admin thread see
+//!   it and stop, including a core still waiting at start for a peer that will never come.
+//! - Open connections per device (`src/shell/device_connections.rs`): cores admitting
+//!   the same device at once never let it over `quic.connections_per_device_max`, and
+//!   connections ending on one core while another admits leave the count exact.
+//! - A shipper's state and a partition's dropped ranges (`src/shell/status_cells.rs`),
+//!   written by the owning core and read by the admin thread for `/status`: a reader
+//!   sees a whole state with its own text, never going back, and a window of whole
+//!   ranges, in order, contiguous, at most `DROPPED_RANGES_KEPT` of them.
+//!
+//! The naive variants each replaced (or would be) are modelled too, to show the models
+//! catch what they got wrong: those tests expect loom to find the bad interleaving.
 
-/// What `src/shell/budget.rs` takes from `crate::sync` and `crate::config`.
+/// What the included files take from `crate::sync` and `crate::config`.
 mod sync {
     pub use loom::model;
     pub use loom::sync::atomic;
+    pub use loom::sync::{Arc, Mutex};
+    pub use std::sync::PoisonError;
 }
 mod config {
     pub use weir::config::DiskFullPolicy;
 }
 
-// Only some of its methods are modelled.
+// Only some of their functions are modelled.
 #[allow(dead_code)]
 #[path = "../src/shell/budget.rs"]
 mod budget;
+#[allow(dead_code)]
+#[path = "../src/shell/device_connections.rs"]
+mod device_connections;
+#[allow(dead_code)]
+#[path = "../src/shell/shutdown.rs"]
+mod shutdown;
+#[allow(dead_code)]
+#[path = "../src/shell/status_cells.rs"]
+mod status_cells;
 
 use budget::DataDirBudget;
 use config::DiskFullPolicy;
-use loom::sync::Arc;
+use device_connections::DeviceConnections;
+use loom::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use loom::sync::{Arc, Mutex};
+use status_cells::{DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT};
+
+// ---- the data directory's disk budget ----
 
 #[test]
 fn two_cores_never_both_take_the_last_room_under_the_budget() {
@@ -61,7 +90,7 @@ fn a_reservation_given_back_while_another_core_deletes_leaves_the_count_exact() 
 #[test]
 #[should_panic(expected = "went over the budget")]
 fn the_old_check_then_add_lets_two_cores_overshoot() {
-    use loom::sync::atomic::{AtomicU64, Ordering};
+    use loom::sync::atomic::AtomicU64;
     loom::model(|| {
         let used = Arc::new(AtomicU64::new(900));
         let check_then_add = |used: &AtomicU64| {
@@ -74,5 +103,234 @@ fn the_old_check_then_add_lets_two_cores_overshoot() {
         check_then_add(&used);
         core_1.join().unwrap();
         assert!(used.load(Ordering::Relaxed) <= 1000, "went over the budget");
+    });
+}
+
+// ---- the shutdown signal ----
+
+/// A thread's polling loop (a core's serve loop, a listener, a shipper, the admin
+/// thread: all poll the same way): polls until the flag is set. `yield_now` is the poll
+/// interval's sleep. One poller per model: two pollers yielding to each other before
+/// either has seen the store can alternate without end in loom's search (never on
+/// hardware, where the store propagates), so each poller is modelled on its own.
+fn poll_until_signalled(flag: &AtomicBool) {
+    while !shutdown::is_signalled(flag) {
+        loom::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_failing_core_and_the_signal_handler_signalling_at_once_stop_the_other_core() {
+    loom::model(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let core = {
+            let flag = flag.clone();
+            loom::thread::spawn(move || poll_until_signalled(&flag))
+        };
+        let failing = {
+            let flag = flag.clone();
+            loom::thread::spawn(move || shutdown::signal(&flag))
+        };
+        shutdown::signal(&flag); // SIGTERM
+        failing.join().unwrap();
+        core.join().unwrap();
+        assert!(shutdown::is_signalled(&flag), "a second signal does not clear the first");
+    });
+}
+
+/// A core still joining the mesh at start waits for a peer's announcement; the peer's
+/// core failed to open its partitions and will never announce itself.
+fn wait_for_peer_or_shutdown(peer_joined: &AtomicBool, flag: &AtomicBool) -> bool {
+    loop {
+        if peer_joined.load(Ordering::Acquire) {
+            return true;
+        }
+        if shutdown::is_signalled(flag) {
+            return false;
+        }
+        loom::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_core_waiting_at_start_for_a_failed_peer_stops_on_shutdown() {
+    loom::model(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let peer_joined = Arc::new(AtomicBool::new(false));
+        let waiting = {
+            let (flag, peer_joined) = (flag.clone(), peer_joined.clone());
+            loom::thread::spawn(move || wait_for_peer_or_shutdown(&peer_joined, &flag))
+        };
+        // The main thread got the peer's `Failed` event and stops every core.
+        shutdown::signal(&flag);
+        assert!(!waiting.join().unwrap(), "the peer never joined: the waiting core stopped on the flag");
+    });
+}
+
+#[test]
+#[should_panic(expected = "maximum number of branches")]
+fn a_core_waiting_only_for_its_peer_never_stops_when_the_peer_failed() {
+    let mut builder = loom::model::Builder::new();
+    builder.max_branches = 200;
+    builder.check(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let peer_joined = Arc::new(AtomicBool::new(false));
+        let waiting = {
+            let peer_joined = peer_joined.clone();
+            loom::thread::spawn(move || {
+                while !peer_joined.load(Ordering::Acquire) {
+                    loom::thread::yield_now();
+                }
+            })
+        };
+        shutdown::signal(&flag);
+        waiting.join().unwrap();
+    });
+}
+
+// ---- open connections per device ----
+
+#[test]
+fn two_cores_admitting_one_device_never_let_it_over_its_connection_limit() {
+    loom::model(|| {
+        let connections = Arc::new(DeviceConnections::default());
+        connections.try_open("sensor-7", 2).unwrap(); // already connected on core 0
+        let other = connections.clone();
+        let core_1 = loom::thread::spawn(move || other.try_open("sensor-7", 2));
+        let mine = connections.try_open("sensor-7", 2);
+        let theirs = core_1.join().unwrap();
+        assert!(mine.is_ok() ^ theirs.is_ok(), "exactly one core admits the second connection");
+        assert_eq!(mine.err().or(theirs.err()), Some(2), "the refusal names the connections held");
+        assert_eq!(connections.open_count("sensor-7"), 2);
+    });
+}
+
+#[test]
+fn a_connection_ending_on_one_core_while_another_admits_leaves_the_count_exact() {
+    loom::model(|| {
+        let connections = Arc::new(DeviceConnections::default());
+        connections.try_open("sensor-7", 1).unwrap(); // on core 0
+        connections.try_open("gateway-1", 1).unwrap(); // another device, on core 1
+        let other = connections.clone();
+        let core_1 = loom::thread::spawn(move || {
+            let admitted = other.try_open("sensor-7", 1);
+            assert!(other.open_count("sensor-7") <= 1, "over the limit");
+            other.close("gateway-1");
+            admitted
+        });
+        connections.close("sensor-7");
+        let admitted = core_1.join().unwrap();
+        // Admitted only if the close came first; either way the count is what is open.
+        assert_eq!(connections.open_count("sensor-7"), usize::from(admitted.is_ok()));
+        assert_eq!(connections.open_count("gateway-1"), 0);
+        if admitted.is_ok() {
+            connections.close("sensor-7");
+        }
+        assert_eq!(connections.devices(), 0, "no entry outlives a device's last connection");
+    });
+}
+
+#[test]
+#[should_panic(expected = "over the limit")]
+fn a_check_then_separate_add_lets_two_cores_admit_one_device_over_its_limit() {
+    use std::collections::HashMap;
+    loom::model(|| {
+        let open = Arc::new(Mutex::new(HashMap::from([("sensor-7".to_owned(), 1usize)])));
+        let check_then_add = |open: &Mutex<HashMap<String, usize>>| {
+            let count = *open.lock().unwrap().get("sensor-7").unwrap_or(&0);
+            if count < 2 {
+                *open.lock().unwrap().entry("sensor-7".to_owned()).or_insert(0) += 1;
+            }
+        };
+        let other = open.clone();
+        let core_1 = loom::thread::spawn(move || check_then_add(&other));
+        check_then_add(&open);
+        core_1.join().unwrap();
+        assert!(open.lock().unwrap()["sensor-7"] <= 2, "over the limit");
+    });
+}
+
+// ---- a shipper's state and a partition's dropped ranges, read by the admin thread ----
+
+fn shipper_states() -> [ShipperState; 4] {
+    [
+        ShipperState::Starting,
+        ShipperState::Running,
+        ShipperState::Retrying { problem: "broker 127.0.0.1:9092 unreachable".to_owned() },
+        ShipperState::Stopped { error: "OUT_OF_ORDER_SEQUENCE_NUMBER on a re-send".to_owned() },
+    ]
+}
+
+#[test]
+fn the_admin_thread_sees_a_shipper_state_whole_and_never_going_back() {
+    loom::model(|| {
+        let cell = ShipperStateCell::default();
+        let writer = cell.clone();
+        let shipper = loom::thread::spawn(move || {
+            for state in shipper_states().into_iter().skip(1) {
+                writer.set(state);
+            }
+        });
+        let states = shipper_states();
+        let first = cell.get();
+        let second = cell.get();
+        let position = |seen: &ShipperState| {
+            states.iter().position(|state| state == seen).unwrap_or_else(|| panic!("torn state {seen:?}"))
+        };
+        assert!(position(&first) <= position(&second), "went back from {first:?} to {second:?}");
+        shipper.join().unwrap();
+        assert_eq!(cell.get(), states[3]);
+    });
+}
+
+#[test]
+#[should_panic(expected = "torn state")]
+fn a_state_kept_apart_from_its_text_can_be_read_torn() {
+    loom::model(|| {
+        // The kind in an atomic, the text beside it: 2 = retrying, 3 = stopped.
+        let kind = Arc::new(AtomicU8::new(2));
+        let text = Arc::new(Mutex::new("broker unreachable".to_owned()));
+        let (writer_kind, writer_text) = (kind.clone(), text.clone());
+        let shipper = loom::thread::spawn(move || {
+            *writer_text.lock().unwrap() = "OUT_OF_ORDER_SEQUENCE_NUMBER".to_owned();
+            writer_kind.store(3, Ordering::SeqCst);
+        });
+        let seen_text = text.lock().unwrap().clone();
+        let seen_kind = kind.load(Ordering::SeqCst);
+        let whole =
+            matches!((seen_kind, seen_text.as_str()), (2, "broker unreachable") | (3, "OUT_OF_ORDER_SEQUENCE_NUMBER"));
+        assert!(whole, "torn state: kind {seen_kind} with text {seen_text:?}");
+        shipper.join().unwrap();
+    });
+}
+
+/// The `n`th range drop-oldest deletes: segments of 10 records, oldest first.
+fn dropped(n: i64) -> DroppedRange {
+    DroppedRange { first_offset: n * 10, last_offset: n * 10 + 9, bytes: 4096 }
+}
+
+#[test]
+fn the_admin_thread_reads_dropped_ranges_whole_in_order_and_bounded() {
+    let pushed = DROPPED_RANGES_KEPT as i64 + 2;
+    loom::model(move || {
+        let ranges = DroppedRanges::default();
+        let writer = ranges.clone();
+        let core = loom::thread::spawn(move || {
+            for n in 0..pushed {
+                writer.push(dropped(n));
+            }
+        });
+        let seen = ranges.list();
+        // A window of what was pushed so far: the newest `DROPPED_RANGES_KEPT`, in order.
+        assert!(seen.len() <= DROPPED_RANGES_KEPT);
+        if let Some(newest) = seen.last() {
+            let count = newest.first_offset / 10 + 1;
+            let oldest_kept = (count - DROPPED_RANGES_KEPT as i64).max(0);
+            let expected: Vec<_> = (oldest_kept..count).map(dropped).collect();
+            assert_eq!(seen, expected, "the ranges read are exactly the newest ones pushed");
+        }
+        core.join().unwrap();
+        let expected: Vec<_> = (pushed - DROPPED_RANGES_KEPT as i64..pushed).map(dropped).collect();
+        assert_eq!(ranges.list(), expected);
     });
 }

@@ -2,11 +2,12 @@
 //! (JSON, what `weir status` shows), on its own
 //! thread so a busy core never delays a scrape. It only reads atomics the cores update.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::shell::metrics::Metrics;
+use crate::shell::shutdown;
 
 /// How long the admin thread waits for a request before re-checking for shutdown.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -56,7 +57,7 @@ pub fn start(
     let handle = std::thread::Builder::new()
         .name("weir-admin".into())
         .spawn(move || {
-            while !shutdown.load(Ordering::Acquire) {
+            while !shutdown::is_signalled(&shutdown) {
                 let request = match server.recv_timeout(POLL_INTERVAL) {
                     Ok(Some(request)) => request,
                     Ok(None) => continue,

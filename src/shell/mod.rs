@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod budget;
 pub mod ceiling;
+pub mod device_connections;
 pub mod disk;
 pub mod engine;
 pub mod kafka;
@@ -14,6 +15,8 @@ pub mod quic;
 pub mod quic_ceiling;
 pub mod runtime;
 pub mod ship;
+pub mod shutdown;
 pub mod status;
+pub mod status_cells;
 pub mod sys;
 pub mod tls;

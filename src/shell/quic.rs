@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use crate::core::protocol::{self, ErrorCode, FrameLimits};
 use crate::core::quota::RecordQuota;
 use crate::core::session::{self, FrameAssembler};
 use crate::shell::metrics::QuicMetrics;
+use crate::shell::shutdown;
 
 /// How often the driver re-checks the shutdown flag while idle.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
@@ -119,36 +120,7 @@ pub struct QuicSettings {
     pub metrics: QuicMetrics,
 }
 
-/// Open connections per device over all cores. Touched only when a connection is
-/// established or ends, never per datagram or frame, so one mutex is cheap here.
-#[derive(Debug, Default)]
-pub struct DeviceConnections {
-    open: std::sync::Mutex<HashMap<String, usize>>,
-}
-
-impl DeviceConnections {
-    /// Counts one more connection of `device`, or returns how many it holds when that
-    /// would exceed `max`.
-    pub fn try_open(&self, device: &str, max: usize) -> Result<(), usize> {
-        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = open.entry(device.to_owned()).or_insert(0);
-        if *count >= max {
-            return Err(*count);
-        }
-        *count += 1;
-        Ok(())
-    }
-
-    pub fn close(&self, device: &str) {
-        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = open.get_mut(device) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(device);
-            }
-        }
-    }
-}
+pub use crate::shell::device_connections::DeviceConnections;
 
 /// Messages between the cores' listeners: who is who, and datagrams for another core.
 #[derive(Debug)]
@@ -368,7 +340,7 @@ pub async fn run_core(
     let mut arrivals: Vec<Arrival> = Vec::with_capacity(RECV_BATCH);
     loop {
         let now = Instant::now();
-        if shutdown.load(Ordering::Acquire) && closing.is_none() {
+        if shutdown::is_signalled(&shutdown) && closing.is_none() {
             closing = Some(now);
             for (handle, conn) in connections.iter_mut() {
                 conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "weir is shutting down".into());
@@ -647,7 +619,7 @@ async fn join_forwarding(
 ) -> Option<Forwarding> {
     let cores = mesh.nr_peers();
     let stopped = async {
-        while !shutdown.load(Ordering::Acquire) {
+        while !shutdown::is_signalled(&shutdown) {
             glommio::timer::sleep(SHUTDOWN_POLL).await;
         }
         None

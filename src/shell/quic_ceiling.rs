@@ -19,7 +19,7 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::core::log::batch::Record;
 use crate::core::protocol::{self, AckPart, ErrorCode, KIND_PRODUCE, PROTOCOL_VERSION};
 use crate::shell::quic::{self, AppendFailure, Appender, QuicStats};
 use crate::shell::runtime::{self, Fatal};
+use crate::shell::shutdown;
 
 /// The root of a ProduceFrame archive (docs/PROTOCOL.md §4): its size and the offsets
 /// of the fields the discard answer needs.
@@ -183,7 +184,7 @@ impl DiscardServer {
 
     /// Closes every connection (bounded wait) and stops the cores.
     pub fn stop(self) -> Result<DiscardReport, String> {
-        self.shutdown.store(true, Ordering::Release);
+        shutdown::signal(&self.shutdown);
         let mut report = DiscardReport::default();
         let mut first_error = None;
         for handle in self.cores {

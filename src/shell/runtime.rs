@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
 use crate::shell::ship::{self, ShipperSetup};
-use crate::shell::{admin, engine, sys, tls};
+use crate::shell::{admin, engine, shutdown, sys, tls};
 
 /// How often a core checks the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -170,7 +170,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
                     Ok(socket) => Some((socket, quic.settings.clone())),
                     Err(error) => {
                         first_fatal.get_or_insert(Fatal::Quic { reason: format!("socket of core {core}: {error}") });
-                        shutdown.store(true, Ordering::Release);
+                        shutdown::signal(&shutdown);
                         break;
                     }
                 }
@@ -205,7 +205,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             let shutdown_seen = {
                 let core_shutdown = core_shutdown.clone();
                 async move {
-                    while !core_shutdown.load(Ordering::Acquire) {
+                    while !shutdown::is_signalled(&core_shutdown) {
                         glommio::timer::sleep(SHUTDOWN_POLL).await;
                     }
                     None
@@ -259,7 +259,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             // Counted before it is reported, so /health agrees once "serving" is logged.
             metrics.cores_running.inc();
             let _ = events.send(CoreEvent::Serving { core });
-            while !core_shutdown.load(Ordering::Acquire) {
+            while !shutdown::is_signalled(&core_shutdown) {
                 glommio::timer::sleep(SHUTDOWN_POLL).await;
             }
             metrics.cores_running.dec();
@@ -296,7 +296,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             }
             Err(error) => {
                 first_fatal.get_or_insert(Fatal::CoreStart { core, cpu, reason: error.to_string() });
-                shutdown.store(true, Ordering::Release);
+                shutdown::signal(&shutdown);
                 break;
             }
         }
@@ -317,14 +317,14 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             CoreEvent::Failed(fatal) => {
                 tracing::error!(error = %fatal, "core failed; stopping every core");
                 first_fatal.get_or_insert(fatal);
-                shutdown.store(true, Ordering::Release);
+                shutdown::signal(&shutdown);
             }
             CoreEvent::Stopped { core } => stopped[core] = true,
             CoreEvent::Gone { core } => {
                 alive -= 1;
                 if !stopped[core] && first_fatal.is_none() {
                     first_fatal = Some(Fatal::CorePanicked { core, cpu: cores[core] });
-                    shutdown.store(true, Ordering::Release);
+                    shutdown::signal(&shutdown);
                 }
             }
         }
@@ -341,7 +341,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             });
         }
     }
-    shutdown.store(true, Ordering::Release);
+    shutdown::signal(&shutdown);
     let _ = admin_thread.join();
     match first_fatal {
         Some(fatal) => Err(fatal),

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use crate::shell::kafka::{self, ClientOptions, Connection, KafkaError, PRODUCE_V
 use crate::shell::kafka_secure::{Refusal, Security};
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::metrics::ShipMetrics;
+use crate::shell::shutdown;
 use crate::shell::status::ShipperState;
 
 /// How often the shipper looks at the log's durable end while idle.
@@ -234,7 +235,7 @@ pub async fn run(
         tracing::error!(partition = %name, error = %error, "shipper stopped");
         // The partition keeps accepting appends: keep its lag current until shutdown.
         let (cursor, mut clock) = last.unwrap_or_else(|| (log.stats().start_offset, seeded_lag_clock(&log)));
-        while !shutdown.load(Ordering::Acquire) {
+        while !shutdown::is_signalled(&shutdown) {
             let now = Instant::now();
             clock.observe_end(log.next_offset(), now);
             if let Err(error) = sample_lag(&log, &metrics, &mut clock, cursor).await {
@@ -325,7 +326,7 @@ async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> 
 impl Shipper {
     async fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), ShipError> {
         loop {
-            if shutdown.load(Ordering::Acquire) {
+            if shutdown::is_signalled(&shutdown) {
                 return self.finish().await;
             }
             let stats = self.log.stats();

@@ -5,84 +5,18 @@
 //! behind small mutexes that change only on a state transition or a drop, never per
 //! record.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
 use crate::config::DiskFullPolicy;
 use crate::shell::metrics::{PartitionMetrics, ShipMetrics};
 
-/// Dropped ranges remembered per partition (older ones are only counted).
-pub const DROPPED_RANGES_KEPT: usize = 64;
-
-/// A run of offsets the `drop-oldest` policy deleted before they were shipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct DroppedRange {
-    pub first_offset: i64,
-    pub last_offset: i64,
-    pub bytes: u64,
-}
-
-/// The dropped ranges of one partition, newest last, at most `DROPPED_RANGES_KEPT`.
-#[derive(Debug, Clone, Default)]
-pub struct DroppedRanges(Arc<Mutex<VecDeque<DroppedRange>>>);
-
-impl DroppedRanges {
-    pub fn push(&self, range: DroppedRange) {
-        let mut ranges = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if ranges.len() == DROPPED_RANGES_KEPT {
-            ranges.pop_front();
-        }
-        ranges.push_back(range);
-    }
-
-    pub fn list(&self) -> Vec<DroppedRange> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().collect()
-    }
-}
-
-/// Where a partition's shipper is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(tag = "state", rename_all = "kebab-case")]
-pub enum ShipperState {
-    /// Reading its state, asking for a producer or reconciling.
-    #[default]
-    Starting,
-    /// Shipping (or caught up and waiting for data).
-    Running,
-    /// The upstream is unreachable or refusing for now; shipping retries by itself.
-    Retrying { problem: String },
-    /// Stopped on an error only an operator can resolve; the partition keeps
-    /// accepting appends.
-    Stopped { error: String },
-    /// weir is not running: what `ship.state` holds (offline status).
-    NotRunning,
-}
-
-impl ShipperState {
-    pub fn is_stopped(&self) -> bool {
-        matches!(self, ShipperState::Stopped { .. })
-    }
-}
-
-/// A shipper's state, shared with the admin thread. Written on transitions only.
-#[derive(Debug, Clone, Default)]
-pub struct ShipperStateCell(Arc<Mutex<ShipperState>>);
-
-impl ShipperStateCell {
-    pub fn set(&self, state: ShipperState) {
-        let mut current = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if *current != state {
-            *current = state;
-        }
-    }
-
-    pub fn get(&self) -> ShipperState {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-}
+pub use crate::shell::status_cells::{
+    DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT,
+};
 
 /// The appliance-wide settings `/status` shows next to the partitions.
 #[derive(Debug, Clone)]
