@@ -619,7 +619,7 @@ async fn join_forwarding(
 ) -> Option<Forwarding> {
     let cores = mesh.nr_peers();
     let stopped = async {
-        while !shutdown::is_signalled(&shutdown) {
+        while !shutdown::is_signalled(shutdown) {
             glommio::timer::sleep(SHUTDOWN_POLL).await;
         }
         None

@@ -326,7 +326,7 @@ async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> 
 impl Shipper {
     async fn serve(&mut self, shutdown: &AtomicBool) -> Result<(), ShipError> {
         loop {
-            if shutdown::is_signalled(&shutdown) {
+            if shutdown::is_signalled(shutdown) {
                 return self.finish().await;
             }
             let stats = self.log.stats();
