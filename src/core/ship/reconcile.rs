@@ -59,15 +59,26 @@ pub enum ReconcileError {
 /// Parses the complete entries of a Fetch response's records bytes. Returns the v2
 /// batches and the offset after the last complete entry (`None` when there was none:
 /// the bytes end in a partial entry, as Fetch responses may).
+///
+/// A partition's log only grows, so the entries of one response never go back: an
+/// entry that starts before the end of the one before it (or whose offsets overflow)
+/// is malformed, never a batch to reconcile against (the scan would otherwise take
+/// batches out of order and move its fetch offset backwards; found by fuzzing).
 pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), ReconcileError> {
     let mut found = Vec::new();
-    let mut next_offset = None;
+    let mut next_offset: Option<i64> = None;
     let mut at = 0usize;
     while bytes.len() - at >= ENTRY_PREFIX_BYTES {
         let base_offset = i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         let length = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
         if length < 0 {
             return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "negative length" });
+        }
+        if base_offset < 0 || next_offset.is_some_and(|next| base_offset < next) {
+            return Err(ReconcileError::Malformed {
+                upstream_offset: base_offset,
+                what: "offset before the end of the entry before it",
+            });
         }
         let total = ENTRY_PREFIX_BYTES + length as usize;
         if bytes.len() - at < total {
@@ -89,9 +100,12 @@ pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), Rec
                     what: "negative lastOffsetDelta",
                 });
             }
+            let Some(next_upstream_offset) = base_offset.checked_add(i64::from(last_offset_delta) + 1) else {
+                return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "offsets overflow" });
+            };
             let batch = FoundBatch {
                 upstream_offset: base_offset,
-                next_upstream_offset: base_offset + i64::from(last_offset_delta) + 1,
+                next_upstream_offset,
                 producer: ProducerIdentity {
                     id: i64::from_be_bytes(entry[43..51].try_into().expect("8 bytes")),
                     epoch: i16::from_be_bytes(entry[51..53].try_into().expect("2 bytes")),
@@ -103,7 +117,10 @@ pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), Rec
             found.push(batch);
         } else {
             // Magic 0/1 message (or wrapper): its offset is its last offset.
-            next_offset = Some(base_offset + 1);
+            let Some(next) = base_offset.checked_add(1) else {
+                return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "offsets overflow" });
+            };
+            next_offset = Some(next);
         }
         at += total;
     }
@@ -379,6 +396,22 @@ mod tests {
         assert_eq!(found[1].producer, OTHER);
         assert_eq!(next, Some(505));
         assert_eq!(parse_records(&partial[..20]).unwrap(), (vec![], None));
+    }
+
+    #[test]
+    fn parse_records_refuses_entries_that_go_back_or_overflow() {
+        let mut backwards = upstream_batch(500, 40, 3, OURS, 0);
+        backwards.extend(upstream_batch(502, 43, 2, OURS, 0)); // starts inside 500..=502
+        assert!(matches!(parse_records(&backwards), Err(ReconcileError::Malformed { upstream_offset: 502, .. })));
+        let negative = upstream_batch(-5, 40, 3, OURS, 0);
+        assert!(matches!(parse_records(&negative), Err(ReconcileError::Malformed { upstream_offset: -5, .. })));
+        let overflowing = upstream_batch(i64::MAX - 1, 40, 3, OURS, 0);
+        assert!(matches!(parse_records(&overflowing), Err(ReconcileError::Malformed { what: "offsets overflow", .. })));
+        // Adjacent and gapped (compacted) entries are fine.
+        let mut gapped = upstream_batch(500, 40, 3, OURS, 0);
+        gapped.extend(upstream_batch(503, 43, 2, OURS, 0));
+        gapped.extend(upstream_batch(900, 45, 1, OURS, 0));
+        assert_eq!(parse_records(&gapped).unwrap().1, Some(901));
     }
 
     #[test]
