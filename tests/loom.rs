@@ -18,6 +18,12 @@
 //!   sees a whole state with its own text, never going back, and a window of whole
 //!   ranges, in order, contiguous, at most `DROPPED_RANGES_KEPT` of them.
 //!
+//! - A partition's log offsets as `/status` reads them (`log_offsets_view` in the same
+//!   file) from the metric gauges the owning core sets: prometheus-client's own
+//!   `Gauge`, over loom's atomics with the orderings prometheus-client uses (relaxed).
+//!   The view never shows a log that ends before it starts, though the two gauges are
+//!   read apart on a weakly ordered CPU.
+//!
 //! The naive variants each replaced (or would be) are modelled too, to show the models
 //! catch what they got wrong: those tests expect loom to find the bad interleaving.
 
@@ -51,7 +57,9 @@ use config::DiskFullPolicy;
 use device_connections::DeviceConnections;
 use loom::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use loom::sync::{Arc, Mutex};
-use status_cells::{DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT};
+use status_cells::{
+    log_offsets_view, DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT,
+};
 
 // ---- the data directory's disk budget ----
 
@@ -332,5 +340,80 @@ fn the_admin_thread_reads_dropped_ranges_whole_in_order_and_bounded() {
         core.join().unwrap();
         let expected: Vec<_> = (pushed - DROPPED_RANGES_KEPT as i64..pushed).map(dropped).collect();
         assert_eq!(ranges.list(), expected);
+    });
+}
+
+// ---- the per-core metric gauges the admin thread reads ----
+
+/// A metric gauge's value store on loom's atomics, with the orderings prometheus-client
+/// 0.22 uses for std's `AtomicI64` (all relaxed), so `Gauge<i64, LoomI64>` is the
+/// gauge weir's metrics use, under loom.
+#[derive(Debug)]
+struct LoomI64(loom::sync::atomic::AtomicI64);
+
+impl Default for LoomI64 {
+    fn default() -> Self {
+        LoomI64(loom::sync::atomic::AtomicI64::new(0))
+    }
+}
+
+impl prometheus_client::metrics::gauge::Atomic<i64> for LoomI64 {
+    fn inc(&self) -> i64 {
+        self.inc_by(1)
+    }
+    fn inc_by(&self, value: i64) -> i64 {
+        self.0.fetch_add(value, Ordering::Relaxed)
+    }
+    fn dec(&self) -> i64 {
+        self.dec_by(1)
+    }
+    fn dec_by(&self, value: i64) -> i64 {
+        self.0.fetch_sub(value, Ordering::Relaxed)
+    }
+    fn set(&self, value: i64) -> i64 {
+        self.0.swap(value, Ordering::Relaxed)
+    }
+    fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+type Gauge = prometheus_client::metrics::gauge::Gauge<i64, LoomI64>;
+
+/// The owning core appends (the end moves to 20) and then retention deletes the oldest
+/// segment (the start moves to 15, below the end it published); the admin thread reads
+/// the pair with `read` meanwhile. Returns what the admin thread saw.
+fn core_moves_the_log_while_the_admin_reads(read: fn(&Gauge, &Gauge) -> (i64, i64)) -> (i64, i64) {
+    let (start, end) = (Gauge::default(), Gauge::default());
+    end.set(10);
+    let (core_start, core_end) = (start.clone(), end.clone());
+    let core = loom::thread::spawn(move || {
+        core_end.set(20); // a group commit
+        core_start.set(15); // retention: the oldest segment went
+    });
+    let seen = read(&start, &end);
+    core.join().unwrap();
+    seen
+}
+
+#[test]
+fn the_admin_thread_never_sees_a_log_that_ends_before_it_starts() {
+    loom::model(|| {
+        let (start, end) =
+            core_moves_the_log_while_the_admin_reads(|start, end| log_offsets_view(|| start.get(), || end.get()));
+        assert!(start <= end, "start {start} past end {end}");
+        // A start the log had, and an end it had (or, read stale, the start itself: a
+        // lower bound of the end it had when that start was written).
+        assert!([0, 15].contains(&start), "start {start} was never the log's");
+        assert!([10, 20, start].contains(&end), "end {end} was never the log's");
+    });
+}
+
+#[test]
+#[should_panic(expected = "past end")]
+fn two_relaxed_gauges_read_apart_can_show_a_log_that_ends_before_it_starts() {
+    loom::model(|| {
+        let (start, end) = core_moves_the_log_while_the_admin_reads(|start, end| (start.get(), end.get()));
+        assert!(start <= end, "start {start} past end {end}");
     });
 }

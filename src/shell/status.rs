@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::DiskFullPolicy;
 use crate::shell::metrics::{PartitionMetrics, ShipMetrics};
 
+use crate::shell::status_cells::log_offsets_view;
 pub use crate::shell::status_cells::{
     DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT,
 };
@@ -121,8 +122,8 @@ impl StatusBoard {
         let mut list = Vec::with_capacity(partitions.len());
         for ((topic, partition), entry) in partitions.iter() {
             let log = &entry.log;
-            let log_start_offset = log.start_offset.get();
-            let log_end_offset = log.next_offset.get();
+            let (log_start_offset, log_end_offset) =
+                log_offsets_view(|| log.start_offset.get(), || log.next_offset.get());
             let shipper = entry.ship.as_ref().map(|ship| ShipperStatus {
                 state: ship.state.get(),
                 cursor_offset: ship.cursor_offset.get(),

@@ -1,10 +1,12 @@
-//! The two non-atomic things a core shares with the admin thread for `/status`: a
-//! shipper's state (with its error text) and the last ranges the `drop-oldest` policy
-//! deleted. Each sits behind a small mutex that is taken only on a state transition or
-//! a drop, never per record, so a reader always sees a whole value (a state with its
-//! own text, a list of whole ranges in order) and never a half-written one.
-//! `tests/loom.rs` model-checks both (it includes this file with loom's `Arc` and
-//! `Mutex` in place of std's, through `crate::sync`).
+//! What the admin thread reads of a core's state for `/status`, beyond single
+//! counters: a shipper's state (with its error text) and the last ranges the
+//! `drop-oldest` policy deleted, each behind a small mutex taken only on a state
+//! transition or a drop, never per record, so a reader always sees a whole value (a
+//! state with its own text, a list of whole ranges in order) and never a half-written
+//! one; and a partition's pair of log offsets, two separate relaxed atomics (metric
+//! gauges) that the reader makes consistent itself. `tests/loom.rs` model-checks all
+//! three (it includes this file with loom's `Arc` and `Mutex` in place of std's,
+//! through `crate::sync`).
 
 use std::collections::VecDeque;
 
@@ -86,4 +88,16 @@ impl ShipperStateCell {
     pub fn get(&self) -> ShipperState {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
+}
+
+/// A partition's log start and end offsets as the admin thread reads them while the
+/// owning core moves them (`start` and `end` read the two gauges). The core only ever
+/// moves the start up to an end it already published, but the gauges are relaxed
+/// atomics (prometheus-client's), so on a weakly ordered CPU the end read after the
+/// start can still be an older one: the end is then taken as at least the start, as
+/// it was when the start was written. Never a log that ends before it starts.
+pub fn log_offsets_view(start: impl FnOnce() -> i64, end: impl FnOnce() -> i64) -> (i64, i64) {
+    let start = start();
+    let end = end();
+    (start, end.max(start))
 }
