@@ -34,6 +34,10 @@ fn every_target_has_a_corpus_and_every_input_passes() {
         assert!(!inputs.is_empty(), "tests/fuzz/corpus/{name} is empty: keep at least its seeds");
         for path in inputs {
             let bytes = std::fs::read(&path).unwrap();
+            // Named first, so an input that aborts the process (not a panic) is known.
+            if std::env::var_os("WEIR_FUZZ_CORPUS_VERBOSE").is_some() {
+                eprintln!("replaying {}", path.display());
+            }
             if std::panic::catch_unwind(|| target(&bytes)).is_err() {
                 failures.push(path.display().to_string());
             }

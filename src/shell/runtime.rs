@@ -253,7 +253,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
             let room_keeper = (budget.policy() == DiskFullPolicy::DropOldest).then(|| {
                 let stopping = core_shutdown.clone();
                 glommio::spawn_local(crate::shell::log::keep_room(logs.clone(), budget.clone(), move || {
-                    stopping.load(Ordering::Acquire)
+                    shutdown::is_signalled(&stopping)
                 }))
             });
             // Counted before it is reported, so /health agrees once "serving" is logged.
