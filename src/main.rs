@@ -3,6 +3,11 @@
 
 use clap::Parser;
 
+/// Huge requests are reserved, not committed, so a broker response declaring an absurd
+/// array cannot abort the appliance (see the type's documentation).
+#[global_allocator]
+static ALLOCATOR: weir::shell::sys::ReserveLargeAllocator = weir::shell::sys::ReserveLargeAllocator;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

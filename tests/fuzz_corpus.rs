@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
+/// The allocator `weir` runs with: the kafka_response regressions decode under it.
+#[global_allocator]
+static ALLOCATOR: weir::shell::sys::ReserveLargeAllocator = weir::shell::sys::ReserveLargeAllocator;
+
 const TARGETS: &[(&str, Target)] = &[
     ("device_stream", weir::fuzzing::device_stream),
     ("record_batch", weir::fuzzing::record_batch),

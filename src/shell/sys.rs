@@ -97,6 +97,104 @@ pub fn attach_reuseport_steering(socket: &std::net::UdpSocket) -> std::io::Resul
     }
 }
 
+/// Allocations at least this large are only reserved, not committed (see
+/// `ReserveLargeAllocator`). Nothing weir allocates on purpose comes near it: buffers
+/// for I/O come from glommio's own memory, batches are at most 8 MiB.
+pub const RESERVE_ONLY_BYTES_MIN: usize = 1 << 30;
+
+/// The process's allocator: the system allocator, except that a request of at least
+/// `RESERVE_ONLY_BYTES_MIN` bytes is an anonymous private mapping with `MAP_NORESERVE`,
+/// so the kernel only reserves the address space and backs pages as they are touched.
+///
+/// Why: kafka-protocol 0.18.0 sizes a vector from an array length in a broker response
+/// before it checks it against the bytes left, so a few bytes declaring hundreds of
+/// millions of elements ask for tens of GiB at once. From the system allocator that
+/// request fails and the process aborts (nothing can catch it): one misbehaving broker
+/// would stop every device's ingestion. Reserved instead, the decoder fails at the
+/// first element the response does not hold, with a decode error weir handles, and
+/// the mapping is returned untouched. Inputs: `tests/fuzz/corpus/kafka_response/regression-*`.
+/// Remove this once kafka-protocol checks array lengths (upstream pull requests 152,
+/// 161, 200).
+pub struct ReserveLargeAllocator;
+
+impl ReserveLargeAllocator {
+    fn reserves(layout: std::alloc::Layout) -> bool {
+        layout.size() >= RESERVE_ONLY_BYTES_MIN && layout.align() <= 4096
+    }
+}
+
+// SAFETY: every pointer handed out is either from `System` (and goes back to it, with
+// the same layout, which decides the path the same way) or from `mmap` of exactly
+// `layout.size()` bytes, page-aligned (so aligned for any `align <= 4096`), readable,
+// writable and zero-filled, and goes back to `munmap` with that size. A failed `mmap`
+// yields null, which `GlobalAlloc` callers treat as allocation failure.
+unsafe impl std::alloc::GlobalAlloc for ReserveLargeAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if !Self::reserves(layout) {
+            // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+            return unsafe { std::alloc::System.alloc(layout) };
+        }
+        // SAFETY: an anonymous private mapping at an address the kernel chooses
+        // touches no existing memory; the result is checked before use.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            std::ptr::null_mut()
+        } else {
+            address.cast()
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if !Self::reserves(layout) {
+            // SAFETY: the caller's contract for `alloc_zeroed` is passed on unchanged.
+            return unsafe { std::alloc::System.alloc_zeroed(layout) };
+        }
+        // SAFETY: as `alloc`; anonymous mappings are zero-filled.
+        unsafe { self.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: std::alloc::Layout) {
+        if !Self::reserves(layout) {
+            // SAFETY: `pointer` came from `System` with this layout (see `alloc`).
+            return unsafe { std::alloc::System.dealloc(pointer, layout) };
+        }
+        // SAFETY: `pointer` is a mapping of `layout.size()` bytes made by `alloc`, no
+        // longer used by the caller.
+        unsafe {
+            libc::munmap(pointer.cast(), layout.size());
+        }
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `new_size` with `layout.align()` is a valid layout.
+        let new_layout = unsafe { std::alloc::Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !Self::reserves(layout) && !Self::reserves(new_layout) {
+            // SAFETY: both sizes stay with `System`; the caller's contract is passed on.
+            return unsafe { std::alloc::System.realloc(pointer, layout, new_size) };
+        }
+        // Crossing the threshold (or staying above it): a new block, the bytes copied.
+        // SAFETY: `new_layout` is valid (above); the old block is valid for
+        // `layout.size()` bytes and the new one for `new_size`; they do not overlap.
+        unsafe {
+            let moved = self.alloc(new_layout);
+            if !moved.is_null() {
+                std::ptr::copy_nonoverlapping(pointer, moved, layout.size().min(new_size));
+                self.dealloc(pointer, layout);
+            }
+            moved
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +203,30 @@ mod tests {
     fn cpu_lists_parse() {
         assert_eq!(parse_cpu_list("0-3,5,7-8"), [0, 1, 2, 3, 5, 7, 8].into_iter().collect());
         assert_eq!(parse_cpu_list("0"), [0].into_iter().collect());
+    }
+
+    #[test]
+    fn a_huge_allocation_is_reserved_and_a_small_one_is_the_system_s() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let allocator = ReserveLargeAllocator;
+        // 64 GiB: far beyond this machine's memory, as kafka-protocol asks for.
+        let huge = Layout::from_size_align(64 << 30, 8).unwrap();
+        // SAFETY: a valid non-zero layout; the block is written within its first page
+        // and its last byte, then freed with the same layout.
+        unsafe {
+            let block = allocator.alloc(huge);
+            assert!(!block.is_null(), "a reservation this large must not fail");
+            assert_eq!(*block, 0);
+            *block = 7;
+            *block.add(huge.size() - 1) = 9;
+            allocator.dealloc(block, huge);
+            let small = Layout::from_size_align(64, 8).unwrap();
+            let block = allocator.alloc(small);
+            assert!(!block.is_null());
+            let grown = allocator.realloc(block, small, 128);
+            assert!(!grown.is_null());
+            allocator.dealloc(grown, Layout::from_size_align(128, 8).unwrap());
+        }
     }
 
     #[test]
