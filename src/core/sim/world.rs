@@ -50,6 +50,9 @@ pub(crate) struct Outcome {
     pub(crate) dedup_answers: u64,
     pub(crate) joined_in_flight: u64,
     pub(crate) backpressure: u64,
+    pub(crate) disk_full: u64,
+    /// Stale frames answered SequenceTooOld.
+    pub(crate) too_old: u64,
     pub(crate) connection_cuts: u64,
     pub(crate) upstream_batches: u64,
     pub(crate) virtual_ms: u64,
@@ -66,6 +69,8 @@ impl Outcome {
         self.dedup_answers += other.dedup_answers;
         self.joined_in_flight += other.joined_in_flight;
         self.backpressure += other.backpressure;
+        self.disk_full += other.disk_full;
+        self.too_old += other.too_old;
         self.connection_cuts += other.connection_cuts;
         self.upstream_batches += other.upstream_batches;
         self.virtual_ms += other.virtual_ms;
@@ -78,7 +83,7 @@ impl std::fmt::Display for Outcome {
         write!(
             formatter,
             "{} records in {} frames, {} crashes, {} torn tails cut, {} partitions poisoned, {} resends answered \
-             from dedup, {} joined an in-flight append, {} backpressure answers, {} connection cuts, {} upstream \
+             from dedup, {} joined an in-flight append, {} backpressure answers, {} disk-full refusals, {} stale frames refused as too old, {} connection cuts, {} upstream \
              batches, {} virtual s, {} events",
             self.records,
             self.frames,
@@ -88,6 +93,8 @@ impl std::fmt::Display for Outcome {
             self.dedup_answers,
             self.joined_in_flight,
             self.backpressure,
+            self.disk_full,
+            self.too_old,
             self.connection_cuts,
             self.upstream_batches,
             self.virtual_ms / 1000,
@@ -113,6 +120,8 @@ struct Faults {
     forget_producers_per_mille: u64,
     foreign_per_mille: u64,
     slow_disk_per_mille: u64,
+    /// Per fault tick: a partition's filesystem fills up for a while.
+    disk_full_per_mille: u64,
     slow_network_per_mille: u64,
     tansu_duplicates: bool,
 }
@@ -133,6 +142,7 @@ impl Faults {
             forget_producers_per_mille: pick(5),
             foreign_per_mille: pick(20),
             slow_disk_per_mille: pick(20),
+            disk_full_per_mille: pick(10),
             slow_network_per_mille: pick(20),
             tansu_duplicates: random.coin(),
         }
@@ -169,7 +179,7 @@ impl Settings {
         let batch_bytes_max = random.range(1000, 20_000) as usize;
         Settings {
             partitions: random.range(1, 4) as u32,
-            devices: random.range(1, 6) as usize,
+            devices: random.range(1, 8) as usize,
             key_hash: if random.coin() { KeyHash::Crc32c } else { KeyHash::KafkaMurmur2 },
             frame_limits: FrameLimits { frame_bytes_max: 8 << 10, records_per_frame_max: 8, ..FRAME_LIMITS_V1 },
             frames_in_flight_per_connection_max: random.range(1, 16) as usize,
@@ -177,8 +187,13 @@ impl Settings {
             appends_pending_max: random.range(1, 16) as usize,
             flush_bytes_max: random.range(4096, 32 << 10) as usize,
             flush_delay_us_max: random.range(0, 2000),
-            preallocate_bytes: 64 << 10,
-            dedup_limits: DedupLimits { sequences_per_device_max: 32, devices_max: 20_000 },
+            preallocate_bytes: ALIGNMENT_BYTES * random.range(1, 16),
+            // The tightest window that is still correct: a device never has more
+            // frames unacknowledged than this (weir's default is 32).
+            dedup_limits: DedupLimits {
+                sequences_per_device_max: random.range(device_window_max as u64, 32) as usize,
+                devices_max: 20_000,
+            },
             dedup_horizon_records: 200_000,
             ship: ShipConfig {
                 batch_bytes_max,
@@ -192,7 +207,7 @@ impl Settings {
                 reconcile_scan_bytes_max: 1 << 30,
             },
             device_window_max,
-            device_records: random.range(50, 300) as usize,
+            device_records: random.range(50, 600) as usize,
             device_answer_timeout_us: random.range(300_000, 3_000_000),
             faults: Faults::draw(random),
         }
@@ -387,6 +402,8 @@ pub(crate) struct World {
     durable: Durable,
     brokers: Vec<ModelBroker>,
     broker_refuse_next: Vec<bool>,
+    /// Until when each partition's filesystem has no room to preallocate.
+    disk_full_until_us: Vec<u64>,
     /// Every record the devices made, by (device, sequence, index in frame).
     sent: BTreeMap<(usize, u64, u32), Record>,
     faulty: bool,
@@ -445,6 +462,7 @@ impl World {
                 .map(|_| ModelBroker { tansu_duplicates: settings.faults.tansu_duplicates, ..ModelBroker::default() })
                 .collect(),
             broker_refuse_next: vec![false; partitions],
+            disk_full_until_us: vec![0; partitions],
             sent: BTreeMap::new(),
             faulty: true,
             restart_pending: false,
@@ -721,8 +739,12 @@ impl World {
                 self.devices[device].connection = Some(connection);
             }
         }
-        // Send in sequence order; a frame waiting out a retry-after holds the later ones.
-        if let Some(connection) = self.devices[device].connection {
+        // Send in sequence order; a frame waiting out a retry-after holds the later ones,
+        // and after a retryable error nothing is sent until every frame written after
+        // it was answered (they are refused): docs/PROTOCOL.md section 1.
+        let holding = self.devices[device].frames.values().any(|frame| matches!(frame.state, FrameState::Wait { .. }))
+            && self.devices[device].frames.values().any(|frame| matches!(frame.state, FrameState::Sent { .. }));
+        if let Some(connection) = self.devices[device].connection.filter(|_| !holding) {
             let sequences: Vec<u64> = self.devices[device].frames.keys().copied().collect();
             for sequence in sequences {
                 let state = self.devices[device].frames[&sequence].state;
@@ -963,6 +985,7 @@ impl World {
             self.finish_front_frame(connection, answer);
             return;
         }
+        self.note(format!("c{connection}: dev{device} s{sequence} processing"));
         let device_id = self.devices[device].id.clone();
         let runs = session::route(produce.records, &device_id, sequence, settings.partitions, settings.key_hash);
         let work = self.weir().streams.get_mut(&connection).expect("above").frames.front_mut().expect("above");
@@ -1055,12 +1078,20 @@ impl World {
                 key.1
             );
             self.outcome.dedup_answers += 1;
+            self.note(format!("p{partition}: {} s{} answered from dedup: {}", key.0, key.1, run.base_offset));
             return self.deliver(waiter, Ok(run.base_offset));
+        }
+        if state.dedup.forgot(&key.0, key.1) {
+            // `shell::engine`: the window dropped this sequence or a later one.
+            self.outcome.too_old += 1;
+            self.note(format!("p{partition}: {} s{} is older than the window: SequenceTooOld", key.0, key.1));
+            return self.deliver(waiter, Err(AppendFailure { code: ErrorCode::SequenceTooOld, retry_after_ms: 0 }));
         }
         if let Some((first_digest, _, waiters)) = state.in_flight.get_mut(&key) {
             assert_eq!(*first_digest, digest, "a resend under the same sequence with other records");
             waiters.push(waiter);
             self.outcome.joined_in_flight += 1;
+            self.note(format!("p{partition}: {} s{} joins the append in flight", key.0, key.1));
             return;
         }
         state.in_flight.insert(key.clone(), (digest, record_count, vec![waiter]));
@@ -1073,6 +1104,9 @@ impl World {
     /// The result of a run's append (`shell::engine`): on success the dedup index learns
     /// the run, then everyone waiting for it is answered.
     fn append_done(&mut self, partition: u32, key: (String, u64), result: Result<i64, AppendFailure>) {
+        if let Err(failure) = &result {
+            self.note(format!("p{partition}: {} s{} append failed: {}", key.0, key.1, failure.code.name()));
+        }
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
         let (digest, record_count, waiters) = state.in_flight.remove(&key).expect("an append has its in-flight entry");
         if let Ok(base_offset) = result {
@@ -1109,7 +1143,12 @@ impl World {
             Flusher::Writing { .. } | Flusher::Syncing { .. } => Stage::Busy,
         };
         match stage {
-            Stage::Idle => self.flusher_start(partition, append),
+            Stage::Idle => {
+                // The flusher takes it at once, after an append it carried over (this
+                // can run inside a flush's completion, before the flusher moved on).
+                state.queue.push_back(append);
+                self.flusher_next(partition);
+            }
             Stage::Gathering => {
                 let Flusher::Gathering { group, bytes } = &mut state.flusher else { unreachable!() };
                 let flush_now = if *bytes + append.bound_bytes > settings.flush_bytes_max {
@@ -1144,6 +1183,7 @@ impl World {
         let settings = self.settings.clone();
         let now = self.now_us;
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
+        assert!(state.carried.is_none(), "the flusher starts a group while it carries an append");
         let busy = state.last_flush_end_us.is_some_and(|end| now - end < settings.flush_delay_us_max);
         let mut bytes = batch::BATCH_HEADER_BYTES + first.bound_bytes;
         let mut group = vec![first];
@@ -1191,6 +1231,17 @@ impl World {
             settings.preallocate_bytes,
         );
         if let Some(size) = plan.preallocate_to {
+            if self.disk_full_until_us[partition as usize] > self.now_us {
+                // No room to preallocate: nothing is written, the partition stays
+                // healthy, the appends are refused with DiskFull (`shell::log::flush`).
+                self.outcome.disk_full += 1;
+                for append in group {
+                    let failure = AppendFailure { code: ErrorCode::DiskFull, retry_after_ms: RETRY_AFTER_MS };
+                    self.append_done(partition, append.key, Err(failure));
+                }
+                self.weir().partitions[partition as usize].last_flush_end_us = Some(self.now_us);
+                return self.flusher_next(partition);
+            }
             state.allocated_bytes = size;
         }
         let file = &mut self.durable.logs[partition as usize];
@@ -1211,7 +1262,7 @@ impl World {
     }
 
     fn write_done(&mut self, partition: u32) {
-        let failed = self.random.per_mille(self.settings.faults.write_error_per_mille);
+        let failed = self.faulty && self.random.per_mille(self.settings.faults.write_error_per_mille);
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
         let Flusher::Writing { group, base_offset, batch_bytes, end_position } =
             std::mem::replace(&mut state.flusher, Flusher::Idle)
@@ -1227,7 +1278,7 @@ impl World {
     }
 
     fn fsync_done(&mut self, partition: u32) {
-        let failed = self.random.per_mille(self.settings.faults.fsync_error_per_mille);
+        let failed = self.faulty && self.random.per_mille(self.settings.faults.fsync_error_per_mille);
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
         let Flusher::Syncing { group, base_offset, batch_bytes, end_position } =
             std::mem::replace(&mut state.flusher, Flusher::Idle)
@@ -1239,6 +1290,8 @@ impl World {
         }
         self.durable.logs[partition as usize].sync();
         let records: i64 = group.iter().map(|append| append.records.len() as i64).sum();
+        let keys: Vec<String> = group.iter().map(|append| format!("{} s{}", append.key.0, append.key.1)).collect();
+        trace(format!("{:>9.3} p{partition}: durable at {base_offset}: {keys:?}", self.now_us as f64 / 1000.0));
         state.batches.push((base_offset, state.end_position, batch_bytes));
         assert_eq!(state.end_position + batch_bytes as u64, end_position);
         state.end_position = end_position;
@@ -1435,6 +1488,11 @@ impl World {
             self.weir().partitions[partition as usize].shipper.handle_transport_failed(now);
             self.drive_shipper(partition);
         }
+        if self.random.per_mille(faults.disk_full_per_mille) {
+            let until = self.now_us + self.random.range(10_000, 2_000_000);
+            self.note(format!("p{partition}: filesystem full until {} ms", until / 1000));
+            self.disk_full_until_us[partition as usize] = until;
+        }
         if self.random.per_mille(faults.broker_refuse_per_mille) {
             self.broker_refuse_next[partition as usize] = true;
         }
@@ -1559,6 +1617,7 @@ impl World {
                 for device in &mut self.devices {
                     device.partitioned_until_us = 0;
                 }
+                self.disk_full_until_us.fill(0);
             }
             if !self.faulty {
                 // An operator restarts an appliance with a poisoned partition.
@@ -1681,7 +1740,12 @@ impl World {
                 assert_eq!(shipped, stored, "p{partition}: upstream record {position} differs from the log's");
                 let (device, sequence, index) = self.identify(shipped);
                 if let Some(previous) = last_of_device.insert(device, (sequence, index)) {
-                    assert!(previous < (sequence, index), "p{partition}: dev{device} out of order upstream");
+                    assert!(
+                        previous < (sequence, index),
+                        "p{partition}: dev{device} out of order upstream: s{} record {} before s{sequence} record {index}",
+                        previous.0,
+                        previous.1
+                    );
                 }
             }
         }
