@@ -352,6 +352,9 @@ enum Flusher {
     Syncing { group: Vec<PendingAppend>, base_offset: i64, batch_bytes: usize, end_position: u64 },
 }
 
+/// A run being appended (digest, record count) and the frames' runs waiting for it.
+type RunInFlight = (u32, u32, Vec<(FrameRef, usize)>);
+
 struct WeirPartition {
     /// The logical end of the durable data and the next offset.
     end_position: u64,
@@ -366,7 +369,7 @@ struct WeirPartition {
     poisoned: bool,
     dedup: DedupIndex,
     /// `shell::engine`'s runs being appended now: digest, record count, who waits.
-    in_flight: HashMap<(String, u64), (u32, u32, Vec<(FrameRef, usize)>)>,
+    in_flight: HashMap<(String, u64), RunInFlight>,
     shipper: ShipperCore,
     ship_timer_us: Option<u64>,
     broker_link: u64,
