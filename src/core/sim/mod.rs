@@ -114,8 +114,9 @@ pub(crate) fn run_seed(seed: u64) -> Outcome {
     }
 }
 
-/// Seeds the default swarm runs (about 30 s in release on the 2-core dev box).
-pub(crate) const SWARM_SEEDS_DEFAULT: u64 = 1000;
+/// Seeds the default swarm runs: about 30 s in release on the 2-core dev box; a debug
+/// build is about ten times slower, so it runs fewer.
+pub(crate) const SWARM_SEEDS_DEFAULT: u64 = if cfg!(debug_assertions) { 100 } else { 1000 };
 
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|text| text.trim().parse().unwrap_or_else(|_| panic!("{name} is a number")))
