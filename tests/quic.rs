@@ -305,6 +305,28 @@ fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a
 }
 
 #[test]
+fn a_stale_frame_below_what_its_partition_remembers_is_refused_as_too_old_and_not_stored_again() {
+    let root = tempfile::tempdir().unwrap();
+    let appliance = Appliance::start(root.path(), "dedup_sequences_per_device_max = 2", 1);
+    let first = answers(&appliance.device("dev-1", &["--frames", "40", "--records", "1"]));
+    assert!(first.iter().all(|answer| answer["kind"] == "ack"), "{first:?}");
+    // The first frame once more, as a copy from a connection the device abandoned
+    // arrives after the device moved on (found by the simulation, docs/SIMULATION.md).
+    let stale = answers(
+        &appliance.device("dev-1", &["--frames", "1", "--records", "1", "--sequence", "1", "--first-frame", "0"]),
+    );
+    let recent = answers(
+        &appliance.device("dev-1", &["--frames", "1", "--records", "1", "--sequence", "40", "--first-frame", "39"]),
+    );
+    appliance.stop();
+    assert_eq!(stale[0]["error_code"], 8, "SequenceTooOld: {}", stale[0]);
+    assert_eq!(recent[0], first[39], "a resend within the window still gets its original offsets");
+    let stored: usize =
+        (0..4).map(|partition| read_partition(root.path().join(format!("data/telemetry-{partition}"))).len()).sum();
+    assert_eq!(stored, 40, "nothing was stored twice");
+}
+
+#[test]
 fn a_device_over_its_record_quota_is_refused_with_retry_after_and_nothing_past_it_is_stored() {
     let root = tempfile::tempdir().unwrap();
     // 50 records/s, one connection per device (it gets the whole quota), 40-record frames.

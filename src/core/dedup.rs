@@ -7,6 +7,13 @@
 //! stored run is added as it is acknowledged. A device's window keeps its most recent
 //! `sequences_per_device_max` sequences; the number of devices is bounded too (the least
 //! recently written device is forgotten first).
+//!
+//! A device's window also remembers the highest sequence it dropped: a frame under a
+//! sequence at or below it may have been stored, and the index cannot tell. The shell
+//! answers such a frame `SequenceTooOld` instead of storing it a second time. This
+//! matters for stale copies: frames a device sent on a connection it then abandoned
+//! can reach weir after the device resent them elsewhere and moved far ahead (found
+//! by the whole-pipeline simulation, `core::sim`, seed 123).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -78,10 +85,17 @@ pub struct DedupLimits {
     pub devices_max: usize,
 }
 
+/// One device's remembered runs, and the highest sequence dropped from them.
+#[derive(Debug, Default)]
+struct DeviceWindow {
+    runs: BTreeMap<u64, StoredRun>,
+    forgotten_through: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct DedupIndex {
     limits: DedupLimits,
-    devices: HashMap<String, BTreeMap<u64, StoredRun>>,
+    devices: HashMap<String, DeviceWindow>,
     /// Devices in the order they were last written (front: least recent).
     recency: VecDeque<String>,
 }
@@ -115,7 +129,16 @@ impl DedupIndex {
     }
 
     pub fn lookup(&self, device: &str, sequence: u64) -> Option<StoredRun> {
-        self.devices.get(device)?.get(&sequence).copied()
+        self.devices.get(device)?.runs.get(&sequence).copied()
+    }
+
+    /// Whether the device's window dropped `sequence` or a later one: a frame under
+    /// `sequence` that `lookup` does not find may still have been stored.
+    pub fn forgot(&self, device: &str, sequence: u64) -> bool {
+        self.devices
+            .get(device)
+            .and_then(|window| window.forgotten_through)
+            .is_some_and(|forgotten| sequence <= forgotten)
     }
 
     /// Notes that (device, sequence) is stored at `run`. A record at an offset already
@@ -127,15 +150,17 @@ impl DedupIndex {
                     self.devices.remove(&evicted);
                 }
             }
-            self.devices.insert(device.to_owned(), BTreeMap::new());
+            self.devices.insert(device.to_owned(), DeviceWindow::default());
         } else if let Some(position) = self.recency.iter().position(|known| known == device) {
             self.recency.remove(position);
         }
         self.recency.push_back(device.to_owned());
         let window = self.devices.get_mut(device).expect("inserted above");
-        window.insert(sequence, run);
-        while window.len() > self.limits.sequences_per_device_max {
-            window.pop_first();
+        window.runs.insert(sequence, run);
+        while window.runs.len() > self.limits.sequences_per_device_max {
+            if let Some((dropped, _)) = window.runs.pop_first() {
+                window.forgotten_through = window.forgotten_through.max(Some(dropped));
+            }
         }
     }
 
@@ -181,6 +206,8 @@ mod tests {
             index.insert("a", sequence, StoredRun { base_offset: 100 + sequence as i64, record_count: 1, digest: 0 });
         }
         assert_eq!(index.lookup("a", 5), None, "only the last 3 sequences are kept");
+        assert!(index.forgot("a", 5) && index.forgot("a", 6) && !index.forgot("a", 7), "it knows what it dropped");
+        assert!(!index.forgot("b", 0), "nothing dropped for b");
         assert!(index.lookup("a", 9).is_some());
         index.insert("c", 1, StoredRun { base_offset: 0, record_count: 1, digest: 0 });
         assert_eq!(index.devices(), 2);

@@ -8,3 +8,5 @@ pub mod quota;
 pub mod sasl;
 pub mod session;
 pub mod ship;
+#[cfg(test)]
+pub(crate) mod sim;

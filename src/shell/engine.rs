@@ -157,6 +157,17 @@ impl CoreAppender {
             }
             return Ok(run.base_offset);
         }
+        let forgotten = self.dedup.borrow().get(&partition_key).is_some_and(|index| index.forgot(&device, sequence));
+        if forgotten {
+            return Err(AppendFailure {
+                code: ErrorCode::SequenceTooOld,
+                message: format!(
+                    "sequence {sequence} of device {device} is older than {topic}-{partition} remembers \
+                     (quic.dedup_sequences_per_device_max): it may be stored already, so it is not stored again"
+                ),
+                retry_after_ms: 0,
+            });
+        }
         let flight_key = (topic.to_owned(), partition, device.clone(), sequence);
         let waiting = {
             let mut in_flight = self.in_flight.borrow_mut();

@@ -5,13 +5,13 @@
 //! lost responses, retriable errors, timeouts, forgotten producers and crashes at
 //! random moments. A failing seed is printed; replay it with `WEIR_SHIP_SIM_SEED`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::*;
 use crate::core::log::batch::{self, Record};
 use crate::core::ship::backoff::SplitMix64;
-use crate::core::ship::errors;
 use crate::core::ship::reconcile::Scan;
+use crate::core::sim::broker::{Dedup, ModelBroker};
 
 fn config() -> ShipConfig {
     ShipConfig {
@@ -77,159 +77,6 @@ impl LocalLog {
             out.push(stored.clone());
         }
         out
-    }
-}
-
-struct ProducerEntry {
-    epoch: i16,
-    last_sequence: Sequence,
-    recent: VecDeque<(i32, i32, i64)>,
-}
-
-/// How a model broker de-duplicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Dedup {
-    /// Kafka's rules: the last 5 batches by exact (firstSeq, lastSeq) answered with
-    /// their offset; any other sequence but the next is OUT_OF_ORDER_SEQUENCE; a
-    /// forgotten producer's first batch takes any sequence.
-    #[default]
-    Kafka,
-    /// tansu 0.6 with memory storage: Kafka's rules, but a duplicate is answered
-    /// DUPLICATE_SEQUENCE_NUMBER without an offset.
-    TansuMemory,
-    /// tansu 0.6 with SQLite storage: any batch whose base sequence is below the next
-    /// expected one is DUPLICATE_SEQUENCE_NUMBER (even one reaching past what it
-    /// holds), above it OUT_OF_ORDER; producers are never forgotten; and a Fetch
-    /// answers batches rebuilt from stored rows, which keep no producer id (so
-    /// reconciliation's scan sees none of ours).
-    TansuSqlite,
-}
-
-/// A broker following Kafka's idempotence rules for one partition (or tansu's, see
-/// `Dedup`).
-#[derive(Default)]
-struct ModelBroker {
-    log: Vec<(i64, Bytes)>,
-    next_offset: i64,
-    producers: HashMap<i64, ProducerEntry>,
-    next_producer_id: i64,
-    dedup: Dedup,
-}
-
-impl ModelBroker {
-    fn init_producer(&mut self) -> ProducerIdentity {
-        self.next_producer_id += 1;
-        ProducerIdentity { id: 1000 + self.next_producer_id, epoch: 0 }
-    }
-
-    fn produce(&mut self, bytes: &Bytes) -> ProduceAnswer {
-        let header = match batch::check_batch(bytes) {
-            Ok(header) => header,
-            Err(_) => return ProduceAnswer::Error { code: 2 },
-        };
-        let first = header.base_sequence;
-        let last = Sequence(first).last_of_batch(header.record_count).0;
-        if self.dedup == Dedup::TansuSqlite {
-            let next = self.producers.get(&header.producer_id).map_or(Sequence(0), |entry| entry.last_sequence.plus(1));
-            if next.0 > first {
-                return ProduceAnswer::Error { code: errors::DUPLICATE_SEQUENCE_NUMBER };
-            }
-            if next.0 < first {
-                return ProduceAnswer::Error { code: errors::OUT_OF_ORDER_SEQUENCE_NUMBER };
-            }
-        } else if let Some(entry) = self.producers.get(&header.producer_id) {
-            assert_eq!(entry.epoch, header.producer_epoch, "weir never bumps the epoch");
-            if let Some((_, _, offset)) = entry.recent.iter().find(|(a, b, _)| *a == first && *b == last) {
-                return if self.dedup == Dedup::TansuMemory {
-                    ProduceAnswer::Error { code: errors::DUPLICATE_SEQUENCE_NUMBER }
-                } else {
-                    ProduceAnswer::Appended { upstream_offset: Some(*offset) }
-                };
-            }
-            if entry.last_sequence.plus(1) != Sequence(first) {
-                return ProduceAnswer::Error { code: errors::OUT_OF_ORDER_SEQUENCE_NUMBER };
-            }
-        }
-        let offset = self.next_offset;
-        let mut stored = bytes.to_vec();
-        stored[0..8].copy_from_slice(&offset.to_be_bytes());
-        self.log.push((offset, Bytes::from(stored)));
-        self.next_offset += i64::from(header.record_count);
-        let entry = self.producers.entry(header.producer_id).or_insert(ProducerEntry {
-            epoch: header.producer_epoch,
-            last_sequence: Sequence(0),
-            recent: VecDeque::new(),
-        });
-        entry.last_sequence = Sequence(last);
-        entry.recent.push_back((first, last, offset));
-        if entry.recent.len() > 5 {
-            entry.recent.pop_front();
-        }
-        ProduceAnswer::Appended { upstream_offset: Some(offset) }
-    }
-
-    /// Records of any producer (another weir box sharing the topic).
-    fn produce_foreign(&mut self, count: usize) {
-        let records: Vec<Record> = (0..count)
-            .map(|index| Record {
-                timestamp_ms: index as i64,
-                key: None,
-                value: Some(Bytes::from_static(b"x")),
-                headers: vec![],
-            })
-            .collect();
-        let bytes = Bytes::from(batch::encode_to_vec(0, &records));
-        let offset = self.next_offset;
-        let mut stored = bytes.to_vec();
-        stored[0..8].copy_from_slice(&offset.to_be_bytes());
-        self.log.push((offset, Bytes::from(stored)));
-        self.next_offset += count as i64;
-    }
-
-    fn fetch(&self, offset: i64, bytes_max: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (base, bytes) in &self.log {
-            let header = batch::parse_header(bytes).unwrap();
-            if header.last_offset() < offset {
-                continue;
-            }
-            if !out.is_empty() && out.len() + bytes.len() > bytes_max {
-                // Like Kafka, a partial batch may end the response.
-                out.extend_from_slice(&bytes[..bytes.len() / 2]);
-                break;
-            }
-            assert!(*base <= offset || !out.is_empty() || *base >= offset);
-            let at = out.len();
-            out.extend_from_slice(bytes);
-            if self.dedup == Dedup::TansuSqlite {
-                // Rebuilt from rows without producer: id and epoch -1, sequence 0.
-                out[at + 43..at + 53].fill(0xff);
-                out[at + 53..at + 57].fill(0);
-            }
-        }
-        out
-    }
-
-    /// Forgets every producer's de-duplication state (Kafka's producer.id.expiration.ms);
-    /// tansu's SQLite storage keeps it for good.
-    fn forget_producers(&mut self) {
-        if self.dedup != Dedup::TansuSqlite {
-            self.producers.clear();
-        }
-    }
-
-    fn our_records(&self) -> Vec<Record> {
-        let mut records = Vec::new();
-        for (_, bytes) in &self.log {
-            let header = batch::parse_header(bytes).unwrap();
-            if header.producer_id < 0 {
-                continue; // foreign
-            }
-            for record in batch::records(bytes).unwrap() {
-                records.push(record.unwrap().to_record(bytes));
-            }
-        }
-        records
     }
 }
 
