@@ -9,8 +9,8 @@
 //! weir must answer each resent frame with the offsets it stored it at the first time,
 //! and the log must hold every frame exactly once. The device has all its frames in
 //! flight at once, 24 of them: within the 32 sequences per device weir remembers by
-//! default (`quic.dedup_sequences_per_device_max`; docs/PROTOCOL.md section 6: a resend
-//! beyond what weir remembers is stored again). The seed is printed; replay with
+//! default (`quic.dedup_sequences_per_device_max`; docs/PROTOCOL.md section 6: a frame
+//! below what weir remembers is answered SequenceTooOld and not stored). The seed is printed; replay with
 //! WEIR_DEVICE_CRASH_SEED.
 
 #[path = "common/broker.rs"]
