@@ -23,7 +23,7 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::read_partition;
@@ -35,21 +35,9 @@ const ROUNDS: u64 = 6;
 const FRAMES: u64 = 24;
 const RECORDS: u64 = 20;
 
-fn python() -> PathBuf {
-    broker::python()
-}
-
 fn device(certs: &Path, server: &Server, round: u64) -> Command {
-    let mut command = Command::new(python());
+    let mut command = server.aioquic_device(certs, "dev-1");
     command
-        .arg("-u")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
-        .args(["--server", server.quic.as_deref().unwrap(), "--ca"])
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("devices/dev-1.pem"))
-        .arg("--key")
-        .arg(certs.join("devices/dev-1.key"))
         .args(["--frames", &FRAMES.to_string(), "--records", &RECORDS.to_string()])
         .args(["--sequence", &(1000 * (round + 1)).to_string(), "--key-prefix", &format!("r{round}-")])
         .stdout(Stdio::piped())

@@ -19,17 +19,12 @@ mod server;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use broker::{free_port, read_upstream, Tansu};
 use ext4::Ext4;
 use server::{partition, weir, Server};
 use weir::core::log::batch;
-
-fn python() -> PathBuf {
-    broker::python()
-}
 
 struct Setup {
     _root: tempfile::TempDir,
@@ -103,14 +98,8 @@ const RECORDS: usize = 500;
 /// sequences from `sequence`.
 fn device(setup: &Setup, server: &Server, prefix: &str, sequence: u64) -> Vec<Answer> {
     let certs = setup.root.join("certs");
-    let output = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
-        .args(["--server", server.quic.as_deref().unwrap(), "--ca"])
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("devices/dev-1.pem"))
-        .arg("--key")
-        .arg(certs.join("devices/dev-1.key"))
+    let output = server
+        .aioquic_device(&certs, "dev-1")
         .args(["--frames", &FRAMES.to_string(), "--records", &RECORDS.to_string()])
         .args(["--sequence", &sequence.to_string(), "--key-prefix", prefix])
         .output()

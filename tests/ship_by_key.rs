@@ -28,14 +28,8 @@ const RECORDS: usize = 40;
 /// (edge partition, offset, key) of every acknowledged record of one device run.
 fn device(root: &Path, server: &Server, topic: &str, prefix: &str, sequence: u64) -> Vec<(u32, i64, Vec<u8>)> {
     let certs = root.join("certs");
-    let output = Command::new(broker::python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
-        .args(["--server", server.quic.as_deref().unwrap(), "--ca"])
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("devices/dev-1.pem"))
-        .arg("--key")
-        .arg(certs.join("devices/dev-1.key"))
+    let output = server
+        .aioquic_device(&certs, "dev-1")
         .args(["--topic", topic, "--frames", &FRAMES.to_string(), "--records", &RECORDS.to_string()])
         .args(["--sequence", &sequence.to_string(), "--key-prefix", prefix])
         .output()

@@ -107,6 +107,28 @@ impl Server {
         self.lines.lock().unwrap().clone()
     }
 
+    /// The aioquic device (`tests/python/aioquic_device.py`, an independent QUIC stack)
+    /// as `device`, with its certificate from `certs` (a `weir certs` directory), pointed
+    /// at this server's QUIC listener, its output unbuffered; the caller adds what it
+    /// sends.
+    pub fn aioquic_device(&self, certs: &Path, device: &str) -> Command {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = std::env::var_os("WEIR_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| repo.join(".venv/bin/python"));
+        let mut command = Command::new(python);
+        command
+            .arg("-u")
+            .arg(repo.join("tests/python/aioquic_device.py"))
+            .args(["--server", self.quic.as_deref().expect("QUIC is on"), "--ca"])
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join(format!("devices/{device}.pem")))
+            .arg("--key")
+            .arg(certs.join(format!("devices/{device}.key")));
+        command
+    }
+
     /// SIGINT, then the exit code.
     pub fn stop(mut self) -> Option<i32> {
         Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
