@@ -46,7 +46,7 @@ fn rich_records() -> Vec<Vec<Record>> {
                 value: Some(Bytes::from(vec![index as u8; 20 * index as usize])),
                 headers: (0..(index % 5))
                     .map(|header| Header {
-                        key: format!("h{header}"),
+                        key: format!("h{header}").into(),
                         value: Some(Bytes::from(vec![b'v'; header as usize])),
                     })
                     .collect(),

@@ -82,7 +82,7 @@ fn rich_record(seed: u64, rng: &mut impl Rng) -> Record {
         },
         headers: (0..seed % 3)
             .map(|index| Header {
-                key: format!("h{index}"),
+                key: format!("h{index}").into(),
                 value: if index == 1 { None } else { Some(Bytes::from(seed.to_string())) },
             })
             .collect(),

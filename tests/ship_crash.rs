@@ -295,7 +295,7 @@ fn crash_loop(mut broker: Broker, backlog_records: u64, records_per_round: u64, 
         let headers: Vec<(String, Option<Vec<u8>>)> = record
             .headers
             .iter()
-            .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
+            .map(|header| (header.key.to_string(), header.value.as_ref().map(|value| value.to_vec())))
             .collect();
         assert_eq!(found.headers, headers, "seed {seed}: headers at {offset}");
     }

@@ -91,7 +91,7 @@ fn record(seed: u64) -> Record {
             (0..(seed % 2000) as usize).map(|index| (seed as usize ^ index) as u8).collect::<Vec<_>>(),
         )),
         headers: (0..seed % 3)
-            .map(|index| Header { key: format!("h{index}"), value: Some(Bytes::from(seed.to_string())) })
+            .map(|index| Header { key: format!("h{index}").into(), value: Some(Bytes::from(seed.to_string())) })
             .collect(),
     }
 }

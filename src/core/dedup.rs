@@ -69,7 +69,7 @@ pub fn digest_of_records(records: &[Record]) -> u32 {
             record.timestamp_ms,
             record.key.as_deref(),
             record.value.as_deref(),
-            record.headers.iter().map(|header| (header.key.as_str(), header.value.as_deref())),
+            record.headers.iter().map(|header| (header.key.as_ref(), header.value.as_deref())),
         )
     })
 }

@@ -163,8 +163,8 @@ pub fn route(
     let mut previous: Option<u32> = None;
     for (index, mut record) in records.into_iter().enumerate() {
         let partition = partition_for(record.key.as_deref(), device_id, partitions, key_hash);
-        record.headers.push(Header { key: DEVICE_HEADER.to_owned(), value: Some(device.clone()) });
-        record.headers.push(Header { key: SEQUENCE_HEADER.to_owned(), value: Some(sequence_text.clone()) });
+        record.headers.push(Header { key: DEVICE_HEADER.into(), value: Some(device.clone()) });
+        record.headers.push(Header { key: SEQUENCE_HEADER.into(), value: Some(sequence_text.clone()) });
         let run_index = match runs.iter().position(|run| run.partition == partition) {
             Some(position) => position,
             None => {

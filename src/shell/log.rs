@@ -19,9 +19,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_channel::oneshot;
 use futures_lite::future;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use local_sync::oneshot;
 
 use crate::config::DiskFullPolicy;
 use crate::config::{LogConfig, DIRECT_IO_ALIGNMENT_BYTES};

@@ -11,6 +11,8 @@
 //! baseTimestamp i64 @27, maxTimestamp i64 @35, producerId i64 @43, producerEpoch i16 @51,
 //! baseSequence i32 @53, recordCount i32 @57, records @61`.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use super::varint::{get_varint, get_varlong, put_varint, put_varlong, varint_len, varlong_len};
@@ -40,9 +42,12 @@ const _: () = assert!(BATCH_HEADER_BYTES == 57 + 4);
 const _: () = assert!(BATCH_BYTES_MAX <= i32::MAX as usize);
 
 /// One header of a record. Kafka header keys are UTF-8 strings; values may be null.
+/// A key is usually one of a few fixed names (weir's own `weir.device` and
+/// `weir.sequence` on every stored record), so it may borrow a `&'static str` instead
+/// of allocating a copy per record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    pub key: String,
+    pub key: Cow<'static, str>,
     pub value: Option<Bytes>,
 }
 
@@ -252,7 +257,7 @@ impl RecordRef<'_> {
             headers: self
                 .headers
                 .iter()
-                .map(|(key, value)| Header { key: (*key).to_owned(), value: value.map(share) })
+                .map(|(key, value)| Header { key: Cow::Owned((*key).to_owned()), value: value.map(share) })
                 .collect(),
         }
     }

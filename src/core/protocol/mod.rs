@@ -342,7 +342,7 @@ fn check_record(record: &ArchivedFrameRecord, limits: &FrameLimits) -> Result<Re
             return Err(field("records.headers.key", "the weir. prefix is reserved for headers weir sets"));
         }
         let value = optional(&header.value, header.flags & HEADER_VALUE_PRESENT != 0, "records.headers.value")?;
-        headers.push(Header { key: key.to_owned(), value });
+        headers.push(Header { key: key.to_owned().into(), value });
     }
     Ok(Record {
         timestamp_ms: record.timestamp_ms.to_native(),

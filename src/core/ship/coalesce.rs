@@ -194,7 +194,7 @@ mod tests {
             key: if seed % 5 == 0 { None } else { Some(Bytes::from(format!("key-{seed}"))) },
             value: Some(Bytes::from(vec![seed as u8; value_bytes])),
             headers: (0..seed % 3)
-                .map(|index| Header { key: format!("h{index}"), value: Some(Bytes::from(seed.to_string())) })
+                .map(|index| Header { key: format!("h{index}").into(), value: Some(Bytes::from(seed.to_string())) })
                 .collect(),
         }
     }
