@@ -1,11 +1,13 @@
 //! weir-bench: measures weir against the ceilings of the same run (DESIGN.md,
 //! "Ceilings to measure against, in the same run").
 //!
-//! `weir-bench log` runs weir's group-commit appends first, then the raw ceiling: the
-//! same cores and files per partition doing O_DIRECT writes of the size weir's batches
-//! averaged, each followed by fdatasync, on the same filesystem. The ratio of the two
-//! is weir's cost over the disk; the raw phase must follow the weir phase because it
-//! needs weir's batch size. The ceiling is never tuned to flatter weir: it writes the
+//! `weir-bench log` runs weir's group-commit appends, then the raw ceiling: the same
+//! cores and files per partition doing O_DIRECT writes of the size weir's batches
+//! averaged, each followed by fdatasync, on the same filesystem. The two phases
+//! alternate over `--rounds` rounds (weir, raw, weir, raw, ...), so that a slow spell
+//! of a shared disk is shared by both. The ratio of the two is weir's cost over the
+//! disk; the raw phase follows the weir phase because it needs weir's batch size (from
+//! the first round). The ceiling is never tuned to flatter weir: it writes the
 //! way an append-only log at best can (sequential, aligned, preallocated, one sync per
 //! write), nothing more and nothing less.
 //!
@@ -14,6 +16,7 @@
 //!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
+#![recursion_limit = "256"] // the log report's json! object has over 40 fields
 
 mod cores;
 mod ingest;
@@ -171,13 +174,32 @@ fn run_log(args: &LogArgs) -> Result<(), BenchError> {
         }
     };
 
-    let weir = weir_phase(&plan, &data_dir)?;
-    if weir.flushes == 0 {
-        return Err(BenchError::NothingWritten);
+    let appenders_per_core = (plan.partitions_per_core * plan.appenders_per_partition) as usize;
+    let mut next_sequences = vec![vec![0u64; appenders_per_core]; plan.cores()];
+    let mut weir: Option<WeirFigures> = None;
+    let mut raw: Option<RawFigures> = None;
+    let mut write_bytes = None;
+    for _ in 0..plan.rounds {
+        let round = weir_phase(&plan, &data_dir, &mut next_sequences)?;
+        if round.flushes == 0 {
+            return Err(BenchError::NothingWritten);
+        }
+        // The raw writes keep the size of the first round's batches.
+        let write_bytes = *write_bytes.get_or_insert_with(|| {
+            let batch_bytes_avg = round.batch_bytes.div_ceil(round.flushes);
+            align_up(batch_bytes_avg, DIRECT_IO_ALIGNMENT_BYTES) as usize
+        });
+        weir = Some(match weir {
+            Some(total) => total.add(round),
+            None => round,
+        });
+        let round = raw_phase(&plan, &data_dir, write_bytes)?;
+        raw = Some(match raw {
+            Some(total) => total.add(round),
+            None => round,
+        });
     }
-    let batch_bytes_avg = weir.batch_bytes.div_ceil(weir.flushes);
-    let write_bytes = align_up(batch_bytes_avg, DIRECT_IO_ALIGNMENT_BYTES) as usize;
-    let raw = raw_phase(&plan, &data_dir, write_bytes)?;
+    let (weir, raw) = (weir.expect("at least one round"), raw.expect("at least one round"));
 
     let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw };
     let mut stdout = std::io::stdout().lock();
@@ -219,7 +241,9 @@ fn partition_directory(data_dir: &Path, partition: u32) -> PathBuf {
     data_dir.join(format!("bench-{partition}"))
 }
 
-fn weir_phase(plan: &Plan, data_dir: &Path) -> Result<WeirFigures, BenchError> {
+/// One round of the weir phase; `next_sequences` (per core, per appender) carries each
+/// appender's sequence numbers on from the round before.
+fn weir_phase(plan: &Plan, data_dir: &Path, next_sequences: &mut [Vec<u64>]) -> Result<WeirFigures, BenchError> {
     let metrics = Metrics::new();
     let mut all_metrics = Vec::new();
     let mut inputs = Vec::with_capacity(plan.cores());
@@ -239,12 +263,16 @@ fn weir_phase(plan: &Plan, data_dir: &Path) -> Result<WeirFigures, BenchError> {
             partitions,
             appenders_per_partition: plan.appenders_per_partition,
             record_bytes: plan.record_bytes,
-            duration: plan.phase_duration,
+            duration: plan.slice_duration,
             log_options: plan.log_options.clone(),
+            first_sequences: next_sequences[core as usize].clone(),
         });
     }
     let results =
-        cores::run_phase("weir", &plan.cpus, plan.io_memory_bytes, plan.phase_duration, inputs, weir_phase::run_core)?;
+        cores::run_phase("weir", &plan.cpus, plan.io_memory_bytes, plan.slice_duration, inputs, weir_phase::run_core)?;
+    for (core, result) in results.iter().enumerate() {
+        next_sequences[core].clone_from(&result.next_sequences);
+    }
     let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
     let appends = results.iter().map(|result| result.appends).sum();
     let records = results.iter().map(|result| result.records).sum();
@@ -284,11 +312,11 @@ fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigu
                 .collect(),
             write_bytes,
             preallocate_bytes: plan.log_options.preallocate_bytes,
-            duration: plan.phase_duration,
+            duration: plan.slice_duration,
         })
         .collect();
     let results =
-        cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.phase_duration, inputs, raw_phase::run_core)?;
+        cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.slice_duration, inputs, raw_phase::run_core)?;
     drop(scratch);
     let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
     let writes = results.iter().map(|result| result.writes).sum();

@@ -18,6 +18,12 @@ use crate::records;
 
 /// Longest phase: a benchmark, not a soak test.
 pub const SECONDS_MAX: u64 = 3600;
+/// Most rounds per run (`--rounds`).
+pub const ROUNDS_MAX: u32 = 1000;
+/// Shortest slice of a phase in one round: a slice also opens and closes the
+/// partitions (or scratch files) and starts the executors, which must stay small
+/// beside it.
+pub const SLICE_MS_MIN: u64 = 100;
 /// Largest record value (`--record-bytes`).
 pub const RECORD_BYTES_MAX: usize = 1 << 20;
 /// Partitions on one core (`--partitions`), as many as one topic may have.
@@ -33,9 +39,14 @@ pub struct LogArgs {
     /// phase's scratch files (deleted). Default: a fresh temp dir, removed afterwards.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Seconds each phase (weir, then raw) runs.
+    /// Seconds each phase (weir, raw) runs in all, split over the rounds.
     #[arg(long, default_value_t = 5, value_name = "S")]
     pub seconds: u64,
+    /// Rounds: the phases alternate (weir, raw, weir, raw, ...), each running S/R
+    /// seconds per round, so a slow spell of a shared disk falls on both phases rather
+    /// than on one of them.
+    #[arg(long, default_value_t = 5, value_name = "R")]
+    pub rounds: u32,
     /// Cores: one pinned executor on each of the first N usable CPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub cores: usize,
@@ -86,8 +97,11 @@ const FLAG_OF_CONFIG_PATH: &[(&str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub data_dir: Option<PathBuf>,
-    pub phase_duration: Duration,
+    /// Seconds each phase runs in all (`--seconds`).
     pub seconds: u64,
+    pub rounds: u32,
+    /// How long each phase runs in one round: `seconds / rounds`.
+    pub slice_duration: Duration,
     /// CPU ids, one executor each, in core order.
     pub cpus: Vec<usize>,
     pub partitions_per_core: u32,
@@ -132,6 +146,14 @@ impl LogArgs {
         }
         if self.seconds == 0 || self.seconds > SECONDS_MAX {
             problems.push(format!("--seconds {}: must be within 1..={SECONDS_MAX}", self.seconds));
+        }
+        if self.rounds == 0 || self.rounds > ROUNDS_MAX {
+            problems.push(format!("--rounds {}: must be within 1..={ROUNDS_MAX}", self.rounds));
+        } else if self.seconds * 1000 / u64::from(self.rounds) < SLICE_MS_MIN {
+            problems.push(format!(
+                "--rounds {}: {} s split into {} rounds leaves less than {SLICE_MS_MIN} ms per phase and round",
+                self.rounds, self.seconds, self.rounds
+            ));
         }
         if self.partitions == 0 || self.partitions > PARTITIONS_PER_CORE_MAX {
             problems.push(format!("--partitions {}: must be within 1..={PARTITIONS_PER_CORE_MAX}", self.partitions));
@@ -208,8 +230,9 @@ impl LogArgs {
         }
         Ok(Plan {
             data_dir: self.data_dir.clone(),
-            phase_duration: Duration::from_secs(self.seconds),
             seconds: self.seconds,
+            rounds: self.rounds,
+            slice_duration: Duration::from_secs(self.seconds) / self.rounds,
             cpus: usable[..self.cores].to_vec(),
             partitions_per_core: self.partitions,
             appenders_per_partition: self.appenders,

@@ -1,5 +1,6 @@
-//! Phase two: the raw ceiling. The same cores, one scratch file per partition on the
-//! same filesystem, each written by one task as weir's flusher writes a segment:
+//! Phase two: the raw ceiling, one round's slice of it. The same cores, one new scratch
+//! file per partition and round on the same filesystem (so, with the default rounds, a
+//! file stays below a segment's size, as weir's active segment does), each written by one task as weir's flusher writes a segment:
 //! sequential O_DIRECT writes (glommio `DmaFile`, one aligned DMA buffer) of the size
 //! weir's group commit produced, each followed by `fdatasync`, with space preallocated
 //! (`fallocate`) in the same steps as weir's `log.preallocate_bytes`.

@@ -35,6 +35,33 @@ pub struct RawFigures {
     pub elapsed: Duration,
 }
 
+impl WeirFigures {
+    /// This round's figures added to those of the rounds before.
+    pub fn add(mut self, round: WeirFigures) -> WeirFigures {
+        self.latency_ns.add(&round.latency_ns).expect("histograms share their bounds");
+        self.appends += round.appends;
+        self.records += round.records;
+        self.payload_bytes += round.payload_bytes;
+        self.elapsed += round.elapsed;
+        self.flushes += round.flushes;
+        self.batch_bytes += round.batch_bytes;
+        self
+    }
+}
+
+impl RawFigures {
+    /// This round's figures added to those of the rounds before (same write size).
+    pub fn add(mut self, round: RawFigures) -> RawFigures {
+        assert_eq!(self.write_bytes, round.write_bytes, "every round writes the same size");
+        self.fsync_ns.add(&round.fsync_ns).expect("histograms share their bounds");
+        self.write_and_fsync_ns.add(&round.write_and_fsync_ns).expect("histograms share their bounds");
+        self.writes += round.writes;
+        self.bytes += round.bytes;
+        self.elapsed += round.elapsed;
+        self
+    }
+}
+
 pub struct Report<'a> {
     pub plan: &'a Plan,
     /// Where the weir phase's partitions stay, if the caller asked to keep them.
@@ -115,6 +142,7 @@ impl Report<'_> {
             "appenders_total": plan.appenders_total(),
             "record_bytes": plan.record_bytes,
             "seconds": plan.seconds,
+            "rounds": plan.rounds,
             "flush_delay_us_max": plan.log_options.flush_delay_max.as_micros() as u64,
             "flush_bytes_max": plan.log_options.flush_bytes_max,
             "appends_pending_max": plan.log_options.appends_pending_max,
@@ -136,13 +164,14 @@ impl Report<'_> {
         let mut lines = vec![
             format!(
                 "weir-bench log: {} core(s) (cpus {:?}), {} partition(s) per core, {} appenders per partition, \
-                 {}-byte records, {} s per phase",
+                 {}-byte records, {} s per phase in {} alternating rounds",
                 plan.cores(),
                 plan.cpus,
                 plan.partitions_per_core,
                 plan.appenders_per_partition,
                 plan.record_bytes,
-                plan.seconds
+                plan.seconds,
+                plan.rounds
             ),
             format!(
                 "log options: flush_delay_us_max {}, flush_bytes_max {}, appends_pending_max {}, preallocate_bytes {}, \

@@ -469,7 +469,7 @@ impl Sample {
             headers: record
                 .headers
                 .iter()
-                .map(|header| (header.key.clone(), header.value.as_ref().map(|value| value.to_vec())))
+                .map(|header| (header.key.to_string(), header.value.as_ref().map(|value| value.to_vec())))
                 .collect(),
         }
     }

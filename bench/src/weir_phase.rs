@@ -1,6 +1,8 @@
-//! Phase one: weir's own appends. Each core opens its partitions with
-//! `PartitionLog::open`, then runs `appenders_per_partition` tasks per partition, each
-//! looping `append(vec![record]).await` until the deadline. An append's latency is from
+//! Phase one: weir's own appends, one round's slice of them. Each core opens (in later
+//! rounds: reopens and recovers) its partitions with `PartitionLog::open`, then runs
+//! `appenders_per_partition` tasks per partition, each looping
+//! `append(vec![record]).await` until the deadline, its sequence numbers carrying on
+//! from the round before. An append's latency is from
 //! the call to its durable acknowledgement (written and `fdatasync`ed by the group
 //! commit), recorded in nanoseconds into the core's histogram.
 //!
@@ -37,6 +39,9 @@ pub struct WeirCoreInput {
     pub record_bytes: usize,
     pub duration: Duration,
     pub log_options: LogOptions,
+    /// Each appender's first sequence number in this round (the records it appended in
+    /// earlier rounds come before), in partition order, then appender order.
+    pub first_sequences: Vec<u64>,
 }
 
 /// What one core measured.
@@ -47,12 +52,20 @@ pub struct WeirCoreResult {
     pub payload_bytes: u64,
     /// From the start gate to the last acknowledgement on this core.
     pub elapsed: Duration,
+    /// Each appender's next sequence number, in the order of `first_sequences`.
+    pub next_sequences: Vec<u64>,
 }
 
-#[derive(Default)]
+/// Who an appender is (its global index) and where its sequence numbers start.
+struct Appender {
+    appender: u64,
+    first_sequence: u64,
+}
+
 struct AppenderTotals {
     appends: u64,
     payload_bytes: u64,
+    next_sequence: u64,
 }
 
 pub async fn run_core(context: CoreContext, input: WeirCoreInput) -> Result<WeirCoreResult, BenchError> {
@@ -74,13 +87,15 @@ pub async fn run_core(context: CoreContext, input: WeirCoreInput) -> Result<Weir
     let histogram = Rc::new(RefCell::new(latency_histogram()));
     let pattern = records::value_pattern(input.record_bytes);
     let mut tasks = Vec::with_capacity(logs.len() * input.appenders_per_partition as usize);
+    let mut first_sequences = input.first_sequences.iter().copied();
     for (partition, log) in &logs {
         for local in 0..input.appenders_per_partition {
             let appender = u64::from(*partition) * u64::from(input.appenders_per_partition) + u64::from(local);
+            let first_sequence = first_sequences.next().expect("one first sequence per appender");
             let task = appender_loop(
                 context.clone(),
                 log.clone(),
-                appender,
+                Appender { appender, first_sequence },
                 deadline,
                 pattern.clone(),
                 input.record_bytes,
@@ -89,13 +104,15 @@ pub async fn run_core(context: CoreContext, input: WeirCoreInput) -> Result<Weir
             tasks.push(glommio::spawn_local(task));
         }
     }
-    let mut totals = AppenderTotals::default();
+    let (mut appends, mut payload_bytes) = (0, 0);
+    let mut next_sequences = Vec::with_capacity(tasks.len());
     let mut first_error = None;
     for task in tasks {
         match task.await {
             Ok(appender) => {
-                totals.appends += appender.appends;
-                totals.payload_bytes += appender.payload_bytes;
+                appends += appender.appends;
+                payload_bytes += appender.payload_bytes;
+                next_sequences.push(appender.next_sequence);
             }
             Err(error) => {
                 first_error.get_or_insert(error);
@@ -111,11 +128,12 @@ pub async fn run_core(context: CoreContext, input: WeirCoreInput) -> Result<Weir
         Rc::try_unwrap(histogram).map(RefCell::into_inner).unwrap_or_else(|shared| shared.borrow().clone());
     Ok(WeirCoreResult {
         latency_ns,
-        appends: totals.appends,
+        appends,
         // One record per append.
-        records: totals.appends,
-        payload_bytes: totals.payload_bytes,
+        records: appends,
+        payload_bytes,
         elapsed,
+        next_sequences,
     })
 }
 
@@ -132,14 +150,14 @@ async fn close_all(context: &CoreContext, logs: &[(u32, PartitionLog)]) -> Resul
 async fn appender_loop(
     context: CoreContext,
     log: PartitionLog,
-    appender: u64,
+    Appender { appender, first_sequence }: Appender,
     deadline: Instant,
     pattern: bytes::Bytes,
     record_bytes: usize,
     histogram: Rc<RefCell<Histogram<u64>>>,
 ) -> Result<AppenderTotals, BenchError> {
-    let mut totals = AppenderTotals::default();
-    let mut sequence = 0u64;
+    let mut totals = AppenderTotals { appends: 0, payload_bytes: 0, next_sequence: first_sequence };
+    let mut sequence = first_sequence;
     let mut previous_offset = -1i64;
     while Instant::now() < deadline {
         let record = records::record(appender, sequence, &pattern, record_bytes);
@@ -160,5 +178,6 @@ async fn appender_loop(
         context.add_progress_bytes(payload_bytes);
         sequence += 1;
     }
+    totals.next_sequence = sequence;
     Ok(totals)
 }

@@ -158,6 +158,9 @@ def test_bench_segments_decode_with_kafka_python_and_pass_inspect(tmp_path):
     summary = run_bench(data_dir)
     assert summary["cores"] == 1 and summary["partitions"] == 1 and summary["appenders"] == 8
     assert summary["seconds"] == 1
+    # The default 5 rounds: the appenders' sequences carry on from round to round,
+    # which the gap check below proves.
+    assert summary["rounds"] == 5
     assert summary["records"] > 0 and summary["mb_per_s"] > 0 and summary["raw_mb_per_s"] > 0
     assert summary["ratio"] == pytest.approx(summary["mb_per_s"] / summary["raw_mb_per_s"], rel=0.01, abs=0.002)
     assert 0 < summary["p50_us"] <= summary["p99_us"] <= summary["p999_us"]
@@ -193,6 +196,8 @@ def test_bench_segments_decode_with_kafka_python_and_pass_inspect(tmp_path):
         ["--record-bytes", "0"],
         ["--record-bytes", str((1 << 20) + 1)],
         ["--seconds", "0"],
+        ["--rounds", "0"],
+        ["--rounds", "51"],
         ["--appenders", "0"],
         ["--partitions", "0"],
         ["--flush-delay-us", "2000000"],
