@@ -22,7 +22,11 @@
 //! MB/s counts record payload (`Record::payload_len`), MB = 10^6 bytes, over the time
 //! from the gate (weir) or the first `produce()` (ceiling) to the last acknowledgement.
 //! Throughput windows (`--window-ms`) per partition go into an hdrhistogram: their
-//! percentiles show how steady each side is.
+//! percentiles show how steady each side is. weir's windows count the records the
+//! broker acknowledged (`shipped_records`), not the durable cursor, which moves only
+//! when `ship.state` is written (at most every `upstream.cursor_persist_interval_ms`,
+//! 500 ms by default) and would show most windows empty. The drain ends when the
+//! durable cursor reaches the log's end.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -584,7 +588,7 @@ async fn run_core(input: CoreInput) -> Result<CoreResult, ShipBenchError> {
     let shipper = glommio::spawn_local(ship::run(log.clone(), setup, metrics.clone(), shutdown.clone()));
     let mut window_records = Vec::new();
     let mut window_start = started;
-    let mut window_base = 0i64;
+    let mut window_base = 0u64;
     let mut reported = 0i64;
     let mut last_progress = Instant::now();
     let drain_elapsed = loop {
@@ -599,8 +603,9 @@ async fn run_core(input: CoreInput) -> Result<CoreResult, ShipBenchError> {
             break started.elapsed();
         }
         if now.duration_since(window_start) >= plan.window {
-            window_records.push((cursor - window_base) as u64);
-            window_base = cursor;
+            let acknowledged = metrics.shipped_records.get();
+            window_records.push(acknowledged - window_base);
+            window_base = acknowledged;
             window_start = now;
         }
         if metrics.stopped.get() == 1 || shared.failed.load(Ordering::Acquire) {
