@@ -4,14 +4,18 @@
 //! the device id from its certificate. Bad certificates, denied devices, unknown or
 //! forbidden topics and malformed frames are refused with their reasons.
 
+#[path = "common/appliance.rs"]
+mod appliance;
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use appliance::{make_certs, Appliance};
 use common::read_partition;
 use weir::core::log::batch::Record;
 
@@ -27,97 +31,13 @@ fn python() -> PathBuf {
     path
 }
 
-struct Appliance {
-    child: Child,
-    quic: String,
-    root: PathBuf,
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// weir on `cores` cores with the devices dev-1, dev-2 and banned-1, the topics
+/// telemetry (4 partitions) and secret (1), and `extra_quic` in `[quic]`.
+fn start(root: &Path, extra_quic: &str, cores: usize) -> Appliance {
+    if !root.join("certs/ca.pem").exists() {
+        make_certs(&root.join("certs"), &["dev-1", "dev-2", "banned-1"]);
     }
-}
-
-impl Appliance {
-    fn start(root: &Path, extra_quic: &str, cores: usize) -> Appliance {
-        let certs = root.join("certs");
-        if !certs.join("ca.pem").exists() {
-            let output = weir()
-                .args(["certs", "--device", "dev-1", "--device", "dev-2", "--device", "banned-1", "--dir"])
-                .arg(&certs)
-                .output()
-                .unwrap();
-            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        }
-        let config = root.join("weir.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{extra_quic}\n[[topics]]\nname = \"telemetry\"\npartitions = 4\n[[topics]]\nname = \"secret\"\npartitions = 1\n",
-                root.join("data").display(),
-                certs.display()
-            ),
-        )
-        .unwrap();
-        let mut child = weir()
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--cores")
-            .arg(cores.to_string())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("weir: {line}");
-                let _ = sender.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut quic = None;
-        while Instant::now() < deadline {
-            let Ok(line) = receiver.recv_timeout(Duration::from_millis(100)) else { continue };
-            if let Some(at) = line.find("quic=") {
-                quic = Some(line[at + 5..].split_whitespace().next().unwrap().to_owned());
-            }
-            if line.contains("weir serving") {
-                return Appliance { child, quic: quic.expect("the QUIC address is logged"), root: root.to_owned() };
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("weir did not start serving");
-    }
-
-    fn device(&self, id: &str, args: &[&str]) -> std::process::Output {
-        let certs = self.root.join("certs");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py");
-        Command::new(python())
-            .arg(script)
-            .arg("--server")
-            .arg(&self.quic)
-            .arg("--ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(certs.join(format!("devices/{id}.pem")))
-            .arg("--key")
-            .arg(certs.join(format!("devices/{id}.key")))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn stop(mut self) {
-        Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
-        let status = self.child.wait().unwrap();
-        assert_eq!(status.code(), Some(0));
-    }
+    Appliance::start(root, extra_quic, "", &[("telemetry", 4), ("secret", 1)], cores)
 }
 
 fn answers(output: &std::process::Output) -> Vec<serde_json::Value> {
@@ -132,10 +52,10 @@ fn header<'a>(record: &'a Record, key: &str) -> Option<&'a [u8]> {
 #[test]
 fn an_aioquic_device_writes_over_mtls_and_every_acked_record_is_in_the_log() {
     let root = tempfile::tempdir().unwrap();
-    let appliance = Appliance::start(root.path(), "", 2);
-    let acks = answers(&appliance.device("dev-1", &["--frames", "20", "--records", "5", "--key-prefix", "a"]));
+    let appliance = start(root.path(), "", 2);
+    let acks = answers(&appliance.aioquic("dev-1", &["--frames", "20", "--records", "5", "--key-prefix", "a"]));
     let more = answers(
-        &appliance.device("dev-2", &["--frames", "5", "--records", "3", "--sequence", "100", "--key-prefix", "b"]),
+        &appliance.aioquic("dev-2", &["--frames", "5", "--records", "3", "--sequence", "100", "--key-prefix", "b"]),
     );
     appliance.stop();
     assert_eq!(acks.len(), 20);
@@ -217,17 +137,16 @@ fn expired_device_certificate(certs: &Path, device: &str) -> (PathBuf, PathBuf) 
 #[test]
 fn refusals_carry_their_reasons() {
     let root = tempfile::tempdir().unwrap();
-    let appliance =
-        Appliance::start(root.path(), "topics_allowed = [\"telemetry\"]\ndevices_denied = [\"banned-1\"]", 1);
+    let appliance = start(root.path(), "topics_allowed = [\"telemetry\"]\ndevices_denied = [\"banned-1\"]", 1);
     // A topic the config does not allow, and one that does not exist.
-    let forbidden = answers(&appliance.device("dev-1", &["--topic", "secret", "--frames", "1"]));
+    let forbidden = answers(&appliance.aioquic("dev-1", &["--topic", "secret", "--frames", "1"]));
     assert_eq!(forbidden[0]["kind"], "error");
     assert_eq!(forbidden[0]["error_code"], 3, "{}", forbidden[0]);
-    let unknown = answers(&appliance.device("dev-1", &["--topic", "nope", "--frames", "1"]));
+    let unknown = answers(&appliance.aioquic("dev-1", &["--topic", "nope", "--frames", "1"]));
     assert_eq!(unknown[0]["error_code"], 4, "{}", unknown[0]);
     assert!(unknown[0]["message"].as_str().unwrap().contains("nope"));
     // A denied device is disconnected after the handshake.
-    let denied = appliance.device("banned-1", &["--frames", "1"]);
+    let denied = appliance.aioquic("banned-1", &["--frames", "1"]);
     assert!(!denied.status.success(), "a denied device must not get an answer");
     // A certificate from another CA fails the handshake.
     let stranger = root.path().join("stranger");
@@ -266,14 +185,14 @@ fn refusals_carry_their_reasons() {
     assert_eq!(closed["error_code"], 0x100 + 45, "TLS alert certificate_expired as a QUIC crypto error: {closed}");
     assert!(closed["reason"].as_str().unwrap().contains("certificate expired"), "{closed}");
     // A frame that is no valid archive is answered with MalformedFrame.
-    let garbage = answers(&appliance.device("dev-1", &["--garbage"]));
+    let garbage = answers(&appliance.aioquic("dev-1", &["--garbage"]));
     assert_eq!(garbage[0]["error_code"], 1, "{}", garbage[0]);
     assert!(garbage[0]["message"].as_str().unwrap().contains("archive"), "{}", garbage[0]);
     // A frame declared larger than the limit closes the connection without buffering it.
-    let oversized = appliance.device("dev-1", &["--declare-length", "300000000"]);
+    let oversized = appliance.aioquic("dev-1", &["--declare-length", "300000000"]);
     assert!(!oversized.status.success());
     // After all that, a good device still works.
-    let good = answers(&appliance.device("dev-2", &["--frames", "2"]));
+    let good = answers(&appliance.aioquic("dev-2", &["--frames", "2"]));
     assert!(good.iter().all(|answer| answer["kind"] == "ack"));
     appliance.stop();
 }
@@ -281,8 +200,8 @@ fn refusals_carry_their_reasons() {
 #[test]
 fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a_restart() {
     let root = tempfile::tempdir().unwrap();
-    let appliance = Appliance::start(root.path(), "", 2);
-    let first = answers(&appliance.device("dev-1", &["--frames", "3", "--records", "6", "--resend-last"]));
+    let appliance = start(root.path(), "", 2);
+    let first = answers(&appliance.aioquic("dev-1", &["--frames", "3", "--records", "6", "--resend-last"]));
     appliance.stop();
     assert_eq!(first.len(), 4);
     assert_eq!(first[3], first[2], "the resent frame is answered exactly as the original");
@@ -291,12 +210,12 @@ fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a
     };
     assert_eq!(stored(root.path()), 18, "three frames of six records, stored once");
     // After a restart the appliance rebuilds what it remembers from its log.
-    let appliance = Appliance::start(root.path(), "", 2);
+    let appliance = start(root.path(), "", 2);
     let again = answers(
-        &appliance.device("dev-1", &["--frames", "1", "--records", "6", "--sequence", "3", "--first-frame", "2"]),
+        &appliance.aioquic("dev-1", &["--frames", "1", "--records", "6", "--sequence", "3", "--first-frame", "2"]),
     );
     let fresh = answers(
-        &appliance.device("dev-1", &["--frames", "1", "--records", "6", "--sequence", "4", "--first-frame", "3"]),
+        &appliance.aioquic("dev-1", &["--frames", "1", "--records", "6", "--sequence", "4", "--first-frame", "3"]),
     );
     appliance.stop();
     assert_eq!(again[0], first[2], "the resend after a restart gets the original offsets");
@@ -307,16 +226,16 @@ fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a
 #[test]
 fn a_stale_frame_below_what_its_partition_remembers_is_refused_as_too_old_and_not_stored_again() {
     let root = tempfile::tempdir().unwrap();
-    let appliance = Appliance::start(root.path(), "dedup_sequences_per_device_max = 2", 1);
-    let first = answers(&appliance.device("dev-1", &["--frames", "40", "--records", "1"]));
+    let appliance = start(root.path(), "dedup_sequences_per_device_max = 2", 1);
+    let first = answers(&appliance.aioquic("dev-1", &["--frames", "40", "--records", "1"]));
     assert!(first.iter().all(|answer| answer["kind"] == "ack"), "{first:?}");
     // The first frame once more, as a copy from a connection the device abandoned
     // arrives after the device moved on (found by the simulation, docs/SIMULATION.md).
     let stale = answers(
-        &appliance.device("dev-1", &["--frames", "1", "--records", "1", "--sequence", "1", "--first-frame", "0"]),
+        &appliance.aioquic("dev-1", &["--frames", "1", "--records", "1", "--sequence", "1", "--first-frame", "0"]),
     );
     let recent = answers(
-        &appliance.device("dev-1", &["--frames", "1", "--records", "1", "--sequence", "40", "--first-frame", "39"]),
+        &appliance.aioquic("dev-1", &["--frames", "1", "--records", "1", "--sequence", "40", "--first-frame", "39"]),
     );
     appliance.stop();
     assert_eq!(stale[0]["error_code"], 8, "SequenceTooOld: {}", stale[0]);
@@ -330,12 +249,12 @@ fn a_stale_frame_below_what_its_partition_remembers_is_refused_as_too_old_and_no
 fn a_device_over_its_record_quota_is_refused_with_retry_after_and_nothing_past_it_is_stored() {
     let root = tempfile::tempdir().unwrap();
     // 50 records/s, one connection per device (it gets the whole quota), 40-record frames.
-    let appliance = Appliance::start(
+    let appliance = start(
         root.path(),
         "device_records_per_s_max = 50\nconnections_per_device_max = 1\nrecords_per_frame_max = 40",
         1,
     );
-    let first = answers(&appliance.device("dev-1", &["--frames", "4", "--records", "40", "--sequence", "1"]));
+    let first = answers(&appliance.aioquic("dev-1", &["--frames", "4", "--records", "40", "--sequence", "1"]));
     assert_eq!(first.len(), 4);
     assert_eq!(first[0]["kind"], "ack", "the burst holds one frame: {}", first[0]);
     // 10 records left of the 50-record burst: the next 40 need 30 more, 600 ms at 50/s.
@@ -349,11 +268,11 @@ fn a_device_over_its_record_quota_is_refused_with_retry_after_and_nothing_past_i
     // After the wait, the refused frames are accepted, resent in order.
     std::thread::sleep(Duration::from_millis(retry_after_ms + 100));
     let resent = answers(
-        &appliance.device("dev-1", &["--frames", "1", "--records", "40", "--sequence", "2", "--first-frame", "1"]),
+        &appliance.aioquic("dev-1", &["--frames", "1", "--records", "40", "--sequence", "2", "--first-frame", "1"]),
     );
     assert_eq!(resent[0]["kind"], "ack", "{}", resent[0]);
     // A frame over quic.records_per_frame_max is refused before the quota is consulted.
-    let crowded = answers(&appliance.device("dev-1", &["--frames", "1", "--records", "41", "--sequence", "10"]));
+    let crowded = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--records", "41", "--sequence", "10"]));
     assert_eq!(crowded[0]["error_code"], 2, "FrameTooLarge: {}", crowded[0]);
     assert!(crowded[0]["message"].as_str().unwrap().contains("over the limit: 41 > 40"), "{}", crowded[0]);
     appliance.stop();

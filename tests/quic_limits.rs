@@ -4,14 +4,18 @@
 //! Backpressure, bad input of every kind, and 10,000 idle connections (connecting
 //! through Retry), while well-behaved devices keep being served.
 
+#[path = "common/appliance.rs"]
+mod appliance;
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use appliance::Appliance;
 use common::{header, read_partition};
 use weir::core::log::batch::Record;
 
@@ -43,114 +47,21 @@ fn certs(directory: &Path, args: &[&str]) {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
-struct Appliance {
-    child: Child,
-    quic: String,
-    admin: String,
-    root: PathBuf,
+/// weir on two cores with the topic telemetry of `PARTITIONS` partitions, `quic` in its
+/// `[quic]` section and `extra` (whole sections) after it; the PKI in `root/certs`.
+fn start(root: &Path, quic: &str, extra: &str) -> Appliance {
+    start_on_cores(root, quic, extra, 2)
 }
 
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_on_cores(root: &Path, quic: &str, extra: &str, cores: usize) -> Appliance {
+    Appliance::start(root, quic, extra, &[("telemetry", PARTITIONS as u32)], cores)
 }
 
-impl Appliance {
-    /// `weir serve --cores 2` with the PKI in `root/certs` and `extra` appended to the
-    /// config (sections of its own: `[quic]` keys go in `quic`).
-    fn start(root: &Path, quic: &str, extra: &str) -> Appliance {
-        Appliance::start_on_cores(root, quic, extra, 2)
-    }
-
-    fn start_on_cores(root: &Path, quic: &str, extra: &str, cores: usize) -> Appliance {
-        let config = root.join("weir.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{quic}\n{extra}\n[[topics]]\nname = \"telemetry\"\npartitions = {PARTITIONS}\n",
-                root.join("data").display(),
-                root.join("certs").display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new(binary("weir"))
-            .args(["serve", "--cores", &cores.to_string(), "--config"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if !line.contains("DEBUG") {
-                    eprintln!("weir: {line}");
-                }
-                let _ = sender.send(line);
-            }
-        });
-        let field = |line: &str, name: &str| {
-            line.find(name).map(|at| line[at + name.len()..].split_whitespace().next().unwrap().to_owned())
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut quic, mut admin) = (None, None);
-        while Instant::now() < deadline {
-            let Ok(line) = receiver.recv_timeout(Duration::from_millis(100)) else { continue };
-            quic = quic.or(field(&line, "quic="));
-            admin = admin.or(field(&line, "admin=http://"));
-            if line.contains("weir serving") {
-                return Appliance {
-                    child,
-                    quic: quic.expect("the QUIC address is logged"),
-                    admin: admin.expect("the admin address is logged"),
-                    root: root.to_owned(),
-                };
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("weir did not start serving");
-    }
-
-    /// The value of one metric line (`name` with its labels, as exposed).
-    fn metric(&self, name: &str) -> f64 {
-        let mut stream = std::net::TcpStream::connect(&self.admin).unwrap();
-        write!(stream, "GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .map_or(0.0, |value| value.trim().parse().unwrap())
-    }
-
-    fn sim(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(binary("weir-sim"));
-        command.args(["--server", &self.quic, "--threads", "2", "--certs"]).arg(self.root.join("certs")).args(args);
-        command
-    }
-
-    fn aioquic(&self, device: &str, args: &[&str]) -> Output {
-        let certs = self.root.join("certs");
-        Command::new(python())
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
-            .args(["--server", &self.quic, "--ca"])
-            .arg(certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(certs.join(format!("devices/{device}.pem")))
-            .arg("--key")
-            .arg(certs.join(format!("devices/{device}.key")))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn stop(mut self) {
-        Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
-        assert_eq!(self.child.wait().unwrap().code(), Some(0), "weir stops cleanly");
-    }
+/// weir-sim pointed at the appliance, with its devices' certificates.
+fn sim(appliance: &Appliance, args: &[&str]) -> Command {
+    let mut command = Command::new(binary("weir-sim"));
+    command.args(["--server", &appliance.quic, "--threads", "2", "--certs"]).arg(appliance.certs()).args(args);
+    command
 }
 
 fn summary(output: &Output) -> serde_json::Value {
@@ -206,10 +117,11 @@ fn assert_log_matches_acks(root: &Path, acked_log: &Path, acked_count: u64) -> u
 fn write_while_rebinding(steering: bool) -> (serde_json::Value, f64) {
     let root = tempfile::tempdir().unwrap();
     certs(&root.path().join("certs"), &["--device-count", "40", "--device-prefix", "sim-"]);
-    let appliance = Appliance::start(root.path(), &format!("reuseport_steering = {steering}"), "");
+    let appliance = start(root.path(), &format!("reuseport_steering = {steering}"), "");
     let acked_log = root.path().join("acked.txt");
-    let output = appliance
-        .sim(&[
+    let output = sim(
+        &appliance,
+        &[
             "--devices",
             "40",
             "--devices-per-endpoint",
@@ -224,11 +136,12 @@ fn write_while_rebinding(steering: bool) -> (serde_json::Value, f64) {
             "4",
             "--rebind-every-ms",
             "200",
-        ])
-        .arg("--acked-log")
-        .arg(&acked_log)
-        .output()
-        .unwrap();
+        ],
+    )
+    .arg("--acked-log")
+    .arg(&acked_log)
+    .output()
+    .unwrap();
     let summary = summary(&output);
     let accepted = appliance.metric("weir_quic_connections_accepted_total");
     let forwarded = appliance.metric("weir_quic_datagrams_forwarded_total");
@@ -262,7 +175,7 @@ fn a_partition_behind_on_disk_answers_backpressure_and_every_record_is_acked_onc
     let root = tempfile::tempdir().unwrap();
     certs(&root.path().join("certs"), &["--device-count", "200", "--device-prefix", "sim-"]);
     // A queue of one append per partition: any burst finds the partition behind.
-    let appliance = Appliance::start(root.path(), "", "[log]\nappends_pending_max = 1\n");
+    let appliance = start(root.path(), "", "[log]\nappends_pending_max = 1\n");
     let profile = root.path().join("device.toml");
     std::fs::write(
         &profile,
@@ -270,17 +183,19 @@ fn a_partition_behind_on_disk_answers_backpressure_and_every_record_is_acked_onc
     )
     .unwrap();
     let acked_log = root.path().join("acked.txt");
-    let output = appliance
-        .sim(&["--devices", "200", "--rate", "50", "--seconds", "4", "--record-bytes", "64", "--frames-in-flight", "4"])
-        .arg("--profile")
-        .arg(&profile)
-        .arg("--acked-log")
-        .arg(&acked_log)
-        .output()
-        .unwrap();
+    let output = sim(
+        &appliance,
+        &["--devices", "200", "--rate", "50", "--seconds", "4", "--record-bytes", "64", "--frames-in-flight", "4"],
+    )
+    .arg("--profile")
+    .arg(&profile)
+    .arg("--acked-log")
+    .arg(&acked_log)
+    .output()
+    .unwrap();
     let summary = summary(&output);
     let backpressure = appliance.metric("weir_quic_backpressure_answers_total");
-    let memory_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", appliance.child.id()))
+    let memory_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", appliance.server.pid()))
         .unwrap()
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:").map(|rest| rest.trim().trim_end_matches(" kB").parse::<u64>()))
@@ -300,7 +215,7 @@ fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served()
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
     certs(&root.path().join("certs"), &["--device", "dev-1", "--device", "dev-2", "--device", "busy-1"]);
-    let appliance = Appliance::start(root.path(), "connections_per_device_max = 1", "");
+    let appliance = start(root.path(), "connections_per_device_max = 1", "");
     // A sequence reused with other records (the same keys, so the same partitions, but
     // fewer of them): refused, and the first records stay.
     let first = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--sequence", "50", "--records", "4"]));
@@ -352,11 +267,13 @@ fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served()
     }
     // One connection per device here: a second one of busy-1 is closed with the reason.
     let accepted_before = appliance.metric("weir_quic_connections_accepted_total");
-    let idle = appliance
-        .sim(&["--devices", "1", "--device-prefix", "busy-", "--device-first", "1", "--rate", "0", "--seconds", "8"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let idle = sim(
+        &appliance,
+        &["--devices", "1", "--device-prefix", "busy-", "--device-first", "1", "--rate", "0", "--seconds", "8"],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while appliance.metric("weir_quic_connections_accepted_total") <= accepted_before
         || appliance.metric("weir_quic_handshakes_in_progress") > 0.0
@@ -389,9 +306,8 @@ fn one_connection_over_connections_max_is_refused_and_served_once_one_closes() {
     certs(&certs_dir, &["--device", "dev-1"]);
     certs(&certs_dir, &["--device-count", "3", "--device-prefix", "idle-"]);
     // connections_max is per core: one core, so the limit is the appliance's.
-    let appliance = Appliance::start_on_cores(root.path(), "connections_max = 3", "", 1);
-    let mut idle = appliance
-        .sim(&["--devices", "3", "--device-prefix", "idle-", "--rate", "0", "--seconds", "6"])
+    let appliance = start_on_cores(root.path(), "connections_max = 3", "", 1);
+    let mut idle = sim(&appliance, &["--devices", "3", "--device-prefix", "idle-", "--rate", "0", "--seconds", "6"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -426,9 +342,10 @@ fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
     certs(&certs_dir, &["--device-count", "10000", "--device-prefix", "idle-"]);
     certs(&certs_dir, &["--device-count", "20", "--device-prefix", "busy-"]);
     // Few handshakes before Retry: the fleet connecting 256 at a time gets Retries.
-    let appliance = Appliance::start(root.path(), "handshakes_before_retry = 16", "");
-    let mut idle = appliance
-        .sim(&[
+    let appliance = start(root.path(), "handshakes_before_retry = 16", "");
+    let mut idle = sim(
+        &appliance,
+        &[
             "--devices",
             "10000",
             "--device-prefix",
@@ -439,10 +356,11 @@ fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
             "20",
             "--connect-concurrency",
             "256",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while appliance.metric("weir_quic_connections_open") < 10_000.0 {
         assert!(Instant::now() < deadline, "10,000 idle devices connect");
@@ -450,23 +368,14 @@ fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let acked_log = root.path().join("acked.txt");
-    let busy = appliance
-        .sim(&[
-            "--devices",
-            "20",
-            "--device-prefix",
-            "busy-",
-            "--rate",
-            "50",
-            "--seconds",
-            "3",
-            "--frames-in-flight",
-            "4",
-        ])
-        .arg("--acked-log")
-        .arg(&acked_log)
-        .output()
-        .unwrap();
+    let busy = sim(
+        &appliance,
+        &["--devices", "20", "--device-prefix", "busy-", "--rate", "50", "--seconds", "3", "--frames-in-flight", "4"],
+    )
+    .arg("--acked-log")
+    .arg(&acked_log)
+    .output()
+    .unwrap();
     let busy = summary(&busy);
     let open_meanwhile = appliance.metric("weir_quic_connections_open");
     let retries = appliance.metric("weir_quic_retries_sent_total");

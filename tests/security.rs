@@ -9,17 +9,22 @@
 //! Every flood is bounded (a count or a deadline) and stops by itself; the assertions
 //! are on acknowledgements, counts and the log, not on timing.
 
+#[path = "common/appliance.rs"]
+mod appliance;
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use appliance::{make_certs, Appliance};
 use common::read_partition;
 use weir::core::log::batch::Record;
 
@@ -32,28 +37,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// How many times a well-behaved device may have to try before its records are acked.
 const ATTEMPTS_MAX: usize = 3;
-
-fn weir() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_weir"))
-}
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("WEIR_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(path.exists(), "{} is missing: run tools/test, which creates the venv with aioquic", path.display());
-    path
-}
-
-fn certs(directory: &Path, devices: &[&str]) {
-    let mut command = weir();
-    command.arg("certs");
-    for device in devices {
-        command.args(["--device", device]);
-    }
-    let output = command.arg("--dir").arg(directory).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-}
 
 /// Starts `command` (a `weir serve`), echoes its stderr and waits for "weir serving";
 /// returns the child and every `key=value` field of the log lines up to then.
@@ -96,102 +79,39 @@ fn field(lines: &[String], name: &str) -> Option<String> {
     })
 }
 
-struct Appliance {
-    child: Child,
-    quic: String,
-    admin: String,
-    root: PathBuf,
+/// weir on `cores` cores with `quic` in its `[quic]` section and the `topics`; the
+/// PKI in `root/certs`.
+fn start(root: &Path, quic: &str, topics: &[(&str, u32)], cores: usize) -> Appliance {
+    Appliance::start(root, quic, "", topics, cores)
 }
 
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn refusals(appliance: &Appliance, reason: &str) -> f64 {
+    appliance.metric(&format!("weir_quic_refusals_total{{reason=\"{reason}\"}}"))
 }
 
-impl Appliance {
-    /// `weir serve` on `cores` cores with the PKI in `root/certs`; `quic` goes in the
-    /// `[quic]` section, `topics` is the `[[topics]]` list.
-    fn start(root: &Path, quic: &str, topics: &[(&str, u32)], cores: usize) -> Appliance {
-        let config = root.join("weir.toml");
-        let mut text = format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{quic}\n",
-            root.join("data").display(),
-            root.join("certs").display()
+fn device_command(appliance: &Appliance, device: &str, args: &[&str]) -> Command {
+    let mut command = appliance.server.aioquic_device(&appliance.certs(), device);
+    command.args(args);
+    command
+}
+
+/// A well-behaved device sends `frames` frames (sequences from `first_sequence`)
+/// until all are acked, trying at most `ATTEMPTS_MAX` times; the attempts it took.
+fn well_behaved(appliance: &Appliance, device: &str, frames: usize, first_sequence: u64) -> usize {
+    let mut tried = Vec::new();
+    for attempt in 1..=ATTEMPTS_MAX {
+        let output = appliance.aioquic(
+            device,
+            &["--frames", &frames.to_string(), "--sequence", &first_sequence.to_string(), "--key-prefix", "good"],
         );
-        for (name, partitions) in topics {
-            text.push_str(&format!("[[topics]]\nname = \"{name}\"\npartitions = {partitions}\n"));
+        let got = answers(&output);
+        if got.len() == frames && got.iter().all(|answer| answer["kind"] == "ack") {
+            return attempt;
         }
-        std::fs::write(&config, text).unwrap();
-        let mut command = weir();
-        command.args(["serve", "--cores", &cores.to_string(), "--config"]).arg(&config);
-        let (child, lines) = start_serving(command);
-        Appliance {
-            child,
-            quic: field(&lines, "quic=").expect("the QUIC address is logged"),
-            admin: field(&lines, "admin=http://").expect("the admin address is logged"),
-            root: root.to_owned(),
-        }
+        tried.push((got, String::from_utf8_lossy(&output.stderr).into_owned()));
+        std::thread::sleep(Duration::from_millis(200));
     }
-
-    /// The value of one metric line (`name` with its labels, as exposed); 0 when absent.
-    fn metric(&self, name: &str) -> f64 {
-        let mut stream = std::net::TcpStream::connect(&self.admin).unwrap();
-        write!(stream, "GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n").unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .map_or(0.0, |value| value.trim().parse().unwrap())
-    }
-
-    fn refusals(&self, reason: &str) -> f64 {
-        self.metric(&format!("weir_quic_refusals_total{{reason=\"{reason}\"}}"))
-    }
-
-    fn device_command(&self, device: &str, args: &[&str]) -> Command {
-        let certs = self.root.join("certs");
-        let mut command = Command::new(python());
-        command
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_device.py"))
-            .args(["--server", &self.quic, "--ca"])
-            .arg(certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(certs.join(format!("devices/{device}.pem")))
-            .arg("--key")
-            .arg(certs.join(format!("devices/{device}.key")))
-            .args(args);
-        command
-    }
-
-    fn device(&self, device: &str, args: &[&str]) -> Output {
-        self.device_command(device, args).output().unwrap()
-    }
-
-    /// A well-behaved device sends `frames` frames (sequences from `first_sequence`)
-    /// until all are acked, trying at most `ATTEMPTS_MAX` times; the attempts it took.
-    fn well_behaved(&self, device: &str, frames: usize, first_sequence: u64) -> usize {
-        let mut tried = Vec::new();
-        for attempt in 1..=ATTEMPTS_MAX {
-            let output = self.device(
-                device,
-                &["--frames", &frames.to_string(), "--sequence", &first_sequence.to_string(), "--key-prefix", "good"],
-            );
-            let got = answers(&output);
-            if got.len() == frames && got.iter().all(|answer| answer["kind"] == "ack") {
-                return attempt;
-            }
-            tried.push((got, String::from_utf8_lossy(&output.stderr).into_owned()));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("{device} was not served in {ATTEMPTS_MAX} attempts: {tried:#?}");
-    }
-
-    fn stop(mut self) {
-        Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
-        assert_eq!(self.child.wait().unwrap().code(), Some(0), "weir stops cleanly");
-    }
+    panic!("{device} was not served in {ATTEMPTS_MAX} attempts: {tried:#?}");
 }
 
 fn answers(output: &Output) -> Vec<serde_json::Value> {
@@ -214,10 +134,10 @@ fn stored(root: &Path, topic: &str, partitions: u32) -> Vec<Record> {
 fn a_device_cannot_write_as_another_device() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
-    let appliance = Appliance::start(root.path(), "", &[("telemetry", 2)], 1);
+    make_certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
+    let appliance = start(root.path(), "", &[("telemetry", 2)], 1);
     // dev-1 claims to be dev-2 in the header weir stamps: refused, nothing stored.
-    let forged = answers(&appliance.device(
+    let forged = answers(&appliance.aioquic(
         "dev-1",
         &["--frames", "1", "--sequence", "7", "--key-prefix", "forged", "--header", "weir.device=dev-2"],
     ));
@@ -226,8 +146,8 @@ fn a_device_cannot_write_as_another_device() {
     assert!(forged[0]["message"].as_str().unwrap().contains("reserved"), "{}", forged[0]);
     // dev-1 writes sequence 1; dev-2 writing the same sequence is its own write, not a
     // resend of dev-1's (sequence spaces are per certificate).
-    let first = answers(&appliance.device("dev-1", &["--frames", "1", "--records", "4", "--key-prefix", "one"]));
-    let second = answers(&appliance.device("dev-2", &["--frames", "1", "--records", "3", "--key-prefix", "two"]));
+    let first = answers(&appliance.aioquic("dev-1", &["--frames", "1", "--records", "4", "--key-prefix", "one"]));
+    let second = answers(&appliance.aioquic("dev-2", &["--frames", "1", "--records", "3", "--key-prefix", "two"]));
     assert_eq!(first[0]["kind"], "ack", "{}", first[0]);
     assert_eq!(second[0]["kind"], "ack", "dev-2's sequence 1 is not dev-1's: {}", second[0]);
     assert_ne!(first[0]["parts"], second[0]["parts"], "dev-2 was not answered with dev-1's offsets");
@@ -247,17 +167,17 @@ fn a_device_cannot_write_as_another_device() {
 fn a_device_cannot_exceed_its_record_quota_even_with_more_connections() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
+    make_certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
     // 2 records/s per device, split over its 2 allowed connections: each connection's
     // bucket holds one 4-record frame and refills one record a second.
-    let appliance = Appliance::start(
+    let appliance = start(
         root.path(),
         "device_records_per_s_max = 2\nconnections_per_device_max = 2\nrecords_per_frame_max = 4",
         &[("telemetry", 2)],
         1,
     );
     // dev-1 opens three connections at once, each sending three 4-record frames.
-    let output = appliance.device(
+    let output = appliance.aioquic(
         "dev-1",
         &["--connections", "3", "--frames", "3", "--records", "4", "--hold-ms", "500", "--key-prefix", "greedy"],
     );
@@ -270,9 +190,9 @@ fn a_device_cannot_exceed_its_record_quota_even_with_more_connections() {
     assert_eq!(acked.len(), 2, "one frame per connection fits its share of the quota: {got:#?}");
     assert_eq!(over_quota, 4, "the other frames are QuotaExceeded: {got:#?}");
     // Another device's quota is its own.
-    let other = answers(&appliance.device("dev-2", &["--frames", "1", "--records", "4", "--key-prefix", "other"]));
+    let other = answers(&appliance.aioquic("dev-2", &["--frames", "1", "--records", "4", "--key-prefix", "other"]));
     assert_eq!(other[0]["kind"], "ack", "{}", other[0]);
-    assert_eq!(appliance.refusals("connections_per_device_max"), 1.0);
+    assert_eq!(refusals(&appliance, "connections_per_device_max"), 1.0);
     assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"QuotaExceeded\"}"), 4.0);
     appliance.stop();
     let records = stored(root.path(), "telemetry", 2);
@@ -285,15 +205,14 @@ fn a_device_cannot_exceed_its_record_quota_even_with_more_connections() {
 fn a_device_cannot_reach_a_topic_it_is_not_allowed() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1"]);
-    let appliance =
-        Appliance::start(root.path(), "topics_allowed = [\"telemetry\"]", &[("telemetry", 2), ("audit", 1)], 1);
-    let forbidden = answers(&appliance.device("dev-1", &["--topic", "audit", "--frames", "3", "--sequence", "1"]));
+    make_certs(&root.path().join("certs"), &["dev-1"]);
+    let appliance = start(root.path(), "topics_allowed = [\"telemetry\"]", &[("telemetry", 2), ("audit", 1)], 1);
+    let forbidden = answers(&appliance.aioquic("dev-1", &["--topic", "audit", "--frames", "3", "--sequence", "1"]));
     assert_eq!(forbidden.len(), 3);
     for answer in &forbidden {
         assert_eq!(answer["error_code"], 3, "TopicNotAllowed: {answer}");
     }
-    let allowed = answers(&appliance.device("dev-1", &["--topic", "telemetry", "--frames", "1", "--sequence", "10"]));
+    let allowed = answers(&appliance.aioquic("dev-1", &["--topic", "telemetry", "--frames", "1", "--sequence", "10"]));
     assert_eq!(allowed[0]["kind"], "ack", "{}", allowed[0]);
     assert!(appliance.metric("weir_quic_frame_errors_total{reason=\"TopicNotAllowed\"}") >= 1.0);
     appliance.stop();
@@ -336,10 +255,10 @@ fn flood_handshakes(server: SocketAddr, pause: Duration, count_max: usize, stop:
 fn a_handshake_flood_is_held_to_its_limits_and_well_behaved_devices_are_still_served() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
+    make_certs(&root.path().join("certs"), &["dev-1", "dev-2"]);
     // Past 4 handshakes in progress a new address must answer a Retry first; a flood
     // that never answers holds at most those 4 (until they time out).
-    let appliance = Appliance::start(
+    let appliance = start(
         root.path(),
         "handshakes_before_retry = 4\nhandshakes_max = 64\nidle_timeout_s = 5",
         &[("telemetry", 2)],
@@ -359,7 +278,7 @@ fn a_handshake_flood_is_held_to_its_limits_and_well_behaved_devices_are_still_se
         std::thread::sleep(Duration::from_millis(50));
     }
     for (round, device) in ["dev-1", "dev-2", "dev-1"].into_iter().enumerate() {
-        attempts.push(appliance.well_behaved(device, 2, 1 + 10 * round as u64));
+        attempts.push(well_behaved(&appliance, device, 2, 1 + 10 * round as u64));
         in_progress_max = in_progress_max.max(appliance.metric("weir_quic_handshakes_in_progress"));
     }
     stop.store(true, Ordering::Relaxed);
@@ -387,16 +306,14 @@ fn a_handshake_flood_is_held_to_its_limits_and_well_behaved_devices_are_still_se
 fn an_idle_connection_flood_is_held_to_the_per_device_limit_and_well_behaved_devices_are_still_served() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1", "hog-1", "hog-2", "hog-3"]);
+    make_certs(&root.path().join("certs"), &["dev-1", "hog-1", "hog-2", "hog-3"]);
     // 3 hogs may hold 2 connections each: 6, however many they open (24 here; the
     // core's connections_max is above that, so only the per-device limit refuses).
-    let appliance =
-        Appliance::start(root.path(), "connections_max = 32\nconnections_per_device_max = 2", &[("telemetry", 2)], 1);
+    let appliance = start(root.path(), "connections_max = 32\nconnections_per_device_max = 2", &[("telemetry", 2)], 1);
     let hogs: Vec<Child> = ["hog-1", "hog-2", "hog-3"]
         .iter()
         .map(|hog| {
-            appliance
-                .device_command(hog, &["--connections", "8", "--frames", "0", "--hold-ms", "8000"])
+            device_command(&appliance, hog, &["--connections", "8", "--frames", "0", "--hold-ms", "8000"])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap()
@@ -404,7 +321,7 @@ fn an_idle_connection_flood_is_held_to_the_per_device_limit_and_well_behaved_dev
         .collect();
     // Wait until the flood has settled: every hog connection admitted or refused.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while appliance.refusals("connections_per_device_max") < 3.0 * 6.0 {
+    while refusals(&appliance, "connections_per_device_max") < 3.0 * 6.0 {
         assert!(Instant::now() < deadline, "the hogs' extra connections are refused");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -416,11 +333,11 @@ fn an_idle_connection_flood_is_held_to_the_per_device_limit_and_well_behaved_dev
         std::thread::sleep(Duration::from_millis(50));
     }
     let open_during = appliance.metric("weir_quic_connections_open");
-    let attempts = appliance.well_behaved("dev-1", 3, 1);
+    let attempts = well_behaved(&appliance, "dev-1", 3, 1);
     let open_after = appliance.metric("weir_quic_connections_open");
     let outputs: Vec<Output> = hogs.into_iter().map(|hog| hog.wait_with_output().unwrap()).collect();
-    let per_device = appliance.refusals("connections_per_device_max");
-    let at_max = appliance.refusals("connections_max");
+    let per_device = refusals(&appliance, "connections_per_device_max");
+    let at_max = refusals(&appliance, "connections_max");
     eprintln!("open during the flood {open_during}, after {open_after}; refused per device {per_device}, at connections_max {at_max}; good device attempts {attempts}");
     assert_eq!(open_during, 6.0, "the hogs hold 2 connections each, no more: {open_during}");
     assert_eq!(per_device, 3.0 * 6.0, "every connection past a hog's 2 is refused and counted");
@@ -437,8 +354,8 @@ fn an_idle_connection_flood_is_held_to_the_per_device_limit_and_well_behaved_dev
 fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_served() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1", "big-1", "big-2", "big-3", "crowd-1"]);
-    let appliance = Appliance::start(
+    make_certs(&root.path().join("certs"), &["dev-1", "big-1", "big-2", "big-3", "crowd-1"]);
+    let appliance = start(
         root.path(),
         // Per-device room for a round's 4 connections while the last round's drain.
         "records_per_frame_max = 16\nframe_bytes_max = \"64 KiB\"\nconnections_per_device_max = 16",
@@ -450,7 +367,8 @@ fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_ser
         let commands: Vec<Vec<String>> = ["big-1", "big-2", "big-3"]
             .iter()
             .map(|device| {
-                let command = appliance.device_command(
+                let command = device_command(
+                    &appliance,
                     device,
                     // A frame header declaring 300 MB: the connection is closed at once.
                     &["--connections", "4", "--declare-length", "300000000", "--frames", "1"],
@@ -476,11 +394,11 @@ fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_ser
         })
     };
     // Frames over records_per_frame_max, sent whole: answered FrameTooLarge, not stored.
-    let crowded = answers(&appliance.device("crowd-1", &["--frames", "4", "--records", "40", "--sequence", "100"]));
-    let attempts: Vec<usize> = (0..3).map(|round| appliance.well_behaved("dev-1", 3, 1 + 10 * round)).collect();
+    let crowded = answers(&appliance.aioquic("crowd-1", &["--frames", "4", "--records", "40", "--sequence", "100"]));
+    let attempts: Vec<usize> = (0..3).map(|round| well_behaved(&appliance, "dev-1", 3, 1 + 10 * round)).collect();
     let closed = flood.join().unwrap();
-    let protocol = appliance.refusals("protocol");
-    let memory_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", appliance.child.id()))
+    let protocol = refusals(&appliance, "protocol");
+    let memory_peak_kib = std::fs::read_to_string(format!("/proc/{}/status", appliance.server.pid()))
         .unwrap()
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:").map(|rest| rest.trim().trim_end_matches(" kB").parse::<u64>()))
@@ -506,7 +424,7 @@ fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_ser
 fn the_admin_endpoint_binds_to_loopback_by_default() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
-    certs(&root.path().join("certs"), &["dev-1"]);
+    make_certs(&root.path().join("certs"), &["dev-1"]);
     // No [admin] section: the default address. Run in a network namespace of its own so
     // the default port cannot collide with anything else on this machine.
     let config = root.path().join("weir.toml");

@@ -103,6 +103,11 @@ impl Server {
         }
     }
 
+    /// The `weir serve` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
