@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, Host, ValidConfig};
+use crate::shell::quarantine as runtime_quarantine;
 use crate::shell::runtime::{self, exit_code};
 
 #[derive(Debug, Parser)]
@@ -32,9 +33,15 @@ pub enum Command {
         /// Use the first N usable CPUs instead of engine.cores.
         #[arg(long)]
         cores: Option<usize>,
+        /// Leave this partition (TOPIC-P, as `weir inspect` names it) closed and serve the
+        /// rest: for a partition with corruption before its tail (see docs/OPERATIONS.md).
+        /// Repeatable.
+        #[arg(long = "quarantine", value_name = "TOPIC-PARTITION")]
+        quarantine: Vec<String>,
     },
     /// Verify a data directory or one partition: every batch CRC, offset continuity,
-    /// index agreement. Exits 1 naming the first problem's file and byte offset.
+    /// index agreement. Checks every partition; exits 1 naming each problem's file and
+    /// byte offset.
     Inspect {
         path: PathBuf,
         /// Print the summary as one JSON object.
@@ -97,6 +104,31 @@ pub enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Print records of the local log: partition, offset, time, device, sequence, key and
+    /// value (text, or hex when not printable). Reads beside a serving weir; only whole,
+    /// CRC-checked batches are printed.
+    Tail {
+        /// The edge topic (as in [[topics]]).
+        topic: String,
+        /// Only this partition (default: every partition of the topic, one after another).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// The first offset to print (default: the log start).
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+        /// Keep printing records as they become durable, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON object per record.
+        #[arg(long)]
+        json: bool,
+        /// Config file; without it the embedded default (firmware-config/weir.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConfig, ConfigError> {
@@ -115,7 +147,7 @@ fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConf
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Serve { config, cores } => {
+        Command::Serve { config, cores, quarantine } => {
             let valid = match load_config(config.as_ref(), cores) {
                 Ok(valid) => valid,
                 Err(error) => {
@@ -123,10 +155,38 @@ pub fn run(cli: Cli) -> i32 {
                     return exit_code::BAD_CONFIG;
                 }
             };
+            let known: std::collections::BTreeSet<String> = valid
+                .config
+                .topics
+                .iter()
+                .flat_map(|topic| {
+                    (0..topic.partitions).map(|partition| runtime_quarantine::name_of(&topic.name, partition))
+                })
+                .collect();
+            if let Some(unknown) = quarantine.iter().find(|name| !known.contains(*name)) {
+                eprintln!(
+                    "weir: --quarantine {unknown}: no such partition in the config (partitions are TOPIC-P, as `weir \
+                     inspect` names them)"
+                );
+                return exit_code::BAD_CONFIG;
+            }
+            runtime_quarantine::set(quarantine.into_iter().collect());
             if let Err(not_ready) = crate::doctor::preflight(&valid) {
                 eprintln!("weir: {not_ready}");
                 return exit_code::HOST_NOT_READY;
             }
+            // Held until serve returns: before any partition file is opened for writing.
+            let _data_dir_lock = match crate::shell::dir_lock::DirLock::acquire(&valid.config.data_dir) {
+                Ok(lock) => lock,
+                Err(error @ crate::shell::dir_lock::DirLockError::Held { .. }) => {
+                    eprintln!("weir: {error}");
+                    return exit_code::DATA_DIR_IN_USE;
+                }
+                Err(error) => {
+                    eprintln!("weir: {error}");
+                    return exit_code::DATA_REFUSED;
+                }
+            };
             let shutdown = Arc::new(AtomicBool::new(false));
             if let Err(error) = runtime::shutdown_on_signals(&shutdown) {
                 eprintln!("weir: fatal: cannot install signal handlers: {error}");
@@ -182,6 +242,15 @@ pub fn run(cli: Cli) -> i32 {
             }
         }
         Command::Doctor { config, json, measure } => crate::doctor::command(config.as_deref(), json, measure),
+        Command::Tail { topic, partition, from, follow, limit, json, config } => {
+            match load_config(config.as_ref(), None) {
+                Ok(valid) => tail(&valid, &topic, partition, from, follow, limit, json),
+                Err(error) => {
+                    eprintln!("weir: {error}");
+                    exit_code::BAD_CONFIG
+                }
+            }
+        }
         Command::Status { config, json, admin } => match load_config(config.as_ref(), None) {
             Ok(valid) => crate::status::command(&valid, admin.as_deref(), json),
             Err(error) => {
@@ -202,44 +271,136 @@ fn inspect(path: &std::path::Path, json: bool) -> i32 {
     if total < (64 << 20) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let result = crate::inspect::inspect(path, |bytes| bar.inc(bytes));
+    let result = crate::inspect::inspect_each(path, |bytes| bar.inc(bytes));
     bar.finish_and_clear();
-    match result {
-        Ok(summary) => {
+    let report = match result {
+        Ok(report) => report,
+        Err(problem) => {
             if json {
-                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
-            } else {
-                let mut totals = (0u64, 0u64, 0u64, 0u64);
-                for partition in &summary.partitions {
+                println!("{}", serde_json::json!({ "partitions": [], "problems": 1, "error": problem.to_string() }));
+            }
+            eprintln!("weir inspect: problem: {problem}");
+            return exit_code::PROBLEMS_FOUND;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).expect("report serializes"));
+    }
+    let mut totals = (0u64, 0u64, 0u64, 0u64);
+    for partition in &report.partitions {
+        let summary = &partition.summary;
+        match &partition.problem {
+            Some(problem) => {
+                if !json {
+                    println!("{}: PROBLEM: {problem}", summary.name);
+                }
+                eprintln!("weir inspect: problem: {problem}");
+            }
+            None => {
+                if !json {
                     println!(
                         "{}: {} segments, {} batches, {} records, {} bytes, offsets {}..{}: ok",
-                        partition.name,
-                        partition.segments,
-                        partition.batches,
-                        partition.records,
-                        partition.bytes,
-                        partition.start_offset,
-                        partition.next_offset
+                        summary.name,
+                        summary.segments,
+                        summary.batches,
+                        summary.records,
+                        summary.bytes,
+                        summary.start_offset,
+                        summary.next_offset
                     );
-                    totals.0 += partition.segments;
-                    totals.1 += partition.batches;
-                    totals.2 += partition.records;
-                    totals.3 += partition.bytes;
                 }
-                println!(
-                    "ok: {} partitions, {} segments, {} batches, {} records, {} bytes verified",
-                    summary.partitions.len(),
-                    totals.0,
-                    totals.1,
-                    totals.2,
-                    totals.3
-                );
+                totals.0 += summary.segments;
+                totals.1 += summary.batches;
+                totals.2 += summary.records;
+                totals.3 += summary.bytes;
             }
-            exit_code::CLEAN
         }
-        Err(problem) => {
-            eprintln!("weir inspect: problem: {problem}");
-            exit_code::PROBLEMS_FOUND
+    }
+    let verdict = if report.problems == 0 {
+        "ok".to_owned()
+    } else {
+        format!("{} of {} partitions have problems", report.problems, report.partitions.len())
+    };
+    if !json {
+        println!(
+            "{verdict}: {} partitions, {} segments, {} batches, {} records, {} bytes verified",
+            report.partitions.len(),
+            totals.0,
+            totals.1,
+            totals.2,
+            totals.3
+        );
+    }
+    if report.problems == 0 {
+        exit_code::CLEAN
+    } else {
+        exit_code::PROBLEMS_FOUND
+    }
+}
+
+fn tail(
+    valid: &ValidConfig,
+    topic: &str,
+    partition: Option<u32>,
+    from_offset: i64,
+    follow: bool,
+    limit: Option<u64>,
+    json: bool,
+) -> i32 {
+    let Some(topic_config) = valid.config.topics.iter().find(|candidate| candidate.name == topic) else {
+        let names: Vec<&str> = valid.config.topics.iter().map(|topic| topic.name.as_str()).collect();
+        eprintln!("weir tail: no topic {topic:?} in the config (topics: {})", names.join(", "));
+        return exit_code::BAD_CONFIG;
+    };
+    let partitions: Vec<u32> = match partition {
+        Some(partition) if partition >= topic_config.partitions => {
+            eprintln!("weir tail: {topic} has partitions 0..{}, not {partition}", topic_config.partitions);
+            return exit_code::BAD_CONFIG;
         }
+        Some(partition) => vec![partition],
+        None => (0..topic_config.partitions).collect(),
+    };
+    if from_offset < 0 || limit == Some(0) {
+        eprintln!("weir tail: --from must be at least 0 and --limit at least 1");
+        return exit_code::BAD_CONFIG;
+    }
+    let mut readers: Vec<crate::tail::PartitionTail> = partitions
+        .iter()
+        .map(|partition| {
+            let directory = runtime::partition_directory(&valid.config.data_dir, topic, *partition);
+            crate::tail::PartitionTail::new(topic, *partition, &directory, from_offset)
+        })
+        .collect();
+    let left = std::cell::Cell::new(limit.unwrap_or(u64::MAX));
+    let stdout_closed = std::cell::Cell::new(false);
+    let mut stdout = std::io::stdout().lock();
+    let mut print = |topic: &str, partition: u32, record: &crate::core::log::batch::RecordRef| {
+        use std::io::Write;
+        let line = if json {
+            crate::tail::render_json(topic, partition, record)
+        } else {
+            crate::tail::render_line(topic, partition, record)
+        };
+        left.set(left.get() - 1);
+        // A closed pipe (`weir tail ... | head`) ends the command quietly.
+        if writeln!(stdout, "{line}").is_err() {
+            stdout_closed.set(true);
+        }
+        left.get() > 0 && !stdout_closed.get()
+    };
+    loop {
+        for reader in &mut readers {
+            if left.get() == 0 || stdout_closed.get() {
+                return exit_code::CLEAN;
+            }
+            if let Err(error) = reader.read_available(&mut print) {
+                eprintln!("weir tail: {error}");
+                return exit_code::PROBLEMS_FOUND;
+            }
+        }
+        if !follow || left.get() == 0 || stdout_closed.get() {
+            return exit_code::CLEAN;
+        }
+        std::thread::sleep(crate::tail::FOLLOW_POLL_INTERVAL);
     }
 }

@@ -629,7 +629,7 @@ impl Config {
 
         let log = &self.log;
         let alignment = DIRECT_IO_ALIGNMENT_BYTES;
-        let aligned = |value: u64| value % alignment == 0;
+        let aligned = |value: u64| value.is_multiple_of(alignment);
         if !aligned(log.segment_bytes_max.0) {
             problem(
                 "log.segment_bytes_max",

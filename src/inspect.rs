@@ -2,7 +2,8 @@
 //! CRC, offset continuity inside and across segments, and every index entry against the
 //! batch it points at. Reads with ordinary buffered I/O (it runs while weir is stopped)
 //! and reuses the recovery scan from `core::log`, so it judges bytes exactly as recovery
-//! would. The first problem is reported with its file and byte offset.
+//! would. Each partition's first problem is reported with its file and byte offset, and
+//! a problem in one partition never hides the others (`inspect_each`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -95,6 +96,41 @@ pub fn inspect(path: &Path, mut progress: impl FnMut(u64)) -> Result<Summary, Pr
         summary.partitions.push(inspect_partition(&directory, &mut progress)?);
     }
     Ok(summary)
+}
+
+/// One partition's verdict: its summary, or its first problem.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionReport {
+    /// Zero but for its name when the partition has a problem.
+    #[serde(flatten)]
+    pub summary: PartitionSummary,
+    /// `path: byte N: what`, when the partition does not verify.
+    pub problem: Option<String>,
+}
+
+/// Every partition under `path`, verified independently.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub partitions: Vec<PartitionReport>,
+    /// How many partitions have a problem.
+    pub problems: usize,
+}
+
+/// Verifies every partition under `path`, each to its own end: a corrupt partition is
+/// reported and the next one is checked anyway. `Err` only when `path` holds no
+/// partition at all.
+pub fn inspect_each(path: &Path, mut progress: impl FnMut(u64)) -> Result<Report, Problem> {
+    let mut report = Report::default();
+    for directory in partition_directories(path)? {
+        let name = directory.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let (summary, problem) = match inspect_partition(&directory, &mut progress) {
+            Ok(summary) => (summary, None),
+            Err(problem) => (PartitionSummary { name, ..PartitionSummary::default() }, Some(problem.to_string())),
+        };
+        report.problems += usize::from(problem.is_some());
+        report.partitions.push(PartitionReport { summary, problem });
+    }
+    Ok(report)
 }
 
 /// Total bytes of segment files under `path` (for a progress bar).

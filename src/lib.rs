@@ -17,3 +17,4 @@ pub mod inspect;
 pub mod shell;
 pub mod status;
 pub mod sync;
+pub mod tail;

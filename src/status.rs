@@ -80,6 +80,7 @@ pub fn offline(valid: &ValidConfig) -> Status {
         data_dir_bytes_max: config.log.data_dir_bytes_max.0,
         filesystem_free_bytes: free,
         partitions,
+        quarantined: Vec::new(),
     }
 }
 
@@ -127,13 +128,35 @@ fn offline_partition(valid: &ValidConfig, topic: &str, partition: u32, directory
     }
 }
 
-/// Runs `weir status`; returns the exit code: 0, or 1 when a shipper is stopped.
+/// Runs `weir status`; returns the exit code: 0, 1 when a shipper is stopped, 4 when
+/// there is nothing true to report: an `--admin` that does not answer (never a silent
+/// fallback to some local directory), or no server and no data directory.
 pub fn command(valid: &ValidConfig, admin: Option<&str>, json: bool) -> i32 {
     let address = admin.unwrap_or(&valid.config.admin.listen);
     let status = match fetch(address) {
         Ok(status) => status,
+        Err(error @ StatusError::Unreachable { .. }) if admin.is_some() => {
+            eprintln!("weir status: {error}: no weir answers on the --admin address given");
+            return exit_code::ADMIN_UNAVAILABLE;
+        }
         Err(StatusError::Unreachable { address, source }) => {
-            eprintln!("weir status: no answer from {address} ({source}); reading the data directory");
+            let data_dir = &valid.config.data_dir;
+            if !data_dir.is_dir() {
+                eprintln!(
+                    "weir status: no answer from {address} ({source}), and the data directory {} does not exist: \
+                     nothing to report (is weir running with another config? pass its --config, or --admin HOST:PORT)",
+                    data_dir.display()
+                );
+                return exit_code::ADMIN_UNAVAILABLE;
+            }
+            match crate::shell::dir_lock::holder(data_dir) {
+                Some(pid) => eprintln!(
+                    "weir status: no answer from {address} ({source}), though weir (PID {pid}) holds {}; reading the \
+                     data directory",
+                    data_dir.display()
+                ),
+                None => eprintln!("weir status: no answer from {address} ({source}); reading the data directory"),
+            }
             offline(valid)
         }
         Err(error) => {

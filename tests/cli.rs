@@ -259,3 +259,48 @@ fn inspect_reports_a_torn_tail_and_index_disagreement() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("{}: byte 0: index entry", index.display())), "{stderr}");
 }
+
+#[test]
+fn inspect_reports_every_corrupt_partition_and_its_json_report_always_prints() {
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    for name in ["telemetry-0", "telemetry-1", "telemetry-2"] {
+        let partition = data.join(name);
+        run(move || async move {
+            let log = common::open(&partition, small_options()).await.unwrap();
+            for seed in 0..6 {
+                log.append(vec![record(seed, 100)]).await.unwrap();
+            }
+            log.close().await.unwrap();
+        });
+    }
+    let mut corrupted = Vec::new();
+    for name in ["telemetry-0", "telemetry-2"] {
+        let file = data.join(name).join("00000000000000000000.log");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let second_batch = weir::core::log::batch::check_batch(&bytes).unwrap().total_bytes();
+        bytes[second_batch + 80] ^= 0x04;
+        std::fs::write(&file, &bytes).unwrap();
+        corrupted.push(format!("{}: byte {second_batch}: crc mismatch", file.display()));
+    }
+    let output = weir().arg("inspect").arg(&data).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    for problem in &corrupted {
+        assert!(stderr.contains(problem.as_str()), "{problem} in {stderr}");
+        assert!(stdout.contains(problem.as_str()), "{problem} in {stdout}");
+    }
+    assert!(stdout.contains("telemetry-1: 1 segments, 6 batches, 6 records"), "the healthy one is checked: {stdout}");
+    assert!(stdout.contains("2 of 3 partitions have problems"), "{stdout}");
+
+    let output = weir().args(["inspect", "--json"]).arg(&data).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["problems"], 2);
+    let partitions = report["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 3);
+    assert!(partitions[0]["problem"].as_str().unwrap().contains(corrupted[0].as_str()));
+    assert_eq!(partitions[1]["problem"], serde_json::Value::Null);
+    assert_eq!(partitions[1]["records"], 6);
+    assert!(partitions[2]["problem"].as_str().unwrap().contains(corrupted[1].as_str()));
+}

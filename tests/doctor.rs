@@ -115,6 +115,7 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
             "config",
             "io_uring",
             "data_dir",
+            "data_dir.owner",
             "data_dir.writable",
             "data_dir.filesystem",
             "data_dir.direct_io",

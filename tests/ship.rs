@@ -74,8 +74,8 @@ fn rich_record(seed: u64, rng: &mut impl Rng) -> Record {
     let value_bytes = rng.gen_range(0..600);
     Record {
         timestamp_ms: 1_700_000_000_000 + seed as i64 * 3 - rng.gen_range(0..1000),
-        key: if seed % 7 == 0 { None } else { Some(Bytes::from(format!("device-{}", seed % 97))) },
-        value: if seed % 11 == 0 {
+        key: if seed.is_multiple_of(7) { None } else { Some(Bytes::from(format!("device-{}", seed % 97))) },
+        value: if seed.is_multiple_of(11) {
             None
         } else {
             Some(Bytes::from((0..value_bytes).map(|index| (seed as usize + index) as u8).collect::<Vec<_>>()))

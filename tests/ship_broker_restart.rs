@@ -54,7 +54,7 @@ fn record(seed: u64) -> Record {
     let value_bytes = (seed * 7919 % 400) as usize;
     Record {
         timestamp_ms: 1_700_000_000_000 + seed as i64,
-        key: if seed % 13 == 0 { None } else { Some(Bytes::from(format!("k{seed}"))) },
+        key: if seed.is_multiple_of(13) { None } else { Some(Bytes::from(format!("k{seed}"))) },
         value: Some(Bytes::from((0..value_bytes).map(|index| (seed as usize ^ index) as u8).collect::<Vec<_>>())),
         headers: vec![
             Header { key: "seed".into(), value: Some(Bytes::from(seed.to_string())) },

@@ -86,7 +86,7 @@ fn setup(directory: &Path, bootstrap: &str, topic: &str, security: Security) -> 
 fn record(seed: u64) -> Record {
     Record {
         timestamp_ms: 1_700_000_000_000 + seed as i64,
-        key: (seed % 5 != 0).then(|| Bytes::from(format!("sensor-{}", seed % 13))),
+        key: (!seed.is_multiple_of(5)).then(|| Bytes::from(format!("sensor-{}", seed % 13))),
         value: Some(Bytes::from(
             (0..(seed % 2000) as usize).map(|index| (seed as usize ^ index) as u8).collect::<Vec<_>>(),
         )),

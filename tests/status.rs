@@ -228,14 +228,15 @@ fn status_reports_exact_lag_and_a_stopped_shipper_live_and_from_the_data_directo
     assert_eq!(json["source"], "server");
     assert_eq!(partition(&json, "telemetry", 0)["shipper"]["cursor_offset"], RECORDS_0);
     assert_eq!(partition(&json, "telemetry", 1)["shipper"]["lag_records"], RECORDS_1);
-    // --admin asks that address instead of admin.listen (here: a port nobody serves,
-    // so the command falls back to reading the data directory, while weir runs).
+    // --admin asks that address instead of admin.listen; a port nobody serves is an
+    // error (exit 4), never a silent fallback to the data directory.
     let output = weir()
         .args(["status", "--json", "--admin", &format!("127.0.0.1:{}", free_port()), "--config"])
         .arg(&config_path)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&output.stderr).contains("reading the data directory"));
+    assert_eq!(output.status.code(), Some(4), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stdout.is_empty());
     let output =
         weir().args(["status", "--json", "--admin", &server.admin, "--config"]).arg(&config_path).output().unwrap();
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -265,4 +266,32 @@ fn status_reports_exact_lag_and_a_stopped_shipper_live_and_from_the_data_directo
     assert!(p1["shipper"]["error"].as_str().unwrap().contains("ship.state"));
     assert_eq!(p1["shipper"]["lag_records"], RECORDS_1);
     let _ = http_get; // (used by other tests sharing server.rs)
+}
+
+#[test]
+fn status_with_no_server_and_no_data_directory_says_so_and_an_unanswered_admin_is_an_error() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("never-created");
+    let admin_port = free_port();
+    let config_path = root.path().join("weir.toml");
+    std::fs::write(&config_path, config_text(&data_dir, admin_port, free_port())).unwrap();
+
+    let (code, stdout, stderr) = status_command(&config_path);
+    assert_eq!(code, Some(4), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "no made-up partitions: {stdout}");
+    assert!(stderr.contains("does not exist: nothing to report"), "{stderr}");
+    assert!(!data_dir.exists(), "status creates nothing");
+
+    // With the data directory there, an --admin that does not answer is still an error.
+    std::fs::create_dir(&data_dir).unwrap();
+    let unanswered = format!("127.0.0.1:{}", free_port());
+    let output = weir().args(["status", "--admin", &unanswered, "--config"]).arg(&config_path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(output.stdout.is_empty(), "no fallback to the data directory");
+    assert!(stderr.contains(&unanswered) && stderr.contains("--admin"), "{stderr}");
+    // Without --admin it reads the directory that is there.
+    let (code, stdout, stderr) = status_command(&config_path);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("reading the data directory"), "{stderr}");
 }

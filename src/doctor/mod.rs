@@ -310,6 +310,7 @@ fn data_dir_checks(valid: &ValidConfig) -> Vec<Check> {
         }
         return checks;
     }
+    checks.push(verdict::data_dir_owner(&shown, crate::shell::dir_lock::holder(path)));
     let writable = sys::write_scratch(path);
     let can_write = writable.is_ok();
     checks.push(verdict::data_dir_writable(&shown, &writable));

@@ -78,7 +78,7 @@ pub fn bytes_text(bytes: u64) -> String {
     const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
     for (scale, unit) in UNITS {
         if bytes >= scale {
-            return if bytes % scale == 0 {
+            return if bytes.is_multiple_of(scale) {
                 format!("{} {unit}", bytes / scale)
             } else {
                 format!("{:.1} {unit}", bytes as f64 / scale as f64)
@@ -310,6 +310,23 @@ pub fn data_dir_presence(path: &str, presence: &DirPresence) -> Check {
     }
 }
 
+/// Who holds the data directory's lock (`weir.lock`, see `shell::dir_lock`): doctor
+/// runs beside a serving weir too, so a holder is a warning that names it, not a failure.
+pub fn data_dir_owner(path: &str, holder_pid: Option<u32>) -> Check {
+    const NAME: &str = "data_dir.owner";
+    match holder_pid {
+        None => ok(NAME, format!("no weir process holds {path}")),
+        Some(pid) => warn(
+            NAME,
+            format!("weir (PID {pid}) is serving {path}; a second `weir serve` on it is refused (exit 8)"),
+            format!(
+                "nothing to do if PID {pid} is the weir service; otherwise stop it (`kill {pid}`) or give the new \
+                 config its own data_dir"
+            ),
+        ),
+    }
+}
+
 pub fn data_dir_writable(path: &str, result: &Result<(), String>) -> Check {
     const NAME: &str = "data_dir.writable";
     match result {
@@ -469,9 +486,9 @@ pub fn direct_io_alignment(path: &str, reported: &Result<Option<(u32, u32)>, Str
         ),
         Ok(Some((memory, offset)))
             if (*offset as u64) <= alignment
-                && alignment % (*offset as u64).max(1) == 0
+                && alignment.is_multiple_of((*offset as u64).max(1))
                 && (*memory as u64) <= alignment
-                && alignment % (*memory as u64).max(1) == 0 =>
+                && alignment.is_multiple_of((*memory as u64).max(1)) =>
         {
             ok(
                 NAME,

@@ -25,10 +25,20 @@ pub fn health(metrics: &Metrics, cores_expected: usize) -> (u16, String) {
     let running = metrics.cores_running.get();
     let poisoned = metrics.partitions_poisoned.get();
     let stopped = metrics.status.stopped_shippers();
+    let quarantined = crate::shell::quarantine::names();
     if running as usize != cores_expected {
         (503, format!("starting or stopping: {running} of {cores_expected} cores serving\n"))
     } else if poisoned > 0 {
         (503, format!("degraded: {poisoned} partition(s) poisoned by disk errors\n"))
+    } else if !quarantined.is_empty() {
+        (
+            503,
+            format!(
+                "degraded: {} partition(s) quarantined (weir serve --quarantine; see docs/OPERATIONS.md): {}\n",
+                quarantined.len(),
+                quarantined.join(", ")
+            ),
+        )
     } else if !stopped.is_empty() {
         let mut text = format!("degraded: upstream shipping stopped for {} partition(s)\n", stopped.len());
         for line in stopped {

@@ -37,6 +37,8 @@ pub const RETRY_AFTER_MS: u32 = 500;
 /// How long a device is asked to wait when a partition's append queue is full (about a
 /// few group commits: the queue drains at disk speed).
 pub const BACKPRESSURE_RETRY_AFTER_MS: u32 = 50;
+/// Retry-after for a quarantined partition: a repair takes an operator, minutes at least.
+pub const QUARANTINE_RETRY_AFTER_MS: u32 = 30_000;
 
 pub fn mesh(cores: usize) -> MeshBuilder<MeshMessage, Full> {
     MeshBuilder::full(cores, MESH_CHANNEL_CAPACITY)
@@ -130,6 +132,16 @@ impl CoreAppender {
 
     async fn append_local(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<i64, AppendFailure> {
         let Some(log) = self.logs.get(&(topic.to_owned(), partition)) else {
+            if crate::shell::quarantine::contains(topic, partition) {
+                return Err(AppendFailure {
+                    code: ErrorCode::StorageFailed,
+                    message: format!(
+                        "{topic}-{partition} is quarantined (weir serve --quarantine) while an operator repairs it; \
+                         nothing stored, resend later"
+                    ),
+                    retry_after_ms: QUARANTINE_RETRY_AFTER_MS,
+                });
+            }
             return Err(AppendFailure {
                 code: ErrorCode::UnknownTopic,
                 message: format!("core {} does not own {topic}-{partition}", self.core),

@@ -33,6 +33,7 @@ use crate::core::log::recovery::{
 use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
 use crate::shell::budget::DataDirBudget;
+use crate::shell::dir_lock::{DirLock, DirLockError};
 use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError, OVER_BUDGET, PREALLOCATE};
 use crate::shell::metrics::PartitionMetrics;
 use crate::shell::status::DroppedRange;
@@ -109,6 +110,8 @@ pub enum LogError {
     OffsetOutOfRange { partition: String, requested: i64, start: i64 },
     #[error("partition {partition} is behind: {queued} appends wait for the disk (log.appends_pending_max)")]
     Backpressure { partition: String, queued: usize },
+    #[error("partition {partition}: {source}")]
+    Locked { partition: String, source: DirLockError },
 }
 
 /// Bytes the log leaves free on the data directory's filesystem: appends that would
@@ -173,6 +176,9 @@ struct Shared {
     /// position). The next call starts from it when it can, so a cursor that did not
     /// move costs no read and one that moved reads only what it passed.
     position_hint: Option<(i64, i64, u64)>,
+    /// This process's exclusive hold on the partition directory, from open until the
+    /// close has sealed the active segment (nothing writes after that).
+    lock: Option<DirLock>,
 }
 
 impl Shared {
@@ -260,6 +266,8 @@ impl PartitionLog {
         options: LogOptions,
         metrics: PartitionMetrics,
     ) -> Result<PartitionLog, LogError> {
+        let lock =
+            DirLock::acquire(directory).map_err(|source| LogError::Locked { partition: name.to_owned(), source })?;
         let (active, segments) = recover(directory, name, &options, &metrics).await?;
         let shared = Shared {
             name: name.to_owned(),
@@ -276,6 +284,7 @@ impl PartitionLog {
             full_logged_at: None,
             full_unlogged: 0,
             position_hint: None,
+            lock: Some(lock),
         };
         let mut shared = shared;
         shared.account();
@@ -1100,7 +1109,13 @@ async fn seal(active: &mut ActiveSegment) -> Result<(), DiskError> {
     Ok(())
 }
 
-async fn close_active(shared: &Rc<RefCell<Shared>>, mut active: ActiveSegment) -> Result<(), LogError> {
+async fn close_active(shared: &Rc<RefCell<Shared>>, active: ActiveSegment) -> Result<(), LogError> {
+    let closed = seal_on_close(shared, active).await;
+    shared.borrow_mut().lock = None; // nothing writes to the directory any more
+    closed
+}
+
+async fn seal_on_close(shared: &Rc<RefCell<Shared>>, mut active: ActiveSegment) -> Result<(), LogError> {
     shared.borrow_mut().closed = true;
     if shared.borrow().poisoned.is_some() {
         return Ok(()); // never write to a poisoned partition again; recovery sorts it out

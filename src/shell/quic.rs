@@ -1021,7 +1021,7 @@ async fn process_frame(
 /// The sequence of a frame that failed its checks, when its root is readable at all
 /// (so the device can match the error to its frame); 0 otherwise.
 fn sequence_of(frame: &[u8]) -> u64 {
-    if frame.len() >= 32 && frame.len() % 8 == 0 {
+    if frame.len() >= 32 && frame.len().is_multiple_of(8) {
         let root = frame.len() - 32;
         u64::from_le_bytes(frame[root + 8..root + 16].try_into().expect("8 bytes"))
     } else {

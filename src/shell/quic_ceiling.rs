@@ -44,7 +44,7 @@ const _: () = assert!(ROOT_RECORDS_LEN_AT + 4 == PRODUCE_ROOT_BYTES);
 /// The sequence and record count of a produce frame, read from its root without any
 /// check of the rest (the ceiling trusts its own clients); `None` if it has no such root.
 pub fn produce_root(frame: &[u8]) -> Option<(u64, u32)> {
-    if frame.len() < PRODUCE_ROOT_BYTES || frame.len() % protocol::FRAME_ALIGNMENT_BYTES != 0 {
+    if frame.len() < PRODUCE_ROOT_BYTES || !frame.len().is_multiple_of(protocol::FRAME_ALIGNMENT_BYTES) {
         return None;
     }
     let root = &frame[frame.len() - PRODUCE_ROOT_BYTES..];

@@ -41,6 +41,9 @@ pub mod exit_code {
     /// `weir serve` refused to start: a `weir doctor` fail-level check failed.
     pub const HOST_NOT_READY: i32 = 6;
     pub const QUIC_UNAVAILABLE: i32 = 7;
+    /// `weir serve` refused to start: another live process holds the data directory
+    /// (or one of its partitions). Nothing was written.
+    pub const DATA_DIR_IN_USE: i32 = 8;
     pub const INTERNAL_BUG: i32 = 70;
 }
 
@@ -65,6 +68,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> i32 {
         match self {
+            Fatal::PartitionOpen { source: LogError::Locked { .. }, .. } => exit_code::DATA_DIR_IN_USE,
             Fatal::PartitionOpen { .. } => exit_code::DATA_REFUSED,
             Fatal::Admin(_) => exit_code::ADMIN_UNAVAILABLE,
             Fatal::Quic { .. } => exit_code::QUIC_UNAVAILABLE,
@@ -140,7 +144,17 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     let mut sockets =
         quic.as_ref().map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
     for (core, cpu) in cores.iter().copied().enumerate() {
-        let owned = valid.partitions_of_core(core);
+        let (quarantined, owned): (Vec<_>, Vec<_>) = valid
+            .partitions_of_core(core)
+            .into_iter()
+            .partition(|(topic, partition)| crate::shell::quarantine::contains(topic, *partition));
+        for (topic, partition) in quarantined {
+            tracing::warn!(
+                partition = %crate::shell::quarantine::name_of(&topic, partition),
+                core,
+                "partition quarantined (--quarantine): not opened, not shipped; devices writing to it are answered StorageFailed"
+            );
+        }
         let shippers: Vec<Option<ShipperSetup>> = owned
             .iter()
             .map(|(topic, partition)| {

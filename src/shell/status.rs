@@ -53,6 +53,9 @@ pub struct Status {
     /// Bytes the filesystem holding the data directory has free (for unprivileged use).
     pub filesystem_free_bytes: Option<u64>,
     pub partitions: Vec<PartitionStatus>,
+    /// Partitions `serve --quarantine` left closed (not in `partitions`).
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -156,6 +159,7 @@ impl StatusBoard {
             data_dir_bytes_max: settings.as_ref().map_or(0, |settings| settings.data_dir_bytes_max),
             filesystem_free_bytes: free,
             partitions: list,
+            quarantined: crate::shell::quarantine::names(),
         }
     }
 }
@@ -213,6 +217,9 @@ pub fn render_text(status: &Status) -> String {
                 range.first_offset, range.last_offset, range.bytes
             );
         }
+    }
+    for name in &status.quarantined {
+        let _ = writeln!(text, "{name:<24} QUARANTINED (weir serve --quarantine): not opened, not shipped");
     }
     text
 }

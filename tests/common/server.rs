@@ -30,12 +30,18 @@ fn field_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 impl Server {
     pub fn start(config: &Path, cores: usize) -> Server {
+        Server::start_with(config, cores, &[])
+    }
+
+    /// `weir serve` with `args` after its config and cores.
+    pub fn start_with(config: &Path, cores: usize, args: &[&str]) -> Server {
         let mut child = weir()
             .arg("serve")
             .arg("--config")
             .arg(config)
             .arg("--cores")
             .arg(cores.to_string())
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

@@ -191,7 +191,7 @@ mod tests {
     fn record(seed: u64, value_bytes: usize) -> Record {
         Record {
             timestamp_ms: 1_700_000_000_000 + (seed as i64 * 7919) % 100_000 - 50_000,
-            key: if seed % 5 == 0 { None } else { Some(Bytes::from(format!("key-{seed}"))) },
+            key: if seed.is_multiple_of(5) { None } else { Some(Bytes::from(format!("key-{seed}"))) },
             value: Some(Bytes::from(vec![seed as u8; value_bytes])),
             headers: (0..seed % 3)
                 .map(|index| Header { key: format!("h{index}").into(), value: Some(Bytes::from(seed.to_string())) })
