@@ -148,8 +148,10 @@ pub struct QuicConfig {
     pub topics_allowed: Vec<String>,
     #[serde(default)]
     pub devices_denied: Vec<String>,
-    #[serde(default = "default_dedup_sequences_per_device_max")]
-    pub dedup_sequences_per_device_max: u32,
+    /// Sequences each partition remembers per device; unset: exactly what a device may
+    /// have in flight (`dedup_sequences_per_device`). See `core::dedup`.
+    #[serde(default)]
+    pub dedup_sequences_per_device_max: Option<u32>,
     #[serde(default = "default_dedup_devices_max")]
     pub dedup_devices_max: u32,
     #[serde(default = "default_dedup_horizon_records")]
@@ -193,9 +195,6 @@ fn default_handshakes_max() -> u32 {
     4096
 }
 
-fn default_dedup_sequences_per_device_max() -> u32 {
-    32
-}
 fn default_dedup_devices_max() -> u32 {
     20_000
 }
@@ -240,6 +239,24 @@ fn default_idle_timeout_s() -> Seconds {
     Seconds(30)
 }
 
+impl QuicConfig {
+    /// The de-dup window of a device in each partition: `dedup_sequences_per_device_max`,
+    /// or when unset the smallest window that covers every frame a device may have in
+    /// flight under these limits (`core::dedup::sequences_per_device_min`: 64 with the
+    /// defaults). `validate` makes sure a set value is not smaller.
+    pub fn dedup_sequences_per_device(&self) -> u64 {
+        self.dedup_sequences_per_device_max.map_or_else(
+            || {
+                crate::core::dedup::sequences_per_device_min(
+                    self.connections_per_device_max,
+                    self.frames_in_flight_per_connection_max,
+                )
+            },
+            u64::from,
+        )
+    }
+}
+
 impl Default for QuicConfig {
     fn default() -> Self {
         QuicConfig {
@@ -258,7 +275,7 @@ impl Default for QuicConfig {
             idle_timeout_s: default_idle_timeout_s(),
             topics_allowed: Vec::new(),
             devices_denied: Vec::new(),
-            dedup_sequences_per_device_max: default_dedup_sequences_per_device_max(),
+            dedup_sequences_per_device_max: None,
             dedup_devices_max: default_dedup_devices_max(),
             dedup_horizon_records: default_dedup_horizon_records(),
             socket_receive_buffer_bytes: default_quic_socket_buffer_bytes(),
@@ -750,8 +767,36 @@ impl Config {
                 problem("quic.topics_allowed", format!("{topic:?} is not a configured topic"));
             }
         }
-        if quic.dedup_sequences_per_device_max == 0 || quic.dedup_sequences_per_device_max > 4096 {
-            problem("quic.dedup_sequences_per_device_max", "must be within 1..=4096".into());
+        // A frame refused with a retryable answer must stay storable on resend for as long
+        // as the limits let a device keep frames in flight (docs/PROTOCOL.md section 6).
+        let window_min = crate::core::dedup::sequences_per_device_min(
+            quic.connections_per_device_max,
+            quic.frames_in_flight_per_connection_max,
+        );
+        let window_max = crate::core::dedup::SEQUENCES_PER_DEVICE_MAX;
+        if window_min > window_max {
+            problem(
+                "quic.connections_per_device_max",
+                format!(
+                    "x quic.frames_in_flight_per_connection_max ({} x {} = {window_min}) is over {window_max}, the \
+                     most sequences a device's de-dup window may hold (quic.dedup_sequences_per_device_max)",
+                    quic.connections_per_device_max, quic.frames_in_flight_per_connection_max
+                ),
+            );
+        } else if let Some(window) = quic.dedup_sequences_per_device_max {
+            if !(window_min.max(1)..=window_max).contains(&u64::from(window)) {
+                problem(
+                    "quic.dedup_sequences_per_device_max",
+                    format!(
+                        "must be within {}..={window_max}: at least quic.connections_per_device_max ({}) x \
+                         quic.frames_in_flight_per_connection_max ({}), the frames a device may have in flight, or \
+                         a device resending a refused frame can find it forgotten (unset: exactly that product)",
+                        window_min.max(1),
+                        quic.connections_per_device_max,
+                        quic.frames_in_flight_per_connection_max
+                    ),
+                );
+            }
         }
         if quic.connections_per_device_max == 0 || quic.connections_per_device_max > 1_000_000 {
             problem("quic.connections_per_device_max", "must be within 1..=1000000".into());
@@ -1284,6 +1329,28 @@ mod tests {
         assert_eq!(found[0].path, "log.data_dir_bytes_max", "{found:?}");
         let found = problems("[log]\ndisk_full_policy = \"panic\"\n");
         assert_eq!(found[0].path, "log.disk_full_policy", "{found:?}");
+    }
+
+    #[test]
+    fn the_dedup_window_covers_every_frame_a_device_may_have_in_flight() {
+        // Unset: exactly connections_per_device_max x frames_in_flight_per_connection_max.
+        assert_eq!(Config::embedded().quic.dedup_sequences_per_device(), 64);
+        let text = "[quic]\nconnections_per_device_max = 2\nframes_in_flight_per_connection_max = 5\n";
+        let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.quic.dedup_sequences_per_device(), 10);
+        let text = "[quic]\nconnections_per_device_max = 2\nframes_in_flight_per_connection_max = 5\n\
+                    dedup_sequences_per_device_max = 10\n";
+        let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
+        assert_eq!(valid.config.quic.dedup_sequences_per_device(), 10);
+        // Smaller than what a device may have in flight: refused, naming both limits.
+        let found = problems("[quic]\ndedup_sequences_per_device_max = 32\n");
+        assert_eq!(found[0].path, "quic.dedup_sequences_per_device_max", "{found:?}");
+        assert!(found[0].why.contains("connections_per_device_max (4)"), "{found:?}");
+        // A product over the largest window is refused on its own.
+        let found = problems("[quic]\nconnections_per_device_max = 1000\n");
+        assert_eq!(found[0].path, "quic.connections_per_device_max", "{found:?}");
+        let found = problems("[quic]\ndedup_sequences_per_device_max = 4097\n");
+        assert_eq!(found[0].path, "quic.dedup_sequences_per_device_max", "{found:?}");
     }
 
     #[test]

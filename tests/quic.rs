@@ -221,7 +221,13 @@ fn a_resent_frame_gets_its_original_offsets_and_is_not_stored_again_even_after_a
 #[test]
 fn a_stale_frame_below_what_its_partition_remembers_is_refused_as_too_old_and_not_stored_again() {
     let root = tempfile::tempdir().unwrap();
-    let appliance = start(root.path(), "dedup_sequences_per_device_max = 2", 1);
+    // A window of 2 needs limits that let a device have at most 2 frames in flight
+    // (quic.dedup_sequences_per_device_max >= connections x frames in flight).
+    let appliance = start(
+        root.path(),
+        "dedup_sequences_per_device_max = 2\nconnections_per_device_max = 1\nframes_in_flight_per_connection_max = 2",
+        1,
+    );
     let first = answers(&appliance.aioquic("dev-1", &["--frames", "40", "--records", "1"]));
     assert!(first.iter().all(|answer| answer["kind"] == "ack"), "{first:?}");
     // The first frame once more, as a copy from a connection the device abandoned

@@ -210,6 +210,75 @@ fn a_partition_behind_on_disk_answers_backpressure_and_every_record_is_acked_onc
     assert_log_matches_acks(root.path(), &acked_log, acked);
 }
 
+/// Issue 13: two devices (aioquic, written from docs/PROTOCOL.md alone), each at every
+/// in-flight limit of the default config — 4 connections x 4 streams x 4 frames written
+/// per stream, 64 unacknowledged = 4 connections x 16 frames in flight, the default
+/// de-dup window — against partitions with a queue of one append, so many frames are
+/// answered Backpressure and resent while later sequences of the same device are stored.
+/// Every frame must be stored exactly once; none is ever answered SequenceTooOld.
+#[test]
+fn devices_at_every_in_flight_limit_under_backpressure_get_every_frame_stored_exactly_once() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    let devices = ["dev-1", "dev-2"];
+    certs(&root.path().join("certs"), &["--device", devices[0], "--device", devices[1]]);
+    let appliance = start(root.path(), "", "[log]\nappends_pending_max = 1\n");
+    const FRAMES: u64 = 600;
+    const RECORDS: u64 = 4;
+    let children: Vec<_> = devices
+        .iter()
+        .map(|device| {
+            let certs = appliance.certs();
+            Command::new(python())
+                .arg("-u")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/aioquic_window_device.py"))
+                .args(["--server", &appliance.quic, "--ca"])
+                .arg(certs.join("ca.pem"))
+                .arg("--cert")
+                .arg(certs.join(format!("devices/{device}.pem")))
+                .arg("--key")
+                .arg(certs.join(format!("devices/{device}.key")))
+                .args(["--frames", &FRAMES.to_string(), "--records", &RECORDS.to_string()])
+                .args(["--connections", "4", "--streams", "4", "--pipeline", "4", "--window", "64"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children.into_iter().map(|child| child.wait_with_output().unwrap()).collect();
+    let backpressure = appliance.metric("weir_quic_backpressure_answers_total");
+    appliance.stop();
+    for (device, output) in devices.iter().zip(&outputs) {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        eprintln!("{device}: {stdout}");
+        assert!(output.status.success(), "{device}: {stdout} {}", String::from_utf8_lossy(&output.stderr));
+        let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["acked"], FRAMES, "{device}: every frame acked: {summary}");
+        assert!(summary["answers"].get("SequenceTooOld").is_none(), "{device}: {summary}");
+    }
+    assert!(backpressure > 0.0, "the partitions answered Backpressure");
+    let mut stored: HashMap<String, HashSet<(u64, u64)>> = HashMap::new();
+    for partition in 0..PARTITIONS {
+        for (offset, record) in read_partition(root.path().join(format!("data/telemetry-{partition}"))) {
+            let device = header(&record, "weir.device").expect("stamped device").to_owned();
+            let value = std::str::from_utf8(record.value.as_deref().unwrap()).unwrap();
+            let (sequence, index) = value.split_once('/').unwrap();
+            let id = (sequence.parse().unwrap(), index.parse().unwrap());
+            assert_eq!(header(&record, "weir.sequence"), Some(sequence));
+            assert!(
+                stored.entry(device.clone()).or_default().insert(id),
+                "{device} {id:?} stored twice (p{partition}@{offset})"
+            );
+        }
+    }
+    for device in devices {
+        let expected: HashSet<(u64, u64)> =
+            (1..=FRAMES).flat_map(|sequence| (0..RECORDS).map(move |index| (sequence, index))).collect();
+        assert_eq!(stored.get(device), Some(&expected), "{device}: every record of every frame stored once");
+    }
+}
+
 #[test]
 fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served() {
     let _serial = one_at_a_time();

@@ -1,19 +1,41 @@
 //! Sequence de-duplication for one partition, pure: which (device, sequence) runs the
-//! partition already stored, and at which offsets.
+//! partition already stored, at which offsets, and what to do with a run that arrives
+//! (`DedupIndex::admit`: the one place that decides; `shell::engine` and the simulator
+//! call it).
 //!
 //! A produce frame's records for one partition are appended as one run carrying the
 //! `weir.device` and `weir.sequence` headers, so the partition's own log is the truth:
 //! at open the index is rebuilt from the log's last `horizon_records` records, and every
 //! stored run is added as it is acknowledged. A device's window keeps its most recent
-//! `sequences_per_device_max` sequences; the number of devices is bounded too (the least
-//! recently written device is forgotten first).
+//! `sequences_per_device_max` stored sequences; the number of devices is bounded too (the
+//! least recently written device is forgotten first).
 //!
 //! A device's window also remembers the highest sequence it dropped: a frame under a
-//! sequence at or below it may have been stored, and the index cannot tell. The shell
-//! answers such a frame `SequenceTooOld` instead of storing it a second time. This
-//! matters for stale copies: frames a device sent on a connection it then abandoned
-//! can reach weir after the device resent them elsewhere and moved far ahead (found
-//! by the whole-pipeline simulation, `core::sim`, seed 123).
+//! sequence at or below it may have been stored, and the index cannot tell. Such a frame
+//! is answered `SequenceTooOld` instead of being stored a second time. This matters for
+//! stale copies: frames a device sent on a connection it then abandoned can reach weir
+//! after the device resent them elsewhere and moved far ahead (found by the
+//! whole-pipeline simulation, `core::sim`, seed 123).
+//!
+//! The window and the device's limits must agree, or a frame refused with a retryable
+//! answer (Backpressure, DiskFull, ...) is dropped from knowledge before its resend
+//! arrives and is then refused for good although it was never stored (issue 13). Above
+//! the dropped sequence the window is exact: every stored sequence is in `runs`. A
+//! sequence `s` is dropped only once `sequences_per_device_max` stored sequences above it
+//! are remembered. So a device that keeps every frame it sends within
+//! `sequences_per_device_max` sequences of its oldest unacknowledged frame
+//! (docs/PROTOCOL.md section 6) never meets `SequenceTooOld` with its own frames, and
+//! `sequences_per_device_min` is the window that lets such a device use every in-flight
+//! limit weir has (config `quic.*` is validated against it).
+//!
+//! Invariants (`check_invariants`): a window remembers at most `sequences_per_device_max`
+//! sequences and at least one; every remembered sequence is above the dropped one, and a
+//! window that dropped one is full; at most `devices_max` devices, each once in the
+//! recency order.
+//!
+//! Memory: per partition, at most `devices_max` windows of `sequences_per_device_max`
+//! entries (a `BTreeMap` entry of 8 + 16 bytes plus node overhead: about 40 bytes), plus
+//! the device id twice (map key and recency queue).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -79,6 +101,35 @@ pub fn digest_of_stored(digest: u32, record: &RecordRef<'_>) -> u32 {
     digest_record(digest, record.timestamp_ms, record.key, record.value, record.headers.iter().copied())
 }
 
+/// The most sequences a device window may be configured to hold
+/// (`quic.dedup_sequences_per_device_max`).
+pub const SEQUENCES_PER_DEVICE_MAX: u64 = 4096;
+
+/// The smallest window that covers every frame a device can have unanswered inside weir
+/// at once: `connections_per_device_max` connections, each with at most
+/// `frames_in_flight_per_connection_max` frames being stored (over all its streams;
+/// further frames wait unread under QUIC flow control). A device that keeps this many
+/// frames in flight, and therefore this many sequences beyond its oldest unacknowledged
+/// one, loses none to de-duplication when the window is at least this large.
+pub fn sequences_per_device_min(connections_per_device_max: u32, frames_in_flight_per_connection_max: u32) -> u64 {
+    u64::from(connections_per_device_max) * u64::from(frames_in_flight_per_connection_max)
+}
+
+/// What a partition does with a run of (device, sequence) that arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Not stored here, and not below what the window remembers: append it.
+    Store,
+    /// Stored here before with the same records: answer with its offsets, store nothing.
+    Stored(StoredRun),
+    /// Stored here before with other records (a device bug): answer `SequenceReused`,
+    /// store nothing.
+    Reused(StoredRun),
+    /// At or below a sequence the window dropped: it may be stored, so answer
+    /// `SequenceTooOld` and store nothing.
+    TooOld { forgotten_through: u64 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupLimits {
     pub sequences_per_device_max: usize,
@@ -90,6 +141,18 @@ pub struct DedupLimits {
 struct DeviceWindow {
     runs: BTreeMap<u64, StoredRun>,
     forgotten_through: Option<u64>,
+}
+
+impl DeviceWindow {
+    fn check(&self, limits: DedupLimits) {
+        assert!(!self.runs.is_empty(), "a device window exists only once it remembers a run");
+        assert!(self.runs.len() <= limits.sequences_per_device_max, "a window over dedup_sequences_per_device_max");
+        if let Some(forgotten) = self.forgotten_through {
+            let lowest = *self.runs.keys().next().expect("not empty");
+            assert!(lowest > forgotten, "window remembers s{lowest} at or below the dropped s{forgotten}");
+            assert_eq!(self.runs.len(), limits.sequences_per_device_max, "a window that dropped a sequence is full");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -128,6 +191,18 @@ impl DedupIndex {
         DedupIndex { limits, devices: HashMap::new(), recency: VecDeque::new() }
     }
 
+    /// The decision for a run of (device, sequence) whose records have `digest` and
+    /// `record_count` (see the module docs and docs/PROTOCOL.md section 6).
+    pub fn admit(&self, device: &str, sequence: u64, digest: u32, record_count: u32) -> Admission {
+        let Some(window) = self.devices.get(device) else { return Admission::Store };
+        match (window.runs.get(&sequence), window.forgotten_through) {
+            (Some(run), _) if run.digest == digest && run.record_count == record_count => Admission::Stored(*run),
+            (Some(run), _) => Admission::Reused(*run),
+            (None, Some(forgotten_through)) if sequence <= forgotten_through => Admission::TooOld { forgotten_through },
+            (None, _) => Admission::Store,
+        }
+    }
+
     pub fn lookup(&self, device: &str, sequence: u64) -> Option<StoredRun> {
         self.devices.get(device)?.runs.get(&sequence).copied()
     }
@@ -161,6 +236,20 @@ impl DedupIndex {
             if let Some((dropped, _)) = window.runs.pop_first() {
                 window.forgotten_through = window.forgotten_through.max(Some(dropped));
             }
+        }
+        window.check(self.limits);
+        assert!(self.devices.len() <= self.limits.devices_max && self.recency.len() == self.devices.len());
+    }
+
+    /// Asserts the invariants of the module docs over every device (a bug if one fails).
+    pub fn check_invariants(&self) {
+        assert!(self.devices.len() <= self.limits.devices_max, "more devices than dedup_devices_max");
+        assert_eq!(self.recency.len(), self.devices.len(), "the recency order lists each device once");
+        let listed: std::collections::HashSet<&String> = self.recency.iter().collect();
+        assert_eq!(listed.len(), self.recency.len(), "a device is twice in the recency order");
+        for (device, window) in &self.devices {
+            assert!(listed.contains(device), "device {device} is missing from the recency order");
+            window.check(self.limits);
         }
     }
 
@@ -212,6 +301,141 @@ mod tests {
         index.insert("c", 1, StoredRun { base_offset: 0, record_count: 1, digest: 0 });
         assert_eq!(index.devices(), 2);
         assert_eq!(index.lookup("b", 1), None, "the least recently written device is forgotten first");
+    }
+
+    fn run(base_offset: i64) -> StoredRun {
+        StoredRun { base_offset, record_count: 1, digest: 7 }
+    }
+
+    #[test]
+    fn a_resend_is_answered_from_the_window_and_other_records_under_its_sequence_are_reused() {
+        let mut index = DedupIndex::new(limits());
+        assert_eq!(index.admit("a", 1, 7, 1), Admission::Store, "an unknown device stores");
+        index.insert("a", 1, run(100));
+        index.check_invariants();
+        assert_eq!(index.admit("a", 1, 7, 1), Admission::Stored(run(100)));
+        assert_eq!(index.admit("a", 1, 8, 1), Admission::Reused(run(100)), "other digest");
+        assert_eq!(index.admit("a", 1, 7, 2), Admission::Reused(run(100)), "other record count");
+        assert_eq!(index.admit("a", 2, 7, 1), Admission::Store, "a later sequence");
+        assert_eq!(index.admit("a", 0, 7, 1), Admission::Store, "nothing dropped: an earlier one is not stored");
+        index.check_invariants();
+    }
+
+    #[test]
+    fn a_stale_copy_at_or_below_a_dropped_sequence_is_too_old() {
+        let mut index = DedupIndex::new(limits());
+        for sequence in 1..=5 {
+            index.insert("a", sequence, run(sequence as i64));
+            index.check_invariants();
+        }
+        // Remembers 3, 4, 5; dropped 1 and 2.
+        assert_eq!(index.admit("a", 2, 7, 1), Admission::TooOld { forgotten_through: 2 });
+        assert_eq!(index.admit("a", 1, 7, 1), Admission::TooOld { forgotten_through: 2 });
+        assert_eq!(index.admit("a", 3, 7, 1), Admission::Stored(run(3)));
+        assert_eq!(index.admit("a", 6, 7, 1), Admission::Store);
+        // A run stored late, below what the window keeps, is dropped at once.
+        index.insert("a", 0, run(50));
+        index.check_invariants();
+        assert_eq!(index.admit("a", 0, 7, 1), Admission::TooOld { forgotten_through: 2 });
+    }
+
+    /// A device that keeps every frame within `window` sequences of its oldest
+    /// unacknowledged one, against two partitions with windows of `remembered`; each
+    /// frame goes to partition 0, or to both (so one part may be stored and the other
+    /// refused). Partitions refuse appends at random (Backpressure), the device's oldest
+    /// frame most often (it starves), and the device resends refused frames forever.
+    /// Returns the first (sequence, partition) answered `SequenceTooOld` while that
+    /// partition had not stored it, or `None` when every frame was stored.
+    fn device_against_partitions(seed: u64, window: u64, remembered: usize) -> Option<(u64, usize)> {
+        use crate::core::ship::backoff::SplitMix64;
+        let mut random = SplitMix64::new(seed);
+        let limits = DedupLimits { sequences_per_device_max: remembered, devices_max: 4 };
+        let mut partitions = [DedupIndex::new(limits), DedupIndex::new(limits)];
+        // Unacknowledged frames: sequence -> (routed to both, stored in partition 0, 1).
+        let mut unacked: BTreeMap<u64, (bool, [bool; 2])> = BTreeMap::new();
+        let mut next_sequence = 1;
+        let frames = 600;
+        for _step in 0..20_000 {
+            let oldest = unacked.keys().next().copied().unwrap_or(next_sequence);
+            while next_sequence <= frames && next_sequence < oldest + window {
+                let both = random.below_or_equal(2) == 0;
+                unacked.insert(next_sequence, (both, [false, !both]));
+                next_sequence += 1;
+            }
+            let &oldest = unacked.keys().next()?;
+            let pick = random.below_or_equal(unacked.len() as u64 - 1) as usize;
+            let sequence = *unacked.keys().nth(pick).expect("within len");
+            let (both, mut stored) = unacked[&sequence];
+            for (partition, index) in partitions.iter_mut().enumerate() {
+                if partition == 1 && !both {
+                    continue;
+                }
+                match index.admit("device", sequence, 7, 1) {
+                    Admission::Store => {
+                        let refuse_per_256 = if sequence == oldest { 250 } else { 128 };
+                        if random.below_or_equal(255) >= refuse_per_256 {
+                            index.insert("device", sequence, run(sequence as i64));
+                            stored[partition] = true;
+                        }
+                    }
+                    Admission::Stored(_) => assert!(stored[partition]),
+                    Admission::Reused(_) => panic!("the device never reuses a sequence"),
+                    Admission::TooOld { .. } if !stored[partition] => return Some((sequence, partition)),
+                    Admission::TooOld { .. } => {
+                        // Stored, but the rest of the frame is lost to the device all the same.
+                        return Some((sequence, 1 - partition));
+                    }
+                }
+                index.check_invariants();
+            }
+            if stored == [true, true] {
+                unacked.remove(&sequence);
+            } else {
+                unacked.insert(sequence, (both, stored));
+            }
+        }
+        assert!(unacked.is_empty() && next_sequence > frames, "the schedule did not finish");
+        None
+    }
+
+    #[test]
+    fn a_frame_refused_while_a_device_at_every_limit_stores_later_ones_stays_storable() {
+        // The defaults: 4 connections per device, 16 frames in flight per connection.
+        let window = sequences_per_device_min(4, 16);
+        assert_eq!(window, 64);
+        for seed in 0..200 {
+            assert_eq!(device_against_partitions(seed, window, window as usize), None, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_issue_13_device_loses_frames_to_the_old_default_window_of_32() {
+        // 64 frames in flight against a window of 32: refused frames fall below it.
+        let lost = (0..200).filter(|seed| device_against_partitions(*seed, 64, 32).is_some()).count();
+        assert!(lost > 100, "only {lost} of 200 schedules lost a frame");
+    }
+
+    #[test]
+    fn a_window_one_short_of_the_device_window_loses_a_frame_split_over_two_partitions() {
+        // Deterministic: s1 goes to both partitions, stored in partition 0 and refused in
+        // partition 1; s2..=s4 are stored in partition 0. With a window of 3 (one short of
+        // the device's 4) partition 0 drops s1, and the resend of s1 is too old there
+        // while partition 1 never stored its part.
+        let mut short = [DedupIndex::new(limits()), DedupIndex::new(limits())];
+        let mut enough = [
+            DedupIndex::new(DedupLimits { sequences_per_device_max: 4, devices_max: 2 }),
+            DedupIndex::new(DedupLimits { sequences_per_device_max: 4, devices_max: 2 }),
+        ];
+        for partitions in [&mut short, &mut enough] {
+            for sequence in 1..=4 {
+                assert_eq!(partitions[0].admit("a", sequence, 7, 1), Admission::Store);
+                partitions[0].insert("a", sequence, run(sequence as i64));
+                partitions[0].check_invariants();
+            }
+            assert_eq!(partitions[1].admit("a", 1, 7, 1), Admission::Store, "the refused part stays storable");
+        }
+        assert_eq!(short[0].admit("a", 1, 7, 1), Admission::TooOld { forgotten_through: 1 });
+        assert_eq!(enough[0].admit("a", 1, 7, 1), Admission::Stored(run(1)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
-use crate::core::dedup::{self, DedupIndex, DedupLimits, StoredRun};
+use crate::core::dedup::{self, Admission, DedupIndex, DedupLimits, StoredRun};
 use crate::core::log::batch::{self, Record};
 use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
@@ -162,23 +162,26 @@ impl CoreAppender {
             ),
             retry_after_ms: 0,
         };
-        let stored = self.dedup.borrow().get(&partition_key).and_then(|index| index.lookup(&device, sequence));
-        if let Some(run) = stored {
-            if run.digest != digest || run.record_count != record_count {
-                return Err(reused(topic));
+        let admission = self
+            .dedup
+            .borrow()
+            .get(&partition_key)
+            .map_or(Admission::Store, |index| index.admit(&device, sequence, digest, record_count));
+        match admission {
+            Admission::Store => {}
+            Admission::Stored(run) => return Ok(run.base_offset),
+            Admission::Reused(_) => return Err(reused(topic)),
+            Admission::TooOld { forgotten_through } => {
+                return Err(AppendFailure {
+                    code: ErrorCode::SequenceTooOld,
+                    message: format!(
+                        "sequence {sequence} of device {device} is at or below sequence {forgotten_through}, which \
+                         {topic}-{partition} no longer remembers (quic.dedup_sequences_per_device_max): it may be \
+                         stored already, so it is not stored again"
+                    ),
+                    retry_after_ms: 0,
+                });
             }
-            return Ok(run.base_offset);
-        }
-        let forgotten = self.dedup.borrow().get(&partition_key).is_some_and(|index| index.forgot(&device, sequence));
-        if forgotten {
-            return Err(AppendFailure {
-                code: ErrorCode::SequenceTooOld,
-                message: format!(
-                    "sequence {sequence} of device {device} is older than {topic}-{partition} remembers \
-                     (quic.dedup_sequences_per_device_max): it may be stored already, so it is not stored again"
-                ),
-                retry_after_ms: 0,
-            });
         }
         let flight_key = (topic.to_owned(), partition, device.clone(), sequence);
         let waiting = {

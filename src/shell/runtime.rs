@@ -173,7 +173,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         let core_count = cores.len();
         let dedup = engine::DedupSettings {
             limits: crate::core::dedup::DedupLimits {
-                sequences_per_device_max: valid.config.quic.dedup_sequences_per_device_max as usize,
+                sequences_per_device_max: valid.config.quic.dedup_sequences_per_device() as usize,
                 devices_max: valid.config.quic.dedup_devices_max as usize,
             },
             horizon_records: i64::from(valid.config.quic.dedup_horizon_records),

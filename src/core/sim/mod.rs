@@ -10,6 +10,11 @@
 //! reconciliation. One seeded generator makes every decision and the clock is virtual,
 //! so a seed replays exactly.
 //!
+//! Devices use one connection of one stream, or (in about half the runs) every limit:
+//! several connections of several streams with as many frames in flight as weir reads,
+//! often against a queue of one append per partition; a run asserts that
+//! `SequenceTooOld` only ever answers a frame its partition stored (issue 13).
+//!
 //! The glue that lives in the shell (the stream-order rules of `shell::quic`, the
 //! in-flight resend join of `shell::engine`, the group-commit flusher of `shell::log`,
 //! the shipper's executor in `shell::ship`) is modelled here, not run; SIMULATION.md
@@ -152,6 +157,17 @@ mod tests {
             assert!(total.poisoned >= 5, "only {} partitions poisoned", total.poisoned);
             assert!(total.dedup_answers >= 50, "only {} resends answered from dedup", total.dedup_answers);
             assert!(total.connection_cuts >= 50, "only {} connection cuts", total.connection_cuts);
+            // Devices at every limit under backpressure (issue 13).
+            assert!(
+                total.at_every_limit * 4 >= seeds.len() as u64,
+                "only {} runs at every limit",
+                total.at_every_limit
+            );
+            assert!(
+                total.backpressure_at_every_limit >= 50,
+                "only {} backpressure answers at every limit",
+                total.backpressure_at_every_limit
+            );
         }
     }
 
@@ -198,6 +214,30 @@ mod tests {
     #[test]
     fn simulation_seed_442_an_append_during_a_flush_completion_is_not_lost() {
         run_seed(442);
+    }
+
+    /// Issue 13: a device at every limit (4 connections x 3 streams, 11 frames in flight
+    /// per connection: 44 sequences past its oldest unacknowledged frame) against
+    /// partitions with a queue of one append. Frames answered Backpressure waited while
+    /// later sequences of the device were stored; with a de-dup window of 5 (what the
+    /// config allowed before `quic.dedup_sequences_per_device_max` had to cover
+    /// connections x frames in flight) the partition dropped past s8, and its resend was
+    /// answered SequenceTooOld although it was never stored: lost for good. Fixed by the
+    /// config rule (`core::dedup::sequences_per_device_min`) and the device's window of
+    /// docs/PROTOCOL.md section 6; the simulation now asserts that SequenceTooOld only
+    /// ever answers a frame its partition stored. (Seed 9 failed at the device instead: a
+    /// resend answered SequenceTooOld by a partition that had dropped its stored part.)
+    #[test]
+    fn simulation_seed_10_a_device_at_every_limit_resending_after_backpressure_never_meets_too_old() {
+        let outcome = run_seed(10);
+        assert_eq!(outcome.at_every_limit, 1, "seed 10 puts its devices at every limit");
+        assert!(outcome.backpressure_at_every_limit > 0, "and answers them Backpressure");
+        assert_eq!(outcome.too_old, 0, "its device never sent a stale copy");
+    }
+
+    #[test]
+    fn simulation_seed_9_a_device_at_every_limit_never_gets_too_old_for_its_own_resend() {
+        assert_eq!(run_seed(9).at_every_limit, 1, "seed 9 puts its devices at every limit");
     }
 
     #[test]

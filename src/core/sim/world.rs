@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::broker::{Dedup, ModelBroker};
 use super::disk::SimFile;
 use super::{trace, SimRandom};
-use crate::core::dedup::{self, DedupIndex, DedupLimits, StoredRun};
+use crate::core::dedup::{self, Admission, DedupIndex, DedupLimits, StoredRun};
 use crate::core::log::batch::{self, Header, Record};
 use crate::core::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
 use crate::core::log::segment::plan_append;
@@ -53,6 +53,10 @@ pub(crate) struct Outcome {
     pub(crate) disk_full: u64,
     /// Stale frames answered SequenceTooOld.
     pub(crate) too_old: u64,
+    /// Runs whose devices use several connections and streams, up to every limit.
+    pub(crate) at_every_limit: u64,
+    /// Backpressure answers in those runs.
+    pub(crate) backpressure_at_every_limit: u64,
     pub(crate) connection_cuts: u64,
     pub(crate) upstream_batches: u64,
     pub(crate) virtual_ms: u64,
@@ -71,6 +75,8 @@ impl Outcome {
         self.backpressure += other.backpressure;
         self.disk_full += other.disk_full;
         self.too_old += other.too_old;
+        self.at_every_limit += other.at_every_limit;
+        self.backpressure_at_every_limit += other.backpressure_at_every_limit;
         self.connection_cuts += other.connection_cuts;
         self.upstream_batches += other.upstream_batches;
         self.virtual_ms += other.virtual_ms;
@@ -83,7 +89,7 @@ impl std::fmt::Display for Outcome {
         write!(
             formatter,
             "{} records in {} frames, {} crashes, {} torn tails cut, {} partitions poisoned, {} resends answered \
-             from dedup, {} joined an in-flight append, {} backpressure answers, {} disk-full refusals, {} stale frames refused as too old, {} connection cuts, {} upstream \
+             from dedup, {} joined an in-flight append, {} backpressure answers, {} disk-full refusals, {} stale frames refused as too old, {} runs with devices at every limit ({} backpressure answers), {} connection cuts, {} upstream \
              batches, {} virtual s, {} events",
             self.records,
             self.frames,
@@ -95,6 +101,8 @@ impl std::fmt::Display for Outcome {
             self.backpressure,
             self.disk_full,
             self.too_old,
+            self.at_every_limit,
+            self.backpressure_at_every_limit,
             self.connection_cuts,
             self.upstream_batches,
             self.virtual_ms / 1000,
@@ -162,6 +170,12 @@ struct Settings {
     devices: usize,
     key_hash: KeyHash,
     frame_limits: FrameLimits,
+    /// Connections a device uses at once and streams on each (`quic.connections_per_device_max`,
+    /// `quic.streams_per_connection_max`); 1 and 1 unless the run puts devices at every limit.
+    connections_per_device_max: usize,
+    streams_per_connection_max: usize,
+    /// Whether devices use several connections and streams at once, up to every limit.
+    at_every_limit: bool,
     frames_in_flight_per_connection_max: usize,
     bytes_in_flight_per_connection_max: usize,
     appends_pending_max: usize,
@@ -171,7 +185,8 @@ struct Settings {
     dedup_limits: DedupLimits,
     dedup_horizon_records: i64,
     ship: ShipConfig,
-    /// Frames a device keeps unacknowledged at once.
+    /// How far (in sequences) a device sends past its oldest unacknowledged frame
+    /// (docs/PROTOCOL.md section 6: at most the de-dup window).
     device_window_max: usize,
     device_records: usize,
     device_answer_timeout_us: u64,
@@ -179,14 +194,17 @@ struct Settings {
 }
 
 impl Settings {
-    fn draw(random: &mut SimRandom) -> Settings {
+    fn draw(random: &mut SimRandom, seed: u64) -> Settings {
         let device_window_max = random.range(1, 8) as usize;
         let batch_bytes_max = random.range(1000, 20_000) as usize;
-        Settings {
+        let mut settings = Settings {
             partitions: random.range(1, 4) as u32,
             devices: random.range(1, 8) as usize,
             key_hash: if random.coin() { KeyHash::Crc32c } else { KeyHash::KafkaMurmur2 },
             frame_limits: FrameLimits { frame_bytes_max: 8 << 10, records_per_frame_max: 8, ..FRAME_LIMITS_V1 },
+            connections_per_device_max: 1,
+            streams_per_connection_max: 1,
+            at_every_limit: false,
             frames_in_flight_per_connection_max: random.range(1, 16) as usize,
             bytes_in_flight_per_connection_max: random.range(2 << 10, 64 << 10) as usize,
             appends_pending_max: random.range(1, 16) as usize,
@@ -215,7 +233,48 @@ impl Settings {
             device_records: random.range(50, 600) as usize,
             device_answer_timeout_us: random.range(300_000, 3_000_000),
             faults: Faults::draw(random),
+        };
+        settings.draw_device_limits(seed);
+        settings
+    }
+
+    /// The device limits, from a generator of their own (so the draws above, and the
+    /// runs of seeds without devices at every limit, stay what they were; the salt is
+    /// one under which the seeds pinned before this mode existed — 94, 123, 442, 527,
+    /// 742 — keep their one-stream runs). The config rule of
+    /// `quic.dedup_sequences_per_device_max` holds: the window covers connections x
+    /// frames in flight (`core::dedup::sequences_per_device_min`).
+    fn draw_device_limits(&mut self, seed: u64) {
+        let mut random = SimRandom::new(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x4b);
+        if random.coin() {
+            // Devices at every limit: several connections of several streams, as many
+            // frames in flight as weir reads, and under backpressure (a short queue).
+            self.at_every_limit = true;
+            self.connections_per_device_max = random.range(1, 4) as usize;
+            self.streams_per_connection_max = random.range(1, 4) as usize;
+            if random.coin() {
+                self.appends_pending_max = random.range(1, 2) as usize;
+            }
+            let window_min = dedup::sequences_per_device_min(
+                self.connections_per_device_max as u32,
+                self.frames_in_flight_per_connection_max as u32,
+            ) as usize;
+            let window = if random.coin() { window_min } else { window_min + random.range(0, 16) as usize };
+            self.dedup_limits.sequences_per_device_max = window;
+            self.device_window_max = if random.coin() { window } else { random.range(1, window as u64) as usize };
+        } else {
+            // One connection of one stream, whose device keeps at most the window in
+            // flight: frames in flight over the window are never reached, so clamping them
+            // keeps these runs as they were while the config rule holds.
+            self.frames_in_flight_per_connection_max =
+                self.frames_in_flight_per_connection_max.min(self.dedup_limits.sequences_per_device_max);
         }
+        let window_min = dedup::sequences_per_device_min(
+            self.connections_per_device_max as u32,
+            self.frames_in_flight_per_connection_max as u32,
+        ) as usize;
+        assert!(self.dedup_limits.sequences_per_device_max >= window_min, "the config rule");
+        assert!(self.device_window_max <= self.dedup_limits.sequences_per_device_max, "PROTOCOL.md section 6");
     }
 }
 
@@ -223,14 +282,18 @@ impl Settings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct FrameRef {
     connection: u64,
+    stream: u32,
     serial: u64,
 }
+
+/// A QUIC stream of the appliance: (connection, stream index on it).
+type StreamKey = (u64, u32);
 
 #[derive(Debug)]
 enum Event {
     DeviceTick { device: usize },
     FaultTick,
-    ToWeir { connection: u64, chunk: Vec<u8> },
+    ToWeir { connection: u64, stream: u32, chunk: Vec<u8> },
     ToDevice { connection: u64, answer: Vec<u8> },
     FlushWindow { partition: u32 },
     WriteDone { partition: u32 },
@@ -282,7 +345,8 @@ struct Device {
     records_left: usize,
     /// Unacknowledged frames by sequence.
     frames: BTreeMap<u64, DeviceFrame>,
-    connection: Option<u64>,
+    /// The connection in each of the device's `connections_per_device_max` slots.
+    connections: Vec<Option<u64>>,
     /// The first acknowledgement of every sequence.
     acked: BTreeMap<u64, Vec<AckPart>>,
     partitioned_until_us: u64,
@@ -386,7 +450,7 @@ struct WeirPartition {
 
 struct Weir {
     partitions: Vec<WeirPartition>,
-    streams: BTreeMap<u64, WeirStream>,
+    streams: BTreeMap<StreamKey, WeirStream>,
 }
 
 /// What survives a crash: the partition log files and the ship-state files.
@@ -441,7 +505,7 @@ fn parse_value(value: &[u8]) -> (usize, u64, u32) {
 impl World {
     fn new(seed: u64) -> World {
         let mut random = SimRandom::new(seed);
-        let settings = Settings::draw(&mut random);
+        let settings = Settings::draw(&mut random, seed);
         let partitions = settings.partitions as usize;
         let devices = (0..settings.devices)
             .map(|index| Device {
@@ -449,7 +513,7 @@ impl World {
                 next_sequence: 1,
                 records_left: settings.device_records,
                 frames: BTreeMap::new(),
-                connection: None,
+                connections: vec![None; settings.connections_per_device_max],
                 acked: BTreeMap::new(),
                 partitioned_until_us: 0,
             })
@@ -567,6 +631,7 @@ impl World {
                     }
                 }
             }
+            dedup.check_invariants();
             let persisted = self.durable.ship_states[partition as usize]
                 .as_ref()
                 .map(|bytes| ShipState::decode(bytes).expect("the ship state file is whole"));
@@ -654,9 +719,12 @@ impl World {
     fn device_tick(&mut self, device: usize) {
         let now = self.now_us;
         let settings = self.settings.clone();
-        // A new frame when the window has room.
+        // A new frame when the window has room: its sequence stays within
+        // `device_window_max` of the oldest unacknowledged one (PROTOCOL.md section 6).
+        let oldest_unacked =
+            self.devices[device].frames.keys().next().copied().unwrap_or(self.devices[device].next_sequence);
         if self.devices[device].records_left > 0
-            && self.devices[device].frames.len() < settings.device_window_max
+            && self.devices[device].next_sequence < oldest_unacked + settings.device_window_max as u64
             && self.random.range(0, 3) > 0
         {
             let count = (self.random.range(1, settings.frame_limits.records_per_frame_max as u64) as usize)
@@ -694,65 +762,34 @@ impl World {
                 .insert(sequence, DeviceFrame { stream_bytes, records: count, state: FrameState::Unsent });
         }
         // An answer overdue: give up on the connection and resend on a new one.
-        let overdue = self.devices[device]
+        let mut overdue: Vec<u64> = self.devices[device]
             .frames
             .values()
-            .any(|frame| matches!(frame.state, FrameState::Sent { deadline_us, .. } if deadline_us <= now));
-        if overdue {
-            if let Some(connection) = self.devices[device].connection {
+            .filter_map(|frame| match frame.state {
+                FrameState::Sent { connection, deadline_us } if deadline_us <= now => Some(connection),
+                _ => None,
+            })
+            .collect();
+        overdue.sort_unstable();
+        overdue.dedup();
+        for connection in overdue {
+            if self.devices[device].connections.contains(&Some(connection)) {
                 self.note(format!("dev{device}: answer overdue, leaving connection {connection}"));
                 let cut = self.random.coin();
                 self.leave_connection(device, connection, cut);
             }
         }
-        // (Re)connect.
-        let connected = self.devices[device]
-            .connection
-            .is_some_and(|connection| self.connections.get(&connection).is_some_and(|it| it.weir_open));
-        if !connected {
-            if let Some(connection) = self.devices[device].connection.take() {
-                self.leave_connection(device, connection, false);
-            }
-            for frame in self.devices[device].frames.values_mut() {
-                if matches!(frame.state, FrameState::Sent { .. }) {
-                    frame.state = FrameState::Unsent;
-                }
-            }
-            if self.weir.is_some() && self.devices[device].partitioned_until_us <= now {
-                let connection = self.next_connection;
-                self.next_connection += 1;
-                self.connections.insert(
-                    connection,
-                    Connection {
-                        device,
-                        device_listening: true,
-                        weir_open: true,
-                        to_weir_last_us: now,
-                        to_device_last_us: now,
-                    },
-                );
-                let assembler = FrameAssembler::new(settings.frame_limits.frame_bytes_max);
-                self.weir().streams.insert(
-                    connection,
-                    WeirStream {
-                        device,
-                        unread: VecDeque::new(),
-                        assembler,
-                        frames: VecDeque::new(),
-                        bytes_in_flight: 0,
-                        next_serial: 0,
-                        order: StreamOrder::default(),
-                    },
-                );
-                self.devices[device].connection = Some(connection);
-            }
+        // (Re)connect every slot.
+        for slot in 0..settings.connections_per_device_max {
+            self.connect_slot(device, slot);
         }
         // Send in sequence order; a frame waiting out a retry-after holds the later ones,
         // and after a retryable error nothing is sent until every frame written after
-        // it was answered (they are refused): docs/PROTOCOL.md section 1.
+        // it was answered (they are refused): docs/PROTOCOL.md section 1. Frame `s` goes
+        // on stream `s mod (connections x streams)` of the device's connections.
         let holding = self.devices[device].frames.values().any(|frame| matches!(frame.state, FrameState::Wait { .. }))
             && self.devices[device].frames.values().any(|frame| matches!(frame.state, FrameState::Sent { .. }));
-        if let Some(connection) = self.devices[device].connection.filter(|_| !holding) {
+        if !holding {
             let sequences: Vec<u64> = self.devices[device].frames.keys().copied().collect();
             for sequence in sequences {
                 let state = self.devices[device].frames[&sequence].state;
@@ -761,6 +798,8 @@ impl World {
                     FrameState::Wait { until_us } if until_us > now => break,
                     _ => {}
                 }
+                let (slot, stream) = self.lane_of(sequence);
+                let Some(connection) = self.devices[device].connections[slot] else { break };
                 let bytes = self.devices[device].frames[&sequence].stream_bytes.clone();
                 let deadline_us = now + settings.device_answer_timeout_us;
                 self.devices[device].frames.get_mut(&sequence).expect("listed").state =
@@ -768,10 +807,10 @@ impl World {
                 // QUIC may deliver a frame in several pieces.
                 if bytes.len() > 8 && self.random.coin() {
                     let split = self.random.range(1, bytes.len() as u64 - 1) as usize;
-                    self.send_to_weir(connection, bytes[..split].to_vec());
-                    self.send_to_weir(connection, bytes[split..].to_vec());
+                    self.send_to_weir(connection, stream, bytes[..split].to_vec());
+                    self.send_to_weir(connection, stream, bytes[split..].to_vec());
                 } else {
-                    self.send_to_weir(connection, bytes);
+                    self.send_to_weir(connection, stream, bytes);
                 }
             }
         }
@@ -782,11 +821,64 @@ impl World {
         }
     }
 
+    /// Which connection slot and stream a frame goes on.
+    fn lane_of(&self, sequence: u64) -> (usize, u32) {
+        let streams = self.settings.streams_per_connection_max as u64;
+        let lane = sequence % (self.settings.connections_per_device_max as u64 * streams);
+        ((lane / streams) as usize, (lane % streams) as u32)
+    }
+
+    /// Opens a connection in `slot` when it has none that weir still serves.
+    fn connect_slot(&mut self, device: usize, slot: usize) {
+        let now = self.now_us;
+        let connected = self.devices[device].connections[slot]
+            .is_some_and(|connection| self.connections.get(&connection).is_some_and(|it| it.weir_open));
+        if connected {
+            return;
+        }
+        if let Some(connection) = self.devices[device].connections[slot] {
+            self.leave_connection(device, connection, false);
+        }
+        if self.weir.is_none() || self.devices[device].partitioned_until_us > now {
+            return;
+        }
+        let connection = self.next_connection;
+        self.next_connection += 1;
+        self.connections.insert(
+            connection,
+            Connection {
+                device,
+                device_listening: true,
+                weir_open: true,
+                to_weir_last_us: now,
+                to_device_last_us: now,
+            },
+        );
+        for stream in 0..self.settings.streams_per_connection_max as u32 {
+            let assembler = FrameAssembler::new(self.settings.frame_limits.frame_bytes_max);
+            self.weir().streams.insert(
+                (connection, stream),
+                WeirStream {
+                    device,
+                    unread: VecDeque::new(),
+                    assembler,
+                    frames: VecDeque::new(),
+                    bytes_in_flight: 0,
+                    next_serial: 0,
+                    order: StreamOrder::default(),
+                },
+            );
+        }
+        self.devices[device].connections[slot] = Some(connection);
+    }
+
     /// The device stops using `connection`: a clean cut closes both ends; otherwise the
     /// device just stops listening (a half-dead path: what it sent may still arrive).
     fn leave_connection(&mut self, device: usize, connection: u64, cut: bool) {
-        if self.devices[device].connection == Some(connection) {
-            self.devices[device].connection = None;
+        for slot in self.devices[device].connections.iter_mut() {
+            if *slot == Some(connection) {
+                *slot = None;
+            }
         }
         for frame in self.devices[device].frames.values_mut() {
             if matches!(frame.state, FrameState::Sent { connection: on, .. } if on == connection) {
@@ -812,18 +904,18 @@ impl World {
         // Unread stream data goes with the connection; frames already read are still
         // processed (their tasks are detached), their answers are dropped.
         if let Some(weir) = self.weir.as_mut() {
-            if let Some(stream) = weir.streams.get_mut(&connection) {
+            for (_, stream) in weir.streams.range_mut((connection, 0)..=(connection, u32::MAX)) {
                 stream.unread.clear();
             }
         }
     }
 
-    fn send_to_weir(&mut self, connection: u64, chunk: Vec<u8>) {
+    fn send_to_weir(&mut self, connection: u64, stream: u32, chunk: Vec<u8>) {
         let latency = self.network_latency_us();
         let state = self.connections.get_mut(&connection).expect("sending on a known connection");
         let at = (self.now_us + latency).max(state.to_weir_last_us + 1);
         state.to_weir_last_us = at;
-        self.schedule_at(at, Event::ToWeir { connection, chunk });
+        self.schedule_at(at, Event::ToWeir { connection, stream, chunk });
     }
 
     fn send_to_device(&mut self, connection: u64, answer: Vec<u8>) {
@@ -885,6 +977,9 @@ impl World {
         );
         if code == ErrorCode::Backpressure {
             self.outcome.backpressure += 1;
+            if self.settings.at_every_limit {
+                self.outcome.backpressure_at_every_limit += 1;
+            }
         }
         let now = self.now_us;
         if let Some(frame) = self.devices[device].frames.get_mut(&sequence) {
@@ -898,68 +993,87 @@ impl World {
 
     // ----- the appliance's listener (shell::quic, modelled) -----
 
-    fn weir_receive(&mut self, connection: u64, chunk: Vec<u8>) {
+    fn weir_receive(&mut self, connection: u64, stream: u32, chunk: Vec<u8>) {
         if !self.connections.get(&connection).is_some_and(|state| state.weir_open) || self.weir.is_none() {
             return;
         }
-        self.weir().streams.get_mut(&connection).expect("open connection has a stream").unread.push_back(chunk);
+        self.weir()
+            .streams
+            .get_mut(&(connection, stream))
+            .expect("open connection has its streams")
+            .unread
+            .push_back(chunk);
         self.pump(connection);
     }
 
-    /// Reads frames while the connection's limits allow (`shell::quic::read_streams`).
+    /// Reads frames while the connection's limits allow (`shell::quic::read_streams`):
+    /// frames and bytes in flight count over all the connection's streams.
     fn pump(&mut self, connection: u64) {
         let settings = self.settings.clone();
         let Some(weir) = self.weir.as_mut() else { return };
-        let Some(stream) = weir.streams.get_mut(&connection) else { return };
-        loop {
-            if stream.frames.len() >= settings.frames_in_flight_per_connection_max
-                || stream.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
-            {
-                break;
+        let streams = (connection, 0)..=(connection, u32::MAX);
+        let in_flight = |streams: &BTreeMap<StreamKey, WeirStream>| -> (usize, usize) {
+            streams.range((connection, 0)..=(connection, u32::MAX)).fold((0, 0), |(frames, bytes), (_, stream)| {
+                (frames + stream.frames.len(), bytes + stream.bytes_in_flight)
+            })
+        };
+        let keys: Vec<StreamKey> = weir.streams.range(streams).map(|(key, _)| *key).collect();
+        for key in &keys {
+            loop {
+                let (frames_in_flight, bytes_in_flight) = in_flight(&weir.streams);
+                if frames_in_flight >= settings.frames_in_flight_per_connection_max
+                    || bytes_in_flight >= settings.bytes_in_flight_per_connection_max
+                {
+                    break;
+                }
+                let stream = weir.streams.get_mut(key).expect("listed");
+                while stream.assembler.buffered_bytes()
+                    <= settings.frame_limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES
+                {
+                    let Some(chunk) = stream.unread.pop_front() else { break };
+                    stream.assembler.push(&chunk);
+                }
+                let frame = match stream.assembler.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(error) => panic!("the device's stream broke framing: {error}"),
+                };
+                stream.bytes_in_flight += frame.len();
+                let serial = stream.next_serial;
+                stream.next_serial += 1;
+                stream.frames.push_back(FrameWork {
+                    serial,
+                    bytes: frame,
+                    runs: Vec::new(),
+                    results: Vec::new(),
+                    failures: Vec::new(),
+                    started: false,
+                    starting: false,
+                    sequence: 0,
+                });
+                assert!(
+                    stream.assembler.buffered_bytes()
+                        <= 2 * (settings.frame_limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES)
+                );
+                // Memory bounds the listener keeps.
+                let (frames_in_flight, bytes_in_flight) = in_flight(&weir.streams);
+                assert!(frames_in_flight <= settings.frames_in_flight_per_connection_max);
+                assert!(
+                    bytes_in_flight
+                        < settings.bytes_in_flight_per_connection_max + settings.frame_limits.frame_bytes_max
+                );
             }
-            while stream.assembler.buffered_bytes()
-                <= settings.frame_limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES
-            {
-                let Some(chunk) = stream.unread.pop_front() else { break };
-                stream.assembler.push(&chunk);
-            }
-            let frame = match stream.assembler.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(error) => panic!("the device's stream broke framing: {error}"),
-            };
-            stream.bytes_in_flight += frame.len();
-            let serial = stream.next_serial;
-            stream.next_serial += 1;
-            stream.frames.push_back(FrameWork {
-                serial,
-                bytes: frame,
-                runs: Vec::new(),
-                results: Vec::new(),
-                failures: Vec::new(),
-                started: false,
-                starting: false,
-                sequence: 0,
-            });
-            // Memory bounds the listener keeps.
-            assert!(stream.frames.len() <= settings.frames_in_flight_per_connection_max);
-            assert!(
-                stream.bytes_in_flight
-                    < settings.bytes_in_flight_per_connection_max + settings.frame_limits.frame_bytes_max
-            );
-            assert!(
-                stream.assembler.buffered_bytes()
-                    <= 2 * (settings.frame_limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES)
-            );
         }
-        self.start_front_frame(connection);
+        for (connection, stream) in keys {
+            self.start_front_frame(connection, stream);
+        }
     }
 
     /// Frames of one stream are processed one after the other, in order.
-    fn start_front_frame(&mut self, connection: u64) {
+    fn start_front_frame(&mut self, connection: u64, stream_index: u32) {
         let settings = self.settings.clone();
         let Some(weir) = self.weir.as_mut() else { return };
-        let Some(stream) = weir.streams.get_mut(&connection) else { return };
+        let Some(stream) = weir.streams.get_mut(&(connection, stream_index)) else { return };
         let device = stream.device;
         let Some(work) = stream.frames.front_mut() else { return };
         if work.started {
@@ -990,18 +1104,19 @@ impl World {
         if let Some((code, retry_after_ms)) = refusing {
             let answer =
                 protocol::error_frame(sequence, code, "an earlier frame on this stream was not stored", retry_after_ms);
-            self.finish_front_frame(connection, answer);
+            self.finish_front_frame((connection, stream_index), answer);
             return;
         }
-        self.note(format!("c{connection}: dev{device} s{sequence} processing"));
+        self.note(format!("c{connection}/{stream_index}: dev{device} s{sequence} processing"));
         let device_id = self.devices[device].id.clone();
         let runs = session::route(produce.records, &device_id, sequence, settings.partitions, settings.key_hash);
-        let work = self.weir().streams.get_mut(&connection).expect("above").frames.front_mut().expect("above");
+        let work =
+            self.weir().streams.get_mut(&(connection, stream_index)).expect("above").frames.front_mut().expect("above");
         work.results = vec![None; runs.len()];
         work.failures = (0..runs.len()).map(|_| None).collect();
         work.runs = runs.clone();
         work.starting = true;
-        let frame = FrameRef { connection, serial };
+        let frame = FrameRef { connection, stream: stream_index, serial };
         for (index, run) in runs.into_iter().enumerate() {
             for record in &run.records {
                 let expected =
@@ -1010,7 +1125,8 @@ impl World {
             }
             self.append(run.partition, run.records, (frame, index));
         }
-        let work = self.weir().streams.get_mut(&connection).expect("above").frames.front_mut().expect("above");
+        let work =
+            self.weir().streams.get_mut(&(connection, stream_index)).expect("above").frames.front_mut().expect("above");
         work.starting = false;
         self.maybe_finish(frame);
     }
@@ -1020,7 +1136,7 @@ impl World {
         let Some(weir) = self.weir.as_mut() else { return };
         let work = weir
             .streams
-            .get_mut(&frame.connection)
+            .get_mut(&(frame.connection, frame.stream))
             .and_then(|stream| stream.frames.front_mut())
             .filter(|work| work.serial == frame.serial)
             .expect("an append's frame is the front of its stream");
@@ -1038,7 +1154,8 @@ impl World {
 
     fn maybe_finish(&mut self, frame: FrameRef) {
         let weir = self.weir.as_mut().expect("up");
-        let work = weir.streams.get_mut(&frame.connection).and_then(|stream| stream.frames.front_mut()).expect("front");
+        let key = (frame.connection, frame.stream);
+        let work = weir.streams.get_mut(&key).and_then(|stream| stream.frames.front_mut()).expect("front");
         if work.results.iter().any(Option::is_none) {
             return;
         }
@@ -1047,7 +1164,7 @@ impl World {
         let answer = match first_failure {
             Some(failure) => {
                 if failure.code.is_retryable() {
-                    let order = &mut weir.streams.get_mut(&frame.connection).expect("above").order;
+                    let order = &mut weir.streams.get_mut(&key).expect("above").order;
                     order.refusing = Some((failure.code, failure.retry_after_ms));
                     order.refused_sequence_max = sequence;
                 }
@@ -1059,11 +1176,12 @@ impl World {
                 protocol::ack_frame(sequence, session::ack_parts(&work.runs, &offsets))
             }
         };
-        self.finish_front_frame(frame.connection, answer);
+        self.finish_front_frame(key, answer);
     }
 
-    fn finish_front_frame(&mut self, connection: u64, answer: protocol::AnswerFrame) {
-        let stream = self.weir().streams.get_mut(&connection).expect("front frame's stream");
+    fn finish_front_frame(&mut self, key: StreamKey, answer: protocol::AnswerFrame) {
+        let (connection, _) = key;
+        let stream = self.weir().streams.get_mut(&key).expect("front frame's stream");
         let work = stream.frames.pop_front().expect("a front frame");
         stream.bytes_in_flight -= work.bytes.len();
         let bytes = protocol::with_length_prefix(&protocol::encode(&answer));
@@ -1078,22 +1196,28 @@ impl World {
         let digest = dedup::digest_of_records(&records);
         let record_count = records.len() as u32;
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        if let Some(run) = state.dedup.lookup(&key.0, key.1) {
-            assert!(
-                run.digest == digest && run.record_count == record_count,
-                "{} s{} was stored with other records in p{partition}",
-                key.0,
-                key.1
-            );
-            self.outcome.dedup_answers += 1;
-            self.note(format!("p{partition}: {} s{} answered from dedup: {}", key.0, key.1, run.base_offset));
-            return self.deliver(waiter, Ok(run.base_offset));
-        }
-        if state.dedup.forgot(&key.0, key.1) {
-            // `shell::engine`: the window dropped this sequence or a later one.
-            self.outcome.too_old += 1;
-            self.note(format!("p{partition}: {} s{} is older than the window: SequenceTooOld", key.0, key.1));
-            return self.deliver(waiter, Err(AppendFailure { code: ErrorCode::SequenceTooOld, retry_after_ms: 0 }));
+        match state.dedup.admit(&key.0, key.1, digest, record_count) {
+            Admission::Store => {}
+            Admission::Stored(run) => {
+                self.outcome.dedup_answers += 1;
+                self.note(format!("p{partition}: {} s{} answered from dedup: {}", key.0, key.1, run.base_offset));
+                return self.deliver(waiter, Ok(run.base_offset));
+            }
+            Admission::Reused(_) => panic!("{} s{} was stored with other records in p{partition}", key.0, key.1),
+            Admission::TooOld { forgotten_through } => {
+                // The property of issue 13: SequenceTooOld only for a frame this
+                // partition stored (a stale copy), never for one it did not.
+                assert!(
+                    self.stored_in_log(partition, &key.0, key.1),
+                    "p{partition}: {} s{} answered SequenceTooOld (window dropped s{forgotten_through}) but the \
+                     partition never stored it: a frame lost to de-duplication",
+                    key.0,
+                    key.1
+                );
+                self.outcome.too_old += 1;
+                self.note(format!("p{partition}: {} s{} is older than the window: SequenceTooOld", key.0, key.1));
+                return self.deliver(waiter, Err(AppendFailure { code: ErrorCode::SequenceTooOld, retry_after_ms: 0 }));
+            }
         }
         if let Some((first_digest, _, waiters)) = state.in_flight.get_mut(&key) {
             assert_eq!(*first_digest, digest, "a resend under the same sequence with other records");
@@ -1119,7 +1243,7 @@ impl World {
         let (digest, record_count, waiters) = state.in_flight.remove(&key).expect("an append has its in-flight entry");
         if let Ok(base_offset) = result {
             state.dedup.insert(&key.0, key.1, StoredRun { base_offset, record_count, digest });
-            assert!(state.dedup.devices() <= self.settings.dedup_limits.devices_max);
+            state.dedup.check_invariants();
         }
         for waiter in waiters {
             let copy = match &result {
@@ -1484,7 +1608,7 @@ impl World {
             let until = self.now_us + self.random.range(100_000, 3_000_000);
             self.note(format!("dev{device} partitioned until {} ms", until / 1000));
             self.devices[device].partitioned_until_us = until;
-            if let Some(connection) = self.devices[device].connection {
+            for connection in self.devices[device].connections.clone().into_iter().flatten() {
                 self.leave_connection(device, connection, true);
             }
         }
@@ -1531,7 +1655,7 @@ impl World {
         match event {
             Event::DeviceTick { device } => self.device_tick(device),
             Event::FaultTick => self.fault_tick(),
-            Event::ToWeir { connection, chunk } => self.weir_receive(connection, chunk),
+            Event::ToWeir { connection, stream, chunk } => self.weir_receive(connection, stream, chunk),
             Event::ToDevice { connection, answer } => self.device_answer(connection, answer),
             Event::FlushWindow { partition } => {
                 if matches!(self.weir().partitions[partition as usize].flusher, Flusher::Gathering { .. }) {
@@ -1579,6 +1703,21 @@ impl World {
                 self.start_weir();
             }
         }
+    }
+
+    /// Whether the partition's durable log holds a run of (device, sequence).
+    fn stored_in_log(&self, partition: u32, device: &str, sequence: u64) -> bool {
+        let state = &self.weir.as_ref().expect("up").partitions[partition as usize];
+        let file = &self.durable.logs[partition as usize];
+        state.batches.iter().any(|(_, position, length)| {
+            let stored = file.read(*position, *length);
+            batch::records(&stored).expect("a durable batch reads back whole").any(|record| {
+                let record = record.expect("whole");
+                dedup::run_key_of_stored(&record).is_some_and(|(stored_device, stored_sequence)| {
+                    stored_device == device && stored_sequence == sequence
+                })
+            })
+        })
     }
 
     /// Whole durable batches from the one holding `from_offset`, about `bytes_max`.
@@ -1743,11 +1882,13 @@ impl World {
                 upstream.len(),
                 local_records.len()
             );
-            let mut last_of_device: HashMap<usize, (u64, u32)> = HashMap::new();
+            // In order per device and stream: streams are stored concurrently (PROTOCOL.md
+            // section 1), and a device sends frame `s` on stream `lane_of(s)`.
+            let mut last_of_device: HashMap<(usize, (usize, u32)), (u64, u32)> = HashMap::new();
             for (position, (shipped, stored)) in upstream.iter().zip(local_records).enumerate() {
                 assert_eq!(shipped, stored, "p{partition}: upstream record {position} differs from the log's");
                 let (device, sequence, index) = self.identify(shipped);
-                if let Some(previous) = last_of_device.insert(device, (sequence, index)) {
+                if let Some(previous) = last_of_device.insert((device, self.lane_of(sequence)), (sequence, index)) {
                     assert!(
                         previous < (sequence, index),
                         "p{partition}: dev{device} out of order upstream: s{} record {} before s{sequence} record {index}",
@@ -1788,5 +1929,6 @@ pub(crate) fn simulate(seed: u64) -> Outcome {
     world.run();
     world.check();
     world.outcome.virtual_ms = world.now_us / 1000;
+    world.outcome.at_every_limit = u64::from(world.settings.at_every_limit);
     world.outcome
 }
