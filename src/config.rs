@@ -1273,6 +1273,14 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_appliance_config_never_makes_a_development_pki() {
+        let appliance = Config::parse(include_str!("../firmware-config/appliance.toml"), "appliance").unwrap();
+        assert!(!appliance.quic.generate_dev_certs);
+        assert!(appliance.quic.certs_dir.is_absolute(), "{}", appliance.quic.certs_dir.display());
+        appliance.validate(&host(), "appliance").unwrap();
+    }
+
+    #[test]
     fn the_disk_budget_and_policy_are_parsed_and_checked() {
         let text = "[log]\ndata_dir_bytes_max = \"1 GiB\"\ndisk_full_policy = \"drop-oldest\"\n";
         let valid = Config::parse(text, "test").unwrap().validate(&host(), "test").unwrap();
