@@ -532,6 +532,10 @@ fn systemd_analyze_verify_accepts_the_unit() {
     if std::fs::hard_link(weir_path(), &binary).is_err() {
         std::fs::copy(weir_path(), &binary).unwrap();
     }
+    // ExecReload= runs /bin/kill (procps, or util-linux; /usr/bin/kill under usrmerge).
+    let kill = root.path().join("bin/kill");
+    std::fs::create_dir_all(kill.parent().unwrap()).unwrap();
+    std::fs::copy(std::fs::canonicalize("/bin/kill").expect("/bin/kill on this host"), &kill).unwrap();
     let output = Command::new("systemd-analyze")
         .args(["--man=no", "verify"])
         .arg(format!("--root={}", root.path().display()))
@@ -550,8 +554,9 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "ExecStart=/usr/bin/weir serve --config /etc/weir/weir.toml",
         "LimitMEMLOCK=infinity",
         "LimitNOFILE=1048576",
-        "Restart=on-failure",
+        "Restart=always",
         "RestartPreventExitStatus=2 6",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/var/lib/weir",
@@ -562,6 +567,15 @@ fn systemd_analyze_verify_accepts_the_unit() {
         !unit.lines().any(|line| line.starts_with("SystemCallFilter=")),
         "systemd's @system-service set lacks the io_uring calls"
     );
+    // A death by signal must restart weir: with on-failure, on-abnormal or no, systemd
+    // counts SIGHUP, SIGINT, SIGTERM and SIGPIPE deaths as clean and leaves it down;
+    // SuccessExitStatus= naming a signal would do the same with always.
+    let directives: Vec<&str> = unit.lines().filter(|line| line.starts_with("Restart=")).collect();
+    assert_eq!(directives, ["Restart=always"], "{unit}");
+    for line in unit.lines() {
+        assert!(!line.starts_with("SuccessExitStatus="), "{line}: a signal death would count as success");
+        assert!(!line.starts_with("RestartPreventExitStatus=") || !line.contains("SIG"), "{line}");
+    }
 }
 
 #[test]
