@@ -12,25 +12,21 @@
 //! endpoint (`Endpoint::set_server_config`: new handshakes use it, connections already
 //! up keep theirs). Publishing happens on the signal thread, off every core.
 //!
-//! The invariant: the generation stored in the atomic is the generation of the
-//! snapshot behind the mutex, and it only grows. It is stored (Release) after the
-//! snapshot is replaced, so a core that sees a new generation (Acquire) finds that
-//! snapshot or a later one behind the mutex.
+//! The cell is `shell::snapshot` (model-checked with loom in `tests/loom.rs`): a
+//! core that sees a new generation finds that snapshot or a later one, never an older.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use quinn_proto::ServerConfig;
 
 use crate::config::QuicConfig;
 use crate::reload::CertificateFiles;
+use crate::shell::snapshot::SnapshotCell;
 use crate::shell::tls::{self, TlsError, TransportLimits};
 
 /// The listener settings a reload may replace.
 pub struct QuicLive {
-    /// Set by [`LiveCell`]: 0 for the settings weir started with, +1 per reload.
-    pub generation: u64,
     pub server_config: Arc<ServerConfig>,
     /// Topics devices may write (every topic when None).
     pub topics_allowed: Option<HashSet<String>>,
@@ -51,7 +47,6 @@ impl QuicLive {
         let paths = [tls::CA_FILE, tls::CERTIFICATE_FILE, tls::KEY_FILE].map(|name| directory.join(name));
         let server_config = tls::server_config_from_pem(&certificates, [&paths[0], &paths[1], &paths[2]], limits)?;
         Ok(QuicLive {
-            generation: 0,
             server_config: Arc::new(server_config),
             topics_allowed: (!quic.topics_allowed.is_empty()).then(|| quic.topics_allowed.iter().cloned().collect()),
             devices_denied: quic.devices_denied.iter().cloned().collect(),
@@ -63,40 +58,28 @@ impl QuicLive {
 
 /// The current [`QuicLive`], shared by every core and the signal thread.
 pub struct LiveCell {
-    generation: AtomicU64,
-    snapshot: Mutex<Arc<QuicLive>>,
+    cell: SnapshotCell<QuicLive>,
 }
 
 impl LiveCell {
-    pub fn new(mut first: QuicLive) -> LiveCell {
-        first.generation = 0;
-        LiveCell { generation: AtomicU64::new(0), snapshot: Mutex::new(Arc::new(first)) }
+    pub fn new(first: QuicLive) -> LiveCell {
+        LiveCell { cell: SnapshotCell::new(first) }
     }
 
     /// Replaces the settings; returns the new generation.
-    pub fn publish(&self, mut next: QuicLive) -> u64 {
-        let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        next.generation = snapshot.generation + 1;
-        let generation = next.generation;
-        *snapshot = Arc::new(next);
-        self.generation.store(generation, Ordering::Release);
-        generation
+    pub fn publish(&self, next: QuicLive) -> u64 {
+        self.cell.publish(next)
     }
 
-    /// The current settings.
-    pub fn load(&self) -> Arc<QuicLive> {
-        self.snapshot.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    /// The current settings and their generation.
+    pub fn load(&self) -> (u64, Arc<QuicLive>) {
+        self.cell.load()
     }
 
     /// The current settings if they are newer than `generation`: one atomic load when
     /// nothing changed.
-    pub fn newer_than(&self, generation: u64) -> Option<Arc<QuicLive>> {
-        if self.generation.load(Ordering::Acquire) == generation {
-            return None;
-        }
-        let current = self.load();
-        assert!(current.generation > generation, "a generation only grows");
-        Some(current)
+    pub fn newer_than(&self, generation: u64) -> Option<(u64, Arc<QuicLive>)> {
+        self.cell.newer_than(generation)
     }
 }
 
@@ -117,22 +100,24 @@ mod tests {
         assert!(live.topics_allowed.is_none());
         quic.certs_dir = directory.path().join("missing");
         assert!(QuicLive::from_config(&quic, &TransportLimits::from_config(&quic)).is_err());
-        live.generation = 99;
+        live.device_records_per_s_max = 7;
         live
     }
 
     #[test]
     fn a_core_sees_each_published_snapshot_once_and_whole() {
         let cell = LiveCell::new(live(&[]));
-        let mut current = cell.load();
-        assert_eq!(current.generation, 0);
-        assert!(cell.newer_than(current.generation).is_none());
+        let (mut generation, current) = cell.load();
+        assert_eq!(generation, 0);
+        assert!(current.devices_denied.is_empty());
+        assert!(cell.newer_than(generation).is_none());
         assert_eq!(cell.publish(live(&["dev-2"])), 1);
         assert_eq!(cell.publish(live(&["dev-2", "dev-3"])), 2);
         // A core that missed generation 1 goes straight to 2.
-        current = cell.newer_than(current.generation).unwrap();
-        assert_eq!(current.generation, 2);
+        let (newer, current) = cell.newer_than(generation).unwrap();
+        generation = newer;
+        assert_eq!(generation, 2);
         assert!(current.devices_denied.contains("dev-3"));
-        assert!(cell.newer_than(current.generation).is_none());
+        assert!(cell.newer_than(generation).is_none());
     }
 }

@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod ship;
 pub mod shutdown;
 pub mod signals;
+pub mod snapshot;
 pub mod status;
 pub mod status_cells;
 pub mod sys;

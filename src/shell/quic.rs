@@ -314,7 +314,7 @@ pub async fn run_core(
     endpoint_config.cid_generator(move || Box::new(CoreConnectionIds::new(core)));
     // The reloadable settings this core uses: replaced between passes when a reload
     // publishes newer ones (`shell::live`).
-    let mut live = settings.live.load();
+    let (mut live_generation, mut live) = settings.live.load();
     let mut endpoint = Endpoint::new(Arc::new(endpoint_config), Some(live.server_config.clone()), true, None);
     let (wake_sender, wake_receiver) = local_channel::new_bounded::<()>(1);
     let wake = Rc::new(wake_sender);
@@ -340,9 +340,10 @@ pub async fn run_core(
     let mut arrivals: Vec<Arrival> = Vec::with_capacity(RECV_BATCH);
     loop {
         let now = Instant::now();
-        if let Some(newer) = settings.live.newer_than(live.generation) {
-            adopt_live(core, &mut endpoint, &mut connections, &live, &newer, &settings);
-            live = newer;
+        if let Some((generation, newer)) = settings.live.newer_than(live_generation) {
+            adopt_live(&mut endpoint, &mut connections, &live, &newer, &settings);
+            tracing::debug!(core, generation, "listener uses the reloaded settings");
+            (live_generation, live) = (generation, newer);
         }
         if shutdown::is_signalled(&shutdown) && closing.is_none() {
             closing = Some(now);
@@ -598,7 +599,6 @@ fn connection_quota(live: &QuicLive, settings: &QuicSettings) -> Option<Rc<RefCe
 /// both are read from `live` there; a changed quota gives every connection its new
 /// share now (with a full bucket: one burst per reload at most).
 fn adopt_live(
-    core: usize,
     endpoint: &mut Endpoint,
     connections: &mut HashMap<ConnectionHandle, Conn>,
     old: &QuicLive,
@@ -611,7 +611,6 @@ fn adopt_live(
             conn.quota = connection_quota(new, settings);
         }
     }
-    tracing::debug!(core, generation = new.generation, "listener uses the reloaded settings");
 }
 
 /// A datagram to feed the endpoint: read from the socket or forwarded by another core.

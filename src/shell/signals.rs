@@ -153,7 +153,7 @@ impl Reloader {
         };
         let certificates_changed = loaded
             .as_ref()
-            .map(|(cell, live)| cell.load().certificates.changed(&live.certificates))
+            .map(|(cell, live)| cell.load().1.certificates.changed(&live.certificates))
             .unwrap_or_default();
         let plan = reload::plan(&self.running, &candidate, &certificates_changed);
         let environment = std::env::var("WEIR_LOG").ok();
