@@ -131,10 +131,6 @@ pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i3
                     return exit_code::BAD_CONFIG;
                 }
             };
-            if let Err(not_ready) = crate::doctor::preflight(&valid) {
-                eprintln!("weir: {not_ready}");
-                return exit_code::HOST_NOT_READY;
-            }
             let environment = std::env::var("WEIR_LOG").ok();
             if let (Some(set_log_filter), None) = (&set_log_filter, &environment) {
                 if let Err(error) = set_log_filter(&crate::reload::log_filter(None, &valid.config)) {
@@ -145,9 +141,15 @@ pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i3
             let shutdown = Arc::new(AtomicBool::new(false));
             let listener = Arc::new(runtime::ListenerSlot::new());
             let reloader = signals::Reloader::new(config, valid.config.clone(), listener.clone(), set_log_filter);
+            // Before the preflight (which can take a while): from here on no signal ends
+            // weir without a log line.
             if let Err(error) = signals::start(shutdown.clone(), reloader) {
                 eprintln!("weir: fatal: cannot install signal handlers: {error}");
                 return exit_code::CORE_FAILED;
+            }
+            if let Err(not_ready) = crate::doctor::preflight(&valid) {
+                eprintln!("weir: {not_ready}");
+                return exit_code::HOST_NOT_READY;
             }
             match runtime::serve(valid, shutdown, &listener) {
                 Ok(()) => exit_code::CLEAN,

@@ -34,7 +34,8 @@ use crate::config::{Config, ConfigError, Host};
 use crate::reload;
 use crate::shell::live::{LiveCell, QuicLive};
 use crate::shell::runtime::ListenerSlot;
-use crate::shell::{shutdown, tls};
+use crate::shell::shutdown;
+use crate::shell::tls::{self, TlsError};
 
 /// What weir does on a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,37 +121,18 @@ impl Reloader {
     /// Reads and validates the config again and applies what can change live; logs what
     /// it did, what needs a restart, or why nothing was applied.
     pub fn reload(&mut self) {
-        let origin = self.origin();
-        match self.try_reload() {
-            Ok(()) => {}
-            Err(problems) => tracing::error!(
-                config = %origin,
-                problems = %problems,
+        if let Err(error) = self.try_reload() {
+            tracing::error!(
+                config = %self.origin(),
+                problems = %error,
                 "SIGHUP: reload refused, weir goes on with the running config and certificates"
-            ),
+            );
         }
     }
 
-    fn try_reload(&mut self) -> Result<(), String> {
-        let origin = self.origin();
-        let candidate = match &self.path {
-            Some(path) => Config::load(path),
-            None => Ok(Config::embedded()),
-        }
-        .and_then(|config| config.validate(&Host::probe(), &origin))
-        .map_err(|error| one_line(&error))?
-        .config;
-        // The certificates of the new certs_dir, built with the transport read at start.
-        let listener = self.listener.get();
-        let loaded = match listener {
-            Some(cell) if candidate.quic.enabled => {
-                let limits = tls::TransportLimits::from_config(&self.running.quic);
-                let live = QuicLive::from_config(&candidate.quic, &limits)
-                    .map_err(|error| format!("quic.certs_dir {}: {error}", candidate.quic.certs_dir.display()))?;
-                Some((cell, live))
-            }
-            _ => None,
-        };
+    /// All or nothing: every fallible step comes before the first change.
+    fn try_reload(&mut self) -> Result<(), ReloadError> {
+        let Loaded { candidate, listener: loaded } = self.load()?;
         let certificates_changed = loaded
             .as_ref()
             .map(|(cell, live)| cell.load().1.certificates.changed(&live.certificates))
@@ -158,31 +140,74 @@ impl Reloader {
         let plan = reload::plan(&self.running, &candidate, &certificates_changed);
         let environment = std::env::var("WEIR_LOG").ok();
         if let Some(set_log_filter) = &self.set_log_filter {
-            set_log_filter(&reload::log_filter(environment.as_deref(), &candidate))
-                .map_err(|error| format!("log_level: {error}"))?;
+            set_log_filter(&reload::log_filter(environment.as_deref(), &candidate)).map_err(ReloadError::LogFilter)?;
         }
-        let generation = loaded.map(|(cell, live): (&Arc<LiveCell>, QuicLive)| cell.publish(live));
+        let listener_up = loaded.is_some();
+        let generation = loaded.map(|(cell, live)| cell.publish(live));
         self.running = reload::merged(&self.running, &candidate);
-        let applied = if plan.applied.is_empty() { "nothing changed".to_owned() } else { plan.applied.join("; ") };
-        tracing::info!(
-            config = %origin,
-            listener_generation = ?generation,
-            applied = %applied,
-            "SIGHUP: reloaded"
-        );
-        if let Some(level) = environment.filter(|_| plan.applied.iter().any(|change| change.starts_with("log_level"))) {
-            tracing::warn!(weir_log = %level, "SIGHUP: log_level changed, but WEIR_LOG is set in the environment and wins");
-        }
-        if !plan.restart_needed.is_empty() {
-            tracing::warn!(
-                fields = %plan.restart_needed.join(", "),
-                "SIGHUP: these fields changed but are read only at start; they apply after a restart"
-            );
-        }
-        if listener.is_none() && candidate.quic.enabled {
+        report(&self.origin(), &plan, generation, environment.as_deref());
+        if !listener_up && candidate.quic.enabled {
             tracing::warn!("SIGHUP: the QUIC listener is not up yet; its certificates and lists were not reloaded");
         }
         Ok(())
+    }
+
+    /// The new config, validated, and (with the listener up) its listener settings,
+    /// built from the new certificates with the transport read at start.
+    fn load(&self) -> Result<Loaded<'_>, ReloadError> {
+        let origin = self.origin();
+        let candidate = match &self.path {
+            Some(path) => Config::load(path),
+            None => Ok(Config::embedded()),
+        }
+        .and_then(|config| config.validate(&Host::probe(), &origin))
+        .map_err(ReloadError::Config)?
+        .config;
+        let loaded = match self.listener.get() {
+            Some(cell) if candidate.quic.enabled => {
+                let limits = tls::TransportLimits::from_config(&self.running.quic);
+                let live = QuicLive::from_config(&candidate.quic, &limits).map_err(|source| {
+                    ReloadError::Certificates { directory: candidate.quic.certs_dir.clone(), source }
+                })?;
+                Some((cell, live))
+            }
+            _ => None,
+        };
+        Ok(Loaded { candidate, listener: loaded })
+    }
+}
+
+/// A reload that loaded: the new config and, with the listener up, its new settings
+/// and the cell to publish them in.
+struct Loaded<'a> {
+    candidate: Config,
+    listener: Option<(&'a Arc<LiveCell>, QuicLive)>,
+}
+
+/// Why a reload was refused (nothing of it was applied).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    #[error("{}", one_line(.0))]
+    Config(ConfigError),
+    #[error("quic.certs_dir {}: {source}", directory.display())]
+    Certificates { directory: PathBuf, source: TlsError },
+    #[error("log_level: {0}")]
+    LogFilter(String),
+}
+
+/// Logs what a reload applied and what needs a restart.
+fn report(origin: &str, plan: &reload::ReloadPlan, generation: Option<u64>, environment: Option<&str>) {
+    let applied = if plan.applied.is_empty() { "nothing changed".to_owned() } else { plan.applied.join("; ") };
+    tracing::info!(config = %origin, listener_generation = ?generation, applied = %applied, "SIGHUP: reloaded");
+    if let Some(level) = environment.filter(|_| plan.applied.iter().any(|change| change.starts_with("log_level"))) {
+        tracing::warn!(weir_log = %level, "SIGHUP: log_level changed, but WEIR_LOG is set in the environment and wins");
+    }
+    if !plan.restart_needed.is_empty() {
+        tracing::warn!(
+            fields = %plan.restart_needed.join(", "),
+            "SIGHUP: these fields changed but are read only at start; they apply after a restart"
+        );
     }
 }
 
