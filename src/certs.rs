@@ -7,6 +7,12 @@
 //! `localhost`, 127.0.0.1, ::1 and any `--server-name`), `devices/<id>.pem` +
 //! `devices/<id>.key` (the device id is the certificate's subject common name).
 //! Existing files are never overwritten.
+//!
+//! Private keys (`*.key`) are created 0600 and the directories weir creates for them
+//! 0700 (the process umask can only narrow these), so a key is never readable by
+//! another user, not even for the moment between creating and chmod-ing it.
+//! Certificates (`*.pem`) are public and keep the umask's mode. `weir doctor` fails on
+//! a key readable by group or others (`doctor::certs`).
 
 use std::path::{Path, PathBuf};
 
@@ -44,14 +50,38 @@ pub struct Written {
     pub reused_ca: bool,
 }
 
+/// The mode of a private key file weir writes.
+pub const KEY_FILE_MODE: u32 = 0o600;
+/// The mode of a directory weir creates for a PKI.
+pub const KEY_DIRECTORY_MODE: u32 = 0o700;
+
+/// Whether `path` names a private key (by weir's layout: `*.key`).
+fn is_key_file(path: &Path) -> bool {
+    path.extension().is_some_and(|extension| extension == "key")
+}
+
 fn write_new(path: &Path, contents: &str, written: &mut Written) -> Result<(), CertsError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if path.exists() {
         return Err(CertsError::Exists { path: path.to_owned() });
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| CertsError::Io { path: parent.to_owned(), source })?;
+    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(KEY_DIRECTORY_MODE)
+            .create(parent)
+            .map_err(|source| CertsError::Io { path: parent.to_owned(), source })?;
     }
-    std::fs::write(path, contents).map_err(|source| CertsError::Io { path: path.to_owned(), source })?;
+    let mode = if is_key_file(path) { KEY_FILE_MODE } else { 0o644 };
+    let io_error = |source| CertsError::Io { path: path.to_owned(), source };
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(
+        |source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => CertsError::Exists { path: path.to_owned() },
+            _ => io_error(source),
+        },
+    )?;
+    file.write_all(contents.as_bytes()).map_err(io_error)?;
     written.files.push(path.to_owned());
     Ok(())
 }
@@ -169,5 +199,29 @@ mod tests {
         assert!(again.reused_ca);
         assert!(matches!(generate(directory.path(), &[], &["dev-3".into()], 30), Err(CertsError::Exists { .. })));
         assert!(matches!(generate(directory.path(), &[], &["bad id".into()], 30), Err(CertsError::BadDeviceId(_))));
+    }
+
+    #[test]
+    fn keys_are_written_0600_and_their_directories_0700() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let directory = root.path().join("pki");
+        let written = generate(&directory, &[], &["dev-1".into()], 30).unwrap();
+        assert_eq!(mode(&directory), KEY_DIRECTORY_MODE);
+        assert_eq!(mode(&directory.join("devices")), KEY_DIRECTORY_MODE);
+        let keys: Vec<_> = written.files.iter().filter(|path| is_key_file(path)).collect();
+        assert_eq!(keys.len(), 3, "ca.key, server.key, devices/dev-1.key: {written:?}");
+        for path in &written.files {
+            let expected = if is_key_file(path) { KEY_FILE_MODE } else { 0o644 & !umask() };
+            assert_eq!(mode(path), expected, "{}", path.display());
+        }
+    }
+
+    /// The process umask (read without changing it, from /proc).
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|line| line.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
     }
 }

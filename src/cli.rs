@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError, Host, ValidConfig};
 use crate::shell::quarantine as runtime_quarantine;
 use crate::shell::runtime::{self, exit_code};
+use crate::shell::signals::{self, SetLogFilter};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +26,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the appliance: one pinned executor per core, partitions recovered and
-    /// served, admin endpoint on admin.listen. Stops cleanly on SIGINT/SIGTERM.
+    /// served, admin endpoint on admin.listen. Stops cleanly on SIGINT, SIGTERM or
+    /// SIGQUIT; SIGHUP reloads certificates, deny and allow lists, quota and log level.
     Serve {
         /// Config file; without it the embedded default (firmware-config/weir.toml).
         #[arg(long)]
@@ -146,6 +148,12 @@ fn load_config(path: Option<&PathBuf>, cores: Option<usize>) -> Result<ValidConf
 
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
+    run_with_log_filter(cli, None)
+}
+
+/// [`run`], with the means to change the log filter (`main` owns the subscriber):
+/// `serve` applies the config's `log_level` at start and on SIGHUP.
+pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i32 {
     match cli.command {
         Command::Serve { config, cores, quarantine } => {
             let valid = match load_config(config.as_ref(), cores) {
@@ -171,6 +179,22 @@ pub fn run(cli: Cli) -> i32 {
                 return exit_code::BAD_CONFIG;
             }
             runtime_quarantine::set(quarantine.into_iter().collect());
+            let environment = std::env::var("WEIR_LOG").ok();
+            if let (Some(set_log_filter), None) = (&set_log_filter, &environment) {
+                if let Err(error) = set_log_filter(&crate::reload::log_filter(None, &valid.config)) {
+                    eprintln!("weir: log_level: {error}");
+                    return exit_code::BAD_CONFIG;
+                }
+            }
+            let shutdown = Arc::new(AtomicBool::new(false));
+            let listener = Arc::new(runtime::ListenerSlot::new());
+            let reloader = signals::Reloader::new(config, valid.config.clone(), listener.clone(), set_log_filter);
+            // Before the preflight (which can take a while): from here on no signal ends
+            // weir without a log line.
+            if let Err(error) = signals::start(shutdown.clone(), reloader) {
+                eprintln!("weir: fatal: cannot install signal handlers: {error}");
+                return exit_code::CORE_FAILED;
+            }
             if let Err(not_ready) = crate::doctor::preflight(&valid) {
                 eprintln!("weir: {not_ready}");
                 return exit_code::HOST_NOT_READY;
@@ -187,12 +211,7 @@ pub fn run(cli: Cli) -> i32 {
                     return exit_code::DATA_REFUSED;
                 }
             };
-            let shutdown = Arc::new(AtomicBool::new(false));
-            if let Err(error) = runtime::shutdown_on_signals(&shutdown) {
-                eprintln!("weir: fatal: cannot install signal handlers: {error}");
-                return exit_code::CORE_FAILED;
-            }
-            match runtime::serve(valid, shutdown) {
+            match runtime::serve(valid, shutdown, &listener) {
                 Ok(()) => exit_code::CLEAN,
                 Err(fatal) => {
                     eprintln!("weir: fatal: {fatal}");

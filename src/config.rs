@@ -34,7 +34,7 @@ pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Index positions are u32: no segment may be larger.
 pub const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64 + 1 - DIRECT_IO_ALIGNMENT_BYTES;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -50,9 +50,17 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     #[serde(default = "default_topics")]
     pub topics: Vec<TopicConfig>,
+    /// What is logged: a tracing filter (`"info"`, `"warn,weir::shell::quic=debug"`).
+    /// `WEIR_LOG` in the environment, when set, wins over it. Applied live on SIGHUP.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EngineConfig {
     #[serde(default)]
     pub cores: CoreSelection,
@@ -60,7 +68,7 @@ pub struct EngineConfig {
     pub io_memory_bytes: ByteSize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LogConfig {
     #[serde(default = "default_segment_bytes_max")]
     pub segment_bytes_max: ByteSize,
@@ -110,13 +118,13 @@ impl DiskFullPolicy {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct QuicConfig {
     #[serde(default = "default_true")]
     pub enabled: bool,
@@ -289,7 +297,7 @@ impl Default for QuicConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TopicConfig {
     pub name: String,
     pub partitions: u32,
@@ -823,6 +831,15 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             problem("data_dir", "is empty".into());
         }
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
+            problem(
+                "log_level",
+                format!(
+                    "{:?} is not a log filter such as \"info\" or \"warn,weir::shell::quic=debug\": {error}",
+                    self.log_level
+                ),
+            );
+        }
         if self.topics.is_empty() {
             problem("topics", "at least one topic is needed".into());
         }
@@ -867,7 +884,7 @@ impl Config {
 
 /// The `[upstream]` section: where and how the partition logs are shipped. Disabled by
 /// default, so an appliance without a reachable cluster runs (and keeps everything).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UpstreamConfig {
     #[serde(default)]
     pub enabled: bool,
@@ -904,7 +921,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[upstream.tls]`: TLS (rustls) to every broker.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UpstreamTlsConfig {
     #[serde(default)]
     pub enabled: bool,
@@ -942,7 +959,7 @@ impl Default for UpstreamTlsConfig {
 }
 
 /// `[upstream.sasl]`: how weir authenticates to the brokers.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct UpstreamSaslConfig {
     #[serde(default)]
     pub mechanism: UpstreamSaslMechanism,
@@ -977,7 +994,7 @@ pub enum UpstreamSaslMechanism {
 pub const UPSTREAM_SASL_USERNAME_BYTES_MAX: usize = 255;
 
 /// One edge topic's upstream mapping.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UpstreamTopicConfig {
     /// The edge topic (one of `[[topics]]`).
     pub edge: String,
@@ -1315,6 +1332,14 @@ mod tests {
             let address: std::net::SocketAddr = config.admin.listen.parse().unwrap();
             assert!(address.ip().is_loopback(), "{name}: admin.listen = {address}");
         }
+    }
+
+    #[test]
+    fn the_packaged_appliance_config_never_makes_a_development_pki() {
+        let appliance = Config::parse(include_str!("../firmware-config/appliance.toml"), "appliance").unwrap();
+        assert!(!appliance.quic.generate_dev_certs);
+        assert!(appliance.quic.certs_dir.is_absolute(), "{}", appliance.quic.certs_dir.display());
+        appliance.validate(&host(), "appliance").unwrap();
     }
 
     #[test]

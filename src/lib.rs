@@ -14,6 +14,7 @@ pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inspect;
+pub mod reload;
 pub mod shell;
 pub mod status;
 pub mod sync;

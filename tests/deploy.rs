@@ -532,6 +532,10 @@ fn systemd_analyze_verify_accepts_the_unit() {
     if std::fs::hard_link(weir_path(), &binary).is_err() {
         std::fs::copy(weir_path(), &binary).unwrap();
     }
+    // ExecReload= runs /bin/kill (procps, or util-linux; /usr/bin/kill under usrmerge).
+    let kill = root.path().join("bin/kill");
+    std::fs::create_dir_all(kill.parent().unwrap()).unwrap();
+    std::fs::copy(std::fs::canonicalize("/bin/kill").expect("/bin/kill on this host"), &kill).unwrap();
     let output = Command::new("systemd-analyze")
         .args(["--man=no", "verify"])
         .arg(format!("--root={}", root.path().display()))
@@ -550,8 +554,9 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "ExecStart=/usr/bin/weir serve --config /etc/weir/weir.toml",
         "LimitMEMLOCK=infinity",
         "LimitNOFILE=1048576",
-        "Restart=on-failure",
+        "Restart=always",
         "RestartPreventExitStatus=2 6",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/var/lib/weir",
@@ -562,6 +567,15 @@ fn systemd_analyze_verify_accepts_the_unit() {
         !unit.lines().any(|line| line.starts_with("SystemCallFilter=")),
         "systemd's @system-service set lacks the io_uring calls"
     );
+    // A death by signal must restart weir: with on-failure, on-abnormal or no, systemd
+    // counts SIGHUP, SIGINT, SIGTERM and SIGPIPE deaths as clean and leaves it down;
+    // SuccessExitStatus= naming a signal would do the same with always.
+    let directives: Vec<&str> = unit.lines().filter(|line| line.starts_with("Restart=")).collect();
+    assert_eq!(directives, ["Restart=always"], "{unit}");
+    for line in unit.lines() {
+        assert!(!line.starts_with("SuccessExitStatus="), "{line}: a signal death would count as success");
+        assert!(!line.starts_with("RestartPreventExitStatus=") || !line.contains("SIG"), "{line}");
+    }
 }
 
 #[test]
@@ -683,8 +697,8 @@ fn the_deb_holds_binary_unit_sysctl_config_and_data_dir_and_its_binary_runs_doct
     let output =
         Command::new(root.join("usr/bin/weir")).args(["doctor", "--json", "--config"]).arg(&config).output().unwrap();
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(output.status.code(), Some(0), "{report:#}");
-    assert_eq!(report["summary"]["fail"], 0, "{report:#}");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    assert_only_the_site_pki_is_missing(&report, &output_dir.path().join("data/weir-certs").display().to_string());
 }
 
 /// Installs the package for real, with dpkg, in a mount namespace where /etc, /usr and
@@ -727,7 +741,8 @@ echo "after purge: $(cat /var/lib/weir/telemetry-0/00000000000000000000.log) use
     for expected in [
         "user: weir group: weir",
         "data dir: weir:weir 750",
-        "doctor exit: 0",
+        // The one failure: the site's PKI is not installed yet (see below).
+        "doctor exit: 1",
         "after remove: records",
         "after purge: records user: weir",
     ] {
@@ -735,5 +750,18 @@ echo "after purge: $(cat /var/lib/weir/telemetry-0/00000000000000000000.log) use
     }
     let report: Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("doctor.json")).unwrap()).unwrap();
     assert_eq!(report["config"], "/etc/weir/weir.toml");
-    assert_eq!(report["summary"]["fail"], 0, "{report:#}");
+    assert_only_the_site_pki_is_missing(&report, "/var/lib/weir/weir-certs");
+}
+
+/// The packaged config never makes a development PKI: on a fresh install the doctor's
+/// one failure is the site's PKI, missing from `certs_dir`, with the fix.
+fn assert_only_the_site_pki_is_missing(report: &Value, certs_dir: &str) {
+    let failed: Vec<&Value> =
+        report["checks"].as_array().unwrap().iter().filter(|check| check["status"] == "fail").collect();
+    assert_eq!(failed.len(), 1, "{report:#}");
+    assert_eq!(failed[0]["name"], "certificates.files", "{report:#}");
+    let saw = failed[0]["saw"].as_str().unwrap();
+    assert!(saw.starts_with(&format!("missing {certs_dir}/ca.pem")), "{saw}");
+    assert!(saw.contains("quic.generate_dev_certs = false"), "{saw}");
+    assert!(failed[0]["fix"].as_str().unwrap().starts_with("install the site's PKI there"), "{report:#}");
 }

@@ -130,6 +130,8 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
             "certificates.chain",
             "certificates.key",
             "certificates.expiry",
+            "certificates.key_mode",
+            "certificates.development_ca",
             "upstream.reachable",
             "upstream.api_versions",
             "upstream.topics",
@@ -154,6 +156,9 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
     }
     assert!(saw(&report, "certificates.chain").contains("chains to"), "{report:#}");
     assert!(saw(&report, "certificates.expiry").contains("(364 days)"), "{report:#}");
+    // `weir certs` wrote the keys 0600; its CA is a development CA.
+    assert_eq!(check(&report, "certificates.key_mode")["status"], "ok", "{report:#}");
+    assert_eq!(check(&report, "certificates.development_ca")["status"], "warn", "{report:#}");
     for name in ["upstream.reachable", "upstream.api_versions", "upstream.topics"] {
         assert_eq!(check(&report, name)["status"], "skip");
         assert_eq!(saw(&report, name), "upstream.enabled = false: nothing is shipped");
@@ -695,4 +700,62 @@ fn a_missing_topic_and_too_few_partitions_fail_with_the_kafka_topics_command() {
              --bootstrap-server {address} --create --topic central-audit --partitions 1"
         )
     );
+}
+
+#[test]
+fn a_private_key_readable_by_others_fails_the_doctor_and_serve_logs_it_but_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let directory = tempfile::tempdir().unwrap();
+    let data = directory.path().join("data");
+    let config = config_file(directory.path(), &data, "");
+    let certs = directory.path().join("certs");
+    make_certs(&certs);
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&certs), 0o700);
+    assert_eq!(mode(&certs.join("server.key")), 0o600);
+    assert_eq!(mode(&certs.join("devices/dev-1.key")), 0o600);
+    // What an older weir wrote, or `chmod 0644` by hand.
+    let key = certs.join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["summary"]["fail"], 1, "only the key mode fails: {report:#}");
+    assert_eq!(check(&report, "certificates.key_mode")["status"], "fail");
+    let seen = saw(&report, "certificates.key_mode");
+    assert!(seen.contains(&format!("{} is 0644 (group and others have access)", key.display())), "{seen}");
+    assert!(fix(&report, "certificates.key_mode").starts_with(&format!("chmod 0600 {}", key.display())));
+
+    // serve does not refuse over it (that would keep a running site down after an
+    // upgrade): it logs the failure with the fix, and serves.
+    let mut serve = weir()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--cores", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(serve.stderr.take().unwrap()));
+    let mut seen_lines = Vec::new();
+    loop {
+        let line = lines.next().expect("serve logs until it serves").unwrap();
+        let serving = line.contains("weir serving");
+        seen_lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &serve.id().to_string()]).status().unwrap();
+    assert_eq!(serve.wait().unwrap().code(), Some(0));
+    let logged = seen_lines.iter().find(|line| line.contains("certificates.key_mode")).expect("the key mode is logged");
+    assert!(logged.contains("ERROR") && logged.contains("chmod 0600"), "{logged}");
+
+    // Fixed, the check passes.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!((code, check(&report, "certificates.key_mode")["status"].as_str()), (0, Some("ok")), "{report:#}");
 }

@@ -24,6 +24,10 @@
 //!   The view never shows a log that ends before it starts, though the two gauges are
 //!   read apart on a weakly ordered CPU.
 //!
+//! - The listener's reloadable settings (`src/shell/snapshot.rs`), published by the
+//!   signal thread on SIGHUP while cores check for a newer generation: a core that sees
+//!   a new generation gets that snapshot or a later one, whole, and never goes back.
+//!
 //! The naive variants each replaced (or would be) are modelled too, to show the models
 //! catch what they got wrong: those tests expect loom to find the bad interleaving.
 
@@ -49,6 +53,9 @@ mod device_connections;
 #[path = "../src/shell/shutdown.rs"]
 mod shutdown;
 #[allow(dead_code)]
+#[path = "../src/shell/snapshot.rs"]
+mod snapshot;
+#[allow(dead_code)]
 #[path = "../src/shell/status_cells.rs"]
 mod status_cells;
 
@@ -60,6 +67,42 @@ use loom::sync::{Arc, Mutex};
 use status_cells::{
     log_offsets_view, DroppedRange, DroppedRanges, ShipperState, ShipperStateCell, DROPPED_RANGES_KEPT,
 };
+
+// ---- the listener's reloadable settings ----
+
+/// A snapshot whose parts must agree (as a TLS config and a deny list published together).
+struct Settings {
+    certificate: u64,
+    denied: u64,
+}
+
+#[test]
+fn a_core_adopts_reloaded_settings_whole_and_never_goes_back() {
+    loom::model(|| {
+        let cell = Arc::new(snapshot::SnapshotCell::new(Settings { certificate: 0, denied: 0 }));
+        let signals = cell.clone();
+        let reloads = loom::thread::spawn(move || {
+            for generation in 1..=2 {
+                assert_eq!(signals.publish(Settings { certificate: generation, denied: generation }), generation);
+            }
+        });
+        // A core's driver: checks twice, then once more after the reloads are done.
+        let (mut generation, settings) = cell.load();
+        assert_eq!((settings.certificate, settings.denied), (generation, generation));
+        for _ in 0..2 {
+            if let Some((newer, settings)) = cell.newer_than(generation) {
+                assert!(newer > generation);
+                assert_eq!((settings.certificate, settings.denied), (newer, newer), "a whole snapshot");
+                generation = newer;
+            }
+        }
+        reloads.join().unwrap();
+        if let Some((newer, _)) = cell.newer_than(generation) {
+            generation = newer;
+        }
+        assert_eq!(generation, 2, "after the last reload, the core runs on it");
+    });
+}
 
 // ---- the data directory's disk budget ----
 

@@ -1,6 +1,8 @@
 //! The doctor's certificate checks: the `[quic]` PKI files (`ca.pem`, `server.pem`,
 //! `server.key` in `quic.certs_dir`) are present and readable, the server certificate
-//! chains to the CA, the key belongs to the certificate, and how many days are left.
+//! chains to the CA, the key belongs to the certificate, how many days are left, no
+//! private key in the directory is readable by group or others, and the server
+//! certificate does not come from weir's development CA.
 //!
 //! Judging is pure: it takes the files' bytes (or why they could not be read) and the
 //! time as a Unix timestamp, so tests make expired, mismatched and foreign PKIs with
@@ -48,11 +50,48 @@ pub struct CertificateFacts {
     pub ca: FileRead,
     pub certificate: FileRead,
     pub key: FileRead,
+    /// Every private key (`*.key`) in the directory and its `devices/`, with its
+    /// permission bits (or why they could not be read).
+    pub key_modes: Vec<KeyMode>,
     pub now_unix_s: i64,
 }
 
+/// A private key file's permission bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMode {
+    pub path: String,
+    pub mode: u32,
+}
+
 /// The names of the checks, in report order.
-pub const NAMES: [&str; 4] = ["certificates.files", "certificates.chain", "certificates.key", "certificates.expiry"];
+pub const NAMES: [&str; 6] =
+    ["certificates.files", "certificates.chain", "certificates.key", "certificates.expiry", KEY_MODE, DEVELOPMENT_CA];
+/// The check that no private key is readable by group or others.
+pub const KEY_MODE: &str = "certificates.key_mode";
+/// The check that the server certificate is not from `weir certs`' development CA.
+pub const DEVELOPMENT_CA: &str = "certificates.development_ca";
+/// The organization every certificate of `weir certs` names (`crate::certs`).
+pub const DEVELOPMENT_ORGANIZATION: &str = "weir development PKI";
+
+/// The private keys (`*.key`) of `directory` and `directory/devices`, with their modes.
+fn key_modes(directory: &Path) -> Vec<KeyMode> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    for folder in [directory.to_owned(), directory.join("devices")] {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|extension| extension != "key") {
+                continue;
+            }
+            if let Ok(metadata) = std::fs::metadata(&path) {
+                found.push(KeyMode { path: path.display().to_string(), mode: metadata.permissions().mode() & 0o7777 });
+            }
+        }
+    }
+    found.sort_by(|left, right| left.path.cmp(&right.path));
+    found
+}
 
 /// Reads the three files of `directory`.
 pub fn read_facts(directory: &Path, generate_dev_certs: bool, now_unix_s: i64) -> CertificateFacts {
@@ -79,6 +118,7 @@ pub fn read_facts(directory: &Path, generate_dev_certs: bool, now_unix_s: i64) -
         ca: read("ca.pem"),
         certificate: read("server.pem"),
         key: read("server.key"),
+        key_modes: key_modes(directory),
         now_unix_s,
     }
 }
@@ -88,7 +128,7 @@ fn check(name: &'static str, status: Status, saw: String, fix: Option<String>) -
 }
 
 fn skipped(reason: &str) -> Vec<Check> {
-    NAMES[1..].iter().map(|name| check(name, Status::Skip, reason.to_owned(), None)).collect()
+    NAMES[1..4].iter().map(|name| check(name, Status::Skip, reason.to_owned(), None)).collect()
 }
 
 /// One certificate's validity window and subject, from x509-parser.
@@ -123,8 +163,86 @@ fn certificates(bytes: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>
     Ok(certificates)
 }
 
-/// All four certificate checks.
+/// Every certificate check, in `NAMES` order.
 pub fn judge(facts: &CertificateFacts) -> Vec<Check> {
+    let mut checks = judge_files(facts);
+    checks.push(key_mode_check(&facts.key_modes));
+    checks.push(development_ca_check(facts));
+    checks
+}
+
+/// A key readable by anyone but its owner fails: the TLS identity (or, for `ca.key`, the
+/// power to mint device identities) is only as private as the file.
+fn key_mode_check(keys: &[KeyMode]) -> Check {
+    if keys.is_empty() {
+        return check(KEY_MODE, Status::Skip, "no private key (*.key) to check".into(), None);
+    }
+    let open: Vec<&KeyMode> = keys.iter().filter(|key| key.mode & 0o077 != 0).collect();
+    if open.is_empty() {
+        let listed = keys.iter().map(|key| format!("{} {:04o}", key.path, key.mode)).collect::<Vec<_>>().join(", ");
+        return check(KEY_MODE, Status::Ok, format!("readable by their owner only: {listed}"), None);
+    }
+    let listed = open
+        .iter()
+        .map(|key| format!("{} is {:04o} ({})", key.path, key.mode, who_else_reads(key.mode)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let paths = open.iter().map(|key| key.path.as_str()).collect::<Vec<_>>().join(" ");
+    check(
+        KEY_MODE,
+        Status::Fail,
+        format!("private keys readable by others than their owner: {listed}"),
+        Some(format!(
+            "chmod 0600 {paths} && chown weir: {paths} (serve runs as weir; `weir certs` writes keys 0600); a key \
+             others could read is compromised: re-issue it if the host is shared"
+        )),
+    )
+}
+
+fn who_else_reads(mode: u32) -> &'static str {
+    match (mode & 0o070 != 0, mode & 0o007 != 0) {
+        (true, true) => "group and others have access",
+        (true, false) => "its group has access",
+        _ => "others have access",
+    }
+}
+
+/// A server certificate issued by `weir certs`' CA: devices trust a CA whose key sits
+/// beside it on the appliance, which any development box can also mint. Fine for a
+/// trial, never for a site.
+fn development_ca_check(facts: &CertificateFacts) -> Check {
+    let Ok(bytes) = &facts.certificate else {
+        return check(DEVELOPMENT_CA, Status::Skip, "no server certificate to check".into(), None);
+    };
+    let issuer = CertificateDer::pem_slice_iter(bytes)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| validity(&der).ok())
+        .map(|window| window.issuer);
+    let Some(issuer) = issuer else {
+        return check(DEVELOPMENT_CA, Status::Skip, "the server certificate cannot be parsed".into(), None);
+    };
+    let directory = facts.directory.trim_end_matches('/');
+    if issuer.contains(&format!("O={DEVELOPMENT_ORGANIZATION}")) {
+        check(
+            DEVELOPMENT_CA,
+            Status::Warn,
+            format!(
+                "{directory}/server.pem is issued by the development CA of `weir certs` ({issuer}): fine for a \
+                 trial, not for a site"
+            ),
+            Some(format!(
+                "install the site's PKI in {directory} (ca.pem, server.pem, server.key 0600), set \
+                 quic.generate_dev_certs = false, then `systemctl reload weir` (SIGHUP) or restart"
+            )),
+        )
+    } else {
+        check(DEVELOPMENT_CA, Status::Ok, format!("{directory}/server.pem is issued by {issuer}"), None)
+    }
+}
+
+/// The first four checks: files, chain, key, expiry.
+fn judge_files(facts: &CertificateFacts) -> Vec<Check> {
     let directory = &facts.directory;
     let path = |name: &str| format!("{}/{name}", directory.trim_end_matches('/'));
     let files = [("ca.pem", &facts.ca), ("server.pem", &facts.certificate), ("server.key", &facts.key)];
@@ -152,7 +270,10 @@ pub fn judge(facts: &CertificateFacts) -> Vec<Check> {
             NAMES[0],
             Status::Fail,
             format!("cannot read {}", unreadable.join("; ")),
-            Some(format!("chown weir:weir {directory}/* && chmod 0640 {directory}/*.key (serve runs as weir)")),
+            Some(format!(
+                "chown weir:weir {directory}/* && chmod 0600 {directory}/*.key && chmod 0644 {directory}/*.pem \
+                 (serve runs as weir)"
+            )),
         )];
         checks.extend(skipped("a PKI file cannot be read (see certificates.files)"));
         return checks;
@@ -473,6 +594,7 @@ mod tests {
             ca: Ok(ca.as_bytes().to_vec()),
             certificate: Ok(certificate.as_bytes().to_vec()),
             key: Ok(key.as_bytes().to_vec()),
+            key_modes: vec![KeyMode { path: "/etc/weir/certs/server.key".into(), mode: 0o600 }],
             now_unix_s: NOW,
         }
     }
@@ -505,7 +627,9 @@ mod tests {
                 ("certificates.files", Status::Ok),
                 ("certificates.chain", Status::Ok),
                 ("certificates.key", Status::Ok),
-                ("certificates.expiry", Status::Fail)
+                ("certificates.expiry", Status::Fail),
+                (KEY_MODE, Status::Ok),
+                (DEVELOPMENT_CA, Status::Ok)
             ]
         );
         assert!(checks[3].saw.contains("expired on") && checks[3].saw.contains("(2 days ago)"), "{}", checks[3].saw);
@@ -535,12 +659,66 @@ mod tests {
         let checks = judge(&facts);
         assert_eq!(checks[0].status, Status::Fail);
         assert!(checks[0].saw.contains("quic.generate_dev_certs = false"), "{}", checks[0].saw);
-        assert_eq!(status(&checks)[1..].iter().filter(|(_, status)| *status == Status::Skip).count(), 3);
+        // chain, key, expiry and development_ca need the files; the key modes do not.
+        assert_eq!(status(&checks)[1..].iter().filter(|(_, status)| *status == Status::Skip).count(), 4);
         facts.generate_dev_certs = true;
         assert_eq!(judge(&facts)[0].status, Status::Warn);
         facts.key = Err(ReadFailure::Unreadable("Permission denied (os error 13)".into()));
         let checks = judge(&facts);
         assert_eq!(checks[0].status, Status::Fail);
         assert!(checks[0].saw.contains("server.key: Permission denied"), "{}", checks[0].saw);
+    }
+
+    #[test]
+    fn a_key_readable_by_group_or_others_fails_with_the_chmod() {
+        let pki = ca("site CA");
+        let (certificate, key) = server(&pki, NOW - DAY_S, NOW + 365 * DAY_S);
+        let mut facts = facts(&pki.ca, &certificate, &key);
+        assert_eq!(judge(&facts)[4].status, Status::Ok, "{:#?}", judge(&facts));
+        facts.key_modes = vec![
+            KeyMode { path: "/etc/weir/certs/ca.key".into(), mode: 0o644 },
+            KeyMode { path: "/etc/weir/certs/devices/d.key".into(), mode: 0o600 },
+            KeyMode { path: "/etc/weir/certs/server.key".into(), mode: 0o640 },
+        ];
+        let checks = judge(&facts);
+        let key_mode = &checks[4];
+        assert_eq!((key_mode.name, key_mode.status), (KEY_MODE, Status::Fail));
+        assert_eq!(
+            key_mode.saw,
+            "private keys readable by others than their owner: /etc/weir/certs/ca.key is 0644 (group and others \
+             have access); /etc/weir/certs/server.key is 0640 (its group has access)"
+        );
+        assert!(
+            key_mode.fix.as_deref().unwrap().starts_with(
+                "chmod 0600 /etc/weir/certs/ca.key /etc/weir/certs/server.key && chown weir: /etc/weir/certs/ca.key"
+            ),
+            "{key_mode:?}"
+        );
+        // The other verdicts do not change.
+        assert!(checks[..4].iter().all(|check| check.status == Status::Ok), "{checks:#?}");
+        facts.key_modes.clear();
+        assert_eq!(judge(&facts)[4].status, Status::Skip);
+    }
+
+    #[test]
+    fn a_server_certificate_from_the_development_ca_warns() {
+        let directory = tempfile::tempdir().unwrap();
+        crate::certs::generate(directory.path(), &[], &[], 30).unwrap();
+        let facts = read_facts(directory.path(), true, NOW);
+        let checks = judge(&facts);
+        assert_eq!(checks.len(), NAMES.len());
+        let development = &checks[5];
+        assert_eq!((development.name, development.status), (DEVELOPMENT_CA, Status::Warn), "{checks:#?}");
+        assert!(development.saw.contains("issued by the development CA of `weir certs`"), "{development:?}");
+        assert!(development.fix.as_deref().unwrap().contains("quic.generate_dev_certs = false"), "{development:?}");
+        // weir certs wrote its keys 0600: the mode check passes on what it made.
+        assert_eq!(checks[4].status, Status::Ok, "{checks:#?}");
+        assert_eq!(facts.key_modes.len(), 2, "ca.key and server.key: {:?}", facts.key_modes);
+
+        let pki = ca("site CA");
+        let (certificate, key) = server(&pki, NOW - DAY_S, NOW + 365 * DAY_S);
+        let site = judge(&self::facts(&pki.ca, &certificate, &key));
+        assert_eq!(site[5].status, Status::Ok, "{site:#?}");
+        assert_eq!(site[5].saw, "/etc/weir/certs/server.pem is issued by CN=site CA");
     }
 }

@@ -209,10 +209,22 @@ fn render_not_ready(failures: &[Check]) -> String {
 /// directory, locked memory, cores and (with QUIC on) the certificates. The upstream
 /// checks are not among them: a cluster out of reach is an operating condition weir
 /// rides out (it keeps accepting and ships later), not a reason to refuse to start.
+///
+/// One fail is logged instead of refused: a private key readable by others
+/// (`certificates.key_mode`). Refusing would take down a box whose keys an older weir or
+/// an older fix (`chmod 0640`) left open, and `RestartPreventExitStatus=6` keeps it down;
+/// the exposure is no worse for serving, so serve says so loudly and runs.
 pub fn preflight(valid: &ValidConfig) -> Result<(), NotReady> {
     let mut checks = engine_checks(valid);
     checks.extend(certificate_checks(valid));
-    let failures: Vec<Check> = checks.into_iter().filter(|check| check.status == Status::Fail).collect();
+    let (logged, refused): (Vec<Check>, Vec<Check>) = checks
+        .into_iter()
+        .filter(|check| check.status == Status::Fail)
+        .partition(|check| check.name == certs::KEY_MODE);
+    for check in logged {
+        tracing::error!(saw = %check.saw, fix = %check.fix.unwrap_or_default(), "{}: serving anyway", check.name);
+    }
+    let failures = refused;
     if failures.is_empty() {
         Ok(())
     } else {

@@ -39,8 +39,8 @@ use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
 use quinn_proto::{
-    ConnectionHandle, ConnectionIdGenerator, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, ServerConfig,
-    StreamEvent, StreamId, VarInt,
+    ConnectionHandle, ConnectionIdGenerator, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, StreamEvent,
+    StreamId, VarInt,
 };
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 
@@ -97,18 +97,14 @@ pub trait Appender {
 
 /// Everything a core's listener needs, shared by all cores.
 pub struct QuicSettings {
-    pub server_config: Arc<ServerConfig>,
+    /// What a SIGHUP may replace: the TLS config, the deny and allow lists, the quota.
+    pub live: Arc<LiveCell>,
     pub limits: FrameLimits,
     pub connections_max: usize,
     pub handshakes_before_retry: usize,
     pub frames_in_flight_per_connection_max: usize,
-    /// Records per second per device (0: no quota); each connection gets its share.
-    pub device_records_per_s_max: u32,
     /// Topic name -> partition count and how its keys are hashed to partitions.
     pub topics: HashMap<String, (u32, session::KeyHash)>,
-    /// Topics devices may write (every topic when None).
-    pub topics_allowed: Option<HashSet<String>>,
-    pub devices_denied: HashSet<String>,
     /// Connections one device (certificate) may hold open, over all cores.
     pub connections_per_device_max: usize,
     /// Bytes of frames being processed (read, not yet answered) per connection.
@@ -121,6 +117,7 @@ pub struct QuicSettings {
 }
 
 pub use crate::shell::device_connections::DeviceConnections;
+pub use crate::shell::live::{LiveCell, QuicLive};
 
 /// Messages between the cores' listeners: who is who, and datagrams for another core.
 #[derive(Debug)]
@@ -315,7 +312,10 @@ pub async fn run_core(
     let readiness = glommio::net::UdpSocket::from(socket2::Socket::from(socket.try_clone()?));
     let mut endpoint_config = EndpointConfig::default();
     endpoint_config.cid_generator(move || Box::new(CoreConnectionIds::new(core)));
-    let mut endpoint = Endpoint::new(Arc::new(endpoint_config), Some(settings.server_config.clone()), true, None);
+    // The reloadable settings this core uses: replaced between passes when a reload
+    // publishes newer ones (`shell::live`).
+    let (mut live_generation, mut live) = settings.live.load();
+    let mut endpoint = Endpoint::new(Arc::new(endpoint_config), Some(live.server_config.clone()), true, None);
     let (wake_sender, wake_receiver) = local_channel::new_bounded::<()>(1);
     let wake = Rc::new(wake_sender);
     let completions: Rc<RefCell<VecDeque<Completion>>> = Rc::new(RefCell::new(VecDeque::new()));
@@ -340,6 +340,11 @@ pub async fn run_core(
     let mut arrivals: Vec<Arrival> = Vec::with_capacity(RECV_BATCH);
     loop {
         let now = Instant::now();
+        if let Some((generation, newer)) = settings.live.newer_than(live_generation) {
+            adopt_live(&mut endpoint, &mut connections, &live, &newer, &settings);
+            tracing::debug!(core, generation, "listener uses the reloaded settings");
+            (live_generation, live) = (generation, newer);
+        }
         if shutdown::is_signalled(&shutdown) && closing.is_none() {
             closing = Some(now);
             for (handle, conn) in connections.iter_mut() {
@@ -457,12 +462,7 @@ pub async fn run_core(
                                     Conn {
                                         connection,
                                         device: None,
-                                        quota: RecordQuota::for_connection(
-                                            settings.device_records_per_s_max,
-                                            settings.connections_per_device_max as u32,
-                                            settings.limits.records_per_frame_max as u32,
-                                        )
-                                        .map(|quota| Rc::new(RefCell::new(quota))),
+                                        quota: connection_quota(&live, &settings),
                                         streams: HashMap::new(),
                                         frames_in_flight: 0,
                                         bytes_in_flight: 0,
@@ -527,7 +527,7 @@ pub async fn run_core(
             }
             while let Some(event) = conn.connection.poll() {
                 let was_handshaking = conn.handshaking;
-                handle_event(core, handle, conn, event, &settings, &appender, &completions, &wake, &mut stats);
+                handle_event(core, handle, conn, event, (&settings, &live), &appender, &completions, &wake, &mut stats);
                 if was_handshaking && !conn.handshaking {
                     handshaking -= 1;
                     metrics.handshakes_in_progress.dec();
@@ -535,7 +535,7 @@ pub async fn run_core(
             }
             // Readable streams may have been reported before identity was known; read all.
             if conn.device.is_some() {
-                read_streams(handle, conn, &settings, &appender, &completions, &wake, &mut stats);
+                read_streams(handle, conn, (&settings, &live), &appender, &completions, &wake, &mut stats);
             }
             write_answers(conn);
             loop {
@@ -580,6 +580,36 @@ pub async fn run_core(
         };
         let slept = glommio::timer::sleep(wait);
         future::or(readable, future::or(woken, slept)).await;
+    }
+}
+
+/// One connection's share of its device's record quota under `live` (None: no quota).
+fn connection_quota(live: &QuicLive, settings: &QuicSettings) -> Option<Rc<RefCell<RecordQuota>>> {
+    RecordQuota::for_connection(
+        live.device_records_per_s_max,
+        settings.connections_per_device_max as u32,
+        settings.limits.records_per_frame_max as u32,
+    )
+    .map(|quota| Rc::new(RefCell::new(quota)))
+}
+
+/// Puts reloaded settings to use on this core: new handshakes get the new TLS config
+/// (connections already up keep the keys they agreed on); the deny list applies at the
+/// end of each later handshake and the topic allow list to each later frame, because
+/// both are read from `live` there; a changed quota gives every connection its new
+/// share now (with a full bucket: one burst per reload at most).
+fn adopt_live(
+    endpoint: &mut Endpoint,
+    connections: &mut HashMap<ConnectionHandle, Conn>,
+    old: &QuicLive,
+    new: &Arc<QuicLive>,
+    settings: &QuicSettings,
+) {
+    endpoint.set_server_config(Some(new.server_config.clone()));
+    if new.device_records_per_s_max != old.device_records_per_s_max {
+        for conn in connections.values_mut() {
+            conn.quota = connection_quota(new, settings);
+        }
     }
 }
 
@@ -699,7 +729,7 @@ fn handle_event(
     handle: ConnectionHandle,
     conn: &mut Conn,
     event: Event,
-    settings: &Arc<QuicSettings>,
+    (settings, live): (&Arc<QuicSettings>, &Arc<QuicLive>),
     appender: &Rc<dyn Appender>,
     completions: &Rc<RefCell<VecDeque<Completion>>>,
     wake: &Rc<LocalSender<()>>,
@@ -723,7 +753,7 @@ fn handle_event(
                         "the client certificate names no device (subject CN)".into(),
                     )
                 }
-                Some(device) if settings.devices_denied.contains(&device) => {
+                Some(device) if live.devices_denied.contains(&device) => {
                     tracing::warn!(core, device, "denied device refused");
                     settings.metrics.refused("device_denied");
                     conn.connection.close(
@@ -760,7 +790,7 @@ fn handle_event(
                 conn.streams.entry(id).or_default();
             }
             if conn.device.is_some() {
-                read_streams(handle, conn, settings, appender, completions, wake, stats);
+                read_streams(handle, conn, (settings, live), appender, completions, wake, stats);
             }
         }
         Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
@@ -769,7 +799,7 @@ fn handle_event(
             }
         }
         Event::Stream(StreamEvent::Readable { .. }) if conn.device.is_some() => {
-            read_streams(handle, conn, settings, appender, completions, wake, stats);
+            read_streams(handle, conn, (settings, live), appender, completions, wake, stats);
         }
         Event::ConnectionLost { reason } => {
             if conn.handshaking {
@@ -786,7 +816,7 @@ fn handle_event(
 fn read_streams(
     handle: ConnectionHandle,
     conn: &mut Conn,
-    settings: &Arc<QuicSettings>,
+    (settings, live): (&Arc<QuicSettings>, &Arc<QuicLive>),
     appender: &Rc<dyn Appender>,
     completions: &Rc<RefCell<VecDeque<Completion>>>,
     wake: &Rc<LocalSender<()>>,
@@ -868,8 +898,14 @@ fn read_streams(
             conn.frames_in_flight += 1;
             conn.bytes_in_flight += frame_bytes;
             let order = stream.order.clone();
-            let task =
-                process_frame(frame, device.clone(), settings.clone(), appender.clone(), order, conn.quota.clone());
+            let task = process_frame(
+                frame,
+                device.clone(),
+                (settings.clone(), live.clone()),
+                appender.clone(),
+                order,
+                conn.quota.clone(),
+            );
             let completions = completions.clone();
             let wake = wake.clone();
             stats.frames_accepted += 1;
@@ -906,7 +942,7 @@ fn read_streams(
 async fn process_frame(
     frame: Vec<u8>,
     device: String,
-    settings: Arc<QuicSettings>,
+    (settings, live): (Arc<QuicSettings>, Arc<QuicLive>),
     appender: Rc<dyn Appender>,
     order: Rc<RefCell<StreamOrder>>,
     quota: Option<Rc<RefCell<RecordQuota>>>,
@@ -947,7 +983,7 @@ async fn process_frame(
                     0,
                 ),
                 (None, Some(_))
-                    if settings.topics_allowed.as_ref().is_some_and(|allowed| !allowed.contains(&produce.topic)) =>
+                    if live.topics_allowed.as_ref().is_some_and(|allowed| !allowed.contains(&produce.topic)) =>
                 {
                     protocol::error_frame(
                         sequence,
@@ -970,7 +1006,7 @@ async fn process_frame(
                         ErrorCode::QuotaExceeded,
                         &format!(
                             "device {device} is over its quota of {} records/s (quic.device_records_per_s_max)",
-                            settings.device_records_per_s_max
+                            live.device_records_per_s_max
                         ),
                         retry_after_ms,
                     )

@@ -7,7 +7,7 @@
 //! is left half-serving. Shutdown is one shared flag (set by SIGINT/SIGTERM or by a
 //! failing core) that every core polls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -109,7 +109,9 @@ pub fn partition_directory(data_dir: &std::path::Path, topic: &str, partition: u
 }
 
 /// Runs the engine until `shutdown` is set; returns the first fatal problem, if any.
-pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal> {
+/// The device listener's reloadable settings are put in `listener` once it is
+/// prepared, for SIGHUP (`shell::signals`).
+pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerSlot) -> Result<(), Fatal> {
     let metrics = Metrics::new();
     let log_config = &valid.config.log;
     metrics.status.set_settings(crate::shell::status::StatusSettings {
@@ -128,6 +130,9 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
         admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
     let partitions: usize = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum();
     let quic = if valid.config.quic.enabled { Some(prepare_quic_measured(&valid, &metrics)?) } else { None };
+    if let Some(quic) = &quic {
+        let _ = listener.set(quic.settings.live.clone());
+    }
     tracing::info!(
         cores = ?cores,
         partitions,
@@ -366,7 +371,12 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>) -> Result<(), Fatal>
     }
 }
 
-/// Sets `shutdown` on SIGINT or SIGTERM.
+/// Where `serve` leaves the device listener's reloadable settings (empty until the
+/// listener is prepared, and with QUIC off).
+pub type ListenerSlot = std::sync::OnceLock<Arc<quic::LiveCell>>;
+
+/// Sets `shutdown` on SIGINT or SIGTERM (for tools that embed the engine; `weir serve`
+/// handles every signal in `shell::signals`).
 pub fn shutdown_on_signals(shutdown: &Arc<AtomicBool>) -> std::io::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone())?;
@@ -411,13 +421,7 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
         tracing::warn!(dir = %directory.display(), "no certificates: creating a development PKI (set quic.generate_dev_certs = false in production)");
         crate::certs::generate(directory, &[], &[], 365).map_err(|error| Fatal::Quic { reason: error.to_string() })?;
     }
-    let limits = tls::TransportLimits {
-        streams_per_connection_max: config.streams_per_connection_max,
-        stream_window_bytes: config.stream_window_bytes.0 as u32,
-        connection_window_bytes: config.connection_window_bytes.0 as u32,
-        idle_timeout: Duration::from_secs(config.idle_timeout_s.0),
-    };
-    let server_config = tls::server_config(&ca, &certificate, &key, &limits)
+    let live = quic::QuicLive::from_config(config, &tls::TransportLimits::from_config(config))
         .map_err(|error| Fatal::Quic { reason: error.to_string() })?;
     let address: SocketAddr =
         config.listen.parse().map_err(|_| Fatal::Quic { reason: format!("bad address {}", config.listen) })?;
@@ -444,7 +448,7 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
     }
     let v1 = crate::core::protocol::FRAME_LIMITS_V1;
     let settings = QuicSettings {
-        server_config: Arc::new(server_config),
+        live: Arc::new(quic::LiveCell::new(live)),
         limits: crate::core::protocol::FrameLimits {
             frame_bytes_max: config.frame_bytes_max.0 as usize,
             records_per_frame_max: config.records_per_frame_max as usize,
@@ -459,11 +463,7 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
             .iter()
             .map(|topic| (topic.name.clone(), (topic.partitions, valid.config.upstream.key_hash(&topic.name))))
             .collect(),
-        topics_allowed: (!config.topics_allowed.is_empty())
-            .then(|| config.topics_allowed.iter().cloned().collect::<HashSet<_>>()),
-        devices_denied: config.devices_denied.iter().cloned().collect(),
         connections_per_device_max: config.connections_per_device_max as usize,
-        device_records_per_s_max: config.device_records_per_s_max,
         bytes_in_flight_per_connection_max: config.bytes_in_flight_per_connection_max.0 as usize,
         handshakes_max: config.handshakes_max as usize,
         device_connections: Arc::new(quic::DeviceConnections::default()),

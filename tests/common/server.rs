@@ -140,6 +140,29 @@ impl Server {
         command
     }
 
+    /// Sends `signal` (a name for kill(1): HUP, TERM, USR1, ...) to weir.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits until a log line satisfies `found` (at most `timeout`); returns it.
+    pub fn wait_log(&self, timeout: Duration, what: &str, found: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|line| found(line)) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "{what}: no such log line within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for weir to exit by itself (after a signal the test sent).
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// SIGINT, then the exit code.
     pub fn stop(mut self) -> Option<i32> {
         Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status().unwrap();
