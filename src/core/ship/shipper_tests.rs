@@ -1085,3 +1085,33 @@ fn what_no_scan_can_resolve_still_stops_shipping() {
     core.handle_scanned(&[foreign_sequence]);
     assert!(matches!(core.stop_reason(), Some(StopReason::Reconcile(ReconcileError::SequenceMismatch { .. }))));
 }
+
+/// Seeds of the simulation above that stopped shipping before issue 19's fix (the old
+/// scan against these model brokers; see the commit that added this test), each
+/// with what it met. Whose bug: weir's scan, which took a broker's transient or
+/// differently shaped answer for a final one.
+#[test]
+fn simulation_seeds_that_stopped_shipping_before_issue_19() {
+    let seeds = [
+        // "the scan from upstream offset 68 made no progress at offset 68 (high
+        // watermark 72)": a zombie batch counted but not stored yet, at the scan point,
+        // as in the issue's runs.
+        (5, Dedup::TansuMemory),
+        (6, Dedup::TansuMemory),
+        (15, Dedup::TansuMemory),
+        // The same further into the scan ("from 239 ... at offset 290").
+        (1, Dedup::TansuMemory),
+        // After a gap tansu's memory storage answers its last batches twice:
+        // "malformed upstream batch at upstream offset 229: offset before the end of
+        // the entry before it".
+        (10, Dedup::TansuMemory),
+        // A max_bytes smaller than the first batch, answered with part of it only.
+        (3, Dedup::Kafka),
+        // tansu's SQLite storage answers nothing when the first row exceeds max_bytes.
+        (1, Dedup::TansuSqlite),
+    ];
+    for (seed, dedup) in seeds {
+        let outcome = simulate(seed, dedup);
+        assert!(outcome.scans_retried > 0, "seed {seed} ({dedup:?}): no scan had to be tried again: {outcome:?}");
+    }
+}
