@@ -202,11 +202,15 @@ fn crash_loop_at_2000_records_per_second(kind: &str) {
     let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|error| panic!("weir-sim's summary ({error}): {stdout}"));
     let number = |name: &str| summary[name].as_u64().unwrap_or_else(|| panic!("{name} in {summary}"));
-    let status = weir.wait_status(Duration::from_secs(300), "every partition shipped, no shipper stopped", |status| {
-        status["partitions"].as_array().unwrap().iter().all(|partition| {
+    let status = weir.wait_status(Duration::from_secs(300), "every partition shipped", |status| {
+        let partitions = status["partitions"].as_array().unwrap();
+        for partition in partitions {
+            // A stopped shipper never catches up: fail at once, with its error.
+            assert_ne!(partition["shipper"]["state"], "stopped", "seed {seed}: a shipper stopped: {partition:#}");
+        }
+        partitions.iter().all(|partition| {
             partition["shipper"]["cursor_offset"].as_i64() == partition["log_end_offset"].as_i64()
                 && partition["shipper"]["lag_records"].as_i64() == Some(0)
-                && partition["shipper"]["state"].as_str() != Some("stopped")
         })
     });
     let drained_at = started.elapsed();
