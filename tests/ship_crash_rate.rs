@@ -12,8 +12,11 @@
 //! - every record acked to a device is upstream exactly once, at the offset its ack
 //!   named, with its device and sequence, in per-device order; nothing unacked is
 //!   upstream. The reader reads each partition to its end by Fetch (confluent-kafka,
-//!   check.crcs; the FakeBroker's own log), past whatever ListOffsets says (tansu's
-//!   memory storage answers ListOffsets(latest) with the last batch's base offset + 1).
+//!   check.crcs), past whatever ListOffsets says (tansu's memory storage answers
+//!   ListOffsets(latest) with the last batch's base offset + 1); tansu's SQLite
+//!   storage is read from its database (its Fetch looks up every record's headers
+//!   without an index: reading ~100,000 records back takes longer than the run), the
+//!   FakeBroker from its own log.
 //!
 //! The suite runs `WEIR_RATE_KILLS` kills per upstream (default 6, ~1.5 min each);
 //! the long run is `WEIR_LONG=1` (24 kills each; its counts are in docs/RELIABILITY.md).
@@ -30,7 +33,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::{free_port, read_upstream, Tansu, TansuSqlite, UpstreamRecord};
+use broker::{free_port, read_tansu_sqlite, read_upstream, Tansu, TansuSqlite, UpstreamRecord};
 use fleet::{binary, compare, env_u64, write_profile, FleetConfig};
 use rand::{Rng, SeedableRng};
 use server::Server;
@@ -105,7 +108,14 @@ impl Upstream {
                         .collect(),
                 })
                 .collect(),
-            _ => read_upstream(&self.address(), "central", partition as i32, expect, Duration::from_secs(300)),
+            Upstream::TansuSqlite(tansu) => {
+                let records = read_tansu_sqlite(tansu.directory(), "central", partition as i32);
+                assert!(records.len() >= expect, "tansu's database holds {} records of {partition}", records.len());
+                records
+            }
+            Upstream::TansuMemory(_) => {
+                read_upstream(&self.address(), "central", partition as i32, expect, Duration::from_secs(300))
+            }
         }
     }
 }

@@ -8,8 +8,10 @@
 //!
 //! It answers a Fetch the way the broker it models does (`fetch`): Kafka answers
 //! whole stored batches from the one holding the fetch offset, which may start below
-//! it; tansu 0.6's memory storage answers only batches whose base offset is at or
-//! after the fetch offset, counts a batch in its high watermark before it stores it
+//! it; tansu 0.6's memory storage, as its source reads, answers only batches whose base
+//! offset is at or after the fetch offset (the build tested here answered the batch
+//! holding it, so the model is the harsher of the two), counts a batch in its high
+//! watermark before it stores it
 //! (`begin_write`: a Fetch below the high watermark then answers nothing), and after
 //! a gap answers its last batches twice; tansu 0.6's SQLite storage rebuilds batches
 //! from stored rows starting exactly at the fetch offset; and a broker may answer
