@@ -39,8 +39,8 @@ use crate::shell::status::ShipperState;
 pub const LOG_POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// The shortest wait between two rounds of the loop.
 const WAIT_MIN: Duration = Duration::from_micros(100);
-/// Bytes one reconciliation Fetch asks for.
-const SCAN_FETCH_BYTES: i32 = 1 << 20;
+// A reconciliation Fetch (`reconcile::ScanPlan`) fits in one response frame.
+const _: () = assert!(crate::core::ship::reconcile::SCAN_FETCH_BYTES_MAX < kafka::RESPONSE_BYTES_MAX / 2);
 /// The name of the state file while it is being written.
 const STATE_FILE_NEW_NAME: &str = "ship.state.new";
 /// How often the lag gauges (records, bytes, seconds, cursor) are sampled together.
@@ -459,22 +459,25 @@ impl Shipper {
                     self.core.handle_setup_failed(Instant::now());
                 }
             },
-            Action::Reconcile { producer, scan_from_offset, bytes_max } => {
-                match self.scan(Scan::new(producer, scan_from_offset, bytes_max)).await {
-                    ScanEnd::Found(scan) => {
-                        self.core.handle_scanned(scan.ours());
-                        tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, sequences_unchecked = self.core.stats().sequences_unchecked, "reconciled with upstream");
-                    }
-                    ScanEnd::Refused(error) => self.core.handle_reconcile_failed(error),
-                    ScanEnd::Transport(error) => {
-                        if !self.note_refusal(&error) {
-                            self.warn(format!("reconciliation scan: {error}"));
-                        }
-                        self.link = None;
-                        self.core.handle_setup_failed(Instant::now());
+            Action::Reconcile { producer, plan } => match self.scan(Scan::new(producer, plan)).await {
+                ScanEnd::Found(scan) => {
+                    self.core.handle_scanned(scan.ours());
+                    tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, sequences_unchecked = self.core.stats().sequences_unchecked, "reconciled with upstream");
+                }
+                ScanEnd::Refused(error) => {
+                    self.core.handle_reconcile_failed(error, Instant::now());
+                    if let Some(retrying) = self.core.reconcile_retrying() {
+                        self.warn(format!("reconciliation with the upstream partition: {retrying}"));
                     }
                 }
-            }
+                ScanEnd::Transport(error) => {
+                    if !self.note_refusal(&error) {
+                        self.warn(format!("reconciliation scan: {error}"));
+                    }
+                    self.link = None;
+                    self.core.handle_setup_failed(Instant::now());
+                }
+            },
             Action::Persist { generation, state } => {
                 let cursor = state.cursor_offset;
                 self.persist(state).await?;
@@ -604,8 +607,9 @@ impl Shipper {
             Ok(connection) => connection,
             Err(error) => return ScanEnd::Transport(error),
         };
-        while let Some(offset) = scan.next_fetch_offset() {
-            let answer = match kafka::fetch(connection, &topic, partition, offset, SCAN_FETCH_BYTES).await {
+        while let Some((offset, fetch_bytes)) = scan.next_fetch() {
+            let fetch_bytes = i32::try_from(fetch_bytes).expect("SCAN_FETCH_BYTES_MAX fits a Fetch");
+            let answer = match kafka::fetch(connection, &topic, partition, offset, fetch_bytes).await {
                 Ok(answer) => answer,
                 Err(error) => return ScanEnd::Transport(error),
             };

@@ -318,6 +318,31 @@ pub fn read_upstream_with(
         String::from_utf8_lossy(&output.stderr),
         stdout.lines().count()
     );
+    parse_records(&stdout)
+}
+
+/// Every record of `topic`/`partition` as tansu's SQLite storage in `directory` holds
+/// it (tests/python/tansu_sqlite_read.py): for more records than its Fetch can read
+/// back in a test's time (it looks up each record's headers without an index).
+pub fn read_tansu_sqlite(directory: &Path, topic: &str, partition: i32) -> Vec<UpstreamRecord> {
+    let output = Command::new(python())
+        .arg(repo().join("tests/python/tansu_sqlite_read.py"))
+        .arg(directory.join("tansu.db"))
+        .args([topic, &partition.to_string()])
+        .output()
+        .expect("the python reader runs");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "reading {topic}/{partition} from tansu's database failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_records(&stdout)
+}
+
+/// The JSON lines of the python readers.
+fn parse_records(stdout: &str) -> Vec<UpstreamRecord> {
     stdout
         .lines()
         .map(|line| {
@@ -360,6 +385,11 @@ pub struct TansuSqlite {
 }
 
 impl TansuSqlite {
+    /// The broker's own directory (its database is `tansu.db` there).
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
     /// Starts tansu on a free port with a new database in `directory`.
     pub fn start(directory: &Path) -> TansuSqlite {
         std::fs::create_dir_all(directory).unwrap();

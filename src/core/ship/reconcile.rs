@@ -38,14 +38,18 @@ pub struct FoundBatch {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReconcileError {
-    #[error("upstream partition ends at offset {high_watermark}, before offset {scan_from} where this producer's batches start: the upstream lost data, or this is not the partition weir shipped to")]
+    #[error("upstream partition ends at offset {high_watermark}, before offset {scan_from} where this producer's batches start: the upstream lost data, is not the partition weir shipped to, or its new leader has not caught up yet")]
     UpstreamBehind { scan_from: i64, high_watermark: i64 },
     #[error(
-        "the scan from upstream offset {scan_from} made no progress at offset {at} (high watermark {high_watermark})"
+        "upstream offset {at} is below the high watermark {high_watermark} but the broker's answer holds no entry for it (scan from upstream offset {scan_from}): a write still in progress, or a batch the broker does not answer from its middle"
     )]
-    NoProgress { scan_from: i64, at: i64, high_watermark: i64 },
+    NotReadable { scan_from: i64, at: i64, high_watermark: i64 },
     #[error("the scan read {bytes} bytes from upstream offset {scan_from} without reaching the end (upstream.reconcile_scan_bytes_max)")]
     TooLong { scan_from: i64, bytes: u64 },
+    #[error(
+        "the upstream entry at offset {at} is {bytes} bytes, more than a scan fetches at once ({SCAN_FETCH_BYTES_MAX})"
+    )]
+    EntryTooLarge { at: i64, bytes: usize },
     #[error("upstream offset {upstream_offset} holds a batch of ours ending at local offset {local_last_offset}, beyond the local log end {log_end_offset}")]
     UpstreamAheadOfLog { upstream_offset: i64, local_last_offset: i64, log_end_offset: i64 },
     #[error("upstream offset {upstream_offset} holds a batch of ours for local offsets {local_first_offset}..={local_last_offset}, which straddles the cursor {cursor_offset}")]
@@ -56,17 +60,89 @@ pub enum ReconcileError {
     Malformed { upstream_offset: i64, what: &'static str },
 }
 
-/// Parses the complete entries of a Fetch response's records bytes. Returns the v2
-/// batches and the offset after the last complete entry (`None` when there was none:
-/// the bytes end in a partial entry, as Fetch responses may).
+impl ReconcileError {
+    /// Whether another scan, later or from an earlier point, can end differently. The
+    /// rest prove something only an operator can resolve: our batches upstream that do
+    /// not fit the local log (another writer, or a log that lost data), a broker
+    /// answering garbage, or limits set too low.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, ReconcileError::NotReadable { .. } | ReconcileError::UpstreamBehind { .. })
+    }
+}
+
+/// Bytes a scan asks one Fetch for at first (tansu's SQLite storage returns nothing
+/// at all when the first record alone is larger, so later attempts ask for more).
+pub const SCAN_FETCH_BYTES_MIN: usize = 1 << 20;
+/// The most a scan asks one Fetch for; an upstream entry larger than this stops it.
+pub const SCAN_FETCH_BYTES_MAX: usize = 16 << 20;
+/// Scans that start at the scan point itself before later ones start earlier: a
+/// write in progress (tansu's memory storage counts a batch in its high watermark
+/// before it stores it) is over within one backoff.
+pub const SCAN_ATTEMPTS_AT_THE_SCAN_POINT: u32 = 3;
+/// How far the first scan from an earlier point starts before the scan point (it
+/// doubles with each further attempt): tansu's memory storage answers only batches
+/// whose base offset is at or after the fetch offset, so a scan point inside a
+/// stored batch is reached only from at or before that batch's base.
+pub const SCAN_STEP_BACK_RECORDS_MIN: i64 = 16;
+const _: () = assert!(SCAN_FETCH_BYTES_MIN <= SCAN_FETCH_BYTES_MAX);
+
+/// One attempt at reconciliation: count our records from `scan_from_offset` (whose
+/// local offset is known), fetching from `fetch_from_offset` (at or before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanPlan {
+    pub scan_from_offset: i64,
+    pub fetch_from_offset: i64,
+    pub fetch_bytes: usize,
+    pub bytes_max: u64,
+}
+
+impl ScanPlan {
+    /// The plan for a scan after `attempt` scans in a row ended retriably (0 for the
+    /// first): at the scan point with the smallest fetches first, then from ever
+    /// earlier points with ever larger fetches (see docs/UPSTREAM.md).
+    pub fn for_attempt(scan_from_offset: i64, attempt: u32, bytes_max: u64) -> ScanPlan {
+        assert!(scan_from_offset >= 0);
+        let step_back = match attempt.checked_sub(SCAN_ATTEMPTS_AT_THE_SCAN_POINT) {
+            None => 0,
+            Some(earlier) => SCAN_STEP_BACK_RECORDS_MIN << earlier.min(32),
+        };
+        ScanPlan {
+            scan_from_offset,
+            fetch_from_offset: scan_from_offset.saturating_sub(step_back).max(0),
+            fetch_bytes: (SCAN_FETCH_BYTES_MIN << attempt.min(8)).min(SCAN_FETCH_BYTES_MAX),
+            bytes_max,
+        }
+    }
+}
+
+/// One complete entry of a Fetch answer: the offsets it holds, and its v2 header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub first_offset: i64,
+    pub next_offset: i64,
+    /// `None` for a magic 0/1 message (its offset is its last; `first_offset` is it).
+    pub batch: Option<FoundBatch>,
+}
+
+/// The parsed records bytes of one Fetch answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entries {
+    /// Complete entries, each starting at or after the end of the one before.
+    pub entries: Vec<Entry>,
+    /// The full size of a partial entry at the end (when its length was there).
+    pub partial_entry_bytes: Option<usize>,
+}
+
+/// Parses the complete entries of a Fetch response's records bytes, in order.
 ///
-/// A partition's log only grows, so the entries of one response never go back: an
-/// entry that starts before the end of the one before it (or whose offsets overflow)
-/// is malformed, never a batch to reconcile against (the scan would otherwise take
-/// batches out of order and move its fetch offset backwards; found by fuzzing).
-pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), ReconcileError> {
-    let mut found = Vec::new();
-    let mut next_offset: Option<i64> = None;
+/// A partition's log only grows, so an answer's entries never go back: parsing ends
+/// at an entry that starts before the end of the one before it. Kafka never answers
+/// so; tansu's memory storage does after a gap (its Fetch adds the record counts it
+/// returned to the fetch offset and fetches again, answering its last batches twice).
+/// What came before is sound and the scan fetches again from its end; taking the
+/// rest would move the scan backwards (found by fuzzing).
+pub fn parse_entries(bytes: &[u8]) -> Result<Entries, ReconcileError> {
+    let mut parsed = Entries::default();
     let mut at = 0usize;
     while bytes.len() - at >= ENTRY_PREFIX_BYTES {
         let base_offset = i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -74,14 +150,15 @@ pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), Rec
         if length < 0 {
             return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "negative length" });
         }
-        if base_offset < 0 || next_offset.is_some_and(|next| base_offset < next) {
-            return Err(ReconcileError::Malformed {
-                upstream_offset: base_offset,
-                what: "offset before the end of the entry before it",
-            });
+        if base_offset < 0 {
+            return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "negative offset" });
+        }
+        if parsed.entries.last().is_some_and(|before| base_offset < before.next_offset) {
+            break; // the answer goes back: the rest is fetched again
         }
         let total = ENTRY_PREFIX_BYTES + length as usize;
         if bytes.len() - at < total {
+            parsed.partial_entry_bytes = Some(total);
             break; // a partial entry at the end of the response
         }
         let entry = &bytes[at..at + total];
@@ -113,27 +190,48 @@ pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), Rec
                 base_sequence: i32::from_be_bytes(entry[53..57].try_into().expect("4 bytes")),
                 last_offset_delta,
             };
-            next_offset = Some(batch.next_upstream_offset);
-            found.push(batch);
+            parsed.entries.push(Entry {
+                first_offset: base_offset,
+                next_offset: next_upstream_offset,
+                batch: Some(batch),
+            });
         } else {
             // Magic 0/1 message (or wrapper): its offset is its last offset.
             let Some(next) = base_offset.checked_add(1) else {
                 return Err(ReconcileError::Malformed { upstream_offset: base_offset, what: "offsets overflow" });
             };
-            next_offset = Some(next);
+            parsed.entries.push(Entry { first_offset: base_offset, next_offset: next, batch: None });
         }
         at += total;
     }
-    Ok((found, next_offset))
+    Ok(parsed)
 }
 
-/// A forward scan of the upstream partition, driven by the shell: fetch at
-/// `next_fetch_offset()`, hand the answer to `handle_fetch`, until `is_done()`.
+/// The v2 batches of a Fetch response's records bytes and the offset after the last
+/// complete entry (`None` when there was none), as `parse_entries` reads them.
+pub fn parse_records(bytes: &[u8]) -> Result<(Vec<FoundBatch>, Option<i64>), ReconcileError> {
+    let parsed = parse_entries(bytes)?;
+    let next = parsed.entries.last().map(|entry| entry.next_offset);
+    Ok((parsed.entries.into_iter().filter_map(|entry| entry.batch).collect(), next))
+}
+
+/// A forward scan of the upstream partition, driven by the shell: fetch what
+/// `next_fetch()` says, hand the answer to `handle_fetch`, until `is_done()`.
+///
+/// The rule it keeps: every upstream offset from the scan point to the high
+/// watermark is held by an entry the scan saw, so counting our records from the scan
+/// point (`decide_by_count`) never skips one. An entry may start below the fetch
+/// offset (Kafka answers the whole batch holding it) and may be a batch the broker
+/// rebuilt (tansu's SQLite storage); an offset below the high watermark that the
+/// answer does not hold ends the scan with `NotReadable`, which another scan, later
+/// or from an earlier point (`ScanPlan`), resolves. Each answer moves the fetch offset
+/// forward, grows the fetch size (bounded), or ends the scan, so it terminates.
 #[derive(Debug, Clone)]
 pub struct Scan {
     producer: ProducerIdentity,
     scan_from: i64,
     next_fetch_offset: i64,
+    fetch_bytes: usize,
     bytes_max: u64,
     bytes_read: u64,
     high_watermark: Option<i64>,
@@ -145,12 +243,15 @@ pub struct Scan {
 pub const SCAN_OURS_MAX: usize = 4096;
 
 impl Scan {
-    pub fn new(producer: ProducerIdentity, scan_from: i64, bytes_max: u64) -> Scan {
+    pub fn new(producer: ProducerIdentity, plan: ScanPlan) -> Scan {
+        assert!(0 <= plan.fetch_from_offset && plan.fetch_from_offset <= plan.scan_from_offset);
+        assert!((1..=SCAN_FETCH_BYTES_MAX).contains(&plan.fetch_bytes));
         Scan {
             producer,
-            scan_from,
-            next_fetch_offset: scan_from,
-            bytes_max,
+            scan_from: plan.scan_from_offset,
+            next_fetch_offset: plan.fetch_from_offset,
+            fetch_bytes: plan.fetch_bytes,
+            bytes_max: plan.bytes_max,
             bytes_read: 0,
             high_watermark: None,
             ours: Vec::new(),
@@ -158,15 +259,16 @@ impl Scan {
         }
     }
 
-    pub fn next_fetch_offset(&self) -> Option<i64> {
-        (!self.done).then_some(self.next_fetch_offset)
+    /// The next Fetch: its offset and its `max_bytes`.
+    pub fn next_fetch(&self) -> Option<(i64, usize)> {
+        (!self.done).then_some((self.next_fetch_offset, self.fetch_bytes))
     }
 
     pub fn is_done(&self) -> bool {
         self.done
     }
 
-    /// The records bytes and high watermark of one Fetch at `next_fetch_offset()`.
+    /// The records bytes and high watermark of one Fetch as `next_fetch()` asked.
     pub fn handle_fetch(&mut self, records: &[u8], high_watermark: i64) -> Result<(), ReconcileError> {
         assert!(!self.done);
         self.high_watermark = Some(high_watermark);
@@ -178,24 +280,41 @@ impl Scan {
             return Ok(());
         }
         self.bytes_read += records.len() as u64;
-        let (batches, next_offset) = parse_records(records)?;
-        for batch in batches {
-            if batch.producer == self.producer && batch.next_upstream_offset > self.next_fetch_offset {
+        let parsed = parse_entries(records)?;
+        let mut position = self.next_fetch_offset;
+        let mut gap = false;
+        for entry in &parsed.entries {
+            if entry.next_offset <= position {
+                continue; // wholly before the fetch offset
+            }
+            if entry.first_offset > position.max(self.scan_from) {
+                gap = true; // offsets the broker counts but did not answer
+                break;
+            }
+            if let Some(batch) = entry.batch.filter(|batch| batch.producer == self.producer) {
                 if self.ours.len() == SCAN_OURS_MAX {
                     self.ours.remove(0); // only the latest matter; the earliest are long acked
                 }
                 self.ours.push(batch);
             }
+            position = entry.next_offset;
         }
-        match next_offset {
-            Some(next) if next > self.next_fetch_offset => self.next_fetch_offset = next,
-            _ => {
-                return Err(ReconcileError::NoProgress {
-                    scan_from: self.scan_from,
-                    at: self.next_fetch_offset,
-                    high_watermark,
-                })
+        if position > self.next_fetch_offset {
+            self.next_fetch_offset = position;
+        } else if !gap && parsed.partial_entry_bytes.is_some() && self.fetch_bytes < SCAN_FETCH_BYTES_MAX {
+            // Only part of the first entry came back (max_bytes smaller than it):
+            // ask again for at least all of it.
+            let needed = parsed.partial_entry_bytes.expect("checked");
+            if needed > SCAN_FETCH_BYTES_MAX {
+                return Err(ReconcileError::EntryTooLarge { at: self.next_fetch_offset, bytes: needed });
             }
+            self.fetch_bytes = needed.max(self.fetch_bytes * 2).min(SCAN_FETCH_BYTES_MAX);
+        } else {
+            return Err(ReconcileError::NotReadable {
+                scan_from: self.scan_from,
+                at: self.next_fetch_offset,
+                high_watermark,
+            });
         }
         if self.next_fetch_offset >= high_watermark {
             self.done = true;
@@ -399,10 +518,11 @@ mod tests {
     }
 
     #[test]
-    fn parse_records_refuses_entries_that_go_back_or_overflow() {
+    fn parse_records_ends_at_an_entry_that_goes_back_and_refuses_overflow() {
         let mut backwards = upstream_batch(500, 40, 3, OURS, 0);
         backwards.extend(upstream_batch(502, 43, 2, OURS, 0)); // starts inside 500..=502
-        assert!(matches!(parse_records(&backwards), Err(ReconcileError::Malformed { upstream_offset: 502, .. })));
+        let (found, next) = parse_records(&backwards).unwrap();
+        assert_eq!((found.len(), next), (1, Some(503)), "the answer is read up to where it goes back");
         let negative = upstream_batch(-5, 40, 3, OURS, 0);
         assert!(matches!(parse_records(&negative), Err(ReconcileError::Malformed { upstream_offset: -5, .. })));
         let overflowing = upstream_batch(i64::MAX - 1, 40, 3, OURS, 0);
@@ -433,13 +553,17 @@ mod tests {
         assert_eq!(next, Some(8));
     }
 
+    fn plan(scan_from_offset: i64, bytes_max: u64) -> ScanPlan {
+        ScanPlan::for_attempt(scan_from_offset, 0, bytes_max)
+    }
+
     #[test]
     fn the_scan_keeps_only_our_batches_and_ends_at_the_high_watermark() {
-        let mut scan = Scan::new(OURS, 100, 1 << 20);
+        let mut scan = Scan::new(OURS, plan(100, 1 << 20));
         let mut chunk = upstream_batch(100, 0, 5, OTHER, 0);
         chunk.extend(upstream_batch(105, 10, 2, OURS, 10));
         scan.handle_fetch(&chunk, 110).unwrap();
-        assert_eq!(scan.next_fetch_offset(), Some(107));
+        assert_eq!(scan.next_fetch(), Some((107, SCAN_FETCH_BYTES_MIN)));
         scan.handle_fetch(&upstream_batch(107, 12, 3, OURS, 10), 110).unwrap();
         assert!(scan.is_done());
         assert_eq!(scan.ours().len(), 2);
@@ -447,26 +571,148 @@ mod tests {
 
     #[test]
     fn an_empty_upstream_at_the_scan_point_is_done_at_once() {
-        let mut scan = Scan::new(OURS, 40, 1 << 20);
+        let mut scan = Scan::new(OURS, plan(40, 1 << 20));
         scan.handle_fetch(&[], 40).unwrap();
         assert!(scan.is_done());
     }
 
     #[test]
     fn the_scan_refuses_an_upstream_that_lost_data() {
-        let mut scan = Scan::new(OURS, 40, 1 << 20);
+        let mut scan = Scan::new(OURS, plan(40, 1 << 20));
         assert!(matches!(scan.handle_fetch(&[], 10), Err(ReconcileError::UpstreamBehind { .. })));
     }
 
     #[test]
-    fn the_scan_stops_without_progress_and_past_its_byte_budget() {
-        let mut scan = Scan::new(OURS, 0, 1 << 20);
-        assert!(matches!(scan.handle_fetch(&[], 10), Err(ReconcileError::NoProgress { .. })));
-        let mut scan = Scan::new(OURS, 0, 10);
+    fn the_scan_ends_retriably_without_progress_and_for_good_past_its_byte_budget() {
+        let mut scan = Scan::new(OURS, plan(0, 1 << 20));
+        let error = scan.handle_fetch(&[], 10).unwrap_err();
+        assert_eq!(error, ReconcileError::NotReadable { scan_from: 0, at: 0, high_watermark: 10 });
+        assert!(error.is_retriable());
+        let mut scan = Scan::new(OURS, plan(0, 10));
         assert!(matches!(
             scan.handle_fetch(&upstream_batch(0, 0, 1, OTHER, 0), 10),
             Err(ReconcileError::TooLong { .. })
         ));
+        assert!(!ReconcileError::TooLong { scan_from: 0, bytes: 11 }.is_retriable());
+    }
+
+    // ----- the ways brokers answer a Fetch (issue 19) -----
+
+    #[test]
+    fn a_batch_starting_below_the_fetch_offset_covers_it() {
+        // Kafka answers the whole batch holding the fetch offset.
+        let mut scan = Scan::new(OURS, plan(105, 1 << 20));
+        let mut answer = upstream_batch(100, 20, 10, OURS, 0);
+        answer.extend(upstream_batch(110, 30, 2, OURS, 0));
+        scan.handle_fetch(&answer, 112).unwrap();
+        assert!(scan.is_done());
+        assert_eq!(scan.ours().len(), 2);
+    }
+
+    #[test]
+    fn an_offset_the_answer_skips_is_not_readable_and_an_earlier_point_reaches_it() {
+        // tansu's memory storage answers only batches whose base offset is at or after
+        // the fetch offset: a scan point inside a batch gets the batch after it.
+        let mut stored = upstream_batch(100, 20, 10, OURS, 0);
+        stored.extend(upstream_batch(110, 30, 2, OURS, 0));
+        let first_batch_bytes = upstream_batch(100, 20, 10, OURS, 0).len();
+        let answer_from =
+            |offset: i64| -> Vec<u8> { stored[if offset <= 100 { 0 } else { first_batch_bytes }..].to_vec() };
+        for attempt in 0..SCAN_ATTEMPTS_AT_THE_SCAN_POINT {
+            let plan = ScanPlan::for_attempt(105, attempt, 1 << 20);
+            assert_eq!(plan.fetch_from_offset, 105);
+            let mut scan = Scan::new(OURS, plan);
+            let error = scan.handle_fetch(&answer_from(105), 112).unwrap_err();
+            assert_eq!(error, ReconcileError::NotReadable { scan_from: 105, at: 105, high_watermark: 112 });
+        }
+        let plan = ScanPlan::for_attempt(105, SCAN_ATTEMPTS_AT_THE_SCAN_POINT, 1 << 20);
+        assert_eq!(plan.fetch_from_offset, 105 - SCAN_STEP_BACK_RECORDS_MIN);
+        let mut scan = Scan::new(OURS, plan);
+        scan.handle_fetch(&answer_from(plan.fetch_from_offset), 112).unwrap();
+        assert!(scan.is_done());
+        // Counting from the scan point clips the batch that holds it.
+        let reconciled = decide_by_count(OURS, 0, 25, 105, 25, 40, scan.ours()).unwrap();
+        assert_eq!(reconciled.cursor_offset, 32);
+    }
+
+    #[test]
+    fn a_gap_below_the_scan_point_is_no_concern_but_one_above_it_is() {
+        let mut scan = Scan::new(OURS, ScanPlan::for_attempt(105, SCAN_ATTEMPTS_AT_THE_SCAN_POINT, 1 << 20));
+        // Fetch from 89: the answer starts at 100 (a gap below the scan point 105).
+        scan.handle_fetch(&upstream_batch(100, 20, 10, OURS, 0), 120).unwrap();
+        assert_eq!(scan.next_fetch().map(|(offset, _)| offset), Some(110));
+        // From 110 the answer starts at 113: 110..113 are counted but not answered.
+        assert!(matches!(
+            scan.handle_fetch(&upstream_batch(113, 33, 2, OURS, 0), 120),
+            Err(ReconcileError::NotReadable { at: 110, .. })
+        ));
+    }
+
+    #[test]
+    fn an_answer_that_repeats_its_tail_is_read_up_to_where_it_goes_back() {
+        // tansu's memory storage after a gap: batches 100, 103, then 103 again.
+        let mut answer = upstream_batch(100, 20, 3, OURS, 0);
+        answer.extend(upstream_batch(103, 23, 2, OURS, 0));
+        answer.extend(upstream_batch(103, 23, 2, OURS, 0));
+        let mut scan = Scan::new(OURS, plan(100, 1 << 20));
+        scan.handle_fetch(&answer, 110).unwrap();
+        assert_eq!(scan.ours().len(), 2);
+        assert_eq!(scan.next_fetch().map(|(offset, _)| offset), Some(105));
+    }
+
+    #[test]
+    fn a_batch_rebuilt_from_the_fetch_offset_covers_it() {
+        // tansu's SQLite storage answers rows from the fetch offset exactly, rebuilt.
+        let mut scan = Scan::new(OURS, plan(105, 1 << 20));
+        let mut rebuilt = upstream_batch(105, 25, 7, OURS, 0);
+        rebuilt[53..57].fill(0);
+        scan.handle_fetch(&rebuilt, 112).unwrap();
+        assert!(scan.is_done());
+        let reconciled = decide_by_count(OURS, 0, 25, 105, 25, 40, scan.ours()).unwrap();
+        assert_eq!((reconciled.cursor_offset, reconciled.sequences_unchecked), (32, 1));
+    }
+
+    #[test]
+    fn a_partial_first_entry_asks_again_for_all_of_it() {
+        let whole = upstream_batch(100, 20, 3, OURS, 0);
+        let mut scan = Scan::new(OURS, plan(100, 1 << 30));
+        scan.handle_fetch(&whole[..40], 103).unwrap();
+        assert_eq!(scan.next_fetch(), Some((100, SCAN_FETCH_BYTES_MIN * 2)));
+        scan.handle_fetch(&whole, 103).unwrap();
+        assert!(scan.is_done());
+        // One that no fetch may hold stops the scan.
+        let mut huge = whole.clone();
+        huge[8..12].copy_from_slice(&(SCAN_FETCH_BYTES_MAX as i32).to_be_bytes());
+        let mut scan = Scan::new(OURS, plan(100, 1 << 30));
+        assert!(matches!(scan.handle_fetch(&huge[..40], 103), Err(ReconcileError::EntryTooLarge { at: 100, .. })));
+        // A broker that keeps answering part of it: the fetch size grows to its bound,
+        // then the scan ends retriably.
+        let mut scan = Scan::new(OURS, plan(100, 1 << 30));
+        let mut fetches = 0;
+        let error = loop {
+            fetches += 1;
+            if let Err(error) = scan.handle_fetch(&whole[..40], 103) {
+                break error;
+            }
+        };
+        assert!(error.is_retriable());
+        assert!(fetches <= 8, "{fetches} fetches");
+    }
+
+    #[test]
+    fn later_attempts_start_earlier_with_larger_fetches_within_bounds() {
+        let first = ScanPlan::for_attempt(1000, 0, 1 << 30);
+        assert_eq!((first.fetch_from_offset, first.fetch_bytes), (1000, SCAN_FETCH_BYTES_MIN));
+        let mut previous = first;
+        for attempt in 1..200 {
+            let plan = ScanPlan::for_attempt(1000, attempt, 1 << 30);
+            assert!(plan.fetch_from_offset <= previous.fetch_from_offset && plan.fetch_from_offset >= 0);
+            assert!(plan.fetch_bytes >= previous.fetch_bytes && plan.fetch_bytes <= SCAN_FETCH_BYTES_MAX);
+            assert_eq!(plan.scan_from_offset, 1000);
+            previous = plan;
+        }
+        assert_eq!(previous.fetch_from_offset, 0);
+        assert!(ReconcileError::UpstreamBehind { scan_from: 5, high_watermark: 1 }.is_retriable());
     }
 
     fn found(upstream_offset: i64, local_first: i64, count: i32, epoch_start: i64) -> FoundBatch {

@@ -42,7 +42,7 @@ use bytes::Bytes;
 use super::backoff::Backoff;
 use super::coalesce::{build_next, ProducerIdentity, StoredBatch, UpstreamBatch};
 use super::errors::{classify, error_name, ErrorClass};
-use super::reconcile::{decide, decide_by_count, FoundBatch, ReconcileError};
+use super::reconcile::{decide, decide_by_count, FoundBatch, ReconcileError, ScanPlan};
 use super::sequence::Sequence;
 use super::state::ShipState;
 use crate::core::log::batch::{BatchError, BATCH_BYTES_MAX};
@@ -113,10 +113,10 @@ pub enum Action {
     /// InitProducerId (v3+, no transactional id), plus the upstream partition's high
     /// watermark; answer with `handle_producer` or `handle_setup_failed`.
     InitProducer,
-    /// Scan the upstream partition from `scan_from_offset` for batches of `producer`
+    /// Scan the upstream partition as `plan` says for batches of `producer`
     /// (`reconcile::Scan`); answer with `handle_scanned`, `handle_reconcile_failed` or
     /// `handle_setup_failed`.
-    Reconcile { producer: ProducerIdentity, scan_from_offset: i64, bytes_max: u64 },
+    Reconcile { producer: ProducerIdentity, plan: ScanPlan },
     /// Make `state` durable (write new, fsync, rename, fsync the directory); answer
     /// with `handle_persisted(generation)`.
     Persist { generation: u64, state: ShipState },
@@ -321,6 +321,11 @@ pub struct ShipperCore {
     backoff: Backoff,
     hold_until: Option<Instant>,
     setup_outstanding: bool,
+    /// Scans in a row that ended retriably (`ReconcileError::is_retriable`): later
+    /// scans start from earlier points (`ScanPlan::for_attempt`).
+    reconcile_attempts: u32,
+    /// Why the last scan ended without an answer, while the next one waits.
+    reconcile_retrying: Option<ReconcileError>,
     reconnect_pending: bool,
     /// Send one batch alone until it is acknowledged: set at start, after any failure,
     /// and whenever nothing is in flight (see the module doc on forgotten producers).
@@ -380,6 +385,8 @@ impl ShipperCore {
             backoff,
             hold_until: None,
             setup_outstanding: false,
+            reconcile_attempts: 0,
+            reconcile_retrying: None,
             reconnect_pending: false,
             solo: true,
             uncoalesced: false,
@@ -536,6 +543,8 @@ impl ShipperCore {
         assert!(self.setup_outstanding);
         self.setup_outstanding = false;
         self.backoff.reset();
+        self.reconcile_attempts = 0;
+        self.reconcile_retrying = None;
         let producer = self.producer.expect("reconciliation needs a producer");
         // Counting needs the scan point's local offset (every state since format
         // version 2 has it); a version 1 state falls back to the batches' sequences.
@@ -576,10 +585,23 @@ impl ShipperCore {
         self.check_invariants();
     }
 
-    /// The reconciliation found something only an operator can resolve.
-    pub fn handle_reconcile_failed(&mut self, error: ReconcileError) {
+    /// The reconciliation scan ended without an answer. What another scan can resolve
+    /// (an offset the broker counts but did not answer, a high watermark behind the
+    /// scan point) is tried again after a backoff, from ever earlier points
+    /// (`ScanPlan::for_attempt`), and `reconcile_retrying` says why meanwhile; the
+    /// rest only an operator can resolve, and shipping stops.
+    pub fn handle_reconcile_failed(&mut self, error: ReconcileError, now: Instant) {
+        assert_eq!(self.phase, Phase::NeedReconcile);
+        assert!(self.setup_outstanding);
         self.setup_outstanding = false;
-        self.stop(StopReason::Reconcile(error));
+        if error.is_retriable() {
+            self.reconcile_attempts = self.reconcile_attempts.saturating_add(1);
+            self.reconcile_retrying = Some(error);
+            self.hold_until = Some(now + self.backoff.next_delay());
+            self.reconnect_pending = true;
+        } else {
+            self.stop(StopReason::Reconcile(error));
+        }
     }
 
     /// InitProducer or Reconcile could not reach the broker: try again after a backoff.
@@ -765,8 +787,11 @@ impl ShipperCore {
                 self.setup_outstanding = true;
                 return Some(Action::Reconcile {
                     producer: self.producer.expect("reconciliation needs a producer"),
-                    scan_from_offset: self.scan_from_offset,
-                    bytes_max: self.config.reconcile_scan_bytes_max,
+                    plan: ScanPlan::for_attempt(
+                        self.scan_from_offset,
+                        self.reconcile_attempts,
+                        self.config.reconcile_scan_bytes_max,
+                    ),
                 });
             }
             _ => {}
@@ -969,6 +994,11 @@ impl ShipperCore {
 
     pub fn is_running(&self) -> bool {
         self.phase == Phase::Running
+    }
+
+    /// Why reconciliation is being tried again, while it is (for `/status`).
+    pub fn reconcile_retrying(&self) -> Option<&ReconcileError> {
+        self.reconcile_retrying.as_ref().filter(|_| self.phase == Phase::NeedReconcile)
     }
 
     pub fn stop_reason(&self) -> Option<&StopReason> {

@@ -5,6 +5,18 @@
 //! does not continue the producer's sequence, and any sequence accepted once the
 //! producer's state is forgotten (`forget_producers`: `producer.id.expiration.ms`); or
 //! tansu's SQLite storage's rules (`Dedup::TansuSqlite`).
+//!
+//! It answers a Fetch the way the broker it models does (`fetch`): Kafka answers
+//! whole stored batches from the one holding the fetch offset, which may start below
+//! it; tansu 0.6's memory storage, as its source reads, answers only batches whose base
+//! offset is at or after the fetch offset (the build tested here answered the batch
+//! holding it, so the model is the harsher of the two), counts a batch in its high
+//! watermark before it stores it
+//! (`begin_write`: a Fetch below the high watermark then answers nothing), and after
+//! a gap answers its last batches twice; tansu 0.6's SQLite storage rebuilds batches
+//! from stored rows starting exactly at the fetch offset; and a broker may answer
+//! a `max_bytes` smaller than the first batch with part of it only
+//! (`partial_first`, Fetch before KIP-74).
 //! Shared by the shipper's own simulation (`core::ship::shipper_tests`) and the
 //! whole-pipeline simulation (`core::sim`).
 
@@ -52,6 +64,11 @@ pub(crate) struct ModelBroker {
     pub(crate) producers: HashMap<i64, ProducerEntry>,
     pub(crate) next_producer_id: i64,
     pub(crate) dedup: Dedup,
+    /// The base offset of a batch counted in the high watermark but not stored yet
+    /// (tansu's memory storage between its watermark update and its object write).
+    pub(crate) writing: Option<i64>,
+    /// A `max_bytes` smaller than the first batch gets part of it only.
+    pub(crate) partial_first: bool,
 }
 
 impl ModelBroker {
@@ -124,26 +141,116 @@ impl ModelBroker {
         self.next_offset += count as i64;
     }
 
+    /// The last batch stored is counted in the high watermark but stays unreadable
+    /// until `finish_write` (tansu's memory storage only: the others make a batch
+    /// readable before they count it).
+    pub(crate) fn begin_write(&mut self) {
+        if self.dedup == Dedup::TansuMemory {
+            self.writing = self.log.last().map(|(base, _)| *base);
+        }
+    }
+
+    pub(crate) fn finish_write(&mut self) {
+        self.writing = None;
+    }
+
+    /// A Fetch's records bytes from `offset`, about `bytes_max`, as the modelled
+    /// broker answers it (see the module doc).
     pub(crate) fn fetch(&self, offset: i64, bytes_max: usize) -> Vec<u8> {
+        match self.dedup {
+            Dedup::Kafka => self.fetch_kafka(offset, bytes_max),
+            Dedup::TansuMemory => self.fetch_tansu_memory(offset, bytes_max),
+            Dedup::TansuSqlite => self.fetch_tansu_sqlite(offset, bytes_max),
+        }
+    }
+
+    fn fetch_kafka(&self, offset: i64, bytes_max: usize) -> Vec<u8> {
         let mut out = Vec::new();
-        for (base, bytes) in &self.log {
+        for (_, bytes) in &self.log {
             let header = batch::parse_header(bytes).unwrap();
             if header.last_offset() < offset {
                 continue;
+            }
+            if out.is_empty() && self.partial_first && bytes.len() > bytes_max {
+                out.extend_from_slice(&bytes[..bytes_max.max(1)]);
+                break;
             }
             if !out.is_empty() && out.len() + bytes.len() > bytes_max {
                 // Like Kafka, a partial batch may end the response.
                 out.extend_from_slice(&bytes[..bytes.len() / 2]);
                 break;
             }
-            assert!(*base <= offset || !out.is_empty() || *base >= offset);
-            let at = out.len();
             out.extend_from_slice(bytes);
-            if self.dedup == Dedup::TansuSqlite {
-                // Rebuilt from rows without producer: id and epoch -1, sequence 0.
-                out[at + 43..at + 53].fill(0xff);
-                out[at + 53..at + 57].fill(0);
+        }
+        out
+    }
+
+    /// tansu 0.6's memory storage: `Engine::fetch` answers the stored batches whose base
+    /// offset is at or after the fetch offset (at least one, then while `max_bytes`
+    /// lasts), and `FetchService` calls it again at the fetch offset plus the record
+    /// counts answered, until an answer is empty or `max_bytes` is spent.
+    fn fetch_tansu_memory(&self, offset: i64, bytes_max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut fetch_offset = offset;
+        let mut bytes_left = bytes_max;
+        while bytes_left > 0 {
+            let mut answered = 0usize;
+            let mut records = 0i64;
+            let mut budget = bytes_left;
+            for (base, bytes) in &self.log {
+                if *base < fetch_offset || Some(*base) == self.writing {
+                    continue;
+                }
+                out.extend_from_slice(bytes);
+                answered += bytes.len();
+                records += i64::from(batch::parse_header(bytes).unwrap().record_count);
+                if bytes.len() > budget {
+                    break;
+                }
+                budget -= bytes.len();
             }
+            if answered == 0 {
+                break;
+            }
+            bytes_left = bytes_left.saturating_sub(answered);
+            fetch_offset += records;
+        }
+        out
+    }
+
+    /// tansu 0.6's SQLite storage: the stored rows from the fetch offset exactly,
+    /// while their keys and values add up to less than `max_bytes` (none when the
+    /// first alone does not), rebuilt into one batch without producer id, epoch or
+    /// sequence; `FetchService` fetches again after it while `max_bytes` lasts.
+    fn fetch_tansu_sqlite(&self, offset: i64, bytes_max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut fetch_offset = offset;
+        let mut bytes_left = bytes_max;
+        while bytes_left > 0 {
+            let mut rows = Vec::new();
+            let mut row_bytes = 0usize;
+            'rows: for (_, bytes) in &self.log {
+                for record in batch::records(bytes).unwrap() {
+                    let record = record.unwrap();
+                    if record.offset < fetch_offset {
+                        continue;
+                    }
+                    row_bytes += record.key.map_or(0, <[u8]>::len) + record.value.map_or(0, <[u8]>::len);
+                    if row_bytes >= bytes_left {
+                        break 'rows;
+                    }
+                    rows.push(record.to_record(bytes));
+                }
+            }
+            if rows.is_empty() {
+                break;
+            }
+            let mut rebuilt = batch::encode_to_vec(fetch_offset, &rows);
+            rebuilt[43..53].fill(0xff); // no producer id or epoch
+            rebuilt[53..57].fill(0); // base sequence 0
+            bytes_left = bytes_left.saturating_sub(rebuilt.len());
+            fetch_offset += rows.len() as i64;
+            out.extend_from_slice(&rebuilt);
         }
         out
     }

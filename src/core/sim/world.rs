@@ -291,19 +291,54 @@ type StreamKey = (u64, u32);
 
 #[derive(Debug)]
 enum Event {
-    DeviceTick { device: usize },
+    DeviceTick {
+        device: usize,
+    },
     FaultTick,
-    ToWeir { connection: u64, stream: u32, chunk: Vec<u8> },
-    ToDevice { connection: u64, answer: Vec<u8> },
-    FlushWindow { partition: u32 },
-    WriteDone { partition: u32 },
-    FsyncDone { partition: u32 },
-    ShipTimer { partition: u32 },
-    ShipRead { partition: u32, from_offset: i64, bytes_max: usize },
-    ShipPersisted { partition: u32, generation: u64 },
-    BrokerSetup { partition: u32, reconcile: Option<(crate::core::ship::ProducerIdentity, i64, u64)> },
-    BrokerRequest { partition: u32, link: u64 },
-    BrokerAnswer { partition: u32, link: u64, request: RequestId, answer: ProduceAnswer },
+    ToWeir {
+        connection: u64,
+        stream: u32,
+        chunk: Vec<u8>,
+    },
+    ToDevice {
+        connection: u64,
+        answer: Vec<u8>,
+    },
+    FlushWindow {
+        partition: u32,
+    },
+    WriteDone {
+        partition: u32,
+    },
+    FsyncDone {
+        partition: u32,
+    },
+    ShipTimer {
+        partition: u32,
+    },
+    ShipRead {
+        partition: u32,
+        from_offset: i64,
+        bytes_max: usize,
+    },
+    ShipPersisted {
+        partition: u32,
+        generation: u64,
+    },
+    BrokerSetup {
+        partition: u32,
+        reconcile: Option<(crate::core::ship::ProducerIdentity, crate::core::ship::reconcile::ScanPlan)>,
+    },
+    BrokerRequest {
+        partition: u32,
+        link: u64,
+    },
+    BrokerAnswer {
+        partition: u32,
+        link: u64,
+        request: RequestId,
+        answer: ProduceAnswer,
+    },
     Restart,
     Crash,
 }
@@ -1479,12 +1514,9 @@ impl World {
                     let latency = self.network_latency_us();
                     self.schedule(latency, Event::BrokerSetup { partition, reconcile: None });
                 }
-                Action::Reconcile { producer, scan_from_offset, bytes_max } => {
+                Action::Reconcile { producer, plan } => {
                     let latency = self.network_latency_us();
-                    self.schedule(
-                        latency,
-                        Event::BrokerSetup { partition, reconcile: Some((producer, scan_from_offset, bytes_max)) },
-                    );
+                    self.schedule(latency, Event::BrokerSetup { partition, reconcile: Some((producer, plan)) });
                 }
                 Action::Persist { generation, state } => {
                     let bytes = state.encode();
@@ -1534,7 +1566,11 @@ impl World {
         self.drop_broker_requests(partition, outstanding);
     }
 
-    fn broker_setup(&mut self, partition: u32, reconcile: Option<(crate::core::ship::ProducerIdentity, i64, u64)>) {
+    fn broker_setup(
+        &mut self,
+        partition: u32,
+        reconcile: Option<(crate::core::ship::ProducerIdentity, crate::core::ship::reconcile::ScanPlan)>,
+    ) {
         let fail = self.faulty && self.random.per_mille(self.settings.faults.broker_drop_per_mille * 10);
         let broker = &mut self.brokers[partition as usize];
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
@@ -1546,14 +1582,23 @@ impl World {
                     let producer = broker.init_producer();
                     state.shipper.handle_producer(producer, broker.next_offset);
                 }
-                Some((producer, scan_from_offset, bytes_max)) => {
-                    let mut scan = Scan::new(producer, scan_from_offset, bytes_max);
-                    while let Some(offset) = scan.next_fetch_offset() {
-                        let fetch_bytes = 500 + self.random.below_or_equal(8000) as usize;
-                        scan.handle_fetch(&broker.fetch(offset, fetch_bytes), broker.next_offset)
-                            .unwrap_or_else(|error| panic!("p{partition}: reconciliation scan failed: {error}"));
+                Some((producer, plan)) => {
+                    let mut scan = Scan::new(producer, plan);
+                    let mut ended = Ok(());
+                    while let Some((offset, fetch_bytes)) = scan.next_fetch() {
+                        // Smaller than asked at random: brokers answer less than max_bytes.
+                        let fetch_bytes = fetch_bytes.min(500 + self.random.below_or_equal(8000) as usize);
+                        ended = scan.handle_fetch(&broker.fetch(offset, fetch_bytes), broker.next_offset);
+                        if ended.is_err() {
+                            break;
+                        }
                     }
-                    state.shipper.handle_scanned(scan.ours());
+                    match ended {
+                        Ok(()) => state.shipper.handle_scanned(scan.ours()),
+                        Err(error) => {
+                            state.shipper.handle_reconcile_failed(error, self.base + Duration::from_micros(self.now_us))
+                        }
+                    }
                 }
             }
         }
