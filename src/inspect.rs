@@ -298,7 +298,9 @@ fn check_index_entries(
     }
 }
 
-fn read_fully(file: &File, buffer: &mut [u8], position: u64) -> std::io::Result<usize> {
+/// Reads into `buffer` from `position` until it is full or the file ends; returns the
+/// bytes read (fewer than asked only at the end of the file). Also `weir tail`'s reader.
+pub fn read_fully(file: &File, buffer: &mut [u8], position: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buffer.len() {
         let count = file.read_at(&mut buffer[done..], position + done as u64)?;

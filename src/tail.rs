@@ -9,12 +9,12 @@
 //! or after `--from`, so starting deep in a large segment reads only headers.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::core::log::batch::{self, RecordRef, BATCH_HEADER_BYTES};
 use crate::core::log::segment;
+use crate::inspect::read_fully;
 
 /// How often `--follow` looks for new records.
 pub const FOLLOW_POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -182,18 +182,6 @@ impl PartitionTail {
             position += total as u64;
         }
     }
-}
-
-fn read_fully(file: &File, buffer: &mut [u8], position: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buffer.len() {
-        let count = file.read_at(&mut buffer[done..], position + done as u64)?;
-        if count == 0 {
-            break;
-        }
-        done += count;
-    }
-    Ok(done)
 }
 
 /// Bytes as text when they are UTF-8 without control characters, else as hex; cut
