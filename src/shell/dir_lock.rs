@@ -16,14 +16,13 @@
 //! with a starting server.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The lock file in a locked directory.
 pub const LOCK_FILE_NAME: &str = "weir.lock";
 /// The longest PID text read back from a lock file.
-const PID_TEXT_BYTES_MAX: u64 = 32;
+const PID_TEXT_BYTES_MAX: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -61,7 +60,7 @@ impl DirLock {
             move |source| DirLockError::Io { path, operation, source }
         };
         std::fs::create_dir_all(directory).map_err(io("create the directory"))?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -73,13 +72,14 @@ impl DirLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                return Err(DirLockError::Held { path: directory.to_owned(), pid: read_pid(&mut file) })
+                return Err(DirLockError::Held { path: directory.to_owned(), pid: read_pid(&file) })
             }
             Err(TryLockError::Error(source)) => return Err(DirLockError::Io { path, operation: "flock", source }),
         }
+        // Positioned writes and reads only (pwrite64, pread64): the seccomp allowlist has
+        // no lseek.
         file.set_len(0).map_err(io("truncate"))?;
-        file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
-        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io("write the PID"))?;
+        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0).map_err(io("write the PID"))?;
         Ok(DirLock { path: directory.to_owned(), _file: file })
     }
 
@@ -88,11 +88,10 @@ impl DirLock {
     }
 }
 
-fn read_pid(file: &mut File) -> Option<u32> {
-    let mut text = String::new();
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.take(PID_TEXT_BYTES_MAX).read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
+fn read_pid(file: &File) -> Option<u32> {
+    let mut bytes = [0u8; PID_TEXT_BYTES_MAX];
+    let count = file.read_at(&mut bytes, 0).ok()?;
+    std::str::from_utf8(&bytes[..count]).ok()?.trim().parse().ok()
 }
 
 /// The PID of the live process holding `directory`'s lock, if any. Takes no lock: it
