@@ -266,8 +266,7 @@ impl PartitionLog {
         options: LogOptions,
         metrics: PartitionMetrics,
     ) -> Result<PartitionLog, LogError> {
-        let lock =
-            DirLock::acquire(directory).map_err(|source| LogError::Locked { partition: name.to_owned(), source })?;
+        let lock = lock_partition(directory, name).await?;
         let (active, segments) = recover(directory, name, &options, &metrics).await?;
         let shared = Shared {
             name: name.to_owned(),
@@ -578,6 +577,28 @@ impl PartitionLog {
             return Ok(()); // already closed
         }
         answer.await.unwrap_or(Ok(()))
+    }
+}
+
+/// How long `open` waits for a lock this very process seems to hold.
+const OWN_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Locks the partition directory for this process. A lock that this process itself
+/// released a moment ago (a close, then a reopen) can still look held: a child process
+/// forked meanwhile holds copies of every descriptor until its exec closes them. So a
+/// holder with this process's own PID is waited for, briefly; another PID never is.
+async fn lock_partition(directory: &Path, name: &str) -> Result<DirLock, LogError> {
+    let deadline = Instant::now() + OWN_LOCK_WAIT;
+    loop {
+        match DirLock::acquire(directory) {
+            Ok(lock) => return Ok(lock),
+            Err(DirLockError::Held { pid: Some(pid), .. })
+                if pid == std::process::id() && Instant::now() < deadline =>
+            {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            Err(source) => return Err(LogError::Locked { partition: name.to_owned(), source }),
+        }
     }
 }
 
