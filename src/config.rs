@@ -912,6 +912,9 @@ pub struct UpstreamConfig {
     pub cursor_persist_interval_ms: Millis,
     #[serde(default = "default_upstream_reconcile_scan_bytes_max")]
     pub reconcile_scan_bytes_max: ByteSize,
+    /// `/health` answers degraded once a shipper has been failing (retrying) this long.
+    #[serde(default = "default_upstream_degraded_after_ms")]
+    pub degraded_after_ms: Millis,
     /// TLS to the brokers (off by default).
     #[serde(default)]
     pub tls: UpstreamTlsConfig,
@@ -1054,6 +1057,9 @@ fn default_upstream_cursor_persist_interval_ms() -> Millis {
 fn default_upstream_reconcile_scan_bytes_max() -> ByteSize {
     ByteSize(1 << 30)
 }
+fn default_upstream_degraded_after_ms() -> Millis {
+    Millis(300_000)
+}
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
@@ -1071,6 +1077,7 @@ impl Default for UpstreamConfig {
             retry_backoff_ms_max: default_upstream_retry_backoff_ms_max(),
             cursor_persist_interval_ms: default_upstream_cursor_persist_interval_ms(),
             reconcile_scan_bytes_max: default_upstream_reconcile_scan_bytes_max(),
+            degraded_after_ms: default_upstream_degraded_after_ms(),
             tls: UpstreamTlsConfig::default(),
             sasl: UpstreamSaslConfig::default(),
         }
@@ -1143,6 +1150,7 @@ impl UpstreamConfig {
             ("upstream.retry_backoff_ms_min", self.retry_backoff_ms_min, 1, 3_600_000),
             ("upstream.retry_backoff_ms_max", self.retry_backoff_ms_max, 1, 3_600_000),
             ("upstream.cursor_persist_interval_ms", self.cursor_persist_interval_ms, 1, 60_000),
+            ("upstream.degraded_after_ms", self.degraded_after_ms, 100, 86_400_000),
         ] {
             if value.0 < min_ms || value.0 > max_ms {
                 problem(path, format!("{} ms is outside {min_ms}..={max_ms} ms", value.0));

@@ -111,6 +111,8 @@ fn offline_partition(valid: &ValidConfig, topic: &str, partition: u32, directory
             lag_seconds: None,
             shipped_records: 0,
             skipped_records: 0,
+            failing_since_s: None,
+            last_success_s: None,
         }
     });
     PartitionStatus {

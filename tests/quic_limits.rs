@@ -363,7 +363,7 @@ fn bad_input_gets_its_clear_refusal_and_well_behaved_devices_keep_being_served()
     assert!(refusals("handshake_failed") >= 2.0, "no certificate and the foreign CA are counted");
     assert_eq!(refusals("connections_per_device_max"), 1.0);
     assert_eq!(refusals("protocol"), 1.0, "the truncated stream");
-    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"SequenceReused\"}"), 1.0);
+    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"sequence_reused\"}"), 1.0);
     appliance.stop();
 }
 

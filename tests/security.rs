@@ -151,7 +151,7 @@ fn a_device_cannot_write_as_another_device() {
     assert_eq!(first[0]["kind"], "ack", "{}", first[0]);
     assert_eq!(second[0]["kind"], "ack", "dev-2's sequence 1 is not dev-1's: {}", second[0]);
     assert_ne!(first[0]["parts"], second[0]["parts"], "dev-2 was not answered with dev-1's offsets");
-    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"MalformedFrame\"}"), 1.0);
+    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"malformed_frame\"}"), 1.0);
     appliance.stop();
     let records = stored(root.path(), "telemetry", 2);
     assert_eq!(records.len(), 4 + 3, "the forged frame stored nothing");
@@ -193,7 +193,7 @@ fn a_device_cannot_exceed_its_record_quota_even_with_more_connections() {
     let other = answers(&appliance.aioquic("dev-2", &["--frames", "1", "--records", "4", "--key-prefix", "other"]));
     assert_eq!(other[0]["kind"], "ack", "{}", other[0]);
     assert_eq!(refusals(&appliance, "connections_per_device_max"), 1.0);
-    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"QuotaExceeded\"}"), 4.0);
+    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"quota_exceeded\"}"), 4.0);
     appliance.stop();
     let records = stored(root.path(), "telemetry", 2);
     let greedy = records.iter().filter(|record| header(record, "weir.device") == vec![&b"dev-1"[..]]).count();
@@ -214,7 +214,7 @@ fn a_device_cannot_reach_a_topic_it_is_not_allowed() {
     }
     let allowed = answers(&appliance.aioquic("dev-1", &["--topic", "telemetry", "--frames", "1", "--sequence", "10"]));
     assert_eq!(allowed[0]["kind"], "ack", "{}", allowed[0]);
-    assert!(appliance.metric("weir_quic_frame_errors_total{reason=\"TopicNotAllowed\"}") >= 1.0);
+    assert!(appliance.metric("weir_quic_frame_errors_total{reason=\"topic_not_allowed\"}") >= 1.0);
     appliance.stop();
     assert_eq!(stored(root.path(), "audit", 1).len(), 0, "nothing reached the topic devices may not write");
     assert_eq!(stored(root.path(), "telemetry", 2).len(), 4);
@@ -410,7 +410,7 @@ fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_ser
     assert!(memory_peak_kib < 512 * 1024, "no declared 300 MB frame was buffered: peak {memory_peak_kib} KiB");
     assert_eq!(crowded.len(), 4);
     assert!(crowded.iter().all(|answer| answer["error_code"] == 2), "FrameTooLarge: {crowded:#?}");
-    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"FrameTooLarge\"}"), 4.0);
+    assert_eq!(appliance.metric("weir_quic_frame_errors_total{reason=\"frame_too_large\"}"), 4.0);
     appliance.stop();
     let records = stored(root.path(), "telemetry", 2);
     let mut by_device: HashMap<Vec<u8>, usize> = HashMap::new();

@@ -61,15 +61,22 @@ partitions = 2
     )
 }
 
-/// Appends `count` records (values of 600..1400 bytes), one batch each.
+/// Appends `count` records (values of 600..1400 bytes), one batch each, each stamped
+/// with the wall-clock time of its append (as a device stamps its records).
 fn fill(directory: PathBuf, options: LogOptions, count: u64) {
     run(move || async move {
         let log = PartitionLog::open(&directory, "fill", options, Metrics::new().partition("fill", 0)).await.unwrap();
         for seed in 0..count {
-            log.append(vec![record(seed, 600 + (seed as usize * 37) % 800)]).await.unwrap();
+            let mut stamped = record(seed, 600 + (seed as usize * 37) % 800);
+            stamped.timestamp_ms = unix_ms(std::time::SystemTime::now());
+            log.append(vec![stamped]).await.unwrap();
         }
         log.close().await.unwrap();
     })
+}
+
+fn unix_ms(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// (base offset, bytes) of every stored batch, walked from the raw segment files.
@@ -187,8 +194,8 @@ fn status_reports_exact_lag_and_a_stopped_shipper_live_and_from_the_data_directo
             assert_eq!(shipper["lag_bytes"].as_u64().unwrap(), bytes_from(&on_disk_0, cursor), "cursor {cursor}");
             let lag_seconds = shipper["lag_seconds"].as_f64().unwrap();
             if cursor < RECORDS_0 as i64 {
-                // The oldest unshipped record was durable before the appends ended and
-                // after they started; the sample is at most one refresh (0.2 s) old.
+                // The oldest unshipped record was stamped after the appends started and
+                // before they ended; the sample is at most one refresh (0.2 s) old.
                 let least = asked.duration_since(appends_done).as_secs_f64() - 0.3;
                 let most = answered.duration_since(appends_started).as_secs_f64() + 0.1;
                 assert!(least <= lag_seconds && lag_seconds <= most, "{lag_seconds} s not in {least}..{most}");

@@ -20,11 +20,15 @@ pub struct AdminError {
 }
 
 /// What /health reports: healthy when every core is serving, no partition is poisoned
-/// and no partition's upstream shipping has stopped.
+/// or quarantined, no partition's upstream shipping has stopped and none has been
+/// failing for longer than `upstream.degraded_after_ms`.
 pub fn health(metrics: &Metrics, cores_expected: usize) -> (u16, String) {
     let running = metrics.cores_running.get();
     let poisoned = metrics.partitions_poisoned.get();
     let stopped = metrics.status.stopped_shippers();
+    let now_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64());
+    let failing = metrics.status.failing_shippers(now_s);
     let quarantined = crate::shell::quarantine::names();
     if running as usize != cores_expected {
         (503, format!("starting or stopping: {running} of {cores_expected} cores serving\n"))
@@ -42,6 +46,16 @@ pub fn health(metrics: &Metrics, cores_expected: usize) -> (u16, String) {
     } else if !stopped.is_empty() {
         let mut text = format!("degraded: upstream shipping stopped for {} partition(s)\n", stopped.len());
         for line in stopped {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        (503, text)
+    } else if !failing.is_empty() {
+        let mut text = format!(
+            "degraded: upstream shipping failing for longer than upstream.degraded_after_ms for {} partition(s) (it keeps retrying)\n",
+            failing.len()
+        );
+        for line in failing {
             text.push_str(&line);
             text.push('\n');
         }

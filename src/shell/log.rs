@@ -438,7 +438,7 @@ impl PartitionLog {
     }
 
     /// Every segment's end offset (one past its last record) and log file, oldest
-    /// first: the shipper's lag clock takes file modification times from them.
+    /// first.
     pub fn segment_ends(&self) -> Vec<(i64, PathBuf)> {
         let shared = self.shared.borrow();
         shared.segments.values().map(|view| (view.next_offset, view.path(&shared.directory))).collect()
@@ -950,6 +950,7 @@ async fn write_reserved(
     options: &LogOptions,
     plan_batch: &batch::BatchPlan,
 ) -> Result<i64, DiskError> {
+    let started = Instant::now();
     let records = group.iter().flat_map(|append| append.records.iter());
     let batch_bytes = plan_batch.total_bytes;
     let too_full = active.end_position + batch_bytes as u64 > options.segment_bytes_max;
@@ -1025,7 +1026,9 @@ async fn write_reserved(
         write_log.await?;
     }
     let record_count: i64 = group.iter().map(|append| append.records.len() as i64).sum();
+    let sync_started = Instant::now();
     active.log.sync().await?;
+    let synced = Instant::now();
     active.bytes_since_index += batch_bytes as u64;
     active.end_position = plan.end_position;
     active.next_offset = base_offset + record_count;
@@ -1042,6 +1045,8 @@ async fn write_reserved(
     state.metrics.appended_records.inc_by(record_count as u64);
     state.metrics.appended_bytes.inc_by(batch_bytes as u64);
     state.metrics.flushes.inc();
+    state.metrics.flush_latency.record(synced - started);
+    state.metrics.sync_latency.record(synced - sync_started);
     state.reserved_bytes = 0; // now in the segment's end
     state.account();
     Ok(base_offset)
@@ -1314,7 +1319,11 @@ async fn recover(
         let file = DirectFile::open_read_only(&path).await.map_err(io)?;
         let file_bytes = file.size_bytes();
         let index = load_index(&segment::index_path(directory, *base)).await.map_err(io)?;
+        let loaded_entries = index.len();
         let index = verified_index(&file, *base, file_bytes, index).await.map_err(io)?;
+        if index.len() < loaded_entries {
+            tracing::warn!(partition = name, file = %path.display(), stale_entries = loaded_entries - index.len(), kept_entries = index.len(), "sealed segment's index had entries that do not point at their batch (not synced before a power loss?); dropped: reads scan from the last good one");
+        }
         let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
         let end = scan_segment(&file, *base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
         if let Some(reason) = end.stop {
@@ -1348,10 +1357,24 @@ async fn recover(
     let file = DirectFile::open(&path).await.map_err(io)?;
     let file_bytes = file.size_bytes();
     let index = load_index(&index_path).await.map_err(io)?;
+    let loaded_entries = index.len();
     let mut index = verified_index(&file, base, file_bytes, index).await.map_err(io)?;
     let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
     let end = scan_segment(&file, base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
     let cut_position = end.cursor.position;
+    if index.len() < loaded_entries || !end.new_entries.is_empty() {
+        tracing::info!(
+            partition = name,
+            file = %index_path.display(),
+            stale_entries = loaded_entries - index.len(),
+            rebuilt_entries = end.new_entries.len(),
+            scanned_from_offset = base + i64::from(start.relative_offset),
+            scanned_to_offset = end.cursor.next_offset,
+            scanned_records = end.cursor.records,
+            scanned_bytes = end.cursor.position - u64::from(start.position),
+            "index rebuilt from the log (entries not yet written at the last stop, or stale after a power loss)"
+        );
+    }
     if let Some(reason) = end.stop {
         let after =
             file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
@@ -1360,7 +1383,20 @@ async fn recover(
         }
         let garbage_bytes = after.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
         if garbage_bytes > 0 {
-            tracing::warn!(partition = name, file = %path.display(), position = cut_position, bytes = garbage_bytes, %reason, "cutting torn tail");
+            // The torn batch never became durable, so no record in it was acknowledged;
+            // its header, when readable, says how many records the cut takes.
+            let torn_records = batch::parse_header(&after).ok().map(|header| header.record_count);
+            tracing::warn!(
+                partition = name,
+                file = %path.display(),
+                position = cut_position,
+                bytes = garbage_bytes,
+                kept_to_offset = end.cursor.next_offset - 1,
+                segment_records_kept = end.cursor.next_offset - base,
+                torn_records = torn_records.map_or("unknown".to_owned(), |count| count.to_string()),
+                %reason,
+                "cutting torn tail (a write the crash interrupted, never acknowledged)"
+            );
             metrics.recovery_truncated_bytes.inc_by(garbage_bytes as u64);
             let tail = file
                 .read(

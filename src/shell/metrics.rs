@@ -12,7 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::shell::status::{DroppedRanges, ShipperStateCell, StatusBoard};
+use prometheus_client::metrics::info::Info;
+
+use crate::shell::latency::LatencyHistogram;
+use crate::shell::status::{DroppedRanges, ShipperState, ShipperStateCell, StatusBoard};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
@@ -40,11 +43,42 @@ pub struct Metrics {
     dropped_records: Family<PartitionLabels, Counter>,
     pub cores_running: Gauge,
     pub partitions_poisoned: Gauge,
+    /// Frame read to its ack ready (the durable ack, without the network).
+    ack_latency: LatencyHistogram,
+    /// One group commit: the batch write and its fdatasync.
+    flush_latency: LatencyHistogram,
+    /// The fdatasync alone.
+    sync_latency: LatencyHistogram,
+    /// Sampled when scraped (`render`).
+    process: ProcessGauges,
     ship: ShipFamilies,
     /// Every partition's handles, for `/status` and `/health`.
     pub status: StatusBoard,
     quic: QuicFamilies,
 }
+
+/// The process and the data directory, sampled when `/metrics` is scraped.
+#[derive(Default)]
+struct ProcessGauges {
+    resident_memory_bytes: Gauge,
+    open_fds: Gauge,
+    threads: Gauge,
+    start_time_seconds: Gauge<f64, AtomicU64>,
+    data_dir_bytes: Gauge,
+    data_dir_bytes_max: Gauge,
+    partition_bytes_max: Gauge,
+    filesystem_free_bytes: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShipStateLabels {
+    pub topic: String,
+    pub partition: u32,
+    pub state: &'static str,
+}
+
+/// The states `weir_ship_state` has a series for, as `/status` names them.
+const SHIP_STATES: [&str; 4] = ["starting", "running", "retrying", "stopped"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -83,6 +117,8 @@ pub struct QuicMetrics {
     pub backpressure_answers: Counter,
     pub datagrams_forwarded: Counter,
     pub datagrams_forward_dropped: Counter,
+    /// Frame read to its ack ready.
+    pub ack_latency: LatencyHistogram,
 }
 
 impl QuicMetrics {
@@ -91,9 +127,10 @@ impl QuicMetrics {
         self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     }
 
-    /// Counts an error answer under its error code's name.
+    /// Counts an error answer under its error code's name, in snake_case as every
+    /// label value weir exports (`UnknownTopic` is `unknown_topic`).
     pub fn frame_error(&self, code: &'static str) {
-        self.frame_errors.get_or_create(&ReasonLabels { reason: code.to_owned() }).inc();
+        self.frame_errors.get_or_create(&ReasonLabels { reason: snake_case(code) }).inc();
     }
 }
 
@@ -116,6 +153,9 @@ struct ShipFamilies {
     stopped: Family<PartitionLabels, Gauge>,
     skipped_records: Family<PartitionLabels, Counter>,
     refused: Family<PartitionLabels, Gauge>,
+    state: Family<ShipStateLabels, Gauge>,
+    last_success: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
+    failing_since: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
 }
 
 /// One partition's shipper metric handles.
@@ -140,6 +180,24 @@ pub struct ShipMetrics {
     /// Running, retrying or stopped (with the error), for `/status`.
     pub state: ShipperStateCell,
     pub refused: Gauge,
+    /// `weir_ship_state`: 1 on the series of the current state (`SHIP_STATES` order).
+    state_gauges: [Gauge; 4],
+    /// When the upstream last acknowledged a batch, granted a producer or answered a
+    /// reconciliation (seconds since the epoch; 0: not since start).
+    pub last_success: Gauge<f64, AtomicU64>,
+    /// When the current failing stretch began (seconds since the epoch; 0: not failing).
+    pub failing_since: Gauge<f64, AtomicU64>,
+}
+
+impl ShipMetrics {
+    /// Publishes the shipper's state to `/status` and `weir_ship_state`.
+    pub fn set_state(&self, state: ShipperState) {
+        let name = state.name();
+        for (gauge, series) in self.state_gauges.iter().zip(SHIP_STATES) {
+            gauge.set(i64::from(series == name));
+        }
+        self.state.set(state);
+    }
 }
 
 /// One partition's metric handles.
@@ -163,6 +221,10 @@ pub struct PartitionMetrics {
     pub dropped_segments: Counter,
     pub dropped_records: Counter,
     pub dropped_ranges: DroppedRanges,
+    /// Process-wide: one group commit (write and fdatasync).
+    pub flush_latency: LatencyHistogram,
+    /// Process-wide: the fdatasync alone.
+    pub sync_latency: LatencyHistogram,
 }
 
 impl Metrics {
@@ -186,6 +248,10 @@ impl Metrics {
             dropped_records: Family::default(),
             cores_running: Gauge::default(),
             partitions_poisoned: Gauge::default(),
+            ack_latency: LatencyHistogram::default(),
+            flush_latency: LatencyHistogram::default(),
+            sync_latency: LatencyHistogram::default(),
+            process: ProcessGauges::default(),
             registry: Registry::default(),
             ship: ShipFamilies::default(),
             status: StatusBoard::default(),
@@ -240,6 +306,52 @@ impl Metrics {
             "Partitions refusing appends after a disk error",
             metrics.partitions_poisoned.clone(),
         );
+        registry.register(
+            "quic_ack_seconds",
+            "Device frame read to its ack ready: checks, routing, the durable append (excludes the network)",
+            metrics.ack_latency.clone(),
+        );
+        registry.register(
+            "log_flush_seconds",
+            "One group commit: the batch write and its fdatasync",
+            metrics.flush_latency.clone(),
+        );
+        registry.register("log_sync_seconds", "The fdatasync of a group commit", metrics.sync_latency.clone());
+        registry.register("build", "weir's version (value 1)", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
+        let process = &metrics.process;
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the weir process",
+            process.resident_memory_bytes.clone(),
+        );
+        registry.register("process_open_fds", "Open file descriptors of the weir process", process.open_fds.clone());
+        registry.register("process_threads", "Threads of the weir process", process.threads.clone());
+        registry.register(
+            "process_start_time_seconds",
+            "When the weir process started (seconds since the epoch)",
+            process.start_time_seconds.clone(),
+        );
+        registry.register(
+            "data_dir_bytes",
+            "Segment bytes of every partition together (what log.data_dir_bytes_max limits)",
+            process.data_dir_bytes.clone(),
+        );
+        registry.register(
+            "data_dir_bytes_max",
+            "log.data_dir_bytes_max (0: no limit but the filesystem's)",
+            process.data_dir_bytes_max.clone(),
+        );
+        registry.register(
+            "log_partition_bytes_max",
+            "log.partition_bytes_max, each partition's budget (0: no limit)",
+            process.partition_bytes_max.clone(),
+        );
+        registry.register(
+            "data_dir_filesystem_free_bytes",
+            "Bytes free for weir on the filesystem holding the data directory",
+            process.filesystem_free_bytes.clone(),
+        );
+        process.start_time_seconds.set(process_start_time_seconds());
         let ship = &metrics.ship;
         registry.register(
             "ship_shipped_records",
@@ -309,6 +421,21 @@ impl Metrics {
             "1 when the partition's shipping stopped because the broker refused TLS or SASL (certificate, mechanism, password)",
             ship.refused.clone(),
         );
+        registry.register(
+            "ship_state",
+            "1 on the series of the shipper's state: starting, running, retrying (failing, retries by itself) or stopped",
+            ship.state.clone(),
+        );
+        registry.register(
+            "ship_last_success_timestamp_seconds",
+            "When the upstream last acknowledged a batch, granted a producer or answered a reconciliation (0: not since start; does not move while there is nothing to ship)",
+            ship.last_success.clone(),
+        );
+        registry.register(
+            "ship_failing_since_timestamp_seconds",
+            "When the shipper's current failing stretch began (0: not failing); /health is degraded once it is older than upstream.degraded_after_ms",
+            ship.failing_since.clone(),
+        );
         let quic = &metrics.quic;
         registry.register(
             "quic_connections_open",
@@ -377,6 +504,7 @@ impl Metrics {
             backpressure_answers: quic.backpressure_answers.clone(),
             datagrams_forwarded: quic.datagrams_forwarded.clone(),
             datagrams_forward_dropped: quic.datagrams_forward_dropped.clone(),
+            ack_latency: self.ack_latency.clone(),
         }
     }
 
@@ -400,6 +528,8 @@ impl Metrics {
             dropped_segments: self.dropped_segments.get_or_create(&labels).clone(),
             dropped_records: self.dropped_records.get_or_create(&labels).clone(),
             dropped_ranges: DroppedRanges::default(),
+            flush_latency: self.flush_latency.clone(),
+            sync_latency: self.sync_latency.clone(),
         };
         self.status.register_partition(topic, partition, handles.clone());
         handles
@@ -426,15 +556,127 @@ impl Metrics {
             skipped_records: ship.skipped_records.get_or_create(&labels).clone(),
             state: ShipperStateCell::default(),
             refused: ship.refused.get_or_create(&labels).clone(),
+            state_gauges: SHIP_STATES.map(|state| {
+                let labels = ShipStateLabels { topic: topic.to_owned(), partition, state };
+                ship.state.get_or_create(&labels).clone()
+            }),
+            last_success: ship.last_success.get_or_create(&labels).clone(),
+            failing_since: ship.failing_since.get_or_create(&labels).clone(),
         };
+        handles.set_state(ShipperState::Starting);
         self.status.register_shipper(topic, partition, handles.clone());
         handles
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric (the process and data-directory
+    /// gauges sampled now).
     pub fn render(&self) -> String {
+        self.sample_process();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+impl Metrics {
+    /// Samples the process (`/proc/self`) and the data directory's use against its budgets.
+    fn sample_process(&self) {
+        let process = &self.process;
+        // VmRSS is in kB (KiB) in /proc/self/status.
+        let resident_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+            status.lines().find_map(|line| line.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse::<i64>().ok()
+        });
+        if let Some(kib) = resident_kib {
+            process.resident_memory_bytes.set(kib * 1024);
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            process.open_fds.set(entries.count() as i64);
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/task") {
+            process.threads.set(entries.count() as i64);
+        }
+        let status = self.status.snapshot();
+        process.data_dir_bytes.set(status.data_dir_bytes as i64);
+        process.data_dir_bytes_max.set(status.data_dir_bytes_max as i64);
+        process
+            .partition_bytes_max
+            .set(status.partitions.first().map_or(0, |partition| partition.partition_bytes_max) as i64);
+        if let Some(free) = status.filesystem_free_bytes {
+            process.filesystem_free_bytes.set(free as i64);
+        }
+    }
+}
+
+/// When this process started: its start in clock ticks after boot (`/proc/self/stat`,
+/// field 22) plus the boot time (`/proc/stat`, `btime`); now if either cannot be read.
+fn process_start_time_seconds() -> f64 {
+    // /proc counts in USER_HZ, which the kernel's ABI fixes at 100 on every
+    // architecture weir builds for.
+    const USER_HZ: f64 = 100.0;
+    let started = || -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The fields after the command name (which may hold spaces and parentheses)
+        // start after its last ')': state is field 3, starttime field 22.
+        let ticks: f64 = stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()?;
+        let boot: f64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(boot + ticks / USER_HZ)
+    };
+    started().unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+    })
+}
+
+/// `UnknownTopic` -> `unknown_topic`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (index, character) in name.chars().enumerate() {
+        if character.is_ascii_uppercase() {
+            if index > 0 {
+                out.push('_');
+            }
+            out.push(character.to_ascii_lowercase());
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_snake_case() {
+        assert_eq!(snake_case("UnknownTopic"), "unknown_topic");
+        assert_eq!(snake_case("MalformedFrame"), "malformed_frame");
+        assert_eq!(snake_case("protocol"), "protocol");
+    }
+
+    #[test]
+    fn the_scrape_has_build_info_process_and_state_series() {
+        let metrics = Metrics::new();
+        metrics.partition("telemetry", 0);
+        let ship = metrics.ship("telemetry", 0);
+        ship.set_state(ShipperState::Retrying { problem: "down".into() });
+        let text = metrics.render();
+        assert!(text.contains(&format!("weir_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+        let value = |series: &str| -> f64 {
+            let line = text.lines().find(|line| line.starts_with(series)).unwrap_or_else(|| panic!("{series}: {text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(value("weir_process_resident_memory_bytes") > 1e6);
+        assert!(value("weir_process_open_fds") >= 3.0);
+        let started = value("weir_process_start_time_seconds");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!(started <= now + 1.0 && started > now - 3600.0, "{started} vs {now}");
+        assert_eq!(value("weir_ship_state{topic=\"telemetry\",partition=\"0\",state=\"retrying\"}"), 1.0);
+        assert_eq!(value("weir_ship_state{topic=\"telemetry\",partition=\"0\",state=\"running\"}"), 0.0);
     }
 }

@@ -899,7 +899,7 @@ fn read_streams(
             conn.bytes_in_flight += frame_bytes;
             let order = stream.order.clone();
             let task = process_frame(
-                frame,
+                (frame, Instant::now()),
                 device.clone(),
                 (settings.clone(), live.clone()),
                 appender.clone(),
@@ -937,10 +937,11 @@ fn read_streams(
     }
 }
 
-/// Checks, routes and appends one frame; returns the answer frame's bytes. Runs once
-/// the stream's previous frame is done, so `order` reflects every earlier frame.
+/// Checks, routes and appends one frame (read at `received`); returns the answer
+/// frame's bytes. Runs once the stream's previous frame is done, so `order` reflects
+/// every earlier frame.
 async fn process_frame(
-    frame: Vec<u8>,
+    (frame, received): (Vec<u8>, Instant),
     device: String,
     (settings, live): (Arc<QuicSettings>, Arc<QuicLive>),
     appender: Rc<dyn Appender>,
@@ -1045,6 +1046,7 @@ async fn process_frame(
     };
     if answer.kind == protocol::KIND_ACK {
         settings.metrics.frames_acked.inc();
+        settings.metrics.ack_latency.record(received.elapsed());
     } else if let Some(code) = ErrorCode::from_u16(answer.error_code) {
         settings.metrics.frame_error(code.name());
         if code == ErrorCode::Backpressure {

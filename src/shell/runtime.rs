@@ -119,6 +119,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
         partition_bytes_max: log_config.partition_bytes_max.0,
         data_dir_bytes_max: log_config.data_dir_bytes_max.0,
         disk_full_policy: log_config.disk_full_policy,
+        shipping_degraded_after: std::time::Duration::from_millis(valid.config.upstream.degraded_after_ms.0),
     });
     let budget = Arc::new(crate::shell::budget::DataDirBudget::new(
         log_config.data_dir_bytes_max.0,

@@ -20,8 +20,9 @@ use futures_lite::future;
 use kafka_protocol::messages::ProduceRequest;
 
 use crate::config::ValidConfig;
+use crate::core::log::batch;
 use crate::core::ship::errors::{error_name, NONE, OFFSET_OUT_OF_RANGE};
-use crate::core::ship::lag::LagClock;
+use crate::core::ship::lag::{self, CursorBatch};
 use crate::core::ship::reconcile::{ReconcileError, Scan};
 use crate::core::ship::state::{StateError, STATE_FILE_NAME};
 use crate::core::ship::{
@@ -49,10 +50,10 @@ const LAG_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// How often retention runs with the durable cursor even when it did not move, so
 /// shipped segments go when the data directory (not this partition) needs room.
 const RETAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a problem that keeps repeating is logged again.
+const WARN_REPEAT_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a `ship.state` write that found the disk full is tried again.
 const PERSIST_FULL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// Samples the lag clock keeps (see `core::ship::lag`).
-const LAG_SAMPLES_MAX: usize = 1024;
 
 /// Everything one partition's shipper needs to know.
 #[derive(Debug, Clone)]
@@ -183,6 +184,23 @@ enum ScanEnd {
     Transport(KafkaError),
 }
 
+/// A failing stretch of shipping: what fails, since when, and its logging.
+struct Trouble {
+    /// The latest problem (what `/status` shows).
+    problem: String,
+    /// Wall-clock start, for `weir_ship_failing_since_timestamp_seconds`.
+    since: std::time::SystemTime,
+    started: Instant,
+    logged_at: Option<Instant>,
+    /// Times the same problem came back since it was last logged.
+    repeats: u64,
+}
+
+/// Seconds since the Unix epoch, as Prometheus timestamps are given.
+fn unix_seconds(at: std::time::SystemTime) -> f64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+}
+
 /// The shipper's connection and the Produce requests outstanding on it.
 struct Link {
     connection: Connection,
@@ -197,8 +215,10 @@ struct Shipper {
     core: ShipperCore,
     link: Option<Link>,
     exported: ShipStats,
-    last_warning: Option<String>,
-    lag_clock: LagClock,
+    /// What is failing, since when, and when it was last logged (`None` while healthy).
+    trouble: Option<Trouble>,
+    /// The stored batch holding the cursor, for the lag in seconds (`core::ship::lag`).
+    cursor_batch: Option<CursorBatch>,
     lag_refreshed_at: Option<Instant>,
     /// The cursor last made durable in `ship.state`: retention may delete below it.
     durable_cursor: Option<i64>,
@@ -222,7 +242,7 @@ pub async fn run(
     let (result, last) = match start(log.clone(), setup, metrics.clone()).await {
         Ok(mut shipper) => {
             let result = shipper.serve(&shutdown).await;
-            (result, Some((shipper.core.cursor_offset(), shipper.lag_clock)))
+            (result, Some((shipper.core.cursor_offset(), shipper.cursor_batch)))
         }
         Err(error) => (Err(error), None),
     };
@@ -231,14 +251,12 @@ pub async fn run(
         if matches!(error, ShipError::Refused { .. }) {
             metrics.refused.set(1);
         }
-        metrics.state.set(ShipperState::Stopped { error: error.to_string() });
+        metrics.set_state(ShipperState::Stopped { error: error.to_string() });
         tracing::error!(partition = %name, error = %error, "shipper stopped");
         // The partition keeps accepting appends: keep its lag current until shutdown.
-        let (cursor, mut clock) = last.unwrap_or_else(|| (log.stats().start_offset, seeded_lag_clock(&log)));
+        let (cursor, mut cursor_batch) = last.unwrap_or((log.stats().start_offset, None));
         while !shutdown::is_signalled(&shutdown) {
-            let now = Instant::now();
-            clock.observe_end(log.next_offset(), now);
-            if let Err(error) = sample_lag(&log, &metrics, &mut clock, cursor).await {
+            if let Err(error) = sample_lag(&log, &metrics, &mut cursor_batch, cursor).await {
                 tracing::debug!(partition = %name, %error, "lag sample failed; kept the last one");
             }
             glommio::timer::sleep(LAG_REFRESH_INTERVAL).await;
@@ -247,33 +265,50 @@ pub async fn run(
     result
 }
 
-/// A lag clock seeded with the modification times of the log's segments.
-fn seeded_lag_clock(log: &PartitionLog) -> LagClock {
-    let mut lag_clock = LagClock::new(LAG_SAMPLES_MAX);
-    let (now, wall_now) = (Instant::now(), std::time::SystemTime::now());
-    for (end_offset, path) in log.segment_ends() {
-        let modified = std::fs::metadata(&path).and_then(|metadata| metadata.modified()).unwrap_or(wall_now);
-        let age = wall_now.duration_since(modified).unwrap_or(Duration::ZERO);
-        lag_clock.seed(end_offset, now.checked_sub(age).unwrap_or(now));
-    }
-    lag_clock
-}
-
-/// Sets the cursor and lag gauges together from one look at the log.
+/// Sets the cursor and lag gauges together from one look at the log. The lag in
+/// seconds comes from the records' own timestamps (`core::ship::lag`): the header of
+/// the batch holding the cursor is read when the cursor left the one read last.
 async fn sample_lag(
     log: &PartitionLog,
     metrics: &ShipMetrics,
-    clock: &mut LagClock,
+    cursor_batch: &mut Option<CursorBatch>,
     cursor_offset: i64,
 ) -> Result<(), LogError> {
     // Offsets drop-oldest deleted are not lag: they will never ship.
     let from_offset = cursor_offset.max(log.stats().start_offset);
     let (bytes, end_offset) = log.bytes_from(from_offset).await?;
+    if from_offset < end_offset && !cursor_batch.is_some_and(|batch| batch.covers(from_offset)) {
+        *cursor_batch = read_cursor_batch(log, from_offset).await?;
+    }
     metrics.cursor_offset.set(cursor_offset);
     metrics.lag_records.set((end_offset - from_offset).max(0));
     metrics.lag_bytes.set(bytes as i64);
-    metrics.lag_seconds.set(clock.lag(from_offset, Instant::now()).as_secs_f64());
+    if let Some(age) = lag::lag(from_offset, end_offset, cursor_batch.as_ref(), unix_now_ms()) {
+        metrics.lag_seconds.set(age.as_secs_f64());
+    }
     Ok(())
+}
+
+/// The offsets and max timestamp of the stored batch holding `offset` (`None` when
+/// drop-oldest deleted it meanwhile: the next sample starts from the new log start).
+async fn read_cursor_batch(log: &PartitionLog, offset: i64) -> Result<Option<CursorBatch>, LogError> {
+    let batches = match log.read(offset, 1).await {
+        Ok(batches) => batches,
+        Err(LogError::OffsetOutOfRange { .. }) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    Ok(batches.first().and_then(|stored| batch::parse_header(stored).ok()).map(|header| CursorBatch {
+        base_offset: header.base_offset,
+        next_offset: header.next_offset(),
+        max_timestamp_ms: header.max_timestamp,
+    }))
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock set before it).
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Reads the state, makes the core and frees what the persisted cursor allows.
@@ -298,7 +333,6 @@ async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> 
         log_end = stats.next_offset,
         "shipper starting"
     );
-    let lag_clock = seeded_lag_clock(&log);
     let mut shipper = Shipper {
         log,
         setup,
@@ -306,8 +340,8 @@ async fn start(log: PartitionLog, setup: ShipperSetup, metrics: ShipMetrics) -> 
         core,
         link: None,
         exported: ShipStats::default(),
-        last_warning: None,
-        lag_clock,
+        trouble: None,
+        cursor_batch: None,
         lag_refreshed_at: None,
         durable_cursor: None,
         retained_at: Instant::now(),
@@ -330,9 +364,7 @@ impl Shipper {
                 return self.finish().await;
             }
             let stats = self.log.stats();
-            let now = Instant::now();
-            self.lag_clock.observe_end(stats.next_offset, now);
-            self.core.handle_log_end(stats.start_offset, stats.next_offset, now);
+            self.core.handle_log_end(stats.start_offset, stats.next_offset, Instant::now());
             self.core.handle_timeout(Instant::now());
             while let Some(action) = self.core.poll_action(Instant::now()) {
                 self.execute(action).await?;
@@ -341,6 +373,9 @@ impl Shipper {
                 }
             }
             self.export_metrics();
+            if self.trouble.is_some() && self.core.is_running() && self.core.lag_records() == 0 {
+                self.succeeded(); // caught up again: nothing is failing
+            }
             if let Some(reason) = self.core.stop_reason() {
                 return Err(ShipError::Stopped { partition: self.setup.name.clone(), reason: reason.clone() });
             }
@@ -399,11 +434,7 @@ impl Shipper {
                     ProduceAnswer::Error { code } => {
                         self.warn(format!("Produce answered {} ({code})", error_name(code)))
                     }
-                    ProduceAnswer::Appended { .. } => {
-                        if self.last_warning.take().is_some() {
-                            tracing::info!(partition = %self.setup.name, "upstream shipping resumed");
-                        }
-                    }
+                    ProduceAnswer::Appended { .. } => self.succeeded(),
                 }
                 self.core.handle_produced(request, answer, Instant::now());
             }
@@ -427,11 +458,44 @@ impl Shipper {
         true
     }
 
-    /// Logs a broker problem once per distinct message in a row (retries repeat them).
+    /// Notes a broker problem: the shipper is failing from now (if it was not), and the
+    /// problem is logged when it is new or, while it repeats, at most every
+    /// `WARN_REPEAT_INTERVAL` with how often it repeated and for how long shipping has
+    /// been failing.
     fn warn(&mut self, message: String) {
-        if self.last_warning.as_ref() != Some(&message) {
-            tracing::warn!(partition = %self.setup.name, problem = %message, "upstream shipping will retry");
-            self.last_warning = Some(message);
+        let now = Instant::now();
+        let trouble = self.trouble.get_or_insert_with(|| {
+            let since = std::time::SystemTime::now();
+            Trouble { problem: String::new(), since, started: now, logged_at: None, repeats: 0 }
+        });
+        let new_problem = trouble.problem != message;
+        if new_problem || trouble.logged_at.is_none_or(|at| now.duration_since(at) >= WARN_REPEAT_INTERVAL) {
+            tracing::warn!(
+                partition = %self.setup.name,
+                problem = %message,
+                failing_for_s = now.duration_since(trouble.started).as_secs(),
+                repeats = trouble.repeats,
+                "upstream shipping will retry (a problem that repeats is logged at most once a minute)"
+            );
+            trouble.logged_at = Some(now);
+            trouble.repeats = 0;
+        } else {
+            trouble.repeats += 1;
+        }
+        if new_problem {
+            trouble.problem = message;
+        }
+        if self.metrics.failing_since.get() == 0.0 {
+            self.metrics.failing_since.set(unix_seconds(trouble.since));
+        }
+    }
+
+    /// Shipping made progress or is caught up: whatever was failing is over.
+    fn succeeded(&mut self) {
+        self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
+        if let Some(trouble) = self.trouble.take() {
+            tracing::info!(partition = %self.setup.name, failed_for_s = trouble.started.elapsed().as_secs(), "upstream shipping resumed");
+            self.metrics.failing_since.set(0.0);
         }
     }
 
@@ -449,6 +513,7 @@ impl Shipper {
             Action::InitProducer => match self.init_producer().await {
                 Ok((producer, upstream_end)) => {
                     tracing::info!(partition = %self.setup.name, producer_id = producer.id, epoch = producer.epoch, upstream_end, "upstream producer granted");
+                    self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
                     self.core.handle_producer(producer, upstream_end);
                 }
                 Err(error) => {
@@ -461,6 +526,7 @@ impl Shipper {
             },
             Action::Reconcile { producer, plan } => match self.scan(Scan::new(producer, plan)).await {
                 ScanEnd::Found(scan) => {
+                    self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
                     self.core.handle_scanned(scan.ours());
                     tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, sequences_unchecked = self.core.stats().sequences_unchecked, "reconciled with upstream");
                 }
@@ -546,20 +612,20 @@ impl Shipper {
     async fn refresh_lag(&mut self) {
         self.lag_refreshed_at = Some(Instant::now());
         let cursor = self.core.cursor_offset();
-        if let Err(error) = sample_lag(&self.log, &self.metrics, &mut self.lag_clock, cursor).await {
+        if let Err(error) = sample_lag(&self.log, &self.metrics, &mut self.cursor_batch, cursor).await {
             tracing::debug!(partition = %self.setup.name, %error, "lag sample failed; kept the last one");
         }
     }
 
     /// Publishes the shipper's state for `/status` when it changed.
     fn show_state(&mut self) {
-        let state = match (&self.last_warning, self.core.is_running()) {
-            (Some(problem), _) => ShipperState::Retrying { problem: problem.clone() },
+        let state = match (&self.trouble, self.core.is_running()) {
+            (Some(trouble), _) => ShipperState::Retrying { problem: trouble.problem.clone() },
             (None, true) => ShipperState::Running,
             (None, false) => ShipperState::Starting,
         };
         if state != self.shown_state {
-            self.metrics.state.set(state.clone());
+            self.metrics.set_state(state.clone());
             self.shown_state = state;
         }
     }

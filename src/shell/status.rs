@@ -26,6 +26,8 @@ pub struct StatusSettings {
     pub partition_bytes_max: u64,
     pub data_dir_bytes_max: u64,
     pub disk_full_policy: DiskFullPolicy,
+    /// `upstream.degraded_after_ms`: how long a shipper may fail before `/health` is 503.
+    pub shipping_degraded_after: std::time::Duration,
 }
 
 struct Entry {
@@ -87,6 +89,14 @@ pub struct ShipperStatus {
     pub shipped_records: u64,
     /// Records the shipper skipped because drop-oldest deleted them first.
     pub skipped_records: u64,
+    /// When the current failing stretch began (seconds since the epoch); `None` while
+    /// shipping is healthy or weir is not running.
+    #[serde(default)]
+    pub failing_since_s: Option<f64>,
+    /// When the upstream last acknowledged a batch, granted a producer or answered a
+    /// reconciliation (seconds since the epoch); `None` if not since start.
+    #[serde(default)]
+    pub last_success_s: Option<f64>,
 }
 
 impl StatusBoard {
@@ -119,6 +129,38 @@ impl StatusBoard {
             .collect()
     }
 
+    /// Shipped partitions whose shipper has been failing (retrying) for longer than
+    /// `upstream.degraded_after_ms` at `now_s` (seconds since the epoch), as
+    /// `topic-partition: failing for N s: problem`.
+    pub fn failing_shippers(&self, now_s: f64) -> Vec<String> {
+        let Some(bound) = self
+            .settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|settings| settings.shipping_degraded_after)
+        else {
+            return Vec::new();
+        };
+        let partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
+        partitions
+            .iter()
+            .filter_map(|((topic, partition), entry)| {
+                let ship = entry.ship.as_ref()?;
+                let since = ship.failing_since.get();
+                let failing_for = now_s - since;
+                if since <= 0.0 || failing_for < bound.as_secs_f64() {
+                    return None;
+                }
+                let problem = match ship.state.get() {
+                    ShipperState::Retrying { problem } => problem,
+                    other => other.name().to_owned(),
+                };
+                Some(format!("{topic}-{partition}: failing for {failing_for:.0} s: {problem}"))
+            })
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Status {
         let settings = self.settings.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let partitions = self.partitions.lock().unwrap_or_else(PoisonError::into_inner);
@@ -133,6 +175,8 @@ impl StatusBoard {
                 lag_records: ship.lag_records.get(),
                 lag_bytes: Some(ship.lag_bytes.get()),
                 lag_seconds: Some(ship.lag_seconds.get()),
+                failing_since_s: Some(ship.failing_since.get()).filter(|since| *since > 0.0),
+                last_success_s: Some(ship.last_success.get()).filter(|at| *at > 0.0),
                 shipped_records: ship.shipped_records.get(),
                 skipped_records: ship.skipped_records.get(),
             });
@@ -196,7 +240,10 @@ pub fn render_text(status: &Status) -> String {
                 match &shipper.state {
                     ShipperState::Starting => "starting".to_owned(),
                     ShipperState::Running => "running".to_owned(),
-                    ShipperState::Retrying { problem } => format!("retrying: {problem}"),
+                    ShipperState::Retrying { problem } => match shipper.failing_since_s {
+                        Some(since) => format!("retrying (failing for {:.0} s): {problem}", (now_s() - since).max(0.0)),
+                        None => format!("retrying: {problem}"),
+                    },
                     ShipperState::Stopped { error } => format!("STOPPED: {error}"),
                     ShipperState::NotRunning => "not running".to_owned(),
                 },
@@ -222,4 +269,9 @@ pub fn render_text(status: &Status) -> String {
         let _ = writeln!(text, "{name:<24} QUARANTINED (weir serve --quarantine): not opened, not shipped");
     }
     text
+}
+
+/// Seconds since the Unix epoch.
+fn now_s() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
 }

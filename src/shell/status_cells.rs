@@ -68,6 +68,17 @@ pub enum ShipperState {
 }
 
 impl ShipperState {
+    /// The state's name as `/status` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ShipperState::Starting => "starting",
+            ShipperState::Running => "running",
+            ShipperState::Retrying { .. } => "retrying",
+            ShipperState::Stopped { .. } => "stopped",
+            ShipperState::NotRunning => "not-running",
+        }
+    }
+
     pub fn is_stopped(&self) -> bool {
         matches!(self, ShipperState::Stopped { .. })
     }
