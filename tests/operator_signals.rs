@@ -244,3 +244,57 @@ fn latency_histograms_build_process_and_disk_metrics_move_under_load() {
     }
     appliance.stop();
 }
+
+#[test]
+fn recovery_logs_the_torn_tail_cut_and_the_index_rebuild_with_offsets_and_records() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let config_path = root.path().join("weir.toml");
+    let text = config_text(&data_dir, free_port(), free_port()).replace("enabled = true", "enabled = false");
+    std::fs::write(&config_path, &text).unwrap();
+    let options = LogOptions::from_config(&Config::parse(&text, "test").unwrap().log);
+    let partition = data_dir.join("telemetry-0");
+    fill(partition.clone(), options);
+    // Walk the one segment's batches to its end; the last batch is RECORDS - 1 alone.
+    let log_file = partition.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&log_file).unwrap();
+    let (mut at, mut last) = (0usize, 0usize);
+    while at + 12 <= bytes.len() {
+        let length = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        if length == 0 {
+            break;
+        }
+        last = at;
+        at += 12 + length as usize;
+    }
+    // A crash in the middle of the next write: a copy of the last batch whose body
+    // is garbled (readable header, bad CRC) after the valid end.
+    let mut torn = bytes[last..at].to_vec();
+    let middle = torn.len() - 10;
+    torn[middle] ^= 0xff;
+    bytes.resize(bytes.len().max(at + torn.len()), 0);
+    bytes[at..at + torn.len()].copy_from_slice(&torn);
+    std::fs::write(&log_file, &bytes).unwrap();
+    // And the index is gone: it is rebuilt by scanning the whole segment.
+    std::fs::remove_file(partition.join("00000000000000000000.index")).unwrap();
+
+    let server = Server::start(&config_path, 1);
+    let lines = server.log_lines();
+    let cut = lines.iter().find(|line| line.contains("cutting torn tail")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(cut.contains(&format!("kept_to_offset={}", RECORDS - 1)), "{cut}");
+    assert!(cut.contains(&format!("segment_records_kept={RECORDS}")), "{cut}");
+    assert!(cut.contains("torn_records=1"), "the torn batch's header says how many records it held: {cut}");
+    let rebuilt =
+        lines.iter().find(|line| line.contains("index rebuilt from the log")).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(rebuilt.contains("scanned_from_offset=0"), "{rebuilt}");
+    assert!(rebuilt.contains(&format!("scanned_to_offset={RECORDS}")), "{rebuilt}");
+    assert!(rebuilt.contains(&format!("scanned_records={RECORDS}")), "{rebuilt}");
+    assert!(!rebuilt.contains("rebuilt_entries=0"), "{rebuilt}");
+    let status = server.status();
+    assert_eq!(partition_end(&status), RECORDS as i64, "every record before the cut kept");
+    assert_eq!(server.stop(), Some(0));
+}
+
+fn partition_end(status: &serde_json::Value) -> i64 {
+    partition(status, "telemetry", 0)["log_end_offset"].as_i64().unwrap()
+}

@@ -1393,7 +1393,7 @@ async fn recover(
                 bytes = garbage_bytes,
                 kept_to_offset = end.cursor.next_offset - 1,
                 segment_records_kept = end.cursor.next_offset - base,
-                torn_records = torn_records.map_or("unknown".to_owned(), |count| count.to_string()),
+                torn_records = %torn_records.map_or("unknown".to_owned(), |count| count.to_string()),
                 %reason,
                 "cutting torn tail (a write the crash interrupted, never acknowledged)"
             );
