@@ -74,6 +74,25 @@ fn a_bad_config_is_refused_with_every_field_path_and_exit_2() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+#[test]
+fn a_config_typo_is_placed_by_line_and_column_and_a_mistyped_key_gets_a_suggestion() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("typo.toml");
+    std::fs::write(&path, "[log]\nflush_delay_us_max = 250\nsegment_bytes_max = = 5\n").unwrap();
+    let output = weir().arg("check-config").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 3, column 21: "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
+
+    std::fs::write(&path, "log_levl = \"debug\"\n[log]\nsegment_bytez_max = \"1 MiB\"\n").unwrap();
+    let output = weir().arg("check-config").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("log_levl: unknown key; did you mean `log_level`?"), "{stderr}");
+    assert!(stderr.contains("log.segment_bytez_max: unknown key; did you mean `segment_bytes_max`?"), "{stderr}");
+}
+
 fn config_file(directory: &Path) -> std::path::PathBuf {
     let path = directory.join("weir.toml");
     std::fs::write(
