@@ -465,6 +465,22 @@ fn time_unit_ns(unit: &str) -> Option<u64> {
     })
 }
 
+/// Bytes as an operator reads them, in the units the config takes: `8 MiB`, `512 KiB`,
+/// `1000 B`, and one decimal where the unit does not divide them (`330.9 KiB`).
+pub fn bytes_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (scale, unit) in UNITS {
+        if bytes >= scale {
+            return if bytes.is_multiple_of(scale) {
+                format!("{} {unit}", bytes / scale)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / scale as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let (number, unit) = split_number_unit(text).ok_or_else(|| format!("{text:?} is not a size such as \"64 KiB\""))?;
     match byte_unit(unit) {

@@ -73,20 +73,7 @@ pub fn skip(name: &'static str, reason: &str) -> Check {
     Check { name, status: Status::Skip, saw: reason.to_owned(), fix: None }
 }
 
-/// Bytes as an operator reads them: `8 MiB`, `512 KiB`, `1000 B`.
-pub fn bytes_text(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (scale, unit) in UNITS {
-        if bytes >= scale {
-            return if bytes.is_multiple_of(scale) {
-                format!("{} {unit}", bytes / scale)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / scale as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
-}
+pub use crate::config::bytes_text;
 
 fn errno_text(errno: i32) -> String {
     let name = match errno {
