@@ -126,6 +126,8 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
             "udp.buffers",
             "udp.gso_gro",
             "udp.reuseport_cbpf",
+            "ports.quic",
+            "ports.admin",
             "certificates.files",
             "certificates.chain",
             "certificates.key",
