@@ -19,8 +19,21 @@ use crate::shell::signals::{self, SetLogFilter};
     about = "Edge ingestion appliance: QUIC in, durable Kafka-format log, Kafka upstream"
 )]
 pub struct Cli {
+    /// How log lines (on stderr) are written: `text`, or `json` (one object per line:
+    /// timestamp, level, target, message and the event's fields, for a log collector).
+    /// Which lines: `log_level` in the config, or the WEIR_LOG environment variable (a
+    /// tracing filter such as `info,weir::shell::quic=debug`), which wins when set.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The form of weir's log lines; fixed at start (a SIGHUP does not change it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +199,14 @@ pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i3
                     return exit_code::BAD_CONFIG;
                 }
             }
+            // The first log line: which weir, which config, which process.
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %config.as_ref().map_or("(embedded default)".to_owned(), |path| path.display().to_string()),
+                pid = std::process::id(),
+                "weir {} starting",
+                env!("CARGO_PKG_VERSION")
+            );
             let shutdown = Arc::new(AtomicBool::new(false));
             let listener = Arc::new(runtime::ListenerSlot::new());
             let reloader = signals::Reloader::new(config, valid.config.clone(), listener.clone(), set_log_filter);

@@ -465,6 +465,22 @@ fn time_unit_ns(unit: &str) -> Option<u64> {
     })
 }
 
+/// Bytes as an operator reads them, in the units the config takes: `8 MiB`, `512 KiB`,
+/// `1000 B`, and one decimal where the unit does not divide them (`330.9 KiB`).
+pub fn bytes_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (scale, unit) in UNITS {
+        if bytes >= scale {
+            return if bytes.is_multiple_of(scale) {
+                format!("{} {unit}", bytes / scale)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / scale as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let (number, unit) = split_number_unit(text).ok_or_else(|| format!("{text:?} is not a size such as \"64 KiB\""))?;
     match byte_unit(unit) {
@@ -590,23 +606,155 @@ pub struct ValidConfig {
     pub cores: Vec<usize>,
 }
 
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |last| last.chars().count()) + 1;
+    (line, column)
+}
+
+/// The table keys of an ignored key's path, itself last (`topics[1].colour` gives
+/// `["topics", "colour"]`): array indexes and options name no table.
+fn table_keys(path: &serde_ignored::Path<'_>, keys: &mut Vec<String>) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => table_keys(parent, keys),
+        Path::Map { parent, key } => {
+            table_keys(parent, keys);
+            keys.push(key.clone());
+        }
+    }
+}
+
+/// The field names serde's derive gives `T`, read by asking `T` to deserialize from a
+/// deserializer that notes the names it is offered and then refuses.
+fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct FieldNames<'names>(&'names mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for FieldNames<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("names noted"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut names: &'static [&'static str] = &[];
+    let _ = T::deserialize(FieldNames(&mut names));
+    names
+}
+
+/// The keys a table of the config knows, by its path without array indexes ("" is the
+/// top level). A table missing here only loses its "did you mean".
+fn known_keys(table: &str) -> &'static [&'static str] {
+    match table {
+        "" => field_names::<Config>(),
+        "engine" => field_names::<EngineConfig>(),
+        "log" => field_names::<LogConfig>(),
+        "admin" => field_names::<AdminConfig>(),
+        "quic" => field_names::<QuicConfig>(),
+        "topics" => field_names::<TopicConfig>(),
+        "upstream" => field_names::<UpstreamConfig>(),
+        "upstream.tls" => field_names::<UpstreamTlsConfig>(),
+        "upstream.sasl" => field_names::<UpstreamSaslConfig>(),
+        "upstream.topics" => field_names::<UpstreamTopicConfig>(),
+        _ => &[],
+    }
+}
+
+/// The known key of `table` nearest to the unknown `key` by edit distance, if it is
+/// near enough to be a typo: at most a third of the longer name's characters differ.
+fn nearest_known_key(table: &str, key: &str) -> Option<&'static str> {
+    known_keys(table)
+        .iter()
+        .map(|known| (edit_distance(key, known), *known))
+        .filter(|(distance, known)| *distance * 3 <= key.chars().count().max(known.chars().count()))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and
+/// substitutions that turn `from` into `to`.
+fn edit_distance(from: &str, to: &str) -> usize {
+    let to: Vec<char> = to.chars().collect();
+    let mut previous: Vec<usize> = (0..=to.len()).collect();
+    let mut current = vec![0; to.len() + 1];
+    for (row, from_char) in from.chars().enumerate() {
+        current[0] = row + 1;
+        for (column, to_char) in to.iter().enumerate() {
+            let substitution = previous[column] + usize::from(from_char != *to_char);
+            current[column + 1] = substitution.min(previous[column + 1] + 1).min(current[column] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[to.len()]
+}
+
 impl Config {
     /// Parses TOML; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let mut unknown = Vec::new();
         let deserializer = toml::Deserializer::new(text);
-        let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+        let mut note_unknown = |path: serde_ignored::Path<'_>| {
+            let mut keys = Vec::new();
+            table_keys(&path, &mut keys);
+            unknown.push((path.to_string(), keys));
+        };
         let result: Result<Config, _> =
             serde_path_to_error::deserialize(serde_ignored::Deserializer::new(deserializer, &mut note_unknown));
-        let mut problems: Vec<ConfigProblem> =
-            unknown.into_iter().map(|path| ConfigProblem { path, why: "unknown key".to_owned() }).collect();
+        let mut problems: Vec<ConfigProblem> = unknown
+            .into_iter()
+            .map(|(path, keys)| {
+                let why = match keys.split_last().and_then(|(key, table)| nearest_known_key(&table.join("."), key)) {
+                    Some(known) => format!("unknown key; did you mean `{known}`?"),
+                    None => "unknown key".to_owned(),
+                };
+                ConfigProblem { path, why }
+            })
+            .collect();
         match result {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError::Invalid { origin: origin.to_owned(), problems }),
             Err(error) => {
                 let path = error.path().to_string();
                 let inner = error.into_inner();
-                let why = inner.message().trim().to_owned();
+                // toml's messages may run over lines ("invalid string\nexpected ..."); a
+                // problem is one line.
+                let message = inner
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                // A syntax error, or a value refused where the parser knows its place:
+                // say where, as an editor counts (line and column from 1).
+                let why = match inner.span() {
+                    Some(span) => {
+                        let (line, column) = line_and_column(text, span.start);
+                        format!("line {line}, column {column}: {message}")
+                    }
+                    None => message.to_owned(),
+                };
                 let path = if path == "." { "(top level)".to_owned() } else { path };
                 problems.push(ConfigProblem { path, why });
                 Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
@@ -712,13 +860,25 @@ impl Config {
                 "must be 0 (no limit but the filesystem's) or at least twice log.segment_bytes_max".into(),
             );
         }
+        // One flush holds two buffers of log.flush_bytes_max, each with an alignment
+        // page of slack (the rewritten tail page).
         let io_memory_needed = 2 * log.flush_bytes_max.0 + 2 * alignment;
-        if self.engine.io_memory_bytes.0 < io_memory_needed {
+        let io_memory = self.engine.io_memory_bytes.0;
+        if io_memory < io_memory_needed {
+            let flush_bytes_fitting = (io_memory.saturating_sub(2 * alignment) / 2) / alignment * alignment;
+            let or_flush = if flush_bytes_fitting >= alignment {
+                format!(", or lower log.flush_bytes_max to at most {flush_bytes_fitting}")
+            } else {
+                String::new()
+            };
             problem(
                 "engine.io_memory_bytes",
                 format!(
-                    "{} is less than the {io_memory_needed} bytes one flush needs (2 x log.flush_bytes_max)",
-                    self.engine.io_memory_bytes.0
+                    "{io_memory} is less than what one flush needs: 2 x log.flush_bytes_max + 2 x {alignment} \
+                     (the direct I/O alignment) = 2 x {} + {} = {io_memory_needed} bytes; set \
+                     engine.io_memory_bytes to at least {io_memory_needed}{or_flush}",
+                    log.flush_bytes_max.0,
+                    2 * alignment,
                 ),
             );
         }
@@ -1391,7 +1551,112 @@ mod tests {
         let found = problems("colour = 1\n[log]\nsegment_bytez_max = 5\n[engine]\nfoo = 2\n");
         let paths: Vec<_> = found.iter().map(|problem| problem.path.as_str()).collect();
         assert_eq!(paths, ["colour", "log.segment_bytez_max", "engine.foo"]);
-        assert!(found.iter().all(|problem| problem.why == "unknown key"));
+        let whys: Vec<_> = found.iter().map(|problem| problem.why.as_str()).collect();
+        assert_eq!(whys, ["unknown key", "unknown key; did you mean `segment_bytes_max`?", "unknown key"]);
+    }
+
+    #[test]
+    fn a_mistyped_key_gets_the_nearest_known_key_of_its_own_table() {
+        let why = |text: &str| {
+            let found = problems(text);
+            assert_eq!(found.len(), 1, "{found:?}");
+            found[0].to_string()
+        };
+        assert_eq!(why("log_levl = \"info\"\n"), "log_levl: unknown key; did you mean `log_level`?");
+        assert_eq!(why("[quic]\ncert_dir = \"c\"\n"), "quic.cert_dir: unknown key; did you mean `certs_dir`?");
+        assert_eq!(
+            why("[log]\nflush_delay_ms_max = 5\n"),
+            "log.flush_delay_ms_max: unknown key; did you mean `flush_delay_us_max`?"
+        );
+        // Arrays of tables: the index names no table.
+        assert_eq!(
+            why("[[topics]]\nname = \"t\"\npartitions = 1\npartitons = 2\n"),
+            "topics.0.partitons: unknown key; did you mean `partitions`?"
+        );
+        assert_eq!(
+            why("[upstream.tls]\nca_fil = \"ca.pem\"\n"),
+            "upstream.tls.ca_fil: unknown key; did you mean `ca_file`?"
+        );
+        // A key of another table is not offered, nor a name too far to be a typo.
+        assert_eq!(why("[engine]\nflush_bytes_max = 5\n"), "engine.flush_bytes_max: unknown key");
+        assert_eq!(why("[admin]\nport = 9464\n"), "admin.port: unknown key");
+    }
+
+    #[test]
+    fn every_key_of_the_example_configs_is_known_to_the_suggestions() {
+        fn walk(table: &toml::Table, path: &str, seen: &mut usize) {
+            for (key, value) in table {
+                assert!(known_keys(path).contains(&key.as_str()), "{path}.{key} is missing from known_keys");
+                *seen += 1;
+                let inner = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                match value {
+                    toml::Value::Table(table) => walk(table, &inner, seen),
+                    toml::Value::Array(items) => {
+                        for item in items {
+                            if let toml::Value::Table(table) = item {
+                                walk(table, &inner, seen);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // The default's commented-out [[upstream.topics]] example, as an operator writes it.
+        let upstream_topics = format!(
+            "{DEFAULT_CONFIG_TOML}\n[[upstream.topics]]\nedge = \"telemetry\"\nupstream = \"t\"\npartitioning = \"kept\"\n"
+        );
+        for (text, keys_min) in
+            [(DEFAULT_CONFIG_TOML, 60), (&upstream_topics, 63), (include_str!("../firmware-config/appliance.toml"), 8)]
+        {
+            let mut seen = 0;
+            walk(&text.parse::<toml::Table>().unwrap(), "", &mut seen);
+            assert!(seen >= keys_min, "only {seen} keys walked");
+        }
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("certs_dir", "cert_dir"), 1);
+        assert_eq!(edit_distance("same", "same"), 0);
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line_and_column() {
+        let found = problems("[log]\nflush_delay_us_max = 250\nsegment_bytes_max = = 5\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].why.starts_with("line 3, column 21: "), "{found:?}");
+        // A value of the wrong kind is placed too.
+        let found = problems("\n\n[quic]\nconnections_max = \"many\"\n");
+        assert_eq!(found[0].path, "quic.connections_max");
+        assert!(found[0].why.starts_with("line 4, column 19: "), "{found:?}");
+        assert_eq!(line_and_column("ab\ncdé\nf", 8), (3, 1));
+        assert_eq!(line_and_column("ab\ncdé\nf", 7), (2, 4));
+        assert_eq!(line_and_column("ab\ncdé\nf", 6), (2, 3), "inside a character: that character");
+    }
+
+    #[test]
+    fn io_memory_too_small_for_a_flush_states_the_formula_and_both_fixes() {
+        let found = problems("[engine]\nio_memory_bytes = \"1 MiB\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "engine.io_memory_bytes");
+        assert_eq!(
+            found[0].why,
+            "1048576 is less than what one flush needs: 2 x log.flush_bytes_max + 2 x 4096 (the direct I/O \
+             alignment) = 2 x 1048576 + 8192 = 2105344 bytes; set engine.io_memory_bytes to at least 2105344, or \
+             lower log.flush_bytes_max to at most 520192"
+        );
+        // Either fix, as stated, is accepted; one byte or one page less is not.
+        let valid = |text: &str| Config::parse(text, "test").unwrap().validate(&host(), "test");
+        assert!(valid("[engine]\nio_memory_bytes = 2105344\n").is_ok());
+        assert!(valid("[engine]\nio_memory_bytes = 2105343\n").is_err());
+        assert!(valid("[engine]\nio_memory_bytes = \"1 MiB\"\n[log]\nflush_bytes_max = 520192\n").is_ok());
+        assert!(valid("[engine]\nio_memory_bytes = \"1 MiB\"\n[log]\nflush_bytes_max = 524288\n").is_err());
+        // Too small for even the smallest flush: only the first fix is offered.
+        let found = problems("[engine]\nio_memory_bytes = 8192\n");
+        assert!(found[0].why.ends_with("set engine.io_memory_bytes to at least 2105344"), "{found:?}");
     }
 
     #[test]

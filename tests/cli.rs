@@ -74,6 +74,82 @@ fn a_bad_config_is_refused_with_every_field_path_and_exit_2() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+#[test]
+fn a_config_typo_is_placed_by_line_and_column_and_a_mistyped_key_gets_a_suggestion() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("typo.toml");
+    std::fs::write(&path, "[log]\nflush_delay_us_max = 250\nsegment_bytes_max = = 5\n").unwrap();
+    let output = weir().arg("check-config").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 3, column 21: "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 2, "one line per problem: {stderr}");
+
+    std::fs::write(&path, "log_levl = \"debug\"\n[log]\nsegment_bytez_max = \"1 MiB\"\n").unwrap();
+    let output = weir().arg("check-config").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("log_levl: unknown key; did you mean `log_level`?"), "{stderr}");
+    assert!(stderr.contains("log.segment_bytez_max: unknown key; did you mean `segment_bytes_max`?"), "{stderr}");
+}
+
+/// Runs `weir serve` with `extra` arguments until it logs "weir serving"; returns every
+/// stderr line up to that one, then stops it (SIGTERM, exit 0).
+fn serve_lines_until_serving(config: &Path, extra: &[&str]) -> Vec<String> {
+    let mut child = weir()
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--cores", "1"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let serving = line.contains("weir serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{lines:#?}");
+    assert!(lines.last().is_some_and(|line| line.contains("weir serving")), "{lines:#?}");
+    lines
+}
+
+#[test]
+fn serve_names_its_version_in_its_first_line_and_logs_json_on_request() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = config_file(directory.path());
+    let version = env!("CARGO_PKG_VERSION");
+
+    let lines = serve_lines_until_serving(&config, &[]);
+    assert!(lines[0].contains(&format!("weir {version} starting")), "{lines:#?}");
+    assert!(lines[0].contains(&format!("version=\"{version}\"")), "{lines:#?}");
+    assert!(lines[0].contains(&format!("config={}", config.display())), "{lines:#?}");
+
+    let lines = serve_lines_until_serving(&config, &["--log-format", "json"]);
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}")))
+        .collect();
+    assert_eq!(parsed[0]["message"], format!("weir {version} starting"), "{lines:#?}");
+    assert_eq!(parsed[0]["version"], version);
+    assert_eq!(parsed[0]["level"], "INFO");
+    assert!(parsed[0]["timestamp"].is_string(), "{lines:#?}");
+    let serving = parsed.last().unwrap();
+    assert_eq!(serving["message"], "weir serving");
+    assert_eq!(serving["cores"], 1, "an event's fields sit beside the message: {serving}");
+    // The flag goes after the subcommand or before it.
+    let before = weir().args(["--log-format", "json", "check-config"]).output().unwrap();
+    assert!(before.status.success(), "{}", String::from_utf8_lossy(&before.stderr));
+    let bad = weir().args(["serve", "--log-format", "yaml"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 fn config_file(directory: &Path) -> std::path::PathBuf {
     let path = directory.join("weir.toml");
     std::fs::write(

@@ -126,6 +126,8 @@ fn a_healthy_host_reports_no_fail_and_its_json_parses() {
             "udp.buffers",
             "udp.gso_gro",
             "udp.reuseport_cbpf",
+            "ports.quic",
+            "ports.admin",
             "certificates.files",
             "certificates.chain",
             "certificates.key",
@@ -266,6 +268,65 @@ fn a_data_dir_on_tmpfs_fails_with_the_tmpfs_message_and_serve_refuses() {
     let output = weir().arg("serve").arg("--config").arg(&config).output().unwrap();
     assert_serve_refuses(&output, "fail  data_dir.filesystem: ");
     assert!(stderr(&output).contains("is on tmpfs: memory, not disk"));
+}
+
+/// A read-only bind mount of a directory, unmounted on drop.
+struct ReadOnlyBind(PathBuf);
+
+impl ReadOnlyBind {
+    fn mount(source: &Path, point: &Path) -> ReadOnlyBind {
+        std::fs::create_dir_all(point).unwrap();
+        let status = Command::new("mount").arg("--bind").arg(source).arg(point).status().unwrap();
+        assert!(status.success(), "a bind mount needs root");
+        let bind = ReadOnlyBind(point.to_owned());
+        let status = Command::new("mount").args(["-o", "remount,bind,ro"]).arg(point).status().unwrap();
+        assert!(status.success(), "remounting the bind read-only");
+        bind
+    }
+}
+
+impl Drop for ReadOnlyBind {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_data_dir_on_a_read_only_mount_is_told_to_remount_not_to_chown_and_serve_refuses() {
+    let directory = tempfile::tempdir().unwrap();
+    let source = directory.path().join("source");
+    std::fs::create_dir_all(source.join("data")).unwrap();
+    let point = directory.path().join("read-only");
+    let _bind = ReadOnlyBind::mount(&source, &point);
+    assert!(std::fs::write(point.join("probe"), b"x").is_err(), "the bind is read-only");
+
+    // The data directory exists but cannot be written.
+    let data = point.join("data");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "data_dir.writable")["status"], "fail", "{report:#}");
+    let fixed = fix(&report, "data_dir.writable");
+    assert!(fixed.starts_with(&format!("{} is on a read-only mount", data.display())), "{fixed}");
+    assert!(fixed.contains("mount -o remount,rw"), "{fixed}");
+    assert!(!fixed.contains("chown weir") && !fixed.contains("chown -R"), "{fixed}");
+    let output = weir().arg("serve").arg("--config").arg(&config).output().unwrap();
+    assert_serve_refuses(&output, "fail  data_dir.writable: ");
+    assert!(stderr(&output).contains("is on a read-only mount"), "{}", stderr(&output));
+
+    // The data directory does not exist and cannot be made there.
+    let data = point.join("missing");
+    let config = config_file(directory.path(), &data, "");
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "data_dir")["status"], "fail", "{report:#}");
+    let fixed = fix(&report, "data_dir");
+    assert!(fixed.starts_with(&format!("{} is on a read-only mount", data.display())), "{fixed}");
+    assert!(!fixed.contains("chown weir") && !fixed.contains("chown -R"), "{fixed}");
 }
 
 /// `command` run with RLIMIT_MEMLOCK at `bytes` and without CAP_IPC_LOCK (root ignores
@@ -758,4 +819,93 @@ fn a_private_key_readable_by_others_fails_the_doctor_and_serve_logs_it_but_serve
     command.args(doctor_args(&config));
     let (code, report) = doctor_json(command);
     assert_eq!((code, check(&report, "certificates.key_mode")["status"].as_str()), (0, Some("ok")), "{report:#}");
+}
+
+/// A port free now on loopback (bound to port 0 and let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_weir_already_on_the_ports_is_named_and_told_apart_from_another_program() {
+    let directory = tempfile::tempdir().unwrap();
+    let (quic_port, admin_port) = (free_port(), free_port());
+    let ports = format!(
+        "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\ncerts_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+        directory.path().join("certs").display()
+    );
+    let write = |name: &str, data: &Path| {
+        let path = directory.path().join(name);
+        std::fs::write(&path, format!("data_dir = {:?}\n{ports}", data.display())).unwrap();
+        path
+    };
+    let config = write("weir.toml", &directory.path().join("data"));
+
+    // Nothing there yet.
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (_, report) = doctor_json(command);
+    assert_eq!(check(&report, "ports.quic")["status"], "ok", "{report:#}");
+    assert_eq!(saw(&report, "ports.quic"), format!("UDP 127.0.0.1:{quic_port} is free"));
+    assert_eq!(check(&report, "ports.admin")["status"], "ok", "{report:#}");
+
+    let mut serve = weir()
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--cores", "1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = serve.id();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(serve.stderr.take().unwrap()));
+    while !lines.next().expect("serve logs until it serves").unwrap().contains("weir serving") {}
+
+    // The same config: this weir is running (warn, naming it).
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (_, report) = doctor_json(command);
+    for name in ["ports.quic", "ports.admin"] {
+        assert_eq!(check(&report, name)["status"], "warn", "{report:#}");
+    }
+    assert_eq!(
+        saw(&report, "ports.quic"),
+        format!(
+            "weir (PID {pid}) already listens on UDP 127.0.0.1:{quic_port}: it is the weir serving this config's \
+             data_dir, so this weir is running"
+        )
+    );
+    assert!(saw(&report, "ports.admin").starts_with(&format!("weir (PID {pid}) already listens on TCP")));
+
+    // Another data directory on the same ports: another weir holds them (fail).
+    let other = write("other.toml", &directory.path().join("other-data"));
+    let mut command = weir();
+    command.args(doctor_args(&other));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "ports.quic")["status"], "fail", "{report:#}");
+    assert!(
+        saw(&report, "ports.quic").contains(&format!("another weir (PID {pid}, not the one serving this data_dir)"))
+    );
+    assert!(saw(&report, "ports.quic").contains("SO_REUSEPORT"), "{report:#}");
+    assert_eq!(
+        fix(&report, "ports.admin"),
+        format!("stop it (`kill {pid}`), or set admin.listen to a port of its own")
+    );
+
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert_eq!(serve.wait().unwrap().code(), Some(0));
+
+    // A program that is not weir (this test) on the QUIC port.
+    let holder = std::net::UdpSocket::bind(("127.0.0.1", quic_port)).unwrap();
+    let mut command = weir();
+    command.args(doctor_args(&config));
+    let (code, report) = doctor_json(command);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&report, "ports.quic")["status"], "fail", "{report:#}");
+    let seen = saw(&report, "ports.quic");
+    assert!(seen.starts_with(&format!("UDP 127.0.0.1:{quic_port} is in use by ")), "{seen}");
+    assert!(seen.contains(&format!("(PID {})", std::process::id())), "{seen}");
+    assert_eq!(check(&report, "ports.admin")["status"], "ok", "the admin port is free again: {report:#}");
+    drop(holder);
 }

@@ -461,3 +461,77 @@ fn ten_thousand_idle_connections_are_held_while_active_devices_are_served() {
     assert!(acked >= 1_000, "{busy}");
     assert_log_matches_acks(root.path(), &acked_log, acked);
 }
+
+/// The exact `weir certs` command in weir-sim's message, between the backticks after
+/// "with `".
+fn suggested_command(stderr: &str) -> Vec<String> {
+    let start = stderr.find("with `weir certs ").unwrap_or_else(|| panic!("no command in: {stderr}")) + "with `".len();
+    let command = &stderr[start..start + stderr[start..].find('`').unwrap()];
+    command.split_whitespace().skip(1).map(str::to_owned).collect()
+}
+
+#[test]
+fn weir_sim_fails_a_run_with_a_denied_device_naming_the_servers_reason_and_gives_the_certs_command() {
+    let _serial = one_at_a_time();
+    let root = tempfile::tempdir().unwrap();
+    certs(&root.path().join("certs"), &["--device-prefix", "sim-", "--device-count", "2"]);
+    let appliance = start_on_cores(root.path(), "devices_denied = [\"sim-1\"]", "", 1);
+    let run = |args: &[&str]| {
+        sim(&appliance, &["--rate", "50", "--seconds", "1", "--drain-seconds", "5"]).args(args).output().unwrap()
+    };
+    let stderr = |output: &Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    // The only device is denied: nothing acked, exit 1, the server's reason on stderr.
+    let denied = run(&["--devices", "1", "--device-first", "1"]);
+    assert_eq!(denied.status.code(), Some(1), "{}", stderr(&denied));
+    assert!(stderr(&denied).contains("device sim-1 is denied by this appliance"), "{}", stderr(&denied));
+
+    // One of two is denied: the other's records are acked, and the run still fails.
+    let mixed = run(&["--devices", "2"]);
+    assert_eq!(mixed.status.code(), Some(1), "{}", stderr(&mixed));
+    assert!(stderr(&mixed).contains("weir-sim: incomplete: "), "{}", stderr(&mixed));
+    assert!(stderr(&mixed).contains("device sim-1 is denied by this appliance"), "{}", stderr(&mixed));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&mixed.stdout).lines().last().unwrap()).unwrap();
+    // The refusal comes just after the handshake: it fails sim-1's connect, or (when
+    // the connect completed first) its first sends; either way the run is short.
+    let number = |field: &str| summary[field].as_u64().unwrap();
+    assert!(number("connect_failures") == 1 || number("failed_records") > 0, "{summary}");
+    assert!(number("acked") > 0 && number("acked") < number("generated"), "{summary}");
+
+    // Every record of every device acked: exit 0.
+    let fine = run(&["--devices", "1"]);
+    assert!(fine.status.success(), "{}", stderr(&fine));
+
+    // A device without a certificate: exit 2 with the exact command that makes it,
+    // which works and lets the run go through.
+    let missing = run(&["--devices", "3"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    let command = suggested_command(&stderr(&missing));
+    assert_eq!(command[command.len() - 2..], ["--device", "sim-2"], "{command:?}");
+    let made = Command::new(binary("weir")).args(&command).output().unwrap();
+    assert!(made.status.success(), "{command:?}: {}", String::from_utf8_lossy(&made.stderr));
+    let fine = run(&["--devices", "1", "--device-first", "2"]);
+    assert!(fine.status.success(), "{}", stderr(&fine));
+    // No PKI at all: the command makes the CA and every device.
+    let empty = root.path().join("no-certs");
+    let missing = Command::new(binary("weir-sim"))
+        .args(["--server", &appliance.quic, "--devices", "2", "--certs"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    let command = suggested_command(&stderr(&missing));
+    assert!(command.ends_with(&["--device-prefix", "sim-", "--device-count", "2"].map(String::from)), "{command:?}");
+    let made = Command::new(binary("weir")).args(&command).output().unwrap();
+    assert!(made.status.success(), "{command:?}: {}", String::from_utf8_lossy(&made.stderr));
+    assert!(empty.join("ca.pem").is_file() && empty.join("devices/sim-1.key").is_file());
+
+    // weir refused sim-1 on every try and logged it once: a denied device is throttled
+    // to one line a minute, and every refusal is still counted.
+    let refusals = appliance.metric("weir_quic_refusals_total{reason=\"device_denied\"}");
+    assert!(refusals >= 2.0, "{refusals}");
+    let logged = appliance.server.log_lines().iter().filter(|line| line.contains("denied device refused")).count();
+    assert_eq!(logged, 1, "{refusals} refusals");
+    appliance.stop();
+}

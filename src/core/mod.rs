@@ -10,3 +10,4 @@ pub mod session;
 pub mod ship;
 #[cfg(test)]
 pub(crate) mod sim;
+pub mod throttle;

@@ -167,6 +167,7 @@ pub fn diagnose(config_path: Option<&Path>, measure: bool) -> Report {
     let mut checks = vec![config_summary(&valid)];
     checks.extend(engine_checks(&valid));
     checks.extend(network_checks(&valid));
+    checks.extend(port_checks(&valid));
     checks.extend(certificate_checks(&valid));
     let io_uring_ok = checks.iter().any(|check| check.name == "io_uring" && check.status == Status::Ok);
     let memlock_ok = checks.iter().any(|check| check.name == "memlock" && check.status != Status::Fail);
@@ -325,7 +326,7 @@ fn data_dir_checks(valid: &ValidConfig) -> Vec<Check> {
     checks.push(verdict::data_dir_owner(&shown, crate::shell::dir_lock::holder(path)));
     let writable = sys::write_scratch(path);
     let can_write = writable.is_ok();
-    checks.push(verdict::data_dir_writable(&shown, &writable));
+    checks.push(verdict::data_dir_writable(&shown, &writable, sys::mounted_read_only(path)));
     checks.push(verdict::data_dir_filesystem(&shown, sys::filesystem_magic(path).map_err(|error| error.to_string())));
     if can_write {
         checks.push(verdict::direct_io(&shown, &sys::direct_io_round_trip(path)));
@@ -388,6 +389,29 @@ fn network_checks(valid: &ValidConfig) -> Vec<Check> {
             &sys::reuseport_cbpf(valid.cores.len().clamp(2, 1024)).map_err(|error| error.to_string()),
         ),
     ]
+}
+
+/// Whether the QUIC (UDP) and admin (TCP) addresses are free, or who holds them: a weir
+/// already serving this config (warn), another weir or another program (fail). Not part
+/// of `serve`'s preflight: serve finds out by binding.
+fn port_checks(valid: &ValidConfig) -> Vec<Check> {
+    use verdict::PortProtocol;
+    let config = &valid.config;
+    let data_dir_holder = crate::shell::dir_lock::holder(&config.data_dir);
+    let probe = |name, field, protocol, address: &str| {
+        // validate() checked that both addresses parse.
+        let facts = match address.parse() {
+            Ok(address) => sys::listen_port(protocol, address),
+            Err(error) => verdict::PortFacts::Unknown { error: format!("{address:?}: {error}") },
+        };
+        verdict::listen_port(name, field, protocol, address, &facts, data_dir_holder)
+    };
+    let quic = if config.quic.enabled {
+        probe("ports.quic", "quic.listen", PortProtocol::Udp, &config.quic.listen)
+    } else {
+        verdict::skip("ports.quic", "QUIC is disabled (quic.enabled = false)")
+    };
+    vec![quic, probe("ports.admin", "admin.listen", PortProtocol::Tcp, &config.admin.listen)]
 }
 
 /// The loopback QUIC ceiling: `shell::quic_ceiling`, the discard server `weir-bench

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::DIRECT_IO_ALIGNMENT_BYTES;
-use crate::doctor::verdict::{DirPresence, DirectIoOutcome, IoUringSetup, ReuseportOutcome, IO_URING_OPCODES};
+use crate::doctor::verdict::{
+    DirPresence, DirectIoOutcome, IoUringSetup, PortFacts, PortHolder, PortProtocol, ReuseportOutcome, IO_URING_OPCODES,
+};
 use crate::shell::sys::parse_cpu_list;
 
 /// Capability bits (linux/capability.h).
@@ -127,7 +129,8 @@ pub fn prepare_directory(path: &Path) -> (DirPresence, Vec<PathBuf>) {
         Ok(()) => (DirPresence::Creatable, missing),
         Err(error) => {
             remove_created(&missing);
-            (DirPresence::CannotCreate { error: error.to_string() }, Vec::new())
+            let read_only_mount = error.raw_os_error() == Some(libc::EROFS);
+            (DirPresence::CannotCreate { error: error.to_string(), read_only_mount }, Vec::new())
         }
     }
 }
@@ -230,6 +233,18 @@ pub fn available_bytes(path: &Path) -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
         Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+    }
+}
+
+/// Whether the filesystem holding `path` is mounted read-only (`ST_RDONLY`); false
+/// when `statvfs` does not answer (the write probe then tells).
+pub fn mounted_read_only(path: &Path) -> bool {
+    let Ok(path) = c_path(path) else { return false };
+    // SAFETY: as for `statfs` above: zeroed plain data, written by the kernel only, and
+    // a NUL-terminated path that outlives the call.
+    unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(path.as_ptr(), &mut stats) == 0 && stats.f_flag & libc::ST_RDONLY != 0
     }
 }
 
@@ -465,5 +480,120 @@ mod tests {
         assert!(available_bytes(&directory).unwrap() > 0);
         assert!(memlock_limits().is_ok());
         assert!(!kernel_release().is_empty());
+    }
+}
+
+/// Whether `address` can be bound for `protocol` now (a plain bind, without
+/// SO_REUSEPORT, so a port weir holds is busy), and if not, which processes hold a
+/// socket on its port.
+pub fn listen_port(protocol: PortProtocol, address: SocketAddr) -> PortFacts {
+    if address.port() == 0 {
+        return PortFacts::AnyPort;
+    }
+    let bound = match protocol {
+        PortProtocol::Udp => UdpSocket::bind(address).map(drop),
+        PortProtocol::Tcp => std::net::TcpListener::bind(address).map(drop),
+    };
+    match bound {
+        Ok(()) => PortFacts::Free,
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
+            PortFacts::InUse { holders: port_holders(protocol, address.port()) }
+        }
+        Err(error) => PortFacts::Unknown { error: error.to_string() },
+    }
+}
+
+/// The processes with a socket on `port`: the socket inodes from `/proc/net`, then the
+/// processes whose descriptors point at them (`/proc/PID/fd/N -> socket:[INODE]`).
+fn port_holders(protocol: PortProtocol, port: u16) -> Vec<PortHolder> {
+    let tables = match protocol {
+        PortProtocol::Udp => ["/proc/net/udp", "/proc/net/udp6"],
+        PortProtocol::Tcp => ["/proc/net/tcp", "/proc/net/tcp6"],
+    };
+    let mut inodes = BTreeSet::new();
+    for table in tables {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            inodes.extend(socket_inodes_on_port(&text, port, protocol == PortProtocol::Tcp));
+        }
+    }
+    let mut holders = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else { return holders };
+    for process in processes.flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(descriptors) = std::fs::read_dir(process.path().join("fd")) else { continue };
+        let holds = descriptors.flatten().any(|descriptor| {
+            std::fs::read_link(descriptor.path()).ok().is_some_and(|target| {
+                let target = target.to_string_lossy();
+                target
+                    .strip_prefix("socket:[")
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .and_then(|inode| inode.parse::<u64>().ok())
+                    .is_some_and(|inode| inodes.contains(&inode))
+            })
+        });
+        if holds {
+            let command = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default().trim().to_owned();
+            let executable = std::fs::read_link(process.path().join("exe"))
+                .ok()
+                .and_then(|path| path.file_name().map(|name| name.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            // A rebuilt or upgraded binary reads "weir (deleted)".
+            let executable = executable.trim_end_matches(" (deleted)").to_owned();
+            holders.push(PortHolder { pid, command, executable });
+        }
+    }
+    holders
+}
+
+/// The socket inodes bound to `port` in a `/proc/net/{udp,tcp}[6]` table (listening
+/// sockets only when `listening_only`: TCP state 0A). Its lines read `sl local_address
+/// rem_address st ... uid timeout inode`, the address as hex `IP:PORT`.
+pub fn socket_inodes_on_port(table: &str, port: u16, listening_only: bool) -> Vec<u64> {
+    const TCP_LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let state = *fields.get(3)?;
+            let inode: u64 = fields.get(9)?.parse().ok()?;
+            (local_port == port && inode != 0 && (!listening_only || state == TCP_LISTEN)).then_some(inode)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn socket_inodes_are_found_by_port_and_tcp_by_listening_state() {
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  112: 00000000:1151 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81234 2 0000000000000000 0
+  113: 0100007F:1151 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81235 2 0000000000000000 0
+  114: 00000000:1152 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81236 2 0000000000000000 0
+";
+        assert_eq!(socket_inodes_on_port(udp, 4433, false), [81234, 81235]);
+        assert_eq!(socket_inodes_on_port(udp, 4434, false), [81236]);
+        assert!(socket_inodes_on_port(udp, 9, false).is_empty());
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:24F8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 90001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:24F8 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 90002 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(socket_inodes_on_port(tcp, 9464, true), [90001], "a connection on the port is no listener");
+        // The real table of this host parses, and a socket this test binds is in it.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+        assert_eq!(socket_inodes_on_port(&table, port, false).len(), 1);
+        match listen_port(PortProtocol::Udp, socket.local_addr().unwrap()) {
+            PortFacts::InUse { holders } => {
+                assert!(holders.iter().any(|holder| holder.pid == std::process::id()), "{holders:?}")
+            }
+            other => panic!("expected the port in use, got {other:?}"),
+        }
+        drop(socket);
+        assert_eq!(listen_port(PortProtocol::Udp, format!("127.0.0.1:{port}").parse().unwrap()), PortFacts::Free);
     }
 }

@@ -73,20 +73,7 @@ pub fn skip(name: &'static str, reason: &str) -> Check {
     Check { name, status: Status::Skip, saw: reason.to_owned(), fix: None }
 }
 
-/// Bytes as an operator reads them: `8 MiB`, `512 KiB`, `1000 B`.
-pub fn bytes_text(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (scale, unit) in UNITS {
-        if bytes >= scale {
-            return if bytes.is_multiple_of(scale) {
-                format!("{} {unit}", bytes / scale)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / scale as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
-}
+pub use crate::config::bytes_text;
 
 fn errno_text(errno: i32) -> String {
     let name = match errno {
@@ -291,7 +278,19 @@ pub enum DirPresence {
     NotADirectory,
     CannotCreate {
         error: String,
+        /// The failure was EROFS: the filesystem is mounted read-only.
+        read_only_mount: bool,
     },
+}
+
+/// The fix for a data directory on a read-only mount: ownership and modes cannot help.
+fn read_only_fix(path: &str) -> String {
+    format!(
+        "{path} is on a read-only mount, so chown or chmod cannot help: remount it read-write (`mount -o \
+         remount,rw \"$(findmnt -no TARGET -T {path})\"`, and make it so in /etc/fstab), or point data_dir at a \
+         writable filesystem; under systemd keep ReadWritePaths={path}; in a container mount the volume without \
+         :ro"
+    )
 }
 
 pub fn data_dir_presence(path: &str, presence: &DirPresence) -> Check {
@@ -302,7 +301,10 @@ pub fn data_dir_presence(path: &str, presence: &DirPresence) -> Check {
         DirPresence::NotADirectory => {
             fail(NAME, format!("{path} exists and is not a directory"), "point data_dir at a directory".to_owned())
         }
-        DirPresence::CannotCreate { error } => fail(
+        DirPresence::CannotCreate { error, read_only_mount: true } => {
+            fail(NAME, format!("{path} does not exist and cannot be created: {error}"), read_only_fix(path))
+        }
+        DirPresence::CannotCreate { error, read_only_mount: false } => fail(
             NAME,
             format!("{path} does not exist and cannot be created: {error}"),
             format!("mkdir -p {path} && chown weir:weir {path} (the package creates /var/lib/weir)"),
@@ -327,10 +329,14 @@ pub fn data_dir_owner(path: &str, holder_pid: Option<u32>) -> Check {
     }
 }
 
-pub fn data_dir_writable(path: &str, result: &Result<(), String>) -> Check {
+/// `read_only_mount`: `statvfs` reports `ST_RDONLY` for the data directory's filesystem.
+pub fn data_dir_writable(path: &str, result: &Result<(), String>, read_only_mount: bool) -> Check {
     const NAME: &str = "data_dir.writable";
     match result {
         Ok(()) => ok(NAME, format!("created, synced and removed a scratch file in {path}")),
+        Err(error) if read_only_mount || error.contains(&errno_text(libc::EROFS)) || error.contains("os error 30") => {
+            fail(NAME, format!("cannot write in {path}: {error}"), read_only_fix(path))
+        }
         // A full disk is no reason not to start: weir refuses appends (or drops, per
         // log.disk_full_policy) and shipping plus retention free the space.
         Err(error) if error.contains("No space left on device") => warn(
@@ -346,6 +352,133 @@ pub fn data_dir_writable(path: &str, result: &Result<(), String>) -> Check {
                  read-write"
             ),
         ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The listening ports
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Udp,
+    Tcp,
+}
+
+impl PortProtocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Udp => "UDP",
+            PortProtocol::Tcp => "TCP",
+        }
+    }
+}
+
+/// A process holding a socket on a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortHolder {
+    pub pid: u32,
+    /// `/proc/PID/comm`.
+    pub command: String,
+    /// The file name of `/proc/PID/exe` (empty when unreadable).
+    pub executable: String,
+}
+
+impl PortHolder {
+    fn is_weir(&self) -> bool {
+        self.executable == "weir" || self.command == "weir"
+    }
+}
+
+/// What binding a listen address found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortFacts {
+    /// Port 0: the kernel picks a free port at start.
+    AnyPort,
+    Free,
+    /// The bind failed with EADDRINUSE; who holds the port (empty: not visible here).
+    InUse {
+        holders: Vec<PortHolder>,
+    },
+    Unknown {
+        error: String,
+    },
+}
+
+/// Whether weir can listen on `address` (`field`: `quic.listen` or `admin.listen`), and
+/// when it cannot, who holds the port. `data_dir_holder`: the PID holding this config's
+/// data directory lock, so a weir already serving this very config is told apart from
+/// another one.
+pub fn listen_port(
+    name: &'static str,
+    field: &str,
+    protocol: PortProtocol,
+    address: &str,
+    facts: &PortFacts,
+    data_dir_holder: Option<u32>,
+) -> Check {
+    let proto = protocol.as_str();
+    let port = address.rsplit(':').next().unwrap_or(address);
+    let sharing = match protocol {
+        // weir's QUIC sockets set SO_REUSEPORT: a second weir joins the group and the
+        // kernel splits the devices between two processes and two logs.
+        PortProtocol::Udp => {
+            "a second weir would share the port through SO_REUSEPORT and split the devices between two processes"
+        }
+        PortProtocol::Tcp => "`weir serve` would exit 4 (the admin port is taken)",
+    };
+    match facts {
+        PortFacts::AnyPort => ok(name, format!("{field} {address}: port 0, the kernel picks a free port at start")),
+        PortFacts::Free => ok(name, format!("{proto} {address} is free")),
+        PortFacts::Unknown { error } => warn(
+            name,
+            format!("cannot tell whether {proto} {address} is free: {error}"),
+            format!("check {field}; `ss -lnp 'sport = :{port}'` lists what listens there"),
+        ),
+        PortFacts::InUse { holders } if holders.is_empty() => fail(
+            name,
+            format!("{proto} {address} is in use by a process not visible here (another user or network namespace)"),
+            format!("find it with `ss -lnp 'sport = :{port}'` (as root); stop it, or set {field} to a free port"),
+        ),
+        PortFacts::InUse { holders } => {
+            let serving_here = holders.iter().find(|holder| holder.is_weir() && Some(holder.pid) == data_dir_holder);
+            let other_weir = holders.iter().find(|holder| holder.is_weir() && Some(holder.pid) != data_dir_holder);
+            if let (Some(weir), None) = (serving_here, other_weir) {
+                let pid = weir.pid;
+                return warn(
+                    name,
+                    format!(
+                        "weir (PID {pid}) already listens on {proto} {address}: it is the weir serving this config's \
+                         data_dir, so this weir is running"
+                    ),
+                    format!(
+                        "nothing to do if PID {pid} is the weir service; to run a second weir, give it its own \
+                         data_dir and {field}"
+                    ),
+                );
+            }
+            if let Some(weir) = other_weir {
+                let pid = weir.pid;
+                return fail(
+                    name,
+                    format!(
+                        "another weir (PID {pid}, not the one serving this data_dir) already listens on {proto} \
+                         {address}: {sharing}"
+                    ),
+                    format!("stop it (`kill {pid}`), or set {field} to a port of its own"),
+                );
+            }
+            let named: Vec<String> = holders
+                .iter()
+                .map(|holder| {
+                    format!("{} (PID {})", if holder.command.is_empty() { "?" } else { &holder.command }, holder.pid)
+                })
+                .collect();
+            fail(
+                name,
+                format!("{proto} {address} is in use by {}", named.join(", ")),
+                format!("stop {}, or set {field} to a free port", named.join(", ")),
+            )
+        }
     }
 }
 
@@ -963,14 +1096,88 @@ mod tests {
 
     #[test]
     fn a_full_data_dir_warns_instead_of_keeping_weir_from_starting() {
-        let full = data_dir_writable("/d", &Err("No space left on device (os error 28)".to_owned()));
+        let full = data_dir_writable("/d", &Err("No space left on device (os error 28)".to_owned()), false);
         assert_eq!(full.status, Status::Warn);
-        let denied = data_dir_writable("/d", &Err("Permission denied (os error 13)".to_owned()));
+        let denied = data_dir_writable("/d", &Err("Permission denied (os error 13)".to_owned()), false);
         assert_eq!(denied.status, Status::Fail);
+        assert!(denied.fix.unwrap().starts_with("chown -R weir:weir /d"));
         let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::ENOSPC });
         assert_eq!(io.status, Status::Warn);
         let io = direct_io("/d", &DirectIoOutcome::IoFailed { operation: "write", errno: libc::EIO });
         assert_eq!(io.status, Status::Fail);
+    }
+
+    #[test]
+    fn a_read_only_mount_is_told_to_remount_never_to_chown() {
+        let read_only = [
+            // The mount flag alone (a write refused by permissions on a read-only mount).
+            data_dir_writable("/d", &Err("Permission denied (os error 13)".to_owned()), true),
+            // EROFS alone (statvfs not answering).
+            data_dir_writable("/d", &Err("Read-only file system (os error 30)".to_owned()), false),
+            data_dir_presence(
+                "/d",
+                &DirPresence::CannotCreate {
+                    error: "Read-only file system (os error 30)".to_owned(),
+                    read_only_mount: true,
+                },
+            ),
+        ];
+        for check in read_only {
+            assert_eq!(check.status, Status::Fail);
+            let fix = check.fix.unwrap();
+            assert!(!fix.contains("chown weir"), "{fix}");
+            assert!(fix.starts_with("/d is on a read-only mount"), "{fix}");
+            assert!(fix.contains("mount -o remount,rw \"$(findmnt -no TARGET -T /d)\""), "{fix}");
+            assert!(fix.contains("point data_dir at a writable filesystem"), "{fix}");
+        }
+        let elsewhere = data_dir_presence(
+            "/d",
+            &DirPresence::CannotCreate { error: "Permission denied (os error 13)".to_owned(), read_only_mount: false },
+        );
+        assert!(elsewhere.fix.unwrap().starts_with("mkdir -p /d && chown weir:weir /d"));
+    }
+
+    #[test]
+    fn a_taken_port_names_its_holder_and_tells_this_weir_from_another() {
+        let holder =
+            |pid: u32, command: &str| PortHolder { pid, command: command.to_owned(), executable: command.to_owned() };
+        let check = |facts: &PortFacts, data_dir_holder: Option<u32>| {
+            listen_port("ports.quic", "quic.listen", PortProtocol::Udp, "0.0.0.0:4433", facts, data_dir_holder)
+        };
+        assert_eq!(check(&PortFacts::Free, None).status, Status::Ok);
+        assert_eq!(check(&PortFacts::AnyPort, None).status, Status::Ok);
+        // The weir serving this data directory: running already, a warning.
+        let running = check(&PortFacts::InUse { holders: vec![holder(4711, "weir")] }, Some(4711));
+        assert_eq!(running.status, Status::Warn);
+        assert!(running.saw.starts_with("weir (PID 4711) already listens on UDP 0.0.0.0:4433"), "{}", running.saw);
+        // Another weir on the same port: the devices would be split.
+        let other = check(&PortFacts::InUse { holders: vec![holder(815, "weir")] }, Some(4711));
+        assert_eq!(other.status, Status::Fail);
+        assert!(other.saw.contains("another weir (PID 815"), "{}", other.saw);
+        assert!(other.saw.contains("SO_REUSEPORT"), "{}", other.saw);
+        assert_eq!(other.fix.unwrap(), "stop it (`kill 815`), or set quic.listen to a port of its own");
+        let unlocked = check(&PortFacts::InUse { holders: vec![holder(815, "weir")] }, None);
+        assert_eq!(unlocked.status, Status::Fail);
+        // Something else.
+        let foreign = check(&PortFacts::InUse { holders: vec![holder(99, "nginx")] }, Some(4711));
+        assert_eq!(foreign.status, Status::Fail);
+        assert_eq!(foreign.saw, "UDP 0.0.0.0:4433 is in use by nginx (PID 99)");
+        let hidden = check(&PortFacts::InUse { holders: Vec::new() }, None);
+        assert_eq!(hidden.status, Status::Fail);
+        assert!(hidden.fix.unwrap().contains("ss -lnp 'sport = :4433'"));
+        let admin = listen_port(
+            "ports.admin",
+            "admin.listen",
+            PortProtocol::Tcp,
+            "127.0.0.1:9464",
+            &PortFacts::InUse { holders: vec![holder(815, "weir")] },
+            None,
+        );
+        assert!(
+            admin.saw.contains("already listens on TCP 127.0.0.1:9464: `weir serve` would exit 4"),
+            "{}",
+            admin.saw
+        );
     }
 
     #[test]

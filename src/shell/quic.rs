@@ -31,7 +31,7 @@ use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -49,6 +49,7 @@ use crate::core::log::batch::Record;
 use crate::core::protocol::{self, ErrorCode, FrameLimits};
 use crate::core::quota::RecordQuota;
 use crate::core::session::{self, FrameAssembler};
+use crate::core::throttle::LogThrottle;
 use crate::shell::metrics::QuicMetrics;
 use crate::shell::shutdown;
 
@@ -58,9 +59,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 const CLOSE_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Datagrams received per `recvmmsg` call.
 const RECV_BATCH: usize = 32;
-/// QUIC application close codes.
-const CLOSE_NO_IDENTITY: u32 = 0x101;
-const CLOSE_DEVICE_DENIED: u32 = 0x102;
+/// QUIC application close codes (docs/PROTOCOL.md); the first two refuse the device's
+/// identity, which no retry changes (the device client gives up on them).
+pub const CLOSE_NO_IDENTITY: u32 = 0x101;
+pub const CLOSE_DEVICE_DENIED: u32 = 0x102;
 const CLOSE_PROTOCOL: u32 = 0x103;
 const CLOSE_SHUTDOWN: u32 = 0x104;
 const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x105;
@@ -113,8 +115,14 @@ pub struct QuicSettings {
     pub handshakes_max: usize,
     /// Open connections per device, shared by every core.
     pub device_connections: Arc<DeviceConnections>,
+    /// One "denied device refused" line per device per minute, over all cores.
+    pub denied_log: Mutex<LogThrottle>,
     pub metrics: QuicMetrics,
 }
+
+/// How often one denied device is logged, and how many devices the throttle tracks.
+pub const DENIED_LOG_INTERVAL: Duration = Duration::from_secs(60);
+pub const DENIED_LOG_DEVICES_MAX: usize = 1024;
 
 pub use crate::shell::device_connections::DeviceConnections;
 pub use crate::shell::live::{LiveCell, QuicLive};
@@ -754,7 +762,19 @@ fn handle_event(
                     )
                 }
                 Some(device) if live.devices_denied.contains(&device) => {
-                    tracing::warn!(core, device, "denied device refused");
+                    let logged = settings
+                        .denied_log
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .admit(&device, Instant::now());
+                    if let Some(suppressed) = logged {
+                        tracing::warn!(
+                            core,
+                            device,
+                            suppressed,
+                            "denied device refused (logged once a minute per device)"
+                        );
+                    }
                     settings.metrics.refused("device_denied");
                     conn.connection.close(
                         Instant::now(),

@@ -140,7 +140,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
         quic = %quic.as_ref().map_or("disabled".to_owned(), |quic| quic.address.to_string()),
         data_dir = %valid.config.data_dir.display(),
         admin = %format!("http://{admin_address}"),
-        "weir starting"
+        "weir listening; opening partitions"
     );
     let (events, event_receiver) = mpsc::channel();
     let mut first_fatal: Option<Fatal> = None;
@@ -468,6 +468,10 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
         bytes_in_flight_per_connection_max: config.bytes_in_flight_per_connection_max.0 as usize,
         handshakes_max: config.handshakes_max as usize,
         device_connections: Arc::new(quic::DeviceConnections::default()),
+        denied_log: std::sync::Mutex::new(crate::core::throttle::LogThrottle::new(
+            quic::DENIED_LOG_INTERVAL,
+            quic::DENIED_LOG_DEVICES_MAX,
+        )),
         metrics: metrics.quic(),
     };
     Ok(PreparedQuic { settings: Arc::new(settings), sockets, address })

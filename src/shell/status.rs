@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
-use crate::config::DiskFullPolicy;
+use crate::config::{bytes_text, DiskFullPolicy};
 use crate::shell::metrics::{PartitionMetrics, ShipMetrics};
 
 use crate::shell::status_cells::log_offsets_view;
@@ -212,21 +212,21 @@ impl StatusBoard {
 pub fn render_text(status: &Status) -> String {
     use std::fmt::Write;
     let mut text = String::new();
-    let max = |bytes: u64| if bytes == 0 { "no limit".to_owned() } else { bytes.to_string() };
+    let max = |bytes: u64| if bytes == 0 { "no limit".to_owned() } else { bytes_text(bytes) };
     let _ = writeln!(
         text,
-        "source: {}  data_dir: {}  disk: {} of {} bytes  filesystem free: {}  policy: {}",
+        "source: {}  data_dir: {}  disk: {} of {}  filesystem free: {}  policy: {}",
         status.source,
         status.data_dir.as_ref().map_or("?".to_owned(), |path| path.display().to_string()),
-        status.data_dir_bytes,
+        bytes_text(status.data_dir_bytes),
         max(status.data_dir_bytes_max),
-        status.filesystem_free_bytes.map_or("?".to_owned(), |bytes| bytes.to_string()),
+        status.filesystem_free_bytes.map_or("?".to_owned(), bytes_text),
         status.disk_full_policy.as_deref().unwrap_or("?"),
     );
     let _ = writeln!(
         text,
-        "{:<24} {:>12} {:>12} {:>12} {:>10} {:>12} {:>9} {:>14} {:>9}  shipper",
-        "partition", "log_start", "log_end", "cursor", "lag_recs", "lag_bytes", "lag_s", "disk_bytes", "dropped"
+        "{:<24} {:>12} {:>12} {:>12} {:>10} {:>10} {:>9} {:>21} {:>9}  shipper",
+        "partition", "log_start", "log_end", "cursor", "lag_recs", "lag", "lag_s", "disk/budget", "dropped"
     );
     for partition in &status.partitions {
         let name = format!("{}-{}", partition.topic, partition.partition);
@@ -235,7 +235,7 @@ pub fn render_text(status: &Status) -> String {
             Some(shipper) => (
                 shipper.cursor_offset.to_string(),
                 shipper.lag_records.to_string(),
-                shipper.lag_bytes.map_or("?".to_owned(), |bytes| bytes.to_string()),
+                shipper.lag_bytes.map_or("?".to_owned(), |bytes| bytes_text(bytes.max(0) as u64)),
                 shipper.lag_seconds.map_or("?".to_owned(), |seconds| format!("{seconds:.1}")),
                 match &shipper.state {
                     ShipperState::Starting => "starting".to_owned(),
@@ -251,17 +251,19 @@ pub fn render_text(status: &Status) -> String {
         };
         let _ = writeln!(
             text,
-            "{name:<24} {:>12} {:>12} {cursor:>12} {lag_records:>10} {lag_bytes:>12} {lag_seconds:>9} {:>14} {:>9}  {state}",
+            "{name:<24} {:>12} {:>12} {cursor:>12} {lag_records:>10} {lag_bytes:>10} {lag_seconds:>9} {:>21} {:>9}  {state}",
             partition.log_start_offset,
             partition.log_end_offset,
-            format!("{}/{}", partition.disk_bytes, max(partition.partition_bytes_max)),
+            format!("{}/{}", bytes_text(partition.disk_bytes), max(partition.partition_bytes_max)),
             partition.dropped_records,
         );
         for range in &partition.dropped_ranges {
             let _ = writeln!(
                 text,
-                "  dropped by drop-oldest: offsets {}..={} ({} bytes)",
-                range.first_offset, range.last_offset, range.bytes
+                "  dropped by drop-oldest: offsets {}..={} ({})",
+                range.first_offset,
+                range.last_offset,
+                bytes_text(range.bytes)
             );
         }
     }
@@ -274,4 +276,64 @@ pub fn render_text(status: &Status) -> String {
 /// Seconds since the Unix epoch.
 fn now_s() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(disk_bytes: u64, partition_bytes_max: u64, lag_bytes: Option<i64>) -> PartitionStatus {
+        PartitionStatus {
+            topic: "telemetry".to_owned(),
+            partition: 0,
+            log_start_offset: 0,
+            log_end_offset: 1200,
+            disk_bytes,
+            partition_bytes_max,
+            disk_full_rejections: 0,
+            dropped_segments: 0,
+            dropped_records: 0,
+            dropped_ranges: vec![DroppedRange { first_offset: 0, last_offset: 99, bytes: 3 << 20 }],
+            shipper: Some(ShipperStatus {
+                state: ShipperState::Running,
+                cursor_offset: 1000,
+                lag_records: 200,
+                lag_bytes,
+                lag_seconds: Some(1.5),
+                shipped_records: 1000,
+                skipped_records: 0,
+                failing_since_s: None,
+                last_success_s: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_sizes_in_binary_units_and_no_limit_in_words() {
+        let status = Status {
+            source: "server".to_owned(),
+            data_dir: Some(PathBuf::from("/var/lib/weir")),
+            disk_full_policy: Some("reject".to_owned()),
+            data_dir_bytes: 338_830,
+            data_dir_bytes_max: 0,
+            filesystem_free_bytes: Some(12_884_901_888 + (300 << 20)),
+            partitions: vec![partition(338_830, 1 << 30, Some(1536))],
+            quarantined: Vec::new(),
+        };
+        let text = render_text(&status);
+        let first = text.lines().next().unwrap();
+        assert!(first.contains("disk: 330.9 KiB of no limit  filesystem free: 12.3 GiB"), "{text}");
+        let row = text.lines().find(|line| line.starts_with("telemetry-0")).unwrap();
+        assert!(row.contains(" 1.5 KiB "), "{text}");
+        assert!(row.contains(" 330.9 KiB/1 GiB "), "{text}");
+        assert!(text.contains("dropped by drop-oldest: offsets 0..=99 (3 MiB)"), "{text}");
+        assert!(!text.contains("338830") && !text.contains("bytes"), "no raw byte counts: {text}");
+        // A budget set shows as a size; an unknown lag stays unknown.
+        let limited = Status { data_dir_bytes_max: 10 << 30, partitions: vec![partition(100, 0, None)], ..status };
+        let text = render_text(&limited);
+        assert!(text.lines().next().unwrap().contains("disk: 330.9 KiB of 10 GiB"), "{text}");
+        let row = text.lines().find(|line| line.starts_with("telemetry-0")).unwrap();
+        assert!(row.contains(" 100 B/no limit "), "{text}");
+        assert!(row.contains(" ? "), "{text}");
+    }
 }

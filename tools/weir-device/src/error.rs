@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use weir::core::protocol::ErrorCode;
+use weir::shell::quic::{CLOSE_DEVICE_DENIED, CLOSE_NO_IDENTITY};
 
 use crate::profile::ProfileError;
 use crate::Sequence;
@@ -43,6 +44,12 @@ impl LinkError {
         let code = match self {
             LinkError::Connection { source: quinn::ConnectionError::TransportError(error), .. } => error.code,
             LinkError::Connection { source: quinn::ConnectionError::ConnectionClosed(close), .. } => close.error_code,
+            // weir took the handshake, then refused the identity the certificate names
+            // (docs/PROTOCOL.md, "Connection close codes"); the reason is in the close.
+            LinkError::Connection { source: quinn::ConnectionError::ApplicationClosed(close), .. } => {
+                let code = u64::from(close.error_code);
+                return code == u64::from(CLOSE_NO_IDENTITY) || code == u64::from(CLOSE_DEVICE_DENIED);
+            }
             _ => return false,
         };
         // QUIC carries TLS alerts as transport error codes 0x100..=0x1ff (RFC 9001 4.8).

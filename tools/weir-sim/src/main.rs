@@ -5,13 +5,15 @@
 //!
 //! Devices share a few tokio threads and a few UDP endpoints (one per
 //! `--devices-per-endpoint` devices), so 1,000 devices fit on 2 cores. Exit codes: 0
-//! when the run completed (its errors are in the summary), 1 when no device could
-//! connect or the runtime failed, 2 for bad options or missing certificates.
+//! when every device connected and every record it made was acked; 1 when not (a
+//! device that could not connect or was refused, a record failed or still unacked
+//! after the drain: stderr says how many and the server's first answers) or the
+//! runtime failed; 2 for bad options or missing certificates.
 
 #![deny(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -29,7 +31,12 @@ const RATE_MAX: f64 = 1_000_000.0;
     version,
     about = "Simulate a fleet of devices writing records to weir over QUIC",
     after_help = "Certificates: `weir certs` writes DIR/ca.pem and DIR/devices/<id>.pem/.key; \
-                  weir-sim uses the ids <device-prefix><n> for n in device-first..device-first+devices.\n\
+                  weir-sim uses the ids <device-prefix><n> for n in device-first..device-first+devices \
+                  (for the defaults: weir certs --dir DIR --device-prefix sim- --device-count 10).\n\
+                  Exit status: 0 when every device connected and every record it made was acked; 1 when \
+                  any device did not connect or was refused, or any record failed or was still unacked \
+                  after --drain-seconds (stderr says how many, with the server's answers, such as a \
+                  denied device), or the run could not start; 2 for bad options or missing certificates.\n\
                   Last stdout line: {\"acked\",\"errors\",\"records_per_s\",\"mb_per_s\",\"p50_us\",\"p99_us\",\"p999_us\",...}"
 )]
 struct Options {
@@ -151,9 +158,6 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         return Err(usage(format!("{bad:?} is not a device id (1..=64 of a-z A-Z 0-9 . _ -); check --device-prefix")));
     }
     let ca = options.certs.join("ca.pem");
-    if !ca.is_file() {
-        return Err(usage(format!("{} not found: --certs must be a directory written by `weir certs`", ca.display())));
-    }
     let missing: Vec<&String> = device_ids
         .iter()
         .filter(|id| {
@@ -161,18 +165,23 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
             !devices.join(format!("{id}.pem")).is_file() || !devices.join(format!("{id}.key")).is_file()
         })
         .collect();
+    let make = certs_command(&options.certs, &options.device_prefix, options.device_first, &missing, &device_ids);
+    if !ca.is_file() {
+        return Err(usage(format!(
+            "{} not found: --certs must be a directory written by `weir certs`; make one (a CA, a server \
+             certificate and these devices) with `{make}`, and give the server the same directory as \
+             quic.certs_dir",
+            ca.display()
+        )));
+    }
     if let Some(first) = missing.first() {
         return Err(usage(format!(
-            "{} of {} device certificates are missing under {}, the first {}; create them with `weir certs` \
-             for the ids {}{}..{}{}",
+            "{} of {} device certificates are missing under {}, the first {first}; make them with `{make}` \
+             (it reuses the CA in {})",
             missing.len(),
             device_ids.len(),
             options.certs.join("devices").display(),
-            first,
-            options.device_prefix,
-            options.device_first,
-            options.device_prefix,
-            last
+            options.certs.display(),
         )));
     }
     let mut profile = match &options.profile {
@@ -223,6 +232,20 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     })
 }
 
+/// The exact `weir certs` command that makes the `missing` device certificates: the
+/// compact `--device-count` form when it makes exactly those, else one `--device` per id
+/// (`weir certs` never overwrites, so it must not name an id that exists).
+fn certs_command(certs: &Path, prefix: &str, first: u32, missing: &[&String], all: &[String]) -> String {
+    let directory = certs.display().to_string();
+    let directory = if directory.contains(char::is_whitespace) { format!("{directory:?}") } else { directory };
+    if first == 0 && missing.len() == all.len() {
+        format!("weir certs --dir {directory} --device-prefix {prefix} --device-count {}", all.len())
+    } else {
+        let devices: Vec<String> = missing.iter().map(|id| format!("--device {id}")).collect();
+        format!("weir certs --dir {directory} {}", devices.join(" "))
+    }
+}
+
 fn main() -> ExitCode {
     let options = Options::parse(); // clap reports its own errors with exit code 2
     let plan = match plan(options) {
@@ -248,6 +271,26 @@ fn main() -> ExitCode {
             println!("{}", summary.json());
             if outcome.connected == 0 {
                 eprintln!("weir-sim: no device could connect");
+                for error in &outcome.first_errors {
+                    eprintln!("weir-sim: {error}");
+                }
+                return ExitCode::from(1);
+            }
+            let unacked = outcome.generated.saturating_sub(outcome.acked);
+            if unacked > 0 || outcome.connect_failures > 0 {
+                eprintln!(
+                    "weir-sim: incomplete: {unacked} of {} records not acked ({} failed, the rest in {} abandoned \
+                     sends); {} of {} devices did not connect",
+                    outcome.generated,
+                    outcome.failed_records,
+                    outcome.abandoned_sends,
+                    outcome.connect_failures,
+                    outcome.devices
+                );
+                // The server's own words (a denied device, a refused frame) first.
+                for error in &outcome.first_errors {
+                    eprintln!("weir-sim: {error}");
+                }
                 return ExitCode::from(1);
             }
             ExitCode::SUCCESS
