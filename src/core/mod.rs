@@ -2,6 +2,7 @@
 //! what to do. Nothing under `core` performs I/O or reads a clock.
 
 pub mod dedup;
+pub mod ingest;
 pub mod log;
 pub mod protocol;
 pub mod quota;

@@ -45,6 +45,7 @@ use quinn_proto::{
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 
 use crate::certs;
+use crate::core::ingest::{self, Admission, StreamOrder};
 use crate::core::log::batch::Record;
 use crate::core::protocol::{self, ErrorCode, FrameLimits};
 use crate::core::quota::RecordQuota;
@@ -71,13 +72,7 @@ const FORWARD_INBOX_MAX: usize = 4096;
 /// Queue depth of each core-to-core datagram channel.
 const FORWARD_CHANNEL_CAPACITY: usize = 1024;
 
-/// Why an append failed, as it crosses cores: a protocol error code and a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppendFailure {
-    pub code: ErrorCode,
-    pub message: String,
-    pub retry_after_ms: u32,
-}
+pub use crate::core::ingest::AppendFailure;
 
 /// Appends records to a partition wherever it lives (this core or another).
 pub trait Appender {
@@ -253,15 +248,6 @@ struct Completion {
     frame_number: u64,
     frame_bytes: usize,
     answer: Vec<u8>,
-}
-
-/// What a stream's frames must respect to keep their order (see the module docs).
-#[derive(Debug, Default)]
-struct StreamOrder {
-    /// Set by a retryable failure: (code, retry_after_ms) later frames are refused with.
-    refusing: Option<(ErrorCode, u32)>,
-    /// The highest sequence failed or refused since `refusing` was set.
-    refused_sequence_max: u64,
 }
 
 #[derive(Default)]
@@ -957,9 +943,9 @@ fn read_streams(
     }
 }
 
-/// Checks, routes and appends one frame (read at `received`); returns the answer
-/// frame's bytes. Runs once the stream's previous frame is done, so `order` reflects
-/// every earlier frame.
+/// Carries out what `core::ingest` decides for one frame (read at `received`): the
+/// appends it asks for, then the answer; returns the answer frame's bytes. Runs once
+/// the stream's previous frame is done, so `order` reflects every earlier frame.
 async fn process_frame(
     (frame, received): (Vec<u8>, Instant),
     device: String,
@@ -971,97 +957,29 @@ async fn process_frame(
     if let Some(answer) = appender.answer_unchecked(&frame) {
         return answer;
     }
-    let answer = match protocol::check_produce(&frame, &settings.limits) {
-        Err(error) => protocol::error_frame(sequence_of(&frame), error.code(), &error.to_string(), 0),
-        Ok(produce) => {
-            let sequence = produce.sequence;
-            let refusing = {
-                let mut order = order.borrow_mut();
-                match order.refusing {
-                    // A frame already sent once: the device started resending in order.
-                    Some(_) if sequence <= order.refused_sequence_max => {
-                        order.refusing = None;
-                        None
-                    }
-                    Some(refusing) => {
-                        order.refused_sequence_max = sequence;
-                        Some(refusing)
-                    }
-                    None => None,
-                }
-            };
-            match (refusing, settings.topics.get(&produce.topic)) {
-                (Some((code, retry_after_ms)), _) => protocol::error_frame(
-                    sequence,
-                    code,
-                    "an earlier frame on this stream was not stored: resend the frames in sequence order",
-                    retry_after_ms,
-                ),
-                (None, None) => protocol::error_frame(
-                    sequence,
-                    ErrorCode::UnknownTopic,
-                    &format!("no topic {:?}", produce.topic),
-                    0,
-                ),
-                (None, Some(_))
-                    if live.topics_allowed.as_ref().is_some_and(|allowed| !allowed.contains(&produce.topic)) =>
-                {
-                    protocol::error_frame(
-                        sequence,
-                        ErrorCode::TopicNotAllowed,
-                        &format!("device {device} may not write topic {:?}", produce.topic),
-                        0,
-                    )
-                }
-                (None, Some(_))
-                    if let Some(wait) = quota.as_ref().and_then(|quota| {
-                        quota.borrow_mut().take(produce.records.len() as u32, std::time::Instant::now()).err()
-                    }) =>
-                {
-                    let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
-                    let mut order = order.borrow_mut();
-                    order.refusing = Some((ErrorCode::QuotaExceeded, retry_after_ms));
-                    order.refused_sequence_max = sequence;
-                    protocol::error_frame(
-                        sequence,
-                        ErrorCode::QuotaExceeded,
-                        &format!(
-                            "device {device} is over its quota of {} records/s (quic.device_records_per_s_max)",
-                            live.device_records_per_s_max
-                        ),
-                        retry_after_ms,
-                    )
-                }
-                (None, Some((partitions, key_hash))) => {
-                    let runs = session::route(produce.records, &device, sequence, *partitions, *key_hash);
-                    let appends = runs
-                        .iter()
-                        .map(|run| appender.append(produce.topic.clone(), run.partition, run.records.clone()))
-                        .collect::<Vec<_>>();
-                    let mut base_offsets = Vec::with_capacity(appends.len());
-                    let mut failure = None;
-                    for append in appends {
-                        match append.await {
-                            Ok(offset) => base_offsets.push(offset),
-                            Err(error) => {
-                                failure.get_or_insert(error);
-                                base_offsets.push(-1);
-                            }
-                        }
-                    }
-                    match failure {
-                        Some(failure) => {
-                            if failure.code.is_retryable() {
-                                let mut order = order.borrow_mut();
-                                order.refusing = Some((failure.code, failure.retry_after_ms));
-                                order.refused_sequence_max = sequence;
-                            }
-                            protocol::error_frame(sequence, failure.code, &failure.message, failure.retry_after_ms)
-                        }
-                        None => protocol::ack_frame(sequence, session::ack_parts(&runs, &base_offsets)),
-                    }
-                }
+    let rules = ingest::Rules {
+        device: &device,
+        topics: &settings.topics,
+        topics_allowed: live.topics_allowed.as_ref(),
+        device_records_per_s_max: live.device_records_per_s_max,
+        limits: &settings.limits,
+    };
+    let admission = {
+        let mut quota = quota.as_ref().map(|quota| quota.borrow_mut());
+        ingest::admit(&frame, &rules, &mut order.borrow_mut(), quota.as_deref_mut(), Instant::now())
+    };
+    let answer = match admission {
+        Admission::Answer(answer) => answer,
+        Admission::Append { sequence, topic, runs } => {
+            let appends = runs
+                .iter()
+                .map(|run| appender.append(topic.clone(), run.partition, run.records.clone()))
+                .collect::<Vec<_>>();
+            let mut results = Vec::with_capacity(appends.len());
+            for append in appends {
+                results.push(append.await);
             }
+            ingest::answer(sequence, &runs, results, &mut order.borrow_mut())
         }
     };
     if answer.kind == protocol::KIND_ACK {
@@ -1074,17 +992,6 @@ async fn process_frame(
         }
     }
     protocol::with_length_prefix(&protocol::encode(&answer))
-}
-
-/// The sequence of a frame that failed its checks, when its root is readable at all
-/// (so the device can match the error to its frame); 0 otherwise.
-fn sequence_of(frame: &[u8]) -> u64 {
-    if frame.len() >= 32 && frame.len().is_multiple_of(8) {
-        let root = frame.len() - 32;
-        u64::from_le_bytes(frame[root + 8..root + 16].try_into().expect("8 bytes"))
-    } else {
-        0
-    }
 }
 
 /// Writes the answers that are ready, strictly in frame order, as stream credit allows.

@@ -422,6 +422,18 @@ pub fn ack_frame(sequence: u64, parts: Vec<AckPart>) -> AnswerFrame {
     }
 }
 
+/// The sequence of a frame that failed its checks, when its root is readable at all
+/// (so the device can match the error to its frame); 0 otherwise. Reads the root's
+/// `sequence` field where the archive puts it (the last 32 bytes, 8-byte aligned).
+pub fn sequence_of_unchecked(frame: &[u8]) -> u64 {
+    if frame.len() >= 32 && frame.len().is_multiple_of(8) {
+        let root = frame.len() - 32;
+        u64::from_le_bytes(frame[root + 8..root + 16].try_into().expect("8 bytes"))
+    } else {
+        0
+    }
+}
+
 /// An error answer; the message is cut to the v1 limit at a character boundary.
 pub fn error_frame(sequence: u64, code: ErrorCode, message: &str, retry_after_ms: u32) -> AnswerFrame {
     let mut end = message.len().min(FRAME_LIMITS_V1.message_bytes_max);

@@ -15,6 +15,7 @@ use super::broker::{Dedup, ModelBroker};
 use super::disk::SimFile;
 use super::{trace, SimRandom};
 use crate::core::dedup::{self, Admission, DedupIndex, DedupLimits, StoredRun};
+use crate::core::ingest::{self, AppendFailure, StreamOrder};
 use crate::core::log::batch::{self, Header, Record};
 use crate::core::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
 use crate::core::log::segment::plan_append;
@@ -402,17 +403,9 @@ struct Connection {
 
 // ----- the appliance -----
 
-/// `shell::quic`'s per-stream order rule.
-#[derive(Debug, Default)]
-struct StreamOrder {
-    refusing: Option<(ErrorCode, u32)>,
-    refused_sequence_max: u64,
-}
-
-#[derive(Debug)]
-struct AppendFailure {
-    code: ErrorCode,
-    retry_after_ms: u32,
+/// An append failure as the engine reports it (`core::ingest::AppendFailure`).
+fn failure(code: ErrorCode, retry_after_ms: u32) -> AppendFailure {
+    AppendFailure { code, message: format!("append failed: {}", code.name()), retry_after_ms }
 }
 
 #[derive(Debug)]
@@ -1116,35 +1109,33 @@ impl World {
         }
         work.started = true;
         let serial = work.serial;
-        let produce = protocol::check_produce(&work.bytes, &settings.frame_limits)
-            .unwrap_or_else(|error| panic!("a device frame failed its checks: {error}"));
-        let sequence = produce.sequence;
-        work.sequence = sequence;
-        // The stream's order rule: after a retryable failure, later frames are refused
-        // until the device resends from the failed one.
-        let refusing = {
-            let order = &mut stream.order;
-            match order.refusing {
-                Some(_) if sequence <= order.refused_sequence_max => {
-                    order.refusing = None;
-                    None
-                }
-                Some(refusing) => {
-                    order.refused_sequence_max = sequence;
-                    Some(refusing)
-                }
-                None => None,
+        // The appliance's own admission (`core::ingest`, as `shell::quic` runs it):
+        // the frame's checks, the stream's order rule, the topic, the routing.
+        let device_id = self.devices[device].id.clone();
+        let topics = HashMap::from([(TOPIC.to_owned(), (settings.partitions, settings.key_hash))]);
+        let rules = ingest::Rules {
+            device: &device_id,
+            topics: &topics,
+            topics_allowed: None,
+            device_records_per_s_max: 0,
+            limits: &settings.frame_limits,
+        };
+        let now = self.instant();
+        let weir = self.weir.as_mut().expect("above");
+        let stream = weir.streams.get_mut(&(connection, stream_index)).expect("above");
+        let work = stream.frames.front_mut().expect("above");
+        let (sequence, runs) = match ingest::admit(&work.bytes, &rules, &mut stream.order, None, now) {
+            ingest::Admission::Append { sequence, runs, .. } => (sequence, runs),
+            ingest::Admission::Answer(answer) => {
+                let code = ErrorCode::from_u16(answer.error_code).expect("an error answer");
+                assert!(code.is_retryable(), "a device frame was refused with {code:?}: {:?}", answer.message);
+                work.sequence = answer.sequence;
+                self.finish_front_frame((connection, stream_index), answer);
+                return;
             }
         };
-        if let Some((code, retry_after_ms)) = refusing {
-            let answer =
-                protocol::error_frame(sequence, code, "an earlier frame on this stream was not stored", retry_after_ms);
-            self.finish_front_frame((connection, stream_index), answer);
-            return;
-        }
+        work.sequence = sequence;
         self.note(format!("c{connection}/{stream_index}: dev{device} s{sequence} processing"));
-        let device_id = self.devices[device].id.clone();
-        let runs = session::route(produce.records, &device_id, sequence, settings.partitions, settings.key_hash);
         let work =
             self.weir().streams.get_mut(&(connection, stream_index)).expect("above").frames.front_mut().expect("above");
         work.results = vec![None; runs.len()];
@@ -1195,22 +1186,18 @@ impl World {
             return;
         }
         let sequence = work.sequence;
-        let first_failure = work.failures.iter_mut().find_map(Option::take);
-        let answer = match first_failure {
-            Some(failure) => {
-                if failure.code.is_retryable() {
-                    let order = &mut weir.streams.get_mut(&key).expect("above").order;
-                    order.refusing = Some((failure.code, failure.retry_after_ms));
-                    order.refused_sequence_max = sequence;
-                }
-                protocol::error_frame(sequence, failure.code, "append failed", failure.retry_after_ms)
-            }
-            None => {
-                let offsets: Vec<i64> =
-                    work.results.iter().map(|result| *result.as_ref().expect("all in").as_ref().expect("ok")).collect();
-                protocol::ack_frame(sequence, session::ack_parts(&work.runs, &offsets))
-            }
-        };
+        let results = work
+            .results
+            .iter()
+            .zip(work.failures.iter_mut())
+            .map(|(result, failure)| match result.expect("all in") {
+                Ok(offset) => Ok(offset),
+                Err(_) => Err(failure.take().expect("a failed run keeps its failure")),
+            })
+            .collect();
+        let runs = std::mem::take(&mut work.runs);
+        let order = &mut weir.streams.get_mut(&key).expect("above").order;
+        let answer = ingest::answer(sequence, &runs, results, order);
         self.finish_front_frame(key, answer);
     }
 
@@ -1251,7 +1238,7 @@ impl World {
                 );
                 self.outcome.too_old += 1;
                 self.note(format!("p{partition}: {} s{} is older than the window: SequenceTooOld", key.0, key.1));
-                return self.deliver(waiter, Err(AppendFailure { code: ErrorCode::SequenceTooOld, retry_after_ms: 0 }));
+                return self.deliver(waiter, Err(failure(ErrorCode::SequenceTooOld, 0)));
             }
         }
         if let Some((first_digest, _, waiters)) = state.in_flight.get_mut(&key) {
@@ -1281,11 +1268,7 @@ impl World {
             state.dedup.check_invariants();
         }
         for waiter in waiters {
-            let copy = match &result {
-                Ok(offset) => Ok(*offset),
-                Err(failure) => Err(AppendFailure { code: failure.code, retry_after_ms: failure.retry_after_ms }),
-            };
-            self.deliver(waiter, copy);
+            self.deliver(waiter, result.clone());
         }
     }
 
@@ -1333,8 +1316,7 @@ impl World {
             Stage::Busy => {
                 // `append_unless_behind`: a full queue refuses at once.
                 if state.queue.len() >= settings.appends_pending_max {
-                    let failure =
-                        AppendFailure { code: ErrorCode::Backpressure, retry_after_ms: BACKPRESSURE_RETRY_AFTER_MS };
+                    let failure = failure(ErrorCode::Backpressure, BACKPRESSURE_RETRY_AFTER_MS);
                     self.append_done(partition, append.key, Err(failure));
                 } else {
                     state.queue.push_back(append);
@@ -1403,7 +1385,7 @@ impl World {
                 // healthy, the appends are refused with DiskFull (`shell::log::flush`).
                 self.outcome.disk_full += 1;
                 for append in group {
-                    let failure = AppendFailure { code: ErrorCode::DiskFull, retry_after_ms: RETRY_AFTER_MS };
+                    let failure = failure(ErrorCode::DiskFull, RETRY_AFTER_MS);
                     self.append_done(partition, append.key, Err(failure));
                 }
                 self.weir().partitions[partition as usize].last_flush_end_us = Some(self.now_us);
@@ -1961,7 +1943,7 @@ impl World {
 }
 
 fn storage_failed() -> AppendFailure {
-    AppendFailure { code: ErrorCode::StorageFailed, retry_after_ms: 10 * RETRY_AFTER_MS }
+    failure(ErrorCode::StorageFailed, 10 * RETRY_AFTER_MS)
 }
 
 fn upstream(partition: u32) -> UpstreamPartition {
