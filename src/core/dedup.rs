@@ -274,6 +274,90 @@ impl DedupIndex {
     }
 }
 
+/// One partition's gate for runs of device records: the de-duplication decision and
+/// the join of a resend with the identical append already in flight, pure. The shell
+/// (`shell::engine`) and the simulator ask it what becomes of a run, carry out the
+/// append it asks for, and tell it the result; it keeps the index and the waiters.
+/// `W` is whoever waits for a run's result (a reply channel, a simulated frame).
+#[derive(Debug)]
+pub struct RunGate<W> {
+    pub index: DedupIndex,
+    /// Runs being appended now, by (device, sequence): their digest and record count,
+    /// and who joined them.
+    in_flight: HashMap<(String, u64), (u32, u32, Vec<W>)>,
+}
+
+/// What becomes of a run (see [`RunGate::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunDecision {
+    /// Neither stored nor in flight: append it, then call [`RunGate::appended`].
+    Append,
+    /// The identical run is being appended: the waiter was queued and gets its result
+    /// from [`RunGate::appended`].
+    Joined,
+    /// Stored before with the same records, at this offset: answer it, store nothing.
+    Stored(i64),
+    /// The sequence was used for other records, stored or in flight: `SequenceReused`.
+    Reused,
+    /// At or below a sequence the window dropped: `SequenceTooOld`.
+    TooOld { forgotten_through: u64 },
+}
+
+impl<W> RunGate<W> {
+    pub fn new(index: DedupIndex) -> RunGate<W> {
+        RunGate { index, in_flight: HashMap::new() }
+    }
+
+    /// The decision for the run (device, sequence) whose records have `digest` and
+    /// `record_count`; `waiter` is called (and queued) only when it joins an append in
+    /// flight.
+    pub fn admit(
+        &mut self,
+        device: &str,
+        sequence: u64,
+        digest: u32,
+        record_count: u32,
+        waiter: impl FnOnce() -> W,
+    ) -> RunDecision {
+        match self.index.admit(device, sequence, digest, record_count) {
+            Admission::Store => {}
+            Admission::Stored(run) => return RunDecision::Stored(run.base_offset),
+            Admission::Reused(_) => return RunDecision::Reused,
+            Admission::TooOld { forgotten_through } => return RunDecision::TooOld { forgotten_through },
+        }
+        match self.in_flight.get_mut(&(device.to_owned(), sequence)) {
+            Some((first_digest, first_count, _)) if (*first_digest, *first_count) != (digest, record_count) => {
+                RunDecision::Reused
+            }
+            Some((_, _, waiters)) => {
+                waiters.push(waiter());
+                RunDecision::Joined
+            }
+            None => {
+                self.in_flight.insert((device.to_owned(), sequence), (digest, record_count, Vec::new()));
+                RunDecision::Append
+            }
+        }
+    }
+
+    /// The append of (device, sequence) that [`admit`](Self::admit) asked for ended at
+    /// `base_offset` (`None`: it failed). A stored run is learned by the index; returns
+    /// the waiters that joined it, to be given the same result.
+    pub fn appended(&mut self, device: &str, sequence: u64, base_offset: Option<i64>) -> Vec<W> {
+        let (digest, record_count, waiters) =
+            self.in_flight.remove(&(device.to_owned(), sequence)).expect("an append admitted by this gate");
+        if let Some(base_offset) = base_offset {
+            self.index.insert(device, sequence, StoredRun { base_offset, record_count, digest });
+        }
+        waiters
+    }
+
+    /// Runs being appended now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +543,29 @@ mod tests {
         let mut other = records.clone();
         other[1].value = Some(Bytes::from_static(b"y"));
         assert_ne!(digest_of_records(&other), digest_of_records(&records));
+    }
+
+    #[test]
+    fn the_gate_joins_resends_in_flight_and_answers_stored_ones_from_the_index() {
+        let limits = DedupLimits { sequences_per_device_max: 2, devices_max: 8 };
+        let mut gate: RunGate<&str> = RunGate::new(DedupIndex::new(limits));
+        assert_eq!(gate.admit("dev", 1, 0xabc, 3, || "first"), RunDecision::Append);
+        assert_eq!(gate.admit("dev", 1, 0xabc, 3, || "resend"), RunDecision::Joined);
+        assert_eq!(gate.admit("dev", 1, 0xdef, 3, || "other"), RunDecision::Reused, "same sequence, other records");
+        assert_eq!(gate.admit("dev", 1, 0xabc, 2, || "other"), RunDecision::Reused, "same sequence, other count");
+        assert_eq!(gate.in_flight(), 1);
+        assert_eq!(gate.appended("dev", 1, Some(40)), vec!["resend"]);
+        assert_eq!(gate.admit("dev", 1, 0xabc, 3, || "late"), RunDecision::Stored(40));
+        assert_eq!(gate.admit("dev", 1, 0x123, 3, || "late"), RunDecision::Reused);
+        // A failed append is not learned: the next resend appends again.
+        assert_eq!(gate.admit("dev", 2, 0x2, 1, || "x"), RunDecision::Append);
+        assert!(gate.appended("dev", 2, None).is_empty());
+        assert_eq!(gate.admit("dev", 2, 0x2, 1, || "x"), RunDecision::Append);
+        assert!(gate.appended("dev", 2, Some(43)).is_empty());
+        // The window holds 2 sequences: storing 3 forgets 1.
+        assert_eq!(gate.admit("dev", 3, 0x3, 1, || "x"), RunDecision::Append);
+        gate.appended("dev", 3, Some(44));
+        assert_eq!(gate.admit("dev", 1, 0xabc, 3, || "stale"), RunDecision::TooOld { forgotten_through: 1 });
+        assert_eq!(gate.in_flight(), 0);
     }
 }

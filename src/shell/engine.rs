@@ -14,7 +14,7 @@ use std::rc::Rc;
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
-use crate::core::dedup::{self, Admission, DedupIndex, DedupLimits, StoredRun};
+use crate::core::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
 use crate::core::log::batch::{self, Record};
 use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
@@ -66,17 +66,15 @@ pub struct DedupSettings {
     pub horizon_records: i64,
 }
 
-/// The digest of the run being appended and who waits for its result.
-type RunWaiters = (u32, Vec<oneshot::Sender<Result<i64, AppendFailure>>>);
+/// Who waits for the result of a run another frame is appending.
+type RunWaiter = oneshot::Sender<Result<i64, AppendFailure>>;
 
 pub struct CoreAppender {
     core: usize,
     cores: usize,
     logs: HashMap<(String, u32), PartitionLog>,
-    dedup: RefCell<HashMap<(String, u32), DedupIndex>>,
-    /// Runs being appended now, by (topic, partition, device, sequence): a resend that
-    /// arrives meanwhile waits for the first one's result instead of appending again.
-    in_flight: RefCell<HashMap<(String, u32, String, u64), RunWaiters>>,
+    /// Each partition's de-duplication and in-flight joins (`core::dedup::RunGate`).
+    gates: RefCell<HashMap<(String, u32), RunGate<RunWaiter>>>,
     senders: Option<Senders<MeshMessage>>,
     peer_of_core: RefCell<HashMap<usize, usize>>,
     pending: RefCell<HashMap<u64, oneshot::Sender<Result<i64, AppendFailure>>>>,
@@ -93,9 +91,9 @@ impl CoreAppender {
         dedup_settings: DedupSettings,
         mesh: Option<MeshBuilder<MeshMessage, Full>>,
     ) -> Result<Rc<CoreAppender>, LogError> {
-        let mut dedup = HashMap::new();
+        let mut gates = HashMap::new();
         for (key, log) in &logs {
-            dedup.insert(key.clone(), rebuild_dedup(log, dedup_settings).await?);
+            gates.insert(key.clone(), RunGate::new(rebuild_dedup(log, dedup_settings).await?));
         }
         let (senders, receivers) = match mesh {
             Some(mesh) if cores > 1 => {
@@ -108,8 +106,7 @@ impl CoreAppender {
             core,
             cores,
             logs,
-            dedup: RefCell::new(dedup),
-            in_flight: RefCell::new(HashMap::new()),
+            gates: RefCell::new(gates),
             senders,
             peer_of_core: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
@@ -154,24 +151,40 @@ impl CoreAppender {
         let partition_key = (topic.to_owned(), partition);
         let digest = dedup::digest_of_records(&records);
         let record_count = records.len() as u32;
-        let reused = |topic: &str| AppendFailure {
-            code: ErrorCode::SequenceReused,
-            message: format!(
-                "sequence {sequence} of device {device} was already used for other records in {topic}-{partition}; \
-                 nothing stored (a resend must repeat the very same frame)"
-            ),
-            retry_after_ms: 0,
-        };
-        let admission = self
-            .dedup
-            .borrow()
-            .get(&partition_key)
-            .map_or(Admission::Store, |index| index.admit(&device, sequence, digest, record_count));
-        match admission {
-            Admission::Store => {}
-            Admission::Stored(run) => return Ok(run.base_offset),
-            Admission::Reused(_) => return Err(reused(topic)),
-            Admission::TooOld { forgotten_through } => {
+        let mut joined = None;
+        let decision = self
+            .gates
+            .borrow_mut()
+            .get_mut(&partition_key)
+            .expect("every owned partition has a gate")
+            .admit(&device, sequence, digest, record_count, || {
+                let (reply, answer) = oneshot::channel();
+                joined = Some(answer);
+                reply
+            });
+        match decision {
+            RunDecision::Append => {}
+            RunDecision::Stored(base_offset) => return Ok(base_offset),
+            RunDecision::Joined => {
+                return joined.expect("a joined run has its answer").await.unwrap_or_else(|_| {
+                    Err(AppendFailure {
+                        code: ErrorCode::ShuttingDown,
+                        message: "core stopped".into(),
+                        retry_after_ms: RETRY_AFTER_MS,
+                    })
+                })
+            }
+            RunDecision::Reused => {
+                return Err(AppendFailure {
+                    code: ErrorCode::SequenceReused,
+                    message: format!(
+                        "sequence {sequence} of device {device} was already used for other records in \
+                         {topic}-{partition}; nothing stored (a resend must repeat the very same frame)"
+                    ),
+                    retry_after_ms: 0,
+                })
+            }
+            RunDecision::TooOld { forgotten_through } => {
                 return Err(AppendFailure {
                     code: ErrorCode::SequenceTooOld,
                     message: format!(
@@ -183,39 +196,14 @@ impl CoreAppender {
                 });
             }
         }
-        let flight_key = (topic.to_owned(), partition, device.clone(), sequence);
-        let waiting = {
-            let mut in_flight = self.in_flight.borrow_mut();
-            match in_flight.get_mut(&flight_key) {
-                Some((first_digest, _)) if *first_digest != digest => return Err(reused(topic)),
-                Some((_, waiters)) => {
-                    let (reply, answer) = oneshot::channel();
-                    waiters.push(reply);
-                    Some(answer)
-                }
-                None => {
-                    in_flight.insert(flight_key.clone(), (digest, Vec::new()));
-                    None
-                }
-            }
-        };
-        if let Some(answer) = waiting {
-            return answer.await.unwrap_or_else(|_| {
-                Err(AppendFailure {
-                    code: ErrorCode::ShuttingDown,
-                    message: "core stopped".into(),
-                    retry_after_ms: RETRY_AFTER_MS,
-                })
-            });
-        }
         let result = log.append_unless_behind(records).await.map_err(|error| failure_of(&error));
-        if let Ok(base_offset) = result {
-            if let Some(index) = self.dedup.borrow_mut().get_mut(&partition_key) {
-                index.insert(&device, sequence, StoredRun { base_offset, record_count, digest });
-            }
-        }
-        let waiters = self.in_flight.borrow_mut().remove(&flight_key).map(|(_, waiters)| waiters);
-        for waiter in waiters.unwrap_or_default() {
+        let waiters = self
+            .gates
+            .borrow_mut()
+            .get_mut(&partition_key)
+            .expect("every owned partition has a gate")
+            .appended(&device, sequence, result.as_ref().ok().copied());
+        for waiter in waiters {
             let _ = waiter.send(result.clone());
         }
         result

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::broker::{Dedup, ModelBroker};
 use super::disk::SimFile;
 use super::{trace, SimRandom};
-use crate::core::dedup::{self, Admission, DedupIndex, DedupLimits, StoredRun};
+use crate::core::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
 use crate::core::ingest::{self, AppendFailure, StreamOrder};
 use crate::core::log::batch::{self, Header, Record};
 use crate::core::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
@@ -450,7 +450,6 @@ enum Flusher {
 }
 
 /// A run being appended (digest, record count) and the frames' runs waiting for it.
-type RunInFlight = (u32, u32, Vec<(FrameRef, usize)>);
 
 struct WeirPartition {
     /// The logical end of the durable data and the next offset.
@@ -464,9 +463,10 @@ struct WeirPartition {
     flusher: Flusher,
     last_flush_end_us: Option<u64>,
     poisoned: bool,
-    dedup: DedupIndex,
-    /// `shell::engine`'s runs being appended now: digest, record count, who waits.
-    in_flight: HashMap<(String, u64), RunInFlight>,
+    /// `shell::engine`'s de-duplication and in-flight joins: the real `RunGate`.
+    gate: RunGate<(FrameRef, usize)>,
+    /// The frame whose run each append in flight is (the gate keeps those that joined).
+    appending: HashMap<(String, u64), (FrameRef, usize)>,
     shipper: ShipperCore,
     ship_timer_us: Option<u64>,
     broker_link: u64,
@@ -688,8 +688,8 @@ impl World {
                 flusher: Flusher::Idle,
                 last_flush_end_us: None,
                 poisoned: false,
-                dedup,
-                in_flight: HashMap::new(),
+                gate: RunGate::new(dedup),
+                appending: HashMap::new(),
                 shipper,
                 ship_timer_us: None,
                 broker_link: 0,
@@ -1218,15 +1218,17 @@ impl World {
         let digest = dedup::digest_of_records(&records);
         let record_count = records.len() as u32;
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        match state.dedup.admit(&key.0, key.1, digest, record_count) {
-            Admission::Store => {}
-            Admission::Stored(run) => {
+        match state.gate.admit(&key.0, key.1, digest, record_count, || waiter) {
+            RunDecision::Append => {}
+            RunDecision::Stored(base_offset) => {
                 self.outcome.dedup_answers += 1;
-                self.note(format!("p{partition}: {} s{} answered from dedup: {}", key.0, key.1, run.base_offset));
-                return self.deliver(waiter, Ok(run.base_offset));
+                self.note(format!("p{partition}: {} s{} answered from dedup: {base_offset}", key.0, key.1));
+                return self.deliver(waiter, Ok(base_offset));
             }
-            Admission::Reused(_) => panic!("{} s{} was stored with other records in p{partition}", key.0, key.1),
-            Admission::TooOld { forgotten_through } => {
+            RunDecision::Reused => {
+                panic!("{} s{} was stored or is in flight with other records in p{partition}", key.0, key.1)
+            }
+            RunDecision::TooOld { forgotten_through } => {
                 // The property of issue 13: SequenceTooOld only for a frame this
                 // partition stored (a stale copy), never for one it did not.
                 assert!(
@@ -1240,15 +1242,13 @@ impl World {
                 self.note(format!("p{partition}: {} s{} is older than the window: SequenceTooOld", key.0, key.1));
                 return self.deliver(waiter, Err(failure(ErrorCode::SequenceTooOld, 0)));
             }
+            RunDecision::Joined => {
+                self.outcome.joined_in_flight += 1;
+                self.note(format!("p{partition}: {} s{} joins the append in flight", key.0, key.1));
+                return;
+            }
         }
-        if let Some((first_digest, _, waiters)) = state.in_flight.get_mut(&key) {
-            assert_eq!(*first_digest, digest, "a resend under the same sequence with other records");
-            waiters.push(waiter);
-            self.outcome.joined_in_flight += 1;
-            self.note(format!("p{partition}: {} s{} joins the append in flight", key.0, key.1));
-            return;
-        }
-        state.in_flight.insert(key.clone(), (digest, record_count, vec![waiter]));
+        state.appending.insert(key.clone(), waiter);
         self.log_append(
             partition,
             PendingAppend { bound_bytes: records.iter().map(Record::encoded_bytes_upper).sum(), records, key },
@@ -1262,12 +1262,10 @@ impl World {
             self.note(format!("p{partition}: {} s{} append failed: {}", key.0, key.1, failure.code.name()));
         }
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        let (digest, record_count, waiters) = state.in_flight.remove(&key).expect("an append has its in-flight entry");
-        if let Ok(base_offset) = result {
-            state.dedup.insert(&key.0, key.1, StoredRun { base_offset, record_count, digest });
-            state.dedup.check_invariants();
-        }
-        for waiter in waiters {
+        let first = state.appending.remove(&key).expect("an append has the frame that started it");
+        let joined = state.gate.appended(&key.0, key.1, result.as_ref().ok().copied());
+        state.gate.index.check_invariants();
+        for waiter in std::iter::once(first).chain(joined) {
             self.deliver(waiter, result.clone());
         }
     }
