@@ -71,7 +71,7 @@ pub fn offline(valid: &ValidConfig) -> Status {
             partitions.push(offline_partition(valid, &topic.name, partition, &directory));
         }
     }
-    let free = crate::doctor::sys::available_bytes(&config.data_dir).ok();
+    let free = crate::shell::sys::available_bytes(&config.data_dir).ok();
     Status {
         source: "data directory (weir is not answering on admin.listen)".to_owned(),
         data_dir: Some(config.data_dir.clone()),

@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod log;
 pub mod protocol;
 pub mod quota;
+pub mod rate;
 pub mod sasl;
 pub mod session;
 pub mod ship;

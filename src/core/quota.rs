@@ -11,16 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-/// Records are counted in millionths so that slow rates refill smoothly.
-const MICROS_PER_RECORD: u64 = 1_000_000;
+use crate::core::rate::TokenBucket;
 
 #[derive(Debug, Clone)]
 pub struct RecordQuota {
-    /// Millionths of a record added per microsecond (= records per second).
-    records_per_s: u64,
-    capacity_micros: u64,
-    available_micros: u64,
-    updated_at: Option<Instant>,
+    bucket: TokenBucket,
 }
 
 impl RecordQuota {
@@ -38,39 +33,17 @@ impl RecordQuota {
         assert!(connections_max > 0 && records_per_frame_max > 0);
         let records_per_s = (u64::from(device_records_per_s) / u64::from(connections_max)).max(1);
         let capacity = records_per_s.max(u64::from(records_per_frame_max));
-        Some(RecordQuota {
-            records_per_s,
-            capacity_micros: capacity * MICROS_PER_RECORD,
-            available_micros: capacity * MICROS_PER_RECORD,
-            updated_at: None,
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        if let Some(updated_at) = self.updated_at {
-            let elapsed_us = now.saturating_duration_since(updated_at).as_micros().min(u128::from(u64::MAX)) as u64;
-            let added = elapsed_us.saturating_mul(self.records_per_s);
-            self.available_micros = self.available_micros.saturating_add(added).min(self.capacity_micros);
-        }
-        self.updated_at = Some(now);
+        Some(RecordQuota { bucket: TokenBucket::new(records_per_s, capacity) })
     }
 
     /// Takes `records` at `now`, or says how long until they would fit (nothing taken).
     pub fn take(&mut self, records: u32, now: Instant) -> Result<(), Duration> {
-        self.refill(now);
-        let needed = u64::from(records) * MICROS_PER_RECORD;
-        assert!(needed <= self.capacity_micros, "a frame larger than the burst is refused before the quota");
-        if needed <= self.available_micros {
-            self.available_micros -= needed;
-            return Ok(());
-        }
-        let missing = needed - self.available_micros;
-        Err(Duration::from_micros(missing.div_ceil(self.records_per_s)))
+        self.bucket.try_take(u64::from(records), now)
     }
 
     /// Records per second this connection may write.
     pub fn records_per_s(&self) -> u64 {
-        self.records_per_s
+        self.bucket.rate_per_s()
     }
 }
 

@@ -223,18 +223,7 @@ pub fn filesystem_magic(path: &Path) -> io::Result<i64> {
 }
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`.
-pub fn available_bytes(path: &Path) -> io::Result<u64> {
-    let path = c_path(path)?;
-    // SAFETY: as for `statfs` above: zeroed plain data, written by the kernel only, and
-    // a NUL-terminated path that outlives the call.
-    unsafe {
-        let mut stats: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(path.as_ptr(), &mut stats) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
-    }
-}
+pub use crate::shell::sys::available_bytes;
 
 /// Whether the filesystem holding `path` is mounted read-only (`ST_RDONLY`); false
 /// when `statvfs` does not answer (the write probe then tells).
@@ -375,41 +364,10 @@ fn reuseport_socket(port: u16) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from(fd))
 }
 
-/// The steering program the QUIC design calls for, in its simplest form: the socket
-/// index is the 32-bit word at payload byte 1 (where a short-header connection id
-/// starts) modulo the group size.
-fn steering_program(group_size: u32) -> [libc::sock_filter; 3] {
-    let statement = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
-    [
-        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 1),
-        statement(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, group_size),
-        statement(libc::BPF_RET | libc::BPF_A, 0),
-    ]
-}
-
-fn attach_steering(socket: &UdpSocket, group_size: u32) -> io::Result<()> {
-    let mut program = steering_program(group_size);
-    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
-    // SAFETY: `fprog` points at `program`, which lives until the call returns; the kernel
-    // copies the program in and keeps no pointer to it.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(last_error("setsockopt(SO_ATTACH_REUSEPORT_CBPF)"));
-    }
-    Ok(())
-}
-
 /// Makes a SO_REUSEPORT group of `group_size` UDP sockets on a loopback port, attaches
-/// the steering program, and sends one datagram per socket naming it; counts those that
-/// arrived where they were steered.
+/// serve's own steering program (`shell::sys::attach_reuseport_steering`), and sends
+/// one short-header datagram per socket naming it as its connection id's core; counts
+/// those that arrived where they were steered.
 pub fn reuseport_cbpf(group_size: usize) -> io::Result<ReuseportOutcome> {
     const WAIT: Duration = Duration::from_millis(500);
     assert!((2..=1024).contains(&group_size));
@@ -419,7 +377,8 @@ pub fn reuseport_cbpf(group_size: usize) -> io::Result<ReuseportOutcome> {
     for _ in 1..group_size {
         group.push(reuseport_socket(port)?);
     }
-    attach_steering(&group[0], group_size as u32)?;
+    crate::shell::sys::attach_reuseport_steering(&group[0])
+        .map_err(|error| io::Error::new(error.kind(), format!("setsockopt(SO_ATTACH_REUSEPORT_CBPF): {error}")))?;
     let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     let target = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
     for index in 0..group_size as u32 {

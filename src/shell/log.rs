@@ -973,7 +973,7 @@ async fn write_reserved(
         let allocated = active.log.size_bytes();
         let write_end = plan.write_position + plan.write_bytes as u64;
         let directory = shared.borrow().directory.clone();
-        if let Ok(free) = crate::doctor::sys::available_bytes(&directory) {
+        if let Ok(free) = crate::shell::sys::available_bytes(&directory) {
             if free < size.saturating_sub(allocated) + DISK_RESERVE_BYTES {
                 if free < write_end.saturating_sub(allocated) + DISK_RESERVE_BYTES {
                     return Err(DiskError::new(

@@ -194,7 +194,7 @@ impl StatusBoard {
                 shipper,
             });
         }
-        let free = settings.as_ref().and_then(|settings| crate::doctor::sys::available_bytes(&settings.data_dir).ok());
+        let free = settings.as_ref().and_then(|settings| crate::shell::sys::available_bytes(&settings.data_dir).ok());
         Status {
             source: "server".to_owned(),
             data_dir: settings.as_ref().map(|settings| settings.data_dir.clone()),

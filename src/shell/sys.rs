@@ -97,6 +97,24 @@ pub fn attach_reuseport_steering(socket: &std::net::UdpSocket) -> std::io::Resul
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`
+/// (`statvfs`: `f_bavail` x `f_frsize`).
+pub fn available_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `statvfs` is plain data for which all-zero is valid; the kernel writes at
+    // most one `statvfs` into it; `path` is a NUL-terminated string that outlives the
+    // call.
+    unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stats) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+    }
+}
+
 /// Allocations at least this large are only reserved, not committed (see
 /// `ReserveLargeAllocator`). Nothing weir allocates on purpose comes near it: buffers
 /// for I/O come from glommio's own memory, batches are at most 8 MiB.

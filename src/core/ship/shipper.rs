@@ -46,6 +46,7 @@ use super::reconcile::{decide, decide_by_count, FoundBatch, ReconcileError, Scan
 use super::sequence::Sequence;
 use super::state::ShipState;
 use crate::core::log::batch::{BatchError, BATCH_BYTES_MAX};
+use crate::core::rate::TokenBucket;
 
 /// Kafka keeps de-duplication state for the last 5 batches of a producer and partition,
 /// so an idempotent producer never has more than 5 unacknowledged.
@@ -239,57 +240,6 @@ struct InFlight {
     attempts: u32,
 }
 
-/// A token bucket: sends may go while the balance is not negative; each send takes its
-/// bytes (the balance may go negative by one batch); the balance refills at `rate`.
-#[derive(Debug, Clone)]
-struct TokenBucket {
-    rate_bytes_per_s: u64,
-    burst_bytes: f64,
-    balance_bytes: f64,
-    updated_at: Option<Instant>,
-}
-
-impl TokenBucket {
-    fn new(rate_bytes_per_s: u64, burst_bytes: usize) -> TokenBucket {
-        TokenBucket {
-            rate_bytes_per_s,
-            burst_bytes: burst_bytes as f64,
-            balance_bytes: burst_bytes as f64,
-            updated_at: None,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        if self.rate_bytes_per_s == 0 {
-            return;
-        }
-        if let Some(updated_at) = self.updated_at {
-            let elapsed = now.saturating_duration_since(updated_at).as_secs_f64();
-            self.balance_bytes = (self.balance_bytes + elapsed * self.rate_bytes_per_s as f64).min(self.burst_bytes);
-        }
-        self.updated_at = Some(self.updated_at.map_or(now, |updated_at| updated_at.max(now)));
-    }
-
-    fn ready(&self) -> bool {
-        self.rate_bytes_per_s == 0 || self.balance_bytes >= 0.0
-    }
-
-    fn ready_at(&self) -> Option<Instant> {
-        if self.ready() {
-            return None;
-        }
-        let wait =
-            Duration::from_secs_f64(-self.balance_bytes / self.rate_bytes_per_s as f64) + Duration::from_micros(1);
-        self.updated_at.map(|updated_at| updated_at + wait)
-    }
-
-    fn take(&mut self, bytes: usize) {
-        if self.rate_bytes_per_s > 0 {
-            self.balance_bytes -= bytes as f64;
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct PersistTracker {
     next_generation: u64,
@@ -344,7 +294,8 @@ pub struct ShipperCore {
     retain_pending: bool,
     retained_below_offset: i64,
     persist: PersistTracker,
-    bucket: TokenBucket,
+    /// The bandwidth cap (`upstream.bandwidth_bytes_per_s_max`); `None`: no cap.
+    bucket: Option<TokenBucket>,
     behind_since: Option<Instant>,
     stats: ShipStats,
 }
@@ -364,7 +315,8 @@ impl ShipperCore {
         config.check();
         assert!(0 <= log_start_offset && log_start_offset <= log_end_offset);
         let backoff = Backoff::new(config.backoff_min, config.backoff_max, seed);
-        let bucket = TokenBucket::new(config.bandwidth_bytes_per_s_max, config.batch_bytes_max);
+        let bucket = (config.bandwidth_bytes_per_s_max > 0)
+            .then(|| TokenBucket::new(config.bandwidth_bytes_per_s_max, config.batch_bytes_max as u64));
         let mut core = ShipperCore {
             config,
             upstream,
@@ -714,7 +666,9 @@ impl ShipperCore {
             self.stats.timeouts += 1;
             self.fail_all(now);
         }
-        self.bucket.refill(now);
+        if let Some(bucket) = self.bucket.as_mut() {
+            bucket.refill(now);
+        }
     }
 
     fn fail_all(&mut self, now: Instant) {
@@ -819,13 +773,15 @@ impl ShipperCore {
         if held {
             return None;
         }
-        self.bucket.refill(now);
+        if let Some(bucket) = self.bucket.as_mut() {
+            bucket.refill(now);
+        }
         let index = self.in_flight.iter().position(|entry| entry.status == Status::Queued)?;
         let sent = self.in_flight.iter().filter(|entry| matches!(entry.status, Status::Sent { .. })).count();
         if self.solo && sent > 0 {
             return None;
         }
-        if !self.bucket.ready() {
+        if !self.bucket.as_ref().is_none_or(TokenBucket::ready) {
             return None;
         }
         let request = RequestId(self.next_request);
@@ -845,7 +801,9 @@ impl ShipperCore {
         if send.attempt > 1 {
             self.stats.resends += 1;
         }
-        self.bucket.take(send.batch.len());
+        if let Some(bucket) = self.bucket.as_mut() {
+            bucket.take(send.batch.len() as u64);
+        }
         self.check_invariants();
         Some(Action::Send(send))
     }
@@ -933,7 +891,7 @@ impl ShipperCore {
             consider(self.hold_until);
         }
         if sendable_waiting {
-            consider(self.bucket.ready_at());
+            consider(self.bucket.as_ref().and_then(TokenBucket::ready_at));
         }
         if self.persist.in_progress.is_none() {
             if let Some(state) = self.current_state() {
