@@ -974,7 +974,7 @@ pub fn udp_offload(segments: &Result<(usize, usize), String>) -> Check {
 pub struct ReuseportOutcome {
     pub group_size: usize,
     pub port: u16,
-    /// Datagrams whose steering word named socket i that socket i received.
+    /// Datagrams whose connection id named socket i that socket i received.
     pub steered_right: usize,
 }
 
@@ -984,8 +984,8 @@ pub fn reuseport_cbpf(outcome: &Result<ReuseportOutcome, String>) -> Check {
         Ok(outcome) if outcome.steered_right == outcome.group_size => ok(
             NAME,
             format!(
-                "a SO_REUSEPORT group of {} sockets on 127.0.0.1:{} took a SO_ATTACH_REUSEPORT_CBPF program, and each \
-                 test datagram reached the socket its steering word named",
+                "a SO_REUSEPORT group of {} sockets on 127.0.0.1:{} took serve's connection-id steering program \
+                 (SO_ATTACH_REUSEPORT_CBPF), and each test datagram reached the socket its connection id named",
                 outcome.group_size, outcome.port
             ),
         ),
