@@ -8,6 +8,7 @@ pub mod device_connections;
 pub mod dir_lock;
 pub mod disk;
 pub mod engine;
+pub mod handles;
 pub mod kafka;
 pub mod kafka_secure;
 pub mod latency;

@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::Serialize;
 
 use crate::config::{bytes_text, DiskFullPolicy};
-use crate::shell::metrics::{PartitionMetrics, ShipMetrics};
+use crate::shell::handles::{PartitionMetrics, ShipMetrics};
 
 use crate::shell::status_cells::log_offsets_view;
 pub use crate::shell::status_cells::{
