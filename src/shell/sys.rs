@@ -3,6 +3,12 @@
 #![allow(unsafe_code)]
 
 use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// CPU ids that are online and in this process's affinity mask: the cores an executor
 /// can be pinned to.
@@ -95,6 +101,123 @@ pub fn attach_reuseport_steering(socket: &std::net::UdpSocket) -> std::io::Resul
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// The last OS error, naming the call that failed.
+fn last_error(operation: &str) -> io::Error {
+    let error = io::Error::last_os_error();
+    io::Error::new(error.kind(), format!("{operation}: {error}"))
+}
+
+// ----- the doctor's probes of the host (`doctor::sys` judges nothing itself) -----
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// The filesystem type (`f_type`) of the filesystem holding `path`.
+pub fn filesystem_magic(path: &Path) -> io::Result<i64> {
+    let path = c_path(path)?;
+    // SAFETY: `statfs` is plain data for which all-zero is valid; the kernel writes at
+    // most one `statfs` into it; `path` is a NUL-terminated string that outlives the
+    // call.
+    unsafe {
+        let mut stats: libc::statfs = std::mem::zeroed();
+        if libc::statfs(path.as_ptr(), &mut stats) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stats.f_type as i64)
+    }
+}
+
+/// Whether the filesystem holding `path` is mounted read-only (`ST_RDONLY`); false
+/// when `statvfs` does not answer (the write probe then tells).
+pub fn mounted_read_only(path: &Path) -> bool {
+    let Ok(path) = c_path(path) else { return false };
+    // SAFETY: as for `statfs` above: zeroed plain data, written by the kernel only, and
+    // a NUL-terminated path that outlives the call.
+    unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(path.as_ptr(), &mut stats) == 0 && stats.f_flag & libc::ST_RDONLY != 0
+    }
+}
+
+pub(crate) fn statx_dio_align(path: &Path) -> io::Result<Option<(u32, u32)>> {
+    let path = c_path(path)?;
+    // SAFETY: `statx` is plain data for which all-zero is valid; the kernel writes at
+    // most one `statx` into it; `path` is a NUL-terminated string that outlives the call
+    // and is absolute or relative to the working directory (AT_FDCWD).
+    let stats = unsafe {
+        let mut stats: libc::statx = std::mem::zeroed();
+        if libc::statx(libc::AT_FDCWD, path.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stats) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        stats
+    };
+    if stats.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((stats.stx_dio_mem_align, stats.stx_dio_offset_align)))
+}
+
+/// The soft and hard RLIMIT_MEMLOCK in bytes; `None` is unlimited.
+pub fn memlock_limits() -> io::Result<(Option<u64>, Option<u64>)> {
+    // SAFETY: `rlimit` is plain data; `getrlimit` writes one into it and reads nothing.
+    let limits = unsafe {
+        let mut limits: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limits) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limits
+    };
+    let bytes = |value: libc::rlim_t| if value == libc::RLIM_INFINITY { None } else { Some(value) };
+    Ok((bytes(limits.rlim_cur), bytes(limits.rlim_max)))
+}
+
+pub(crate) fn reuseport_socket(port: u16) -> io::Result<UdpSocket> {
+    // SAFETY: `socket` takes no pointers; a non-negative result is a new descriptor that
+    // nothing else owns, so `OwnedFd` may take it.
+    let fd = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(last_error("socket"));
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and the length passed is its size; the kernel only
+    // reads it.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(last_error("setsockopt(SO_REUSEPORT)"));
+    }
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `address` is a live, fully initialised sockaddr_in and the length passed
+    // is its size; the kernel only reads it.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if bound != 0 {
+        return Err(last_error("bind 127.0.0.1"));
+    }
+    Ok(UdpSocket::from(fd))
 }
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`
