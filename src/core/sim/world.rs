@@ -449,8 +449,6 @@ enum Flusher {
     Syncing { group: Vec<PendingAppend>, base_offset: i64, batch_bytes: usize, end_position: u64 },
 }
 
-/// A run being appended (digest, record count) and the frames' runs waiting for it.
-
 struct WeirPartition {
     /// The logical end of the durable data and the next offset.
     end_position: u64,
