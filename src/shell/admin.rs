@@ -26,8 +26,7 @@ pub fn health(metrics: &Metrics, cores_expected: usize) -> (u16, String) {
     let running = metrics.cores_running.get();
     let poisoned = metrics.partitions_poisoned.get();
     let stopped = metrics.status.stopped_shippers();
-    let now_s =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64());
+    let now_s = crate::shell::status_cells::unix_seconds(std::time::SystemTime::now());
     let failing = metrics.status.failing_shippers(now_s);
     let quarantined = crate::shell::quarantine::names();
     if running as usize != cores_expected {

@@ -557,9 +557,7 @@ fn process_start_time_seconds() -> f64 {
             .ok()?;
         Some(boot + ticks / USER_HZ)
     };
-    started().unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
-    })
+    started().unwrap_or_else(|| crate::shell::status_cells::unix_seconds(std::time::SystemTime::now()))
 }
 
 /// `UnknownTopic` -> `unknown_topic`.

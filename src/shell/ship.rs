@@ -35,6 +35,7 @@ use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::metrics::ShipMetrics;
 use crate::shell::shutdown;
 use crate::shell::status::ShipperState;
+use crate::shell::status_cells::unix_seconds;
 
 /// How often the shipper looks at the log's durable end while idle.
 pub const LOG_POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -194,11 +195,6 @@ struct Trouble {
     logged_at: Option<Instant>,
     /// Times the same problem came back since it was last logged.
     repeats: u64,
-}
-
-/// Seconds since the Unix epoch, as Prometheus timestamps are given.
-fn unix_seconds(at: std::time::SystemTime) -> f64 {
-    at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
 }
 
 /// The shipper's connection and the Produce requests outstanding on it.
@@ -490,9 +486,14 @@ impl Shipper {
         }
     }
 
+    /// The upstream acknowledged a batch, granted a producer or answered a scan.
+    fn note_upstream_answered(&self) {
+        self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
+    }
+
     /// Shipping made progress or is caught up: whatever was failing is over.
     fn succeeded(&mut self) {
-        self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
+        self.note_upstream_answered();
         if let Some(trouble) = self.trouble.take() {
             tracing::info!(partition = %self.setup.name, failed_for_s = trouble.started.elapsed().as_secs(), "upstream shipping resumed");
             self.metrics.failing_since.set(0.0);
@@ -513,7 +514,7 @@ impl Shipper {
             Action::InitProducer => match self.init_producer().await {
                 Ok((producer, upstream_end)) => {
                     tracing::info!(partition = %self.setup.name, producer_id = producer.id, epoch = producer.epoch, upstream_end, "upstream producer granted");
-                    self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
+                    self.note_upstream_answered();
                     self.core.handle_producer(producer, upstream_end);
                 }
                 Err(error) => {
@@ -526,7 +527,7 @@ impl Shipper {
             },
             Action::Reconcile { producer, plan } => match self.scan(Scan::new(producer, plan)).await {
                 ScanEnd::Found(scan) => {
-                    self.metrics.last_success.set(unix_seconds(std::time::SystemTime::now()));
+                    self.note_upstream_answered();
                     self.core.handle_scanned(scan.ours());
                     tracing::info!(partition = %self.setup.name, cursor = self.core.cursor_offset(), recovered = self.core.stats().batches_reconciled, sequences_unchecked = self.core.stats().sequences_unchecked, "reconciled with upstream");
                 }

@@ -273,9 +273,8 @@ pub fn render_text(status: &Status) -> String {
     text
 }
 
-/// Seconds since the Unix epoch.
 fn now_s() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+    crate::shell::status_cells::unix_seconds(std::time::SystemTime::now())
 }
 
 #[cfg(test)]

@@ -112,3 +112,9 @@ pub fn log_offsets_view(start: impl FnOnce() -> i64, end: impl FnOnce() -> i64) 
     let end = end();
     (start, end.max(start))
 }
+
+/// Seconds since the Unix epoch of `at`, as Prometheus timestamps and `/status` give
+/// them (0 for a clock set before it).
+pub fn unix_seconds(at: std::time::SystemTime) -> f64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |since| since.as_secs_f64())
+}
