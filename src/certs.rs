@@ -21,8 +21,8 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-/// Longest device id; ids are 1..=64 of `a-z A-Z 0-9 . _ -`.
-pub const DEVICE_ID_BYTES_MAX: usize = 64;
+/// Device-id rules live in the protocol crate (device-side code shares them).
+pub use crate::core::protocol::device_id::{device_id_of, is_device_id, DEVICE_ID_BYTES_MAX};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,12 +35,6 @@ pub enum CertsError {
     BadDeviceId(String),
     #[error("{path} exists; remove it first or choose another directory")]
     Exists { path: PathBuf },
-}
-
-pub fn is_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= DEVICE_ID_BYTES_MAX
-        && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
 }
 
 /// What `generate` wrote.
@@ -171,13 +165,6 @@ pub fn generate(
 fn time_now() -> std::time::SystemTime {
     // A minute in the past, so a device whose clock is slightly behind accepts it.
     std::time::SystemTime::now() - std::time::Duration::from_secs(60)
-}
-
-/// The device id a client certificate (DER) names: its subject common name.
-pub fn device_id_of(certificate_der: &[u8]) -> Option<String> {
-    let (_, certificate) = x509_parser::parse_x509_certificate(certificate_der).ok()?;
-    let common_name = certificate.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
-    is_device_id(&common_name).then_some(common_name)
 }
 
 #[cfg(test)]

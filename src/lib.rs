@@ -9,7 +9,8 @@
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod core;
+/// The pure core (its own crate, so the compiler keeps it free of I/O).
+pub use weir_core as core;
 pub mod doctor;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -60,13 +60,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 const CLOSE_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Datagrams received per `recvmmsg` call.
 const RECV_BATCH: usize = 32;
-/// QUIC application close codes (docs/PROTOCOL.md); the first two refuse the device's
-/// identity, which no retry changes (the device client gives up on them).
-pub const CLOSE_NO_IDENTITY: u32 = 0x101;
-pub const CLOSE_DEVICE_DENIED: u32 = 0x102;
-const CLOSE_PROTOCOL: u32 = 0x103;
-const CLOSE_SHUTDOWN: u32 = 0x104;
-const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x105;
+/// QUIC application close codes: the protocol crate's (docs/PROTOCOL.md).
+pub use crate::core::protocol::{
+    CLOSE_DEVICE_DENIED, CLOSE_NO_IDENTITY, CLOSE_PROTOCOL, CLOSE_SHUTDOWN, CLOSE_TOO_MANY_CONNECTIONS,
+};
 /// Datagrams forwarded from other cores waiting for this core's driver.
 const FORWARD_INBOX_MAX: usize = 4096;
 /// Queue depth of each core-to-core datagram channel.

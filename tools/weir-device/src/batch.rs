@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weir::core::log::batch::Record;
-use weir::core::protocol::FRAME_LIMITS_V1;
+use weir_protocol::batch::Record;
+use weir_protocol::FRAME_LIMITS_V1;
 
 use crate::error::DeviceError;
 use crate::WaiterId;
@@ -225,8 +225,8 @@ impl Batcher {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use weir::core::log::batch::Header;
-    use weir::core::protocol::{encode, produce_frame};
+    use weir_protocol::batch::Header;
+    use weir_protocol::{encode, produce_frame};
 
     fn record(value_bytes: usize) -> Record {
         Record {

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use weir::core::log::batch::Record;
-use weir::core::protocol::{FRAME_LENGTH_PREFIX_BYTES, FRAME_LIMITS_V1};
+use weir_protocol::batch::Record;
+use weir_protocol::{FRAME_LENGTH_PREFIX_BYTES, FRAME_LIMITS_V1};
 
 use crate::batch::{check_record, check_topic};
 use crate::error::{DeviceError, LinkError};

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use weir::core::protocol::ErrorCode;
-use weir::shell::quic::{CLOSE_DEVICE_DENIED, CLOSE_NO_IDENTITY};
+use weir_protocol::ErrorCode;
+use weir_protocol::{CLOSE_DEVICE_DENIED, CLOSE_NO_IDENTITY};
 
 use crate::profile::ProfileError;
 use crate::Sequence;

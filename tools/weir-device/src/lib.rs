@@ -18,7 +18,7 @@
 //! use weir_device::{DeviceClient, DeviceProfile};
 //! let profile = DeviceProfile::load(std::path::Path::new("firmware-config/device.toml"))?;
 //! let client = DeviceClient::connect(&profile).await?;
-//! let record = weir::core::log::batch::Record {
+//! let record = weir_protocol::batch::Record {
 //!     timestamp_ms: 1_700_000_000_000,
 //!     key: Some(bytes::Bytes::from_static(b"sensor-1")),
 //!     value: Some(bytes::Bytes::from_static(b"21.5")),
@@ -43,8 +43,8 @@ pub mod tls;
 pub use client::{client_endpoint, DeviceClient, PendingAck};
 pub use error::{DeviceError, LinkError};
 pub use profile::{DeviceProfile, ProfileError, ProfileProblem};
-pub use weir::core::log::batch::{Header, Record};
-pub use weir::core::protocol::ErrorCode;
+pub use weir_protocol::batch::{Header, Record};
+pub use weir_protocol::ErrorCode;
 
 /// A device's frame sequence number (docs/PROTOCOL.md §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use weir::core::log::batch::Record;
-use weir::core::protocol::{
+use weir_protocol::batch::Record;
+use weir_protocol::{
     check_answer, encode, produce_frame, with_length_prefix, AckPart, ErrorCode, FRAME_LIMITS_V1, KIND_ACK,
 };
 
@@ -571,7 +571,7 @@ pub fn ack_offsets(parts: &[AckPart], record_count: u32) -> Result<Vec<(u32, i64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir::core::protocol::{ack_frame, check_produce, encode, error_frame};
+    use weir_protocol::{ack_frame, check_produce, encode, error_frame};
 
     fn settings() -> PipelineSettings {
         PipelineSettings {

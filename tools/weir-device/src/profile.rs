@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use weir::core::protocol::FRAME_LIMITS_V1;
+use weir_protocol::FRAME_LIMITS_V1;
 
 /// The only ALPN of protocol v1.
 pub const PROFILE_ALPN: &str = "weir/1";

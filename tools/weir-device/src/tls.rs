@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use weir::core::protocol::ALPN;
+use weir_protocol::ALPN;
 
 use crate::error::DeviceError;
 use crate::profile::DeviceProfile;
@@ -46,7 +46,7 @@ impl Credentials {
             roots.add(certificate).map_err(|error| credentials_error(&tls.ca, error))?;
         }
         let chain = read_certificates(&tls.certificate)?;
-        let device_id = weir::certs::device_id_of(&chain[0]).ok_or_else(|| {
+        let device_id = weir_protocol::device_id::device_id_of(&chain[0]).ok_or_else(|| {
             credentials_error(&tls.certificate, "the subject CN is not a device id (1..=64 of a-z A-Z 0-9 . _ -)")
         })?;
         let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|error| credentials_error(&tls.key, error))?;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use weir::core::log::batch::Record;
-use weir::core::protocol::{
+use weir_protocol::batch::Record;
+use weir_protocol::{
     ack_frame, check_produce, encode, error_frame, with_length_prefix, AckPart, AnswerFrame, ErrorCode, ALPN,
     FRAME_LIMITS_V1,
 };
@@ -148,7 +148,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<Mutex<ServerState>>) 
             let device = connection
                 .peer_identity()
                 .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
-                .and_then(|chain| chain.first().and_then(|leaf| weir::certs::device_id_of(leaf)));
+                .and_then(|chain| chain.first().and_then(|leaf| weir_protocol::device_id::device_id_of(leaf)));
             let Some(device) = device else {
                 connection.close(1u32.into(), b"no device id");
                 return;

@@ -472,8 +472,8 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::core::log::batch::{self, Record};
-    use crate::core::ship::coalesce::{build, StoredBatch};
+    use crate::log::batch::{self, Record};
+    use crate::ship::coalesce::{build, StoredBatch};
 
     const OURS: ProducerIdentity = ProducerIdentity { id: 9, epoch: 0 };
     const OTHER: ProducerIdentity = ProducerIdentity { id: 10, epoch: 0 };

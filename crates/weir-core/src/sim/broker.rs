@@ -24,10 +24,10 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::core::log::batch::{self, Record};
-use crate::core::ship::errors;
-use crate::core::ship::sequence::Sequence;
-use crate::core::ship::{ProduceAnswer, ProducerIdentity};
+use crate::log::batch::{self, Record};
+use crate::ship::errors;
+use crate::ship::sequence::Sequence;
+use crate::ship::{ProduceAnswer, ProducerIdentity};
 
 pub(crate) struct ProducerEntry {
     pub(crate) epoch: i16,

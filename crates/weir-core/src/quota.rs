@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::core::rate::TokenBucket;
+use crate::rate::TokenBucket;
 
 #[derive(Debug, Clone)]
 pub struct RecordQuota {

@@ -14,15 +14,15 @@ use bytes::Bytes;
 use super::broker::{Dedup, ModelBroker};
 use super::disk::SimFile;
 use super::{trace, SimRandom};
-use crate::core::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
-use crate::core::ingest::{self, AppendFailure, StreamOrder};
-use crate::core::log::batch::{self, Header, Record};
-use crate::core::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
-use crate::core::log::segment::plan_append;
-use crate::core::protocol::{self, AckPart, ErrorCode, FrameLimits, FRAME_LIMITS_V1};
-use crate::core::session::{self, FrameAssembler, KeyHash, DEVICE_HEADER, SEQUENCE_HEADER};
-use crate::core::ship::reconcile::Scan;
-use crate::core::ship::{
+use crate::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
+use crate::ingest::{self, AppendFailure, StreamOrder};
+use crate::log::batch::{self, Header, Record};
+use crate::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
+use crate::log::segment::plan_append;
+use crate::protocol::{self, AckPart, ErrorCode, FrameLimits, FRAME_LIMITS_V1};
+use crate::session::{self, FrameAssembler, KeyHash, DEVICE_HEADER, SEQUENCE_HEADER};
+use crate::ship::reconcile::Scan;
+use crate::ship::{
     Action, ProduceAnswer, RequestId, ShipConfig, ShipState, ShipperCore, UpstreamPartition, IN_FLIGHT_MAX,
 };
 
@@ -292,54 +292,19 @@ type StreamKey = (u64, u32);
 
 #[derive(Debug)]
 enum Event {
-    DeviceTick {
-        device: usize,
-    },
+    DeviceTick { device: usize },
     FaultTick,
-    ToWeir {
-        connection: u64,
-        stream: u32,
-        chunk: Vec<u8>,
-    },
-    ToDevice {
-        connection: u64,
-        answer: Vec<u8>,
-    },
-    FlushWindow {
-        partition: u32,
-    },
-    WriteDone {
-        partition: u32,
-    },
-    FsyncDone {
-        partition: u32,
-    },
-    ShipTimer {
-        partition: u32,
-    },
-    ShipRead {
-        partition: u32,
-        from_offset: i64,
-        bytes_max: usize,
-    },
-    ShipPersisted {
-        partition: u32,
-        generation: u64,
-    },
-    BrokerSetup {
-        partition: u32,
-        reconcile: Option<(crate::core::ship::ProducerIdentity, crate::core::ship::reconcile::ScanPlan)>,
-    },
-    BrokerRequest {
-        partition: u32,
-        link: u64,
-    },
-    BrokerAnswer {
-        partition: u32,
-        link: u64,
-        request: RequestId,
-        answer: ProduceAnswer,
-    },
+    ToWeir { connection: u64, stream: u32, chunk: Vec<u8> },
+    ToDevice { connection: u64, answer: Vec<u8> },
+    FlushWindow { partition: u32 },
+    WriteDone { partition: u32 },
+    FsyncDone { partition: u32 },
+    ShipTimer { partition: u32 },
+    ShipRead { partition: u32, from_offset: i64, bytes_max: usize },
+    ShipPersisted { partition: u32, generation: u64 },
+    BrokerSetup { partition: u32, reconcile: Option<(crate::ship::ProducerIdentity, crate::ship::reconcile::ScanPlan)> },
+    BrokerRequest { partition: u32, link: u64 },
+    BrokerAnswer { partition: u32, link: u64, request: RequestId, answer: ProduceAnswer },
     Restart,
     Crash,
 }
@@ -1547,7 +1512,7 @@ impl World {
     fn broker_setup(
         &mut self,
         partition: u32,
-        reconcile: Option<(crate::core::ship::ProducerIdentity, crate::core::ship::reconcile::ScanPlan)>,
+        reconcile: Option<(crate::ship::ProducerIdentity, crate::ship::reconcile::ScanPlan)>,
     ) {
         let fail = self.faulty && self.random.per_mille(self.settings.faults.broker_drop_per_mille * 10);
         let broker = &mut self.brokers[partition as usize];

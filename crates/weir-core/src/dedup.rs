@@ -39,8 +39,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::core::log::batch::{Header, Record, RecordRef};
-use crate::core::session::{DEVICE_HEADER, SEQUENCE_HEADER};
+use crate::log::batch::{Header, Record, RecordRef};
+use crate::session::{DEVICE_HEADER, SEQUENCE_HEADER};
 
 /// Where a stored run is: its first offset and how many records it has, and a digest
 /// of its records (so a resend under the same sequence with other records is told
@@ -431,7 +431,7 @@ mod tests {
     /// Returns the first (sequence, partition) answered `SequenceTooOld` while that
     /// partition had not stored it, or `None` when every frame was stored.
     fn device_against_partitions(seed: u64, window: u64, remembered: usize) -> Option<(u64, usize)> {
-        use crate::core::ship::backoff::SplitMix64;
+        use crate::ship::backoff::SplitMix64;
         let mut random = SplitMix64::new(seed);
         let limits = DedupLimits { sequences_per_device_max: remembered, devices_max: 4 };
         let mut partitions = [DedupIndex::new(limits), DedupIndex::new(limits)];
@@ -534,9 +534,9 @@ mod tests {
             },
             Record { timestamp_ms: 8, key: None, value: Some(Bytes::from_static(b"x")), headers: vec![] },
         ];
-        let batch = crate::core::log::batch::encode_to_vec(0, &records);
+        let batch = crate::log::batch::encode_to_vec(0, &records);
         let mut rebuilt = 0;
-        for record in crate::core::log::batch::records(&batch).unwrap() {
+        for record in crate::log::batch::records(&batch).unwrap() {
             rebuilt = digest_of_stored(rebuilt, &record.unwrap());
         }
         assert_eq!(rebuilt, digest_of_records(&records));

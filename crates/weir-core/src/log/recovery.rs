@@ -106,7 +106,7 @@ pub fn find_later_batch(window: &[u8], window_position: u64, min_offset: i64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::log::batch::{encode_to_vec, Record};
+    use crate::log::batch::{encode_to_vec, Record};
     use bytes::Bytes;
 
     fn batch(base: i64, count: usize) -> Vec<u8> {

@@ -8,13 +8,34 @@
 //! by byte. Frames are checked in two steps: rkyv's validation (every relative pointer
 //! and length inside the buffer) and then weir's own rules (version, kinds, flag bits,
 //! UTF-8, limits). Only a frame that passed both is turned into records.
+//!
+//! This crate is everything a device-side program needs of weir and nothing more: the
+//! frames, the RecordBatch v2 codec (`batch`), device-id rules (`device_id`) and the
+//! one seeded PRNG (`random`). It has no runtime, socket or file dependency.
+#![forbid(unsafe_code)]
 
 use bytes::Bytes;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::core::log::batch::{Header, Record, RECORD_HEADERS_MAX};
+use crate::batch::{Header, Record, RECORD_HEADERS_MAX};
+
+pub mod batch;
+pub mod device_id;
+pub mod random;
+pub mod varint;
+
+/// QUIC application close codes (docs/PROTOCOL.md). The first two refuse the device's
+/// identity, which no retry changes (a device client gives up on them).
+pub const CLOSE_NO_IDENTITY: u32 = 0x101;
+pub const CLOSE_DEVICE_DENIED: u32 = 0x102;
+/// A protocol violation on a stream (docs/PROTOCOL.md section 1).
+pub const CLOSE_PROTOCOL: u32 = 0x103;
+/// weir is shutting down; reconnect later.
+pub const CLOSE_SHUTDOWN: u32 = 0x104;
+/// The device already holds `quic.connections_per_device_max` connections.
+pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 0x105;
 
 /// The ALPN every device connection must negotiate.
 pub const ALPN: &[u8] = b"weir/1";
@@ -606,7 +627,8 @@ mod layout_tests {
             .chunks(16)
             .map(|line| line.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(" "))
             .collect();
-        let documented = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+        let documented =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md")).unwrap();
         for line in &hex {
             assert!(
                 documented.contains(line.as_str()),

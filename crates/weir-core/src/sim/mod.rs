@@ -31,7 +31,7 @@ mod world;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
-use crate::core::ship::backoff::SplitMix64;
+use crate::ship::backoff::SplitMix64;
 
 pub(crate) use world::{simulate, Outcome};
 
@@ -109,7 +109,7 @@ pub(crate) fn run_seed(seed: u64) -> Outcome {
                 .unwrap_or_default();
             let trace = take_trace();
             eprintln!("simulation seed {seed} FAILED: {reason}");
-            eprintln!("replay: WEIR_SIM_SEED={seed} cargo test --release --lib core::sim -- --nocapture");
+            eprintln!("replay: WEIR_SIM_SEED={seed} cargo test --release -p weir-core --lib sim -- --nocapture");
             eprintln!("last {} events (virtual ms):", trace.len());
             for line in trace {
                 eprintln!("  {line}");

@@ -1,10 +1,11 @@
 //! The partition log's pure core: the RecordBatch v2 codec, the offset index, segment
 //! write planning, the recovery scan and retention planning. No I/O and no clock here;
-//! `crate::shell::log` executes what these functions decide.
+//! `weir::shell::log` executes what these functions decide.
 
-pub mod batch;
+/// The RecordBatch v2 codec lives in the protocol crate (device-side code uses it too).
+pub use weir_protocol::{batch, varint};
+
 pub mod index;
 pub mod recovery;
 pub mod retention;
 pub mod segment;
-pub mod varint;

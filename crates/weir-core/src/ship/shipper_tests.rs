@@ -8,10 +8,10 @@
 use std::collections::VecDeque;
 
 use super::*;
-use crate::core::log::batch::{self, Record};
-use crate::core::ship::backoff::SplitMix64;
-use crate::core::ship::reconcile::{Scan, ScanPlan};
-use crate::core::sim::broker::{Dedup, ModelBroker};
+use crate::log::batch::{self, Record};
+use crate::ship::backoff::SplitMix64;
+use crate::ship::reconcile::{Scan, ScanPlan};
+use crate::sim::broker::{Dedup, ModelBroker};
 
 fn config() -> ShipConfig {
     ShipConfig {

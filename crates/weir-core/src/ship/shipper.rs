@@ -45,8 +45,8 @@ use super::errors::{classify, error_name, ErrorClass};
 use super::reconcile::{decide, decide_by_count, FoundBatch, ReconcileError, ScanPlan};
 use super::sequence::Sequence;
 use super::state::ShipState;
-use crate::core::log::batch::{BatchError, BATCH_BYTES_MAX};
-use crate::core::rate::TokenBucket;
+use crate::log::batch::{BatchError, BATCH_BYTES_MAX};
+use crate::rate::TokenBucket;
 
 /// Kafka keeps de-duplication state for the last 5 batches of a producer and partition,
 /// so an idempotent producer never has more than 5 unacknowledged.

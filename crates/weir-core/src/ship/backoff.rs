@@ -8,33 +8,7 @@
 
 use std::time::Duration;
 
-/// SplitMix64: tiny, fast, good enough for jitter, and fully determined by its seed.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64 { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut mixed = self.state;
-        mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        mixed ^ (mixed >> 31)
-    }
-
-    /// A uniform draw in `0..=bound`.
-    pub fn below_or_equal(&mut self, bound: u64) -> u64 {
-        if bound == u64::MAX {
-            return self.next_u64();
-        }
-        self.next_u64() % (bound + 1)
-    }
-}
+pub use weir_protocol::random::SplitMix64;
 
 /// Capped exponential backoff with equal jitter.
 #[derive(Debug, Clone)]

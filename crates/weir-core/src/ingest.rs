@@ -21,9 +21,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use crate::core::protocol::{self, AnswerFrame, ErrorCode, FrameLimits};
-use crate::core::quota::RecordQuota;
-use crate::core::session::{self, KeyHash, PartitionRun};
+use crate::protocol::{self, AnswerFrame, ErrorCode, FrameLimits};
+use crate::quota::RecordQuota;
+use crate::session::{self, KeyHash, PartitionRun};
 
 /// Why an append was not done, as the device is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,8 +186,8 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::log::batch::Record;
-    use crate::core::protocol::{FRAME_LIMITS_V1, KIND_ACK};
+    use crate::log::batch::Record;
+    use crate::protocol::{FRAME_LIMITS_V1, KIND_ACK};
 
     fn frame(sequence: u64, topic: &str, records: usize) -> Vec<u8> {
         let records: Vec<Record> = (0..records)

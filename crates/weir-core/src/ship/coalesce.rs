@@ -19,7 +19,7 @@
 
 use bytes::Bytes;
 
-use crate::core::log::batch::{self, BatchError, BatchHeader, Record, BATCH_BYTES_MAX, BATCH_RECORDS_MAX};
+use crate::log::batch::{self, BatchError, BatchHeader, Record, BATCH_BYTES_MAX, BATCH_RECORDS_MAX};
 
 use super::sequence::Sequence;
 
@@ -186,7 +186,7 @@ pub fn build_next(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::log::batch::Header;
+    use crate::log::batch::Header;
 
     fn record(seed: u64, value_bytes: usize) -> Record {
         Record {

@@ -12,8 +12,8 @@
 
 use bytes::Bytes;
 
-use crate::core::log::batch::{Header, Record};
-use crate::core::protocol::{AckPart, FRAME_LENGTH_PREFIX_BYTES};
+use crate::log::batch::{Header, Record};
+use crate::protocol::{AckPart, FRAME_LENGTH_PREFIX_BYTES};
 
 /// The header weir adds to every record: the device id from its certificate.
 pub const DEVICE_HEADER: &str = "weir.device";
