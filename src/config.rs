@@ -586,16 +586,27 @@ fn render_problems(origin: &str, problems: &[ConfigProblem]) -> String {
     text
 }
 
-/// The facts about this host that validation checks the config against.
+/// The facts about this host that validation checks the config against. `Host::probe`
+/// (in `shell::sys`, which reads them) is what every command uses; config itself reads
+/// no file and imports nothing of the shell.
 #[derive(Debug, Clone)]
 pub struct Host {
     /// CPU ids that are online and in this process's affinity mask.
     pub usable_cpus: BTreeSet<usize>,
+    /// Loads the files `[upstream.tls]` and `[upstream.sasl]` name (certificates, key,
+    /// password) the way `serve` will, when shipping is on and the settings fit
+    /// together: `shell::kafka_secure::check_files` on a probed host.
+    pub upstream_files: UpstreamFilesCheck,
 }
 
+/// How validation loads the upstream TLS and SASL files: a problem names the field.
+pub type UpstreamFilesCheck = fn(&UpstreamConfig) -> Result<(), ConfigProblem>;
+
 impl Host {
-    pub fn probe() -> Host {
-        Host { usable_cpus: crate::shell::sys::usable_cpus() }
+    /// A host with these CPUs whose upstream files are not read (the fuzzer and tests
+    /// that validate configs naming files that do not exist here).
+    pub fn with_cpus(usable_cpus: BTreeSet<usize>) -> Host {
+        Host { usable_cpus, upstream_files: |_| Ok(()) }
     }
 }
 
@@ -1031,7 +1042,7 @@ impl Config {
             }
         }
         let topic_names: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
-        self.upstream.validate(&topic_names, &mut problems);
+        self.upstream.validate(&topic_names, host.upstream_files, &mut problems);
         if problems.is_empty() {
             Ok(ValidConfig { config: self, cores })
         } else {
@@ -1253,9 +1264,9 @@ fn topic_name_ok(name: &str) -> bool {
 }
 
 impl UpstreamConfig {
-    fn validate(&self, edge_topics: &BTreeSet<&str>, problems: &mut Vec<ConfigProblem>) {
+    fn validate(&self, edge_topics: &BTreeSet<&str>, files: UpstreamFilesCheck, problems: &mut Vec<ConfigProblem>) {
         let mut problem = |path: &str, why: String| problems.push(ConfigProblem { path: path.to_owned(), why });
-        self.validate_security(&mut problem);
+        self.validate_security(files, &mut problem);
         if self.enabled && self.bootstrap_servers.is_empty() {
             problem("upstream.bootstrap_servers", "at least one \"host:port\" is needed when upstream.enabled".into());
         }
@@ -1325,8 +1336,8 @@ impl UpstreamConfig {
     }
 
     /// `[upstream.tls]` and `[upstream.sasl]`: the settings fit together, and when
-    /// shipping is on, the files and the password they name load.
-    fn validate_security(&self, problem: &mut impl FnMut(&str, String)) {
+    /// shipping is on, the files and the password they name load (`files`).
+    fn validate_security(&self, files: UpstreamFilesCheck, problem: &mut impl FnMut(&str, String)) {
         let tls = &self.tls;
         let mut consistent = true;
         if !tls.enabled {
@@ -1389,8 +1400,8 @@ impl UpstreamConfig {
             }
         }
         if consistent && self.enabled {
-            if let Err(security) = crate::shell::kafka_secure::Security::load(self) {
-                problem(security.path, security.why);
+            if let Err(found) = files(self) {
+                problem(&found.path, found.why);
             }
         }
     }
@@ -1473,7 +1484,7 @@ mod tests {
     use super::*;
 
     fn host() -> Host {
-        Host { usable_cpus: [0, 1].into_iter().collect() }
+        Host::with_cpus([0, 1].into_iter().collect())
     }
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
@@ -1757,37 +1768,6 @@ mod tests {
         }
         let found = problems("[upstream.sasl]\nmechanism = \"SCRAM-SHA-1\"\n");
         assert!(found[0].to_string().contains("SCRAM-SHA-256"), "{found:?}");
-    }
-
-    #[test]
-    fn upstream_tls_and_sasl_files_are_loaded_when_shipping_is_on() {
-        let directory = tempfile::tempdir().unwrap();
-        let password = directory.path().join("password");
-        std::fs::write(&password, "s3cret\n").unwrap();
-        let missing = directory.path().join("missing-ca.pem");
-        let text = format!(
-            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nca_file = {missing:?}\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
-        );
-        let found = problems(&text);
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].to_string().starts_with("upstream.tls.ca_file:"), "{found:?}");
-        assert!(found[0].to_string().contains("missing-ca.pem"), "{found:?}");
-        // The system's CA bundle (the default) and the password file load.
-        let text = format!(
-            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
-        );
-        let valid = Config::parse(&text, "test").unwrap().validate(&host(), "test").unwrap();
-        let security = crate::shell::kafka_secure::Security::load(&valid.config.upstream).unwrap();
-        assert!(security.tls.is_some());
-        assert_eq!(security.sasl.unwrap().username, "weir");
-        // An empty password file is refused, with its path.
-        std::fs::write(&password, "\n").unwrap();
-        let found = problems(&text.replace("[upstream.tls]\nenabled = true\n", ""));
-        assert!(
-            found[0].to_string().starts_with("upstream.sasl.password_file:")
-                && found[0].to_string().contains("is empty"),
-            "{found:?}"
-        );
     }
 
     #[test]

@@ -189,7 +189,7 @@ pub fn kafka_response(bytes: &[u8]) {
 pub fn config_file(bytes: &[u8]) {
     let Ok(text) = std::str::from_utf8(bytes) else { return };
     let Ok(config) = Config::parse(text, "fuzz.toml") else { return };
-    let host = Host { usable_cpus: BTreeSet::from([0, 1, 2, 3]) };
+    let host = Host::with_cpus(BTreeSet::from([0, 1, 2, 3]));
     if let Ok(valid) = config.validate(&host, "fuzz.toml") {
         assert!(valid.cores.iter().all(|cpu| host.usable_cpus.contains(cpu)));
     }

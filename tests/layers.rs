@@ -126,3 +126,96 @@ fn the_pure_crates_read_no_clock_and_touch_no_file() {
     }
     assert!(offences.is_empty(), "I/O or clock reads in the pure crates:\n{}", offences.join("\n"));
 }
+
+/// The appliance's modules (`src/`) as a graph of `crate::…` references outside test
+/// modules; module `name` for `src/a/b.rs` or `src/a/b/mod.rs` is `a::b`.
+fn module_graph() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let source_root = Path::new(ROOT).join("src");
+    let mut files = Vec::new();
+    sources(&source_root, &mut files);
+    let name_of = |path: &Path| {
+        let relative = path.strip_prefix(&source_root).unwrap().with_extension("");
+        let name = relative.to_str().unwrap().replace('/', "::");
+        name.strip_suffix("::mod").map(str::to_owned).unwrap_or(name)
+    };
+    let modules: std::collections::BTreeSet<String> = files.iter().map(|path| name_of(path)).collect();
+    let mut graph = std::collections::BTreeMap::new();
+    for path in &files {
+        let module = name_of(path);
+        let text = std::fs::read_to_string(path).unwrap();
+        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+        let mut uses = std::collections::BTreeSet::new();
+        for line in code.lines() {
+            let line = line.split("//").next().unwrap();
+            let mut rest = line;
+            while let Some(at) = rest.find("crate::") {
+                rest = &rest[at + "crate::".len()..];
+                let words: Vec<&str> = rest
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                    .next()
+                    .unwrap()
+                    .split("::")
+                    .collect();
+                // The longest prefix of the path that is a module.
+                for length in (1..=words.len()).rev() {
+                    let candidate = words[..length].join("::");
+                    if modules.contains(&candidate) {
+                        if candidate != module {
+                            uses.insert(candidate);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        graph.insert(module, uses);
+    }
+    graph
+}
+
+#[test]
+fn the_appliance_modules_import_one_another_without_cycles() {
+    let graph = module_graph();
+    assert!(
+        graph.get("shell::quic").is_some_and(|uses| uses.contains("shell::metrics") && uses.contains("certs")),
+        "the graph reads no imports"
+    );
+    // Depth-first search for a back edge; the cycle found is printed.
+    fn visit<'a>(
+        module: &'a str,
+        graph: &'a std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        state: &mut std::collections::BTreeMap<&'a str, bool>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        state.insert(module, false);
+        stack.push(module);
+        for next in graph.get(module).into_iter().flatten() {
+            match state.get(next.as_str()) {
+                Some(false) => {
+                    let start = stack.iter().position(|entry| *entry == next).unwrap();
+                    let mut cycle: Vec<String> = stack[start..].iter().map(|entry| entry.to_string()).collect();
+                    cycle.push(next.clone());
+                    return Some(cycle);
+                }
+                Some(true) => {}
+                None => {
+                    if let Some(cycle) = visit(next, graph, state, stack) {
+                        return Some(cycle);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(module, true);
+        None
+    }
+    let mut state = std::collections::BTreeMap::new();
+    for module in graph.keys() {
+        if !state.contains_key(module.as_str()) {
+            let mut stack = Vec::new();
+            if let Some(cycle) = visit(module, &graph, &mut state, &mut stack) {
+                panic!("import cycle: {}", cycle.join(" -> "));
+            }
+        }
+    }
+}

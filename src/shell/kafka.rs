@@ -26,13 +26,17 @@ use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, InitProducerIdRequest, ListOffsetsRequest,
-    MetadataRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+    MetadataRequest, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+    SaslHandshakeRequest, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes, VersionRange};
 
+use crate::core::sasl::{self, Mechanism, ScramClient, SCRAM_NONCE_BYTES};
 use crate::core::ship::errors::{error_name, NONE};
 use crate::core::ship::{ProduceAnswer, ProducerIdentity};
-use crate::shell::kafka_secure::{self, Refusal, Security, Transport};
+pub use crate::shell::kafka_error::KafkaError;
+use crate::shell::kafka_error::Refusal;
+use crate::shell::kafka_secure::{self, SaslCredentials, Security, Transport};
 
 /// The largest response frame accepted (a Fetch answer is bounded by the request's
 /// `max_bytes`, far below this).
@@ -52,59 +56,10 @@ pub const PRODUCE_VERSIONS: VersionRange = VersionRange { min: 3, max: 12 };
 /// decoder refuses. weir needs nothing from v12 (high watermark and records only).
 pub const FETCH_VERSIONS: VersionRange = VersionRange { min: 4, max: 11 };
 pub const LIST_OFFSETS_VERSIONS: VersionRange = VersionRange { min: 1, max: 7 };
-
-/// Why a broker conversation failed. Transport problems are retried by the caller;
-/// the rest say what the broker or the cluster lacks.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum KafkaError {
-    #[error("connect to {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
-    #[error("{address}: {operation}: {source}")]
-    Io { address: String, operation: &'static str, source: std::io::Error },
-    #[error("{address}: {operation} took longer than {timeout:?}")]
-    Timeout { address: String, operation: &'static str, timeout: Duration },
-    #[error("{address}: the connection was closed by the broker")]
-    Closed { address: String },
-    #[error("{address}: {api} v{version}: {reason}")]
-    Codec { address: String, api: &'static str, version: i16, reason: String },
-    #[error("{address}: a response frame of {bytes} bytes is out of range")]
-    FrameSize { address: String, bytes: i64 },
-    #[error("{address}: answer for correlation id {got}, expected {expected}")]
-    Correlation { address: String, got: i32, expected: i32 },
-    #[error(
-        "{address}: the broker speaks {api} v{broker_min}..=v{broker_max}, weir needs one of v{ours_min}..=v{ours_max}"
-    )]
-    Unsupported { address: String, api: &'static str, broker_min: i16, broker_max: i16, ours_min: i16, ours_max: i16 },
-    #[error("{address}: {api} answered {name} ({code})")]
-    Broker { address: String, api: &'static str, code: i16, name: &'static str },
-    #[error("{address}: metadata for topic {topic} partition {partition}: {why}")]
-    Metadata { address: String, topic: String, partition: i32, why: &'static str },
-    #[error(
-        "{address}: topic {topic} has {found} partitions; partitioning = \"by-key\" needs exactly {expected} \
-         (as many as the edge topic), or records would not sit where Kafka's partitioner puts their keys"
-    )]
-    PartitionCount { address: String, topic: String, expected: u32, found: usize },
-    #[error("no bootstrap server could be used; the last said: {last}")]
-    NoBootstrap { last: Box<KafkaError> },
-    #[error("{address}: the answer lacks topic {topic} partition {partition}")]
-    MissingPartition { address: String, topic: String, partition: i32 },
-    /// TLS or SASL refused: not retried (see `kafka_secure`).
-    #[error("refused: {0}")]
-    Refused(Refusal),
-}
-
-impl KafkaError {
-    /// The TLS or SASL refusal this error is or ends with (after trying every
-    /// bootstrap server), if any.
-    pub fn refusal(&self) -> Option<&Refusal> {
-        match self {
-            KafkaError::Refused(refusal) => Some(refusal),
-            KafkaError::NoBootstrap { last } => last.refusal(),
-            _ => None,
-        }
-    }
-}
+pub const SASL_HANDSHAKE_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+pub const SASL_AUTHENTICATE_VERSIONS: VersionRange = VersionRange { min: 0, max: 2 };
+/// Kafka's error codes for the SASL exchange.
+const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
 
 /// How to reach and talk to the brokers.
 #[derive(Debug, Clone)]
@@ -211,7 +166,7 @@ impl Connection {
             connection.versions.insert(api.api_key, (api.min_version, api.max_version));
         }
         if let Some(credentials) = &options.security.sasl {
-            kafka_secure::authenticate(&mut connection, credentials).await?;
+            authenticate(&mut connection, credentials).await?;
         }
         Ok(connection)
     }
@@ -629,6 +584,84 @@ pub fn produce_answer(response: &ProduceResponse, topic: &str, partition: i32) -
     } else {
         ProduceAnswer::Error { code: data.error_code }
     })
+}
+
+// ----- SASL (the credentials and the TLS transport are `kafka_secure`'s) -----
+
+/// A fresh SCRAM client nonce from the ring provider's system randomness.
+fn client_nonce() -> Result<String, Refusal> {
+    let mut bytes = [0u8; SCRAM_NONCE_BYTES];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| Refusal::Setup { reason: "no system randomness for the SCRAM nonce".into() })?;
+    Ok(sasl::nonce_text(&bytes))
+}
+
+/// Authenticates `connection` as `credentials`: SaslHandshake v1, then one (PLAIN) or
+/// two (SCRAM) SaslAuthenticate round trips. Must run before any other request but
+/// ApiVersions.
+pub async fn authenticate(connection: &mut Connection, credentials: &SaslCredentials) -> Result<(), KafkaError> {
+    let address = connection.address().to_owned();
+    let mechanism = credentials.mechanism;
+    let refused = |reason: String| {
+        KafkaError::Refused(Refusal::Sasl {
+            address: address.clone(),
+            mechanism: mechanism.name(),
+            username: credentials.username.clone(),
+            reason,
+        })
+    };
+    let handshake_version = connection.version::<SaslHandshakeRequest>(SASL_HANDSHAKE_VERSIONS).map_err(|error| {
+        refused(format!("the broker offers no SASL handshake weir speaks (is this a SASL listener?): {error}"))
+    })?;
+    let handshake = SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism.name()));
+    let answer = connection.call(&handshake, handshake_version).await?;
+    if answer.error_code != NONE {
+        let offered: Vec<&str> = answer.mechanisms.iter().map(|name| name.as_str()).collect();
+        return Err(refused(if answer.error_code == UNSUPPORTED_SASL_MECHANISM {
+            format!("the broker does not offer this mechanism; it offers {offered:?}")
+        } else {
+            format!("SaslHandshake answered {} ({})", error_name(answer.error_code), answer.error_code)
+        }));
+    }
+    let version = connection.version::<SaslAuthenticateRequest>(SASL_AUTHENTICATE_VERSIONS)?;
+    match mechanism {
+        Mechanism::Plain => {
+            let message = sasl::plain_message(&credentials.username, credentials.password());
+            round_trip(connection, version, message, &refused).await?;
+        }
+        Mechanism::ScramSha256 | Mechanism::ScramSha512 => {
+            let nonce = client_nonce().map_err(KafkaError::Refused)?;
+            let mut scram = ScramClient::new(mechanism, &credentials.username, credentials.password(), nonce);
+            let server_first = round_trip(connection, version, scram.client_first(), &refused).await?;
+            let client_final = scram.handle_server_first(&server_first).map_err(|error| refused(error.to_string()))?;
+            let server_final = round_trip(connection, version, client_final, &refused).await?;
+            scram.handle_server_final(&server_final).map_err(|error| refused(error.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// One SaslAuthenticate request and its answer's bytes; a broker error is a refusal.
+async fn round_trip(
+    connection: &mut Connection,
+    version: i16,
+    message: Vec<u8>,
+    refused: &impl Fn(String) -> KafkaError,
+) -> Result<Vec<u8>, KafkaError> {
+    let request = SaslAuthenticateRequest::default().with_auth_bytes(message.into());
+    let answer = connection.call(&request, version).await?;
+    if answer.error_code != NONE {
+        let detail = answer.error_message.as_ref().map_or("", |message| message.as_str());
+        return Err(refused(format!(
+            "the broker answered {} ({}){}{detail}",
+            error_name(answer.error_code),
+            answer.error_code,
+            if detail.is_empty() { "" } else { ": " },
+        )));
+    }
+    Ok(answer.auth_bytes.to_vec())
 }
 
 #[cfg(test)]

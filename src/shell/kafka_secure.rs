@@ -1,7 +1,8 @@
 //! The security layer of the upstream Kafka connection: TLS (rustls, ring provider)
 //! over glommio's `TcpStream`, and SASL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) with
 //! SaslHandshake v1 + SaslAuthenticate. `shell::kafka` sees only `Transport` (read,
-//! write_all, flush) and calls `authenticate` once per connection, after ApiVersions.
+//! write_all, flush) and the credentials; it runs the SASL exchange itself
+//! (`kafka::authenticate`) once per connection, after ApiVersions.
 //!
 //! TLS is driven by hand (`read_tls` / `process_new_packets` / `write_tls`): the only
 //! await in a read is the TCP read, and every byte read is handed to rustls before the
@@ -20,37 +21,19 @@ use std::sync::Arc;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use kafka_protocol::messages::{SaslAuthenticateRequest, SaslHandshakeRequest};
-use kafka_protocol::protocol::{StrBytes, VersionRange};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, ClientConnection};
 
-use crate::config::{UpstreamConfig, UpstreamSaslMechanism};
-use crate::core::sasl::{self, Mechanism, ScramClient, SCRAM_NONCE_BYTES};
-use crate::core::ship::errors::{error_name, NONE};
-use crate::shell::kafka::{Connection, KafkaError};
+use crate::config::{ConfigProblem, UpstreamConfig, UpstreamSaslMechanism};
+use crate::core::sasl::Mechanism;
+use crate::shell::kafka_error::KafkaError;
+pub use crate::shell::kafka_error::Refusal;
 
 /// SaslHandshake v1: the tokens travel in SaslAuthenticate requests (v0 sends them as
 /// raw frames, which weir does not speak).
-pub const SASL_HANDSHAKE_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
-pub const SASL_AUTHENTICATE_VERSIONS: VersionRange = VersionRange { min: 0, max: 2 };
 /// Ciphertext bytes read from the socket at once.
 const TLS_READ_CHUNK_BYTES: usize = 32 << 10;
-/// Kafka's error codes for the SASL exchange.
-const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
-
-/// A connection that is not usable whatever is retried: the operator must act.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum Refusal {
-    #[error("{address}: TLS: {reason}")]
-    Tls { address: String, reason: String },
-    #[error("{address}: SASL {mechanism} as user {username:?}: {reason}")]
-    Sasl { address: String, mechanism: &'static str, username: String, reason: String },
-    #[error("upstream security setup: {reason}")]
-    Setup { reason: String },
-}
 
 /// How the shipper authenticates and encrypts: built once from the config.
 #[derive(Clone, Default)]
@@ -106,6 +89,11 @@ impl std::fmt::Debug for SaslCredentials {
 impl SaslCredentials {
     pub fn new(mechanism: Mechanism, username: &str, password: &str) -> SaslCredentials {
         SaslCredentials { mechanism, username: username.to_owned(), password: password.to_owned() }
+    }
+
+    /// The password, for the SASL exchange only (never printed: see `Debug`).
+    pub fn password(&self) -> &str {
+        &self.password
     }
 }
 
@@ -249,6 +237,14 @@ impl Security {
         Security::load(config)
             .unwrap_or_else(|problem| Security { unusable: Some(problem.to_string()), ..Security::none() })
     }
+}
+
+/// Config validation's check of the upstream files (`config::Host::upstream_files` on
+/// a probed host): they load now as `serve` will load them.
+pub fn check_files(config: &UpstreamConfig) -> Result<(), ConfigProblem> {
+    Security::load(config)
+        .map(drop)
+        .map_err(|problem| ConfigProblem { path: problem.path.to_owned(), why: problem.why })
 }
 
 /// The byte stream under a Kafka connection.
@@ -463,85 +459,50 @@ pub fn refine_opening(address: &str, security: &Security, error: KafkaError) -> 
     }
 }
 
-/// A fresh SCRAM client nonce from the ring provider's system randomness.
-fn client_nonce() -> Result<String, Refusal> {
-    let mut bytes = [0u8; SCRAM_NONCE_BYTES];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| Refusal::Setup { reason: "no system randomness for the SCRAM nonce".into() })?;
-    Ok(sasl::nonce_text(&bytes))
-}
-
-/// Authenticates `connection` as `credentials`: SaslHandshake v1, then one (PLAIN) or
-/// two (SCRAM) SaslAuthenticate round trips. Must run before any other request but
-/// ApiVersions.
-pub async fn authenticate(connection: &mut Connection, credentials: &SaslCredentials) -> Result<(), KafkaError> {
-    let address = connection.address().to_owned();
-    let mechanism = credentials.mechanism;
-    let refused = |reason: String| {
-        KafkaError::Refused(Refusal::Sasl {
-            address: address.clone(),
-            mechanism: mechanism.name(),
-            username: credentials.username.clone(),
-            reason,
-        })
-    };
-    let handshake_version = connection.version::<SaslHandshakeRequest>(SASL_HANDSHAKE_VERSIONS).map_err(|error| {
-        refused(format!("the broker offers no SASL handshake weir speaks (is this a SASL listener?): {error}"))
-    })?;
-    let handshake = SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str(mechanism.name()));
-    let answer = connection.call(&handshake, handshake_version).await?;
-    if answer.error_code != NONE {
-        let offered: Vec<&str> = answer.mechanisms.iter().map(|name| name.as_str()).collect();
-        return Err(refused(if answer.error_code == UNSUPPORTED_SASL_MECHANISM {
-            format!("the broker does not offer this mechanism; it offers {offered:?}")
-        } else {
-            format!("SaslHandshake answered {} ({})", error_name(answer.error_code), answer.error_code)
-        }));
-    }
-    let version = connection.version::<SaslAuthenticateRequest>(SASL_AUTHENTICATE_VERSIONS)?;
-    match mechanism {
-        Mechanism::Plain => {
-            let message = sasl::plain_message(&credentials.username, &credentials.password);
-            round_trip(connection, version, message, &refused).await?;
-        }
-        Mechanism::ScramSha256 | Mechanism::ScramSha512 => {
-            let nonce = client_nonce().map_err(KafkaError::Refused)?;
-            let mut scram = ScramClient::new(mechanism, &credentials.username, &credentials.password, nonce);
-            let server_first = round_trip(connection, version, scram.client_first(), &refused).await?;
-            let client_final = scram.handle_server_first(&server_first).map_err(|error| refused(error.to_string()))?;
-            let server_final = round_trip(connection, version, client_final, &refused).await?;
-            scram.handle_server_final(&server_final).map_err(|error| refused(error.to_string()))?;
-        }
-    }
-    Ok(())
-}
-
-/// One SaslAuthenticate request and its answer's bytes; a broker error is a refusal.
-async fn round_trip(
-    connection: &mut Connection,
-    version: i16,
-    message: Vec<u8>,
-    refused: &impl Fn(String) -> KafkaError,
-) -> Result<Vec<u8>, KafkaError> {
-    let request = SaslAuthenticateRequest::default().with_auth_bytes(message.into());
-    let answer = connection.call(&request, version).await?;
-    if answer.error_code != NONE {
-        let detail = answer.error_message.as_ref().map_or("", |message| message.as_str());
-        return Err(refused(format!(
-            "the broker answered {} ({}){}{detail}",
-            error_name(answer.error_code),
-            answer.error_code,
-            if detail.is_empty() { "" } else { ": " },
-        )));
-    }
-    Ok(answer.auth_bytes.to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, ConfigError, Host};
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        let host = Host { usable_cpus: [0, 1].into_iter().collect(), upstream_files: check_files };
+        match Config::parse(text, "test").and_then(|config| config.validate(&host, "test")) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_tls_and_sasl_files_are_loaded_when_shipping_is_on() {
+        let directory = tempfile::tempdir().unwrap();
+        let password = directory.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let missing = directory.path().join("missing-ca.pem");
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nca_file = {missing:?}\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].to_string().starts_with("upstream.tls.ca_file:"), "{found:?}");
+        assert!(found[0].to_string().contains("missing-ca.pem"), "{found:?}");
+        // The system's CA bundle (the default) and the password file load.
+        let text = format!(
+            "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
+        );
+        let host = Host { usable_cpus: [0, 1].into_iter().collect(), upstream_files: check_files };
+        let valid = Config::parse(&text, "test").unwrap().validate(&host, "test").unwrap();
+        let security = Security::load(&valid.config.upstream).unwrap();
+        assert!(security.tls.is_some());
+        assert_eq!(security.sasl.unwrap().username, "weir");
+        // An empty password file is refused, with its path.
+        std::fs::write(&password, "\n").unwrap();
+        let found = problems(&text.replace("[upstream.tls]\nenabled = true\n", ""));
+        assert!(
+            found[0].to_string().starts_with("upstream.sasl.password_file:")
+                && found[0].to_string().contains("is empty"),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn the_host_is_taken_from_the_address_for_the_certificate_check() {

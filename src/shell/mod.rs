@@ -10,6 +10,7 @@ pub mod disk;
 pub mod engine;
 pub mod handles;
 pub mod kafka;
+pub mod kafka_error;
 pub mod kafka_secure;
 pub mod latency;
 pub mod live;

@@ -780,7 +780,7 @@ mod tests {
         let text = format!(
             "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\nserver_name = \"kafka.example.com\"\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"site-17\"\npassword_file = {password:?}\n"
         );
-        let host = crate::config::Host { usable_cpus: [0].into_iter().collect() };
+        let host = crate::config::Host::with_cpus([0].into_iter().collect());
         let valid = crate::config::Config::parse(&text, "test").unwrap().validate(&host, "test").unwrap();
         let setup = ShipperSetup::from_config(&valid, "telemetry", 0, directory.path()).unwrap();
         let security = format!("{:?}", setup.client.security);
