@@ -784,11 +784,28 @@ impl Config {
         Config::parse(&text, &path.display().to_string())
     }
 
-    /// Checks every field against the others and against `host`.
+    /// Checks every field against the others and against `host`; every problem found
+    /// is listed, section by section.
     pub fn validate(self, host: &Host, origin: &str) -> Result<ValidConfig, ConfigError> {
         let mut problems = Vec::new();
         let mut problem = |path: &str, why: String| problems.push(ConfigProblem { path: path.to_owned(), why });
+        let cores = self.validate_cores(host, &mut problem);
+        self.validate_log(&mut problem);
+        self.validate_admin(&mut problem);
+        self.validate_quic(&mut problem);
+        self.validate_process(&mut problem);
+        self.validate_topics(&mut problem);
+        let topic_names: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
+        self.upstream.validate(&topic_names, host.upstream_files, &mut problems);
+        if problems.is_empty() {
+            Ok(ValidConfig { config: self, cores })
+        } else {
+            Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
+        }
+    }
 
+    /// `engine.cores`: each named once and usable here; the CPU ids to run on.
+    fn validate_cores(&self, host: &Host, problem: &mut impl FnMut(&str, String)) -> Vec<usize> {
         let cores: Vec<usize> = match &self.engine.cores {
             CoreSelection::All => host.usable_cpus.iter().copied().collect(),
             CoreSelection::List(list) => list.clone(),
@@ -811,6 +828,11 @@ impl Config {
             }
         }
 
+        cores
+    }
+
+    /// `[log]` and the direct-I/O memory one flush needs (`engine.io_memory_bytes`).
+    fn validate_log(&self, problem: &mut impl FnMut(&str, String)) {
         let log = &self.log;
         let alignment = DIRECT_IO_ALIGNMENT_BYTES;
         let aligned = |value: u64| value.is_multiple_of(alignment);
@@ -893,9 +915,18 @@ impl Config {
                 ),
             );
         }
+    }
+
+    /// `[admin]`.
+    fn validate_admin(&self, problem: &mut impl FnMut(&str, String)) {
         if self.admin.listen.parse::<SocketAddr>().is_err() {
             problem("admin.listen", format!("{:?} is not an address such as 127.0.0.1:9464", self.admin.listen));
         }
+    }
+
+    /// `[quic]`: the listener's limits, the de-dup window against what a device may
+    /// have in flight, the allow and deny lists.
+    fn validate_quic(&self, problem: &mut impl FnMut(&str, String)) {
         let quic = &self.quic;
         if quic.listen.parse::<SocketAddr>().is_err() {
             problem("quic.listen", format!("{:?} is not an address such as 0.0.0.0:4433", quic.listen));
@@ -946,6 +977,34 @@ impl Config {
                 problem("quic.topics_allowed", format!("{topic:?} is not a configured topic"));
             }
         }
+        self.validate_dedup_window(problem);
+        if quic.connections_per_device_max == 0 || quic.connections_per_device_max > 1_000_000 {
+            problem("quic.connections_per_device_max", "must be within 1..=1000000".into());
+        }
+        if quic.bytes_in_flight_per_connection_max.0 < quic.frame_bytes_max.0
+            || quic.bytes_in_flight_per_connection_max.0 > 1 << 30
+        {
+            problem(
+                "quic.bytes_in_flight_per_connection_max",
+                "must be at least quic.frame_bytes_max and at most 1 GiB".into(),
+            );
+        }
+        if quic.handshakes_max == 0 || quic.handshakes_max > 1_000_000 {
+            problem("quic.handshakes_max", "must be within 1..=1000000".into());
+        }
+        if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
+            problem("quic.dedup_devices_max", "must be within 1..=1000000".into());
+        }
+        for device in &quic.devices_denied {
+            if !crate::certs::is_device_id(device) {
+                problem("quic.devices_denied", format!("{device:?} is not a device id"));
+            }
+        }
+    }
+
+    /// `quic.dedup_sequences_per_device_max` against what a device may have in flight.
+    fn validate_dedup_window(&self, problem: &mut impl FnMut(&str, String)) {
+        let quic = &self.quic;
         // A frame refused with a retryable answer must stay storable on resend for as long
         // as the limits let a device keep frames in flight (docs/PROTOCOL.md section 6).
         let window_min = crate::core::dedup::sequences_per_device_min(
@@ -977,28 +1036,10 @@ impl Config {
                 );
             }
         }
-        if quic.connections_per_device_max == 0 || quic.connections_per_device_max > 1_000_000 {
-            problem("quic.connections_per_device_max", "must be within 1..=1000000".into());
-        }
-        if quic.bytes_in_flight_per_connection_max.0 < quic.frame_bytes_max.0
-            || quic.bytes_in_flight_per_connection_max.0 > 1 << 30
-        {
-            problem(
-                "quic.bytes_in_flight_per_connection_max",
-                "must be at least quic.frame_bytes_max and at most 1 GiB".into(),
-            );
-        }
-        if quic.handshakes_max == 0 || quic.handshakes_max > 1_000_000 {
-            problem("quic.handshakes_max", "must be within 1..=1000000".into());
-        }
-        if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
-            problem("quic.dedup_devices_max", "must be within 1..=1000000".into());
-        }
-        for device in &quic.devices_denied {
-            if !crate::certs::is_device_id(device) {
-                problem("quic.devices_denied", format!("{device:?} is not a device id"));
-            }
-        }
+    }
+
+    /// `data_dir` and `log_level`.
+    fn validate_process(&self, problem: &mut impl FnMut(&str, String)) {
         if self.data_dir.as_os_str().is_empty() {
             problem("data_dir", "is empty".into());
         }
@@ -1011,6 +1052,10 @@ impl Config {
                 ),
             );
         }
+    }
+
+    /// `[[topics]]`: names, uniqueness, partition counts.
+    fn validate_topics(&self, problem: &mut impl FnMut(&str, String)) {
         if self.topics.is_empty() {
             problem("topics", "at least one topic is needed".into());
         }
@@ -1040,13 +1085,6 @@ impl Config {
                     format!("{} is outside 1..={TOPIC_PARTITIONS_MAX}", topic.partitions),
                 );
             }
-        }
-        let topic_names: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
-        self.upstream.validate(&topic_names, host.upstream_files, &mut problems);
-        if problems.is_empty() {
-            Ok(ValidConfig { config: self, cores })
-        } else {
-            Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
         }
     }
 }

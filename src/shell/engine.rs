@@ -40,7 +40,10 @@ pub const BACKPRESSURE_RETRY_AFTER_MS: u32 = 50;
 /// Retry-after for a quarantined partition: a repair takes an operator, minutes at least.
 pub const QUARANTINE_RETRY_AFTER_MS: u32 = 30_000;
 
-pub fn mesh(cores: usize) -> MeshBuilder<MeshMessage, Full> {
+/// The cores' mesh for appends to a partition another core owns.
+pub type Mesh = MeshBuilder<MeshMessage, Full>;
+
+pub fn mesh(cores: usize) -> Mesh {
     MeshBuilder::full(cores, MESH_CHANNEL_CAPACITY)
 }
 

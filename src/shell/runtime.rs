@@ -112,6 +112,40 @@ pub fn partition_directory(data_dir: &std::path::Path, topic: &str, partition: u
 /// The device listener's reloadable settings are put in `listener` once it is
 /// prepared, for SIGHUP (`shell::signals`).
 pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerSlot) -> Result<(), Fatal> {
+    let metrics = engine_metrics(&valid);
+    let cores = valid.cores.clone();
+    let (admin_address, admin_thread) =
+        admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
+    let quic = if valid.config.quic.enabled { Some(prepare_quic_measured(&valid, &metrics)?) } else { None };
+    if let Some(quic) = &quic {
+        let _ = listener.set(quic.settings.live.clone());
+    }
+    tracing::info!(
+        cores = ?cores,
+        partitions = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum::<usize>(),
+        quic = %quic.as_ref().map_or("disabled".to_owned(), |quic| quic.address.to_string()),
+        data_dir = %valid.config.data_dir.display(),
+        admin = %format!("http://{admin_address}"),
+        "weir listening; opening partitions"
+    );
+    let (events, event_receiver) = mpsc::channel();
+    let common = CoreCommon::new(&valid, metrics, &shutdown, events);
+    let (alive, start_fatal) = start_cores(&valid, quic.as_ref(), &common, &shutdown);
+    drop(common); // its event sender: the channel ends when every core is gone
+    let first_fatal = supervise(&event_receiver, alive, &cores, start_fatal, &shutdown);
+    shutdown::signal(&shutdown);
+    let _ = admin_thread.join();
+    match first_fatal {
+        Some(fatal) => Err(fatal),
+        None => {
+            tracing::info!("weir stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+/// The process's metrics, with the settings `/status` reports.
+fn engine_metrics(valid: &ValidConfig) -> Arc<Metrics> {
     let metrics = Metrics::new();
     let log_config = &valid.config.log;
     metrics.status.set_settings(crate::shell::status::StatusSettings {
@@ -121,207 +155,301 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
         disk_full_policy: log_config.disk_full_policy,
         shipping_degraded_after: std::time::Duration::from_millis(valid.config.upstream.degraded_after_ms.0),
     });
-    let budget = Arc::new(crate::shell::budget::DataDirBudget::new(
-        log_config.data_dir_bytes_max.0,
-        log_config.segment_bytes_max.0,
-        log_config.disk_full_policy,
-    ));
-    let cores = valid.cores.clone();
-    let (admin_address, admin_thread) =
-        admin::start(&valid.config.admin.listen, metrics.clone(), cores.len(), shutdown.clone())?;
-    let partitions: usize = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum();
-    let quic = if valid.config.quic.enabled { Some(prepare_quic_measured(&valid, &metrics)?) } else { None };
-    if let Some(quic) = &quic {
-        let _ = listener.set(quic.settings.live.clone());
-    }
-    tracing::info!(
-        cores = ?cores,
-        partitions,
-        quic = %quic.as_ref().map_or("disabled".to_owned(), |quic| quic.address.to_string()),
-        data_dir = %valid.config.data_dir.display(),
-        admin = %format!("http://{admin_address}"),
-        "weir listening; opening partitions"
-    );
-    let (events, event_receiver) = mpsc::channel();
-    let mut first_fatal: Option<Fatal> = None;
-    let mut alive = 0usize;
-    let mesh = engine::mesh(cores.len());
-    let datagram_mesh = quic::datagram_mesh(cores.len());
-    let mut sockets =
-        quic.as_ref().map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
-    for (core, cpu) in cores.iter().copied().enumerate() {
-        let (quarantined, owned): (Vec<_>, Vec<_>) = valid
-            .partitions_of_core(core)
-            .into_iter()
-            .partition(|(topic, partition)| crate::shell::quarantine::contains(topic, *partition));
-        for (topic, partition) in quarantined {
-            tracing::warn!(
-                partition = %crate::shell::quarantine::name_of(&topic, partition),
-                core,
-                "partition quarantined (--quarantine): not opened, not shipped; devices writing to it are answered StorageFailed"
-            );
-        }
-        let shippers: Vec<Option<ShipperSetup>> = owned
-            .iter()
-            .map(|(topic, partition)| {
-                let directory = partition_directory(&valid.config.data_dir, topic, *partition);
-                ShipperSetup::from_config(&valid, topic, *partition, &directory)
-            })
-            .collect();
-        let data_dir = valid.config.data_dir.clone();
-        let options = LogOptions::from_config(&valid.config.log);
-        let metrics = metrics.clone();
-        let budget = budget.clone();
-        let core_shutdown = shutdown.clone();
-        let events = events.clone();
-        let mesh = mesh.clone();
-        let datagram_mesh = datagram_mesh.clone();
-        let core_count = cores.len();
-        let dedup = engine::DedupSettings {
-            limits: crate::core::dedup::DedupLimits {
-                sequences_per_device_max: valid.config.quic.dedup_sequences_per_device() as usize,
-                devices_max: valid.config.quic.dedup_devices_max as usize,
+    metrics
+}
+
+/// What every core gets a copy of.
+#[derive(Clone)]
+struct CoreCommon {
+    data_dir: PathBuf,
+    options: LogOptions,
+    metrics: Arc<Metrics>,
+    budget: Arc<crate::shell::budget::DataDirBudget>,
+    shutdown: Arc<AtomicBool>,
+    events: mpsc::Sender<CoreEvent>,
+    mesh: engine::Mesh,
+    datagram_mesh: quic::DatagramMesh,
+    core_count: usize,
+    dedup: engine::DedupSettings,
+}
+
+impl CoreCommon {
+    fn new(
+        valid: &ValidConfig,
+        metrics: Arc<Metrics>,
+        shutdown: &Arc<AtomicBool>,
+        events: mpsc::Sender<CoreEvent>,
+    ) -> Self {
+        let log_config = &valid.config.log;
+        let core_count = valid.cores.len();
+        CoreCommon {
+            data_dir: valid.config.data_dir.clone(),
+            options: LogOptions::from_config(log_config),
+            metrics,
+            budget: Arc::new(crate::shell::budget::DataDirBudget::new(
+                log_config.data_dir_bytes_max.0,
+                log_config.segment_bytes_max.0,
+                log_config.disk_full_policy,
+            )),
+            shutdown: shutdown.clone(),
+            events,
+            mesh: engine::mesh(core_count),
+            datagram_mesh: quic::datagram_mesh(core_count),
+            core_count,
+            dedup: engine::DedupSettings {
+                limits: crate::core::dedup::DedupLimits {
+                    sequences_per_device_max: valid.config.quic.dedup_sequences_per_device() as usize,
+                    devices_max: valid.config.quic.dedup_devices_max as usize,
+                },
+                horizon_records: i64::from(valid.config.quic.dedup_horizon_records),
             },
-            horizon_records: i64::from(valid.config.quic.dedup_horizon_records),
-        };
-        let listener = match (&quic, sockets.as_mut()) {
+        }
+    }
+}
+
+/// One core's share of the work: its partitions (quarantined ones left out), their
+/// shippers, and its listener socket.
+struct CorePlan {
+    core: usize,
+    cpu: usize,
+    partitions: Vec<(String, u32)>,
+    shippers: Vec<Option<ShipperSetup>>,
+    listener: Option<(std::net::UdpSocket, Arc<QuicSettings>)>,
+}
+
+/// Starts one executor per core; returns how many started and the first failure.
+fn start_cores(
+    valid: &ValidConfig,
+    quic: Option<&PreparedQuic>,
+    common: &CoreCommon,
+    shutdown: &Arc<AtomicBool>,
+) -> (usize, Option<Fatal>) {
+    let mut alive = 0usize;
+    let mut sockets = quic.map(|quic| quic.sockets.iter().map(|socket| socket.try_clone()).collect::<Vec<_>>());
+    for (core, cpu) in valid.cores.iter().copied().enumerate() {
+        let listener = match (quic, sockets.as_mut()) {
             (Some(quic), Some(sockets)) => {
                 match std::mem::replace(&mut sockets[core], Err(std::io::ErrorKind::Other.into())) {
                     Ok(socket) => Some((socket, quic.settings.clone())),
                     Err(error) => {
-                        first_fatal.get_or_insert(Fatal::Quic { reason: format!("socket of core {core}: {error}") });
-                        shutdown::signal(&shutdown);
-                        break;
+                        shutdown::signal(shutdown);
+                        return (alive, Some(Fatal::Quic { reason: format!("socket of core {core}: {error}") }));
                     }
                 }
             }
             _ => None,
         };
+        let plan = plan_core(valid, core, cpu, listener);
+        let common = common.clone();
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-core-{core}"))
             .io_memory(valid.config.engine.io_memory_bytes.0 as usize);
-        let spawned = builder.spawn(move || async move {
-            let _guard = GoneGuard { core, events: events.clone() };
-            let mut logs = Vec::new();
-            let mut by_partition = HashMap::new();
-            for (topic, partition) in owned {
-                let directory = partition_directory(&data_dir, &topic, partition);
-                let name = format!("{topic}-{partition}");
-                match PartitionLog::open(&directory, &name, options.clone(), metrics.partition(&topic, partition)).await
-                {
-                    Ok(log) => {
-                        log.set_budget(budget.clone());
-                        by_partition.insert((topic, partition), log.clone());
-                        logs.push(log);
-                    }
-                    Err(source) => {
-                        let _ = events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
-                        return;
-                    }
-                }
-            }
-            tracing::debug!(core, "partitions open; joining the mesh");
-            // Join the other cores (or give up when the process is stopping).
-            let shutdown_seen = {
-                let core_shutdown = core_shutdown.clone();
-                async move {
-                    while !shutdown::is_signalled(&core_shutdown) {
-                        glommio::timer::sleep(SHUTDOWN_POLL).await;
-                    }
-                    None
-                }
-            };
-            let joined = futures_lite::future::or(
-                async { Some(engine::CoreAppender::start(core, core_count, by_partition, dedup, Some(mesh)).await) },
-                shutdown_seen,
-            )
-            .await;
-            let joined = match joined {
-                Some(Ok(appender)) => Some(appender),
-                Some(Err(source)) => {
-                    let _ = events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
-                    return;
-                }
-                None => None,
-            };
-            tracing::debug!(core, joined = joined.is_some(), "mesh joined");
-            let listener_task = match (joined, listener) {
-                (Some(appender), Some((socket, settings))) => {
-                    let appender: Rc<dyn Appender> = Rc::new(appender);
-                    let forward = Some(datagram_mesh);
-                    Some(glommio::spawn_local(quic::run_core(
-                        core,
-                        socket,
-                        settings,
-                        appender,
-                        core_shutdown.clone(),
-                        forward,
-                    )))
-                }
-                _ => None,
-            };
-            // One upstream shipper per shipped partition, on this core.
-            let mut shipper_tasks = Vec::new();
-            for (log, setup) in logs.iter().zip(shippers) {
-                let Some(setup) = setup else { continue };
-                let ship_metrics = metrics.ship(&setup.edge_topic, setup.edge_partition);
-                let task = ship::run(log.clone(), setup, ship_metrics, core_shutdown.clone());
-                shipper_tasks.push(glommio::spawn_local(task));
-            }
-            // Under drop-oldest, this core frees room for partitions (on any core) that
-            // have no segment of their own left to drop.
-            let room_keeper = (budget.policy() == DiskFullPolicy::DropOldest).then(|| {
-                let stopping = core_shutdown.clone();
-                glommio::spawn_local(crate::shell::log::keep_room(logs.clone(), budget.clone(), move || {
-                    shutdown::is_signalled(&stopping)
-                }))
-            });
-            // Counted before it is reported, so /health agrees once "serving" is logged.
-            metrics.cores_running.inc();
-            let _ = events.send(CoreEvent::Serving { core });
-            while !shutdown::is_signalled(&core_shutdown) {
-                glommio::timer::sleep(SHUTDOWN_POLL).await;
-            }
-            metrics.cores_running.dec();
-            if let Some(task) = listener_task {
-                if let Err(error) = task.await {
-                    tracing::warn!(core, %error, "QUIC listener ended with an error");
-                }
-            }
-            // Shippers persist their cursor and end; one stuck on a broker is dropped
-            // after a grace period (a restart reconciles).
-            let grace_end = std::time::Instant::now() + SHIPPER_SHUTDOWN_GRACE;
-            for task in shipper_tasks {
-                let grace = grace_end.saturating_duration_since(std::time::Instant::now());
-                let _ = futures_lite::future::or(async { Some(task.await) }, async {
-                    glommio::timer::sleep(grace).await;
-                    None
-                })
-                .await;
-            }
-            if let Some(task) = room_keeper {
-                task.await;
-            }
-            for log in &logs {
-                if let Err(source) = log.close().await {
-                    let _ = events.send(CoreEvent::Failed(Fatal::PartitionClose { core, cpu, source }));
-                }
-            }
-            let _ = events.send(CoreEvent::Stopped { core });
-        });
-        match spawned {
+        match builder.spawn(move || run_core(plan, common)) {
             Ok(handle) => {
                 alive += 1;
                 drop(handle); // the thread reports through `events`
             }
             Err(error) => {
-                first_fatal.get_or_insert(Fatal::CoreStart { core, cpu, reason: error.to_string() });
-                shutdown::signal(&shutdown);
-                break;
+                shutdown::signal(shutdown);
+                return (alive, Some(Fatal::CoreStart { core, cpu, reason: error.to_string() }));
             }
         }
     }
-    drop(events);
+    (alive, None)
+}
+
+/// The partitions core `core` owns, less the quarantined ones (logged), and their
+/// shippers.
+fn plan_core(
+    valid: &ValidConfig,
+    core: usize,
+    cpu: usize,
+    listener: Option<(std::net::UdpSocket, Arc<QuicSettings>)>,
+) -> CorePlan {
+    let (quarantined, partitions): (Vec<_>, Vec<_>) = valid
+        .partitions_of_core(core)
+        .into_iter()
+        .partition(|(topic, partition)| crate::shell::quarantine::contains(topic, *partition));
+    for (topic, partition) in quarantined {
+        tracing::warn!(
+            partition = %crate::shell::quarantine::name_of(&topic, partition),
+            core,
+            "partition quarantined (--quarantine): not opened, not shipped; devices writing to it are answered StorageFailed"
+        );
+    }
+    let shippers = partitions
+        .iter()
+        .map(|(topic, partition)| {
+            let directory = partition_directory(&valid.config.data_dir, topic, *partition);
+            ShipperSetup::from_config(valid, topic, *partition, &directory)
+        })
+        .collect();
+    CorePlan { core, cpu, partitions, shippers, listener }
+}
+
+/// The tasks a serving core runs beside its partitions.
+struct CoreTasks {
+    listener: Option<glommio::Task<std::io::Result<quic::QuicStats>>>,
+    shippers: Vec<glommio::Task<Result<(), ship::ShipError>>>,
+    room_keeper: Option<glommio::Task<()>>,
+}
+
+/// One core's life on its executor: open its partitions, join the other cores, serve
+/// (listener, shippers, room keeper) until shutdown, then stop them and close the
+/// partitions. Every way it ends is reported through `common.events`.
+async fn run_core(plan: CorePlan, common: CoreCommon) {
+    let CorePlan { core, cpu, partitions, shippers, listener } = plan;
+    let _guard = GoneGuard { core, events: common.events.clone() };
+    let Some((logs, by_partition)) = open_partitions(core, cpu, partitions, &common).await else { return };
+    tracing::debug!(core, "partitions open; joining the mesh");
+    let joined = match join_mesh(core, by_partition, &common).await {
+        Some(Ok(appender)) => Some(appender),
+        Some(Err(source)) => {
+            let _ = common.events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
+            return;
+        }
+        None => None, // stopping before every core joined
+    };
+    tracing::debug!(core, joined = joined.is_some(), "mesh joined");
+    let tasks = start_tasks(core, joined, listener, &logs, shippers, &common);
+    // Counted before it is reported, so /health agrees once "serving" is logged.
+    common.metrics.cores_running.inc();
+    let _ = common.events.send(CoreEvent::Serving { core });
+    while !shutdown::is_signalled(&common.shutdown) {
+        glommio::timer::sleep(SHUTDOWN_POLL).await;
+    }
+    common.metrics.cores_running.dec();
+    stop_tasks(core, tasks).await;
+    for log in &logs {
+        if let Err(source) = log.close().await {
+            let _ = common.events.send(CoreEvent::Failed(Fatal::PartitionClose { core, cpu, source }));
+        }
+    }
+    let _ = common.events.send(CoreEvent::Stopped { core });
+}
+
+/// Opens (and recovers) the core's partitions, with the data directory's budget set;
+/// `None` after reporting the first that cannot be opened.
+async fn open_partitions(
+    core: usize,
+    cpu: usize,
+    partitions: Vec<(String, u32)>,
+    common: &CoreCommon,
+) -> Option<(Vec<PartitionLog>, HashMap<(String, u32), PartitionLog>)> {
+    let mut logs = Vec::new();
+    let mut by_partition = HashMap::new();
+    for (topic, partition) in partitions {
+        let directory = partition_directory(&common.data_dir, &topic, partition);
+        let name = format!("{topic}-{partition}");
+        let metrics = common.metrics.partition(&topic, partition);
+        match PartitionLog::open(&directory, &name, common.options.clone(), metrics).await {
+            Ok(log) => {
+                log.set_budget(common.budget.clone());
+                by_partition.insert((topic, partition), log.clone());
+                logs.push(log);
+            }
+            Err(source) => {
+                let _ = common.events.send(CoreEvent::Failed(Fatal::PartitionOpen { core, cpu, source }));
+                return None;
+            }
+        }
+    }
+    Some((logs, by_partition))
+}
+
+/// Joins the other cores' mesh, or gives up (`None`) when the process is stopping.
+async fn join_mesh(
+    core: usize,
+    by_partition: HashMap<(String, u32), PartitionLog>,
+    common: &CoreCommon,
+) -> Option<Result<Rc<engine::CoreAppender>, LogError>> {
+    let shutdown_seen = async {
+        while !shutdown::is_signalled(&common.shutdown) {
+            glommio::timer::sleep(SHUTDOWN_POLL).await;
+        }
+        None
+    };
+    let mesh = common.mesh.clone();
+    let start = engine::CoreAppender::start(core, common.core_count, by_partition, common.dedup, Some(mesh));
+    futures_lite::future::or(async { Some(start.await) }, shutdown_seen).await
+}
+
+/// Spawns the core's device listener (once it joined the mesh), one upstream shipper
+/// per shipped partition, and under drop-oldest the room keeper.
+fn start_tasks(
+    core: usize,
+    joined: Option<Rc<engine::CoreAppender>>,
+    listener: Option<(std::net::UdpSocket, Arc<QuicSettings>)>,
+    logs: &[PartitionLog],
+    shippers: Vec<Option<ShipperSetup>>,
+    common: &CoreCommon,
+) -> CoreTasks {
+    let listener = match (joined, listener) {
+        (Some(appender), Some((socket, settings))) => {
+            let appender: Rc<dyn Appender> = Rc::new(appender);
+            let forward = Some(common.datagram_mesh.clone());
+            Some(glommio::spawn_local(quic::run_core(
+                core,
+                socket,
+                settings,
+                appender,
+                common.shutdown.clone(),
+                forward,
+            )))
+        }
+        _ => None,
+    };
+    let mut shipper_tasks = Vec::new();
+    for (log, setup) in logs.iter().zip(shippers) {
+        let Some(setup) = setup else { continue };
+        let ship_metrics = common.metrics.ship(&setup.edge_topic, setup.edge_partition);
+        let task = ship::run(log.clone(), setup, ship_metrics, common.shutdown.clone());
+        shipper_tasks.push(glommio::spawn_local(task));
+    }
+    // Under drop-oldest, this core frees room for partitions (on any core) that have
+    // no segment of their own left to drop.
+    let budget = common.budget.clone();
+    let room_keeper = (budget.policy() == DiskFullPolicy::DropOldest).then(|| {
+        let stopping = common.shutdown.clone();
+        glommio::spawn_local(crate::shell::log::keep_room(logs.to_vec(), budget.clone(), move || {
+            shutdown::is_signalled(&stopping)
+        }))
+    });
+    CoreTasks { listener, shippers: shipper_tasks, room_keeper }
+}
+
+/// Waits for the listener to close its connections, for the shippers to persist their
+/// cursors (one stuck on a broker is dropped after a grace period: a restart
+/// reconciles), and for the room keeper.
+async fn stop_tasks(core: usize, tasks: CoreTasks) {
+    if let Some(task) = tasks.listener {
+        if let Err(error) = task.await {
+            tracing::warn!(core, %error, "QUIC listener ended with an error");
+        }
+    }
+    let grace_end = std::time::Instant::now() + SHIPPER_SHUTDOWN_GRACE;
+    for task in tasks.shippers {
+        let grace = grace_end.saturating_duration_since(std::time::Instant::now());
+        let _ = futures_lite::future::or(async { Some(task.await) }, async {
+            glommio::timer::sleep(grace).await;
+            None
+        })
+        .await;
+    }
+    if let Some(task) = tasks.room_keeper {
+        task.await;
+    }
+}
+
+/// Follows the cores' reports until every started core is gone: the first failure
+/// stops them all, and a core that ended without stopping is a failure too.
+fn supervise(
+    event_receiver: &mpsc::Receiver<CoreEvent>,
+    mut alive: usize,
+    cores: &[usize],
+    mut first_fatal: Option<Fatal>,
+    shutdown: &Arc<AtomicBool>,
+) -> Option<Fatal> {
     let mut stopped = vec![false; cores.len()];
     let mut serving = 0usize;
     while alive > 0 {
@@ -337,14 +465,14 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
             CoreEvent::Failed(fatal) => {
                 tracing::error!(error = %fatal, "core failed; stopping every core");
                 first_fatal.get_or_insert(fatal);
-                shutdown::signal(&shutdown);
+                shutdown::signal(shutdown);
             }
             CoreEvent::Stopped { core } => stopped[core] = true,
             CoreEvent::Gone { core } => {
                 alive -= 1;
                 if !stopped[core] && first_fatal.is_none() {
                     first_fatal = Some(Fatal::CorePanicked { core, cpu: cores[core] });
-                    shutdown::signal(&shutdown);
+                    shutdown::signal(shutdown);
                 }
             }
         }
@@ -361,15 +489,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
             });
         }
     }
-    shutdown::signal(&shutdown);
-    let _ = admin_thread.join();
-    match first_fatal {
-        Some(fatal) => Err(fatal),
-        None => {
-            tracing::info!("weir stopped cleanly");
-            Ok(())
-        }
-    }
+    first_fatal
 }
 
 /// Where `serve` leaves the device listener's reloadable settings (empty until the
