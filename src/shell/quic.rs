@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_lite::future;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
-use glommio::channels::local_channel::{self, LocalSender};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use quinn_proto::{
     ConnectionHandle, ConnectionIdGenerator, DatagramEvent, Dir, Endpoint, EndpointConfig, Event, StreamEvent,
     StreamId, VarInt,
@@ -279,6 +279,30 @@ struct Conn {
     timer_scheduled: Option<Instant>,
 }
 
+impl Conn {
+    /// A connection just accepted: handshaking, no device yet.
+    fn new(connection: quinn_proto::Connection, quota: Option<Rc<RefCell<RecordQuota>>>) -> Conn {
+        Conn {
+            connection,
+            device: None,
+            quota,
+            streams: HashMap::new(),
+            frames_in_flight: 0,
+            bytes_in_flight: 0,
+            handshaking: true,
+            registered: false,
+            violated: false,
+            timer_scheduled: None,
+        }
+    }
+
+    /// Whether the connection has as many frames or bytes in flight as it may.
+    fn in_flight_at_max(&self, settings: &QuicSettings) -> bool {
+        self.frames_in_flight >= settings.frames_in_flight_per_connection_max
+            || self.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
+    }
+}
+
 /// Counters of one core's listener.
 #[derive(Debug, Default, Clone)]
 pub struct QuicStats {
@@ -299,191 +323,265 @@ pub async fn run_core(
     shutdown: Arc<AtomicBool>,
     forward: Option<DatagramMesh>,
 ) -> std::io::Result<QuicStats> {
-    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-    let readiness = glommio::net::UdpSocket::from(socket2::Socket::from(socket.try_clone()?));
-    let mut endpoint_config = EndpointConfig::default();
-    endpoint_config.cid_generator(move || Box::new(CoreConnectionIds::new(core)));
-    // The reloadable settings this core uses: replaced between passes when a reload
-    // publishes newer ones (`shell::live`).
-    let (mut live_generation, mut live) = settings.live.load();
-    let mut endpoint = Endpoint::new(Arc::new(endpoint_config), Some(live.server_config.clone()), true, None);
-    let (wake_sender, wake_receiver) = local_channel::new_bounded::<()>(1);
-    let wake = Rc::new(wake_sender);
-    let completions: Rc<RefCell<VecDeque<Completion>>> = Rc::new(RefCell::new(VecDeque::new()));
-    let metrics = settings.metrics.clone();
-    let forwarding = match forward {
-        Some(mesh) if mesh.nr_peers() > 1 => join_forwarding(core, mesh, &wake, &shutdown).await,
-        _ => None,
-    };
-    let mut connections: HashMap<ConnectionHandle, Conn> = HashMap::new();
-    // Only connections with something to do are driven in a pass (datagrams, finished
-    // frames, a due timer), so 10,000 idle connections cost nothing per datagram.
-    let mut dirty: HashSet<ConnectionHandle> = HashSet::new();
-    let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
-    let mut handshaking = 0usize;
-    let mut stats = QuicStats::default();
-    let gro = state.gro_segments().max(1);
-    let mut receive_buffers: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; 65_535 * gro.min(8)]).collect();
-    let mut transmit_buffer: Vec<u8> = Vec::with_capacity(65_535);
-    let mut response_buffer: Vec<u8> = Vec::new();
-    let max_gso = state.max_gso_segments().max(1);
-    let mut closing: Option<Instant> = None;
-    let mut arrivals: Vec<Arrival> = Vec::with_capacity(RECV_BATCH);
+    let mut driver = CoreDriver::start(core, socket, settings, appender, &shutdown, forward).await?;
     loop {
         let now = Instant::now();
-        if let Some((generation, newer)) = settings.live.newer_than(live_generation) {
-            adopt_live(&mut endpoint, &mut connections, &live, &newer, &settings);
-            tracing::debug!(core, generation, "listener uses the reloaded settings");
-            (live_generation, live) = (generation, newer);
+        driver.adopt_reloaded();
+        if shutdown::is_signalled(&shutdown) && driver.closing.is_none() {
+            driver.begin_closing(now);
         }
-        if shutdown::is_signalled(&shutdown) && closing.is_none() {
-            closing = Some(now);
-            for (handle, conn) in connections.iter_mut() {
-                conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "weir is shutting down".into());
-                dirty.insert(*handle);
-            }
-        }
-        if let Some(since) = closing {
-            if connections.is_empty() || now.duration_since(since) > CLOSE_DRAIN_MAX {
-                for conn in connections.values() {
-                    forget_connection(conn, &settings);
-                }
-                return Ok(stats);
-            }
+        if driver.closed(now) {
+            return Ok(driver.finish());
         }
         // 1. Datagrams in: from other cores, then from the socket.
-        arrivals.clear();
-        if let Some(forwarding) = &forwarding {
-            arrivals.extend(forwarding.inbox.borrow_mut().drain(..));
+        driver.receive_datagrams();
+        driver.handle_arrivals(now);
+        // 2. Finished frames: queue their answers in frame order.
+        driver.take_completions();
+        // 3. Every connection with something to do: timers, events, streams, transmits.
+        driver.expire_timers(now);
+        driver.drive_dirty(now);
+        // 4. Sleep until there is something to do.
+        driver.wait_for_work().await;
+    }
+}
+
+/// Everything one core's listener owns between passes of `run_core`'s loop.
+struct CoreDriver {
+    core: usize,
+    settings: Arc<QuicSettings>,
+    metrics: QuicMetrics,
+    /// Generation of `intake.live`, the reloadable settings this core uses.
+    live_generation: u64,
+    /// Reads streams into frame tasks; their answers come back in `intake.completions`.
+    intake: FrameIntake,
+    wake_receiver: LocalReceiver<()>,
+    endpoint: Endpoint,
+    connections: HashMap<ConnectionHandle, Conn>,
+    /// Only connections with something to do are driven in a pass (datagrams, finished
+    /// frames, a due timer), so 10,000 idle connections cost nothing per datagram.
+    dirty: HashSet<ConnectionHandle>,
+    /// The dirty set of the pass being driven (a buffer kept between passes).
+    driving: Vec<ConnectionHandle>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connections of this core whose handshake is in progress.
+    handshaking: usize,
+    stats: QuicStats,
+    /// When shutdown began, if it did.
+    closing: Option<Instant>,
+    udp: Udp,
+    forwarding: Option<Forwarding>,
+    receive_buffers: Vec<Vec<u8>>,
+    arrivals: Vec<Arrival>,
+    transmit_buffer: Vec<u8>,
+    response_buffer: Vec<u8>,
+}
+
+impl CoreDriver {
+    async fn start(
+        core: usize,
+        socket: std::net::UdpSocket,
+        settings: Arc<QuicSettings>,
+        appender: Rc<dyn Appender>,
+        shutdown: &Arc<AtomicBool>,
+        forward: Option<DatagramMesh>,
+    ) -> std::io::Result<CoreDriver> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let readiness = glommio::net::UdpSocket::from(socket2::Socket::from(socket.try_clone()?));
+        let mut endpoint_config = EndpointConfig::default();
+        endpoint_config.cid_generator(move || Box::new(CoreConnectionIds::new(core)));
+        // The reloadable settings this core uses: replaced between passes when a reload
+        // publishes newer ones (`shell::live`).
+        let (live_generation, live) = settings.live.load();
+        let endpoint = Endpoint::new(Arc::new(endpoint_config), Some(live.server_config.clone()), true, None);
+        let (wake_sender, wake_receiver) = local_channel::new_bounded::<()>(1);
+        let wake = Rc::new(wake_sender);
+        let completions: Rc<RefCell<VecDeque<Completion>>> = Rc::new(RefCell::new(VecDeque::new()));
+        let metrics = settings.metrics.clone();
+        let forwarding = match forward {
+            Some(mesh) if mesh.nr_peers() > 1 => join_forwarding(core, mesh, &wake, shutdown).await,
+            _ => None,
+        };
+        let gro = state.gro_segments().max(1);
+        let receive_buffers: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; 65_535 * gro.min(8)]).collect();
+        let gso_segments_max = state.max_gso_segments().max(1);
+        Ok(CoreDriver {
+            core,
+            settings: settings.clone(),
+            metrics,
+            live_generation,
+            intake: FrameIntake { core, settings, live, appender, completions, wake },
+            wake_receiver,
+            endpoint,
+            connections: HashMap::new(),
+            dirty: HashSet::new(),
+            driving: Vec::new(),
+            timers: BinaryHeap::new(),
+            handshaking: 0,
+            stats: QuicStats::default(),
+            closing: None,
+            udp: Udp { socket, state, readiness, gso_segments_max },
+            forwarding,
+            receive_buffers,
+            arrivals: Vec::with_capacity(RECV_BATCH),
+            transmit_buffer: Vec::with_capacity(65_535),
+            response_buffer: Vec::new(),
+        })
+    }
+
+    /// Switches to the reloaded settings when a reload published newer ones.
+    fn adopt_reloaded(&mut self) {
+        let Some((generation, newer)) = self.settings.live.newer_than(self.live_generation) else { return };
+        adopt_live(&mut self.endpoint, &mut self.connections, &self.intake.live, &newer, &self.settings);
+        tracing::debug!(core = self.core, generation, "listener uses the reloaded settings");
+        (self.live_generation, self.intake.live) = (generation, newer);
+    }
+
+    /// Shutdown begins: every connection is closed, and new ones are refused from now.
+    fn begin_closing(&mut self, now: Instant) {
+        self.closing = Some(now);
+        for (handle, conn) in self.connections.iter_mut() {
+            conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "weir is shutting down".into());
+            self.dirty.insert(*handle);
+        }
+    }
+
+    /// Whether a shutdown is done: every connection closed, or `CLOSE_DRAIN_MAX` spent.
+    fn closed(&self, now: Instant) -> bool {
+        self.closing.is_some_and(|since| self.connections.is_empty() || now.duration_since(since) > CLOSE_DRAIN_MAX)
+    }
+
+    /// The listener stops: every connection left gives its device slot back.
+    fn finish(self) -> QuicStats {
+        for conn in self.connections.values() {
+            forget_connection(conn, &self.settings);
+        }
+        self.stats
+    }
+
+    /// Fills `arrivals`: datagrams forwarded by other cores, then the socket's, until it
+    /// has no more or `FORWARD_INBOX_MAX` wait; those for another core are forwarded.
+    fn receive_datagrams(&mut self) {
+        self.arrivals.clear();
+        if let Some(forwarding) = &self.forwarding {
+            self.arrivals.extend(forwarding.inbox.borrow_mut().drain(..));
         }
         loop {
             let mut metas = [RecvMeta::default(); RECV_BATCH];
             let mut slices: Vec<IoSliceMut<'_>> =
-                receive_buffers.iter_mut().map(|buffer| IoSliceMut::new(buffer.as_mut_slice())).collect();
-            let count = match state.recv(UdpSockRef::from(&socket), &mut slices, &mut metas) {
+                self.receive_buffers.iter_mut().map(|buffer| IoSliceMut::new(buffer.as_mut_slice())).collect();
+            let count = match self.udp.state.recv(UdpSockRef::from(&self.udp.socket), &mut slices, &mut metas) {
                 Ok(count) => count,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
-                    tracing::warn!(core, %error, "UDP receive failed");
+                    tracing::warn!(core = self.core, %error, "UDP receive failed");
                     break;
                 }
             };
             drop(slices);
-            for (meta, buffer) in metas.iter().zip(receive_buffers.iter()).take(count) {
-                let mut data = &buffer[..meta.len];
-                while !data.is_empty() {
-                    let length = data.len().min(meta.stride.max(1));
-                    let datagram = &data[..length];
-                    data = &data[length..];
-                    let owner = core_of_datagram(datagram).map(|owner| owner as usize);
-                    if let (Some(forwarding), Some(owner)) = (&forwarding, owner) {
-                        if owner != core && owner < forwarding.cores {
-                            let message = DatagramMessage::Datagram {
-                                from: meta.addr,
-                                to_ip: meta.dst_ip,
-                                ecn: meta.ecn.map(|ecn| ecn as u8),
-                                bytes: datagram.to_vec(),
-                            };
-                            if forwarding.forward(owner, message) {
-                                metrics.datagrams_forwarded.inc();
-                            } else {
-                                metrics.datagrams_forward_dropped.inc();
-                            }
-                            continue;
-                        }
-                    }
-                    arrivals.push(Arrival {
-                        from: meta.addr,
-                        to_ip: meta.dst_ip,
-                        ecn: meta.ecn.map(|ecn| ecn as u8),
-                        bytes: BytesMut::from(datagram),
-                    });
-                }
+            for (meta, buffer) in metas.iter().zip(self.receive_buffers.iter()).take(count) {
+                let received = &buffer[..meta.len];
+                split_datagrams(self.core, self.forwarding.as_ref(), &self.metrics, meta, received, &mut self.arrivals);
             }
-            if arrivals.len() >= FORWARD_INBOX_MAX {
+            if self.arrivals.len() >= FORWARD_INBOX_MAX {
                 break; // serve what arrived before reading more
             }
         }
+    }
+
+    /// Hands every datagram in `arrivals` to the endpoint.
+    fn handle_arrivals(&mut self, now: Instant) {
+        let mut arrivals = std::mem::take(&mut self.arrivals);
         for arrival in arrivals.drain(..) {
-            response_buffer.clear();
-            let ecn = arrival.ecn.and_then(quinn_proto::EcnCodepoint::from_bits);
-            match endpoint.handle(now, arrival.from, arrival.to_ip, ecn, arrival.bytes, &mut response_buffer) {
-                Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                    if let Some(conn) = connections.get_mut(&handle) {
-                        conn.connection.handle_event(event);
-                        dirty.insert(handle);
-                    }
+            self.handle_arrival(arrival, now);
+        }
+        self.arrivals = arrivals;
+    }
+
+    /// One datagram to the endpoint: an event for a connection, a new connection, or a
+    /// response the endpoint sends on its own.
+    fn handle_arrival(&mut self, arrival: Arrival, now: Instant) {
+        self.response_buffer.clear();
+        let ecn = arrival.ecn.and_then(quinn_proto::EcnCodepoint::from_bits);
+        match self.endpoint.handle(now, arrival.from, arrival.to_ip, ecn, arrival.bytes, &mut self.response_buffer) {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(conn) = self.connections.get_mut(&handle) {
+                    conn.connection.handle_event(event);
+                    self.dirty.insert(handle);
                 }
-                Some(DatagramEvent::NewConnection(incoming)) => {
-                    let refusal = if closing.is_some() {
-                        Some("shutting_down")
-                    } else if connections.len() >= settings.connections_max {
-                        Some("connections_max")
-                    } else if handshaking >= settings.handshakes_max {
-                        Some("handshakes_max")
-                    } else {
-                        None
-                    };
-                    if let Some(reason) = refusal {
-                        stats.connections_refused += 1;
-                        metrics.refused(reason);
-                        let transmit = endpoint.refuse(incoming, &mut response_buffer);
-                        send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                    } else if !incoming.remote_address_validated()
-                        && handshaking >= settings.handshakes_before_retry
-                        && incoming.may_retry()
-                    {
-                        if let Ok(transmit) = endpoint.retry(incoming, &mut response_buffer) {
-                            metrics.retries_sent.inc();
-                            send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                        }
-                    } else {
-                        match endpoint.accept(incoming, now, &mut response_buffer, None) {
-                            Ok((handle, connection)) => {
-                                stats.connections_accepted += 1;
-                                metrics.connections_accepted.inc();
-                                metrics.handshakes_started.inc();
-                                metrics.connections_open.inc();
-                                metrics.handshakes_in_progress.inc();
-                                handshaking += 1;
-                                dirty.insert(handle);
-                                connections.insert(
-                                    handle,
-                                    Conn {
-                                        connection,
-                                        device: None,
-                                        quota: connection_quota(&live, &settings),
-                                        streams: HashMap::new(),
-                                        frames_in_flight: 0,
-                                        bytes_in_flight: 0,
-                                        handshaking: true,
-                                        registered: false,
-                                        violated: false,
-                                        timer_scheduled: None,
-                                    },
-                                );
-                            }
-                            Err(error) => {
-                                metrics.refused("handshake_failed");
-                                if let Some(transmit) = error.response {
-                                    send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                                }
-                            }
-                        }
-                    }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => self.admit_incoming(incoming, now),
+            Some(DatagramEvent::Response(transmit)) => {
+                self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
+            }
+            None => {}
+        }
+    }
+
+    /// A new connection is refused (shutting down, or at a limit), asked to prove its
+    /// address (Retry, past `handshakes_before_retry`), or accepted.
+    fn admit_incoming(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
+        if let Some(reason) = self.refusal() {
+            self.stats.connections_refused += 1;
+            self.metrics.refused(reason);
+            let transmit = self.endpoint.refuse(incoming, &mut self.response_buffer);
+            self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
+        } else if !incoming.remote_address_validated()
+            && self.handshaking >= self.settings.handshakes_before_retry
+            && incoming.may_retry()
+        {
+            if let Ok(transmit) = self.endpoint.retry(incoming, &mut self.response_buffer) {
+                self.metrics.retries_sent.inc();
+                self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
+            }
+        } else {
+            self.accept(incoming, now);
+        }
+    }
+
+    /// Why a new connection is refused now, if it is.
+    fn refusal(&self) -> Option<&'static str> {
+        if self.closing.is_some() {
+            Some("shutting_down")
+        } else if self.connections.len() >= self.settings.connections_max {
+            Some("connections_max")
+        } else if self.handshaking >= self.settings.handshakes_max {
+            Some("handshakes_max")
+        } else {
+            None
+        }
+    }
+
+    /// Starts the handshake of an admitted connection.
+    fn accept(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
+        match self.endpoint.accept(incoming, now, &mut self.response_buffer, None) {
+            Ok((handle, connection)) => {
+                self.stats.connections_accepted += 1;
+                self.metrics.connections_accepted.inc();
+                self.metrics.handshakes_started.inc();
+                self.metrics.connections_open.inc();
+                self.metrics.handshakes_in_progress.inc();
+                self.handshaking += 1;
+                self.dirty.insert(handle);
+                let quota = connection_quota(&self.intake.live, &self.settings);
+                self.connections.insert(handle, Conn::new(connection, quota));
+            }
+            Err(error) => {
+                self.metrics.refused("handshake_failed");
+                if let Some(transmit) = error.response {
+                    self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
                 }
-                Some(DatagramEvent::Response(transmit)) => {
-                    send(&state, &socket, &transmit, &response_buffer, &mut stats);
-                }
-                None => {}
             }
         }
-        // 2. Finished frames: queue their answers in frame order.
-        let finished: Vec<Completion> = completions.borrow_mut().drain(..).collect();
+    }
+
+    /// Finished frames: their answers wait in their streams, in frame order.
+    fn take_completions(&mut self) {
+        let finished: Vec<Completion> = self.intake.completions.borrow_mut().drain(..).collect();
         for completion in finished {
-            if let Some(conn) = connections.get_mut(&completion.connection) {
-                dirty.insert(completion.connection);
+            if let Some(conn) = self.connections.get_mut(&completion.connection) {
+                self.dirty.insert(completion.connection);
                 conn.frames_in_flight -= 1;
                 conn.bytes_in_flight -= completion.frame_bytes;
                 if let Some(stream) = conn.streams.get_mut(&completion.stream) {
@@ -491,86 +589,187 @@ pub async fn run_core(
                 }
             }
         }
-        // 3. Every connection with something to do: timers, events, streams, transmits.
-        while let Some(Reverse((deadline, index))) = timers.peek().copied() {
+    }
+
+    /// Connections whose timer is due become dirty.
+    fn expire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, index))) = self.timers.peek().copied() {
             if deadline > now {
                 break;
             }
-            timers.pop();
+            self.timers.pop();
             let handle = ConnectionHandle(index);
-            if let Some(conn) = connections.get_mut(&handle) {
+            if let Some(conn) = self.connections.get_mut(&handle) {
                 if conn.timer_scheduled == Some(deadline) {
                     conn.timer_scheduled = None;
                 }
-                dirty.insert(handle);
+                self.dirty.insert(handle);
             }
         }
-        let handles: Vec<ConnectionHandle> = dirty.drain().collect();
-        for handle in handles {
-            let Some(conn) = connections.get_mut(&handle) else { continue };
-            if conn.connection.poll_timeout().is_some_and(|deadline| deadline <= now) {
-                conn.connection.handle_timeout(now);
-            }
-            while let Some(event) = conn.connection.poll_endpoint_events() {
-                if let Some(reply) = endpoint.handle_event(handle, event) {
-                    conn.connection.handle_event(reply);
-                }
-            }
-            while let Some(event) = conn.connection.poll() {
-                let was_handshaking = conn.handshaking;
-                handle_event(core, handle, conn, event, (&settings, &live), &appender, &completions, &wake, &mut stats);
-                if was_handshaking && !conn.handshaking {
-                    handshaking -= 1;
-                    metrics.handshakes_in_progress.dec();
-                }
-            }
-            // Readable streams may have been reported before identity was known; read all.
-            if conn.device.is_some() {
-                read_streams(handle, conn, (&settings, &live), &appender, &completions, &wake, &mut stats);
-            }
-            write_answers(conn);
-            loop {
-                transmit_buffer.clear();
-                let Some(transmit) = conn.connection.poll_transmit(now, max_gso, &mut transmit_buffer) else { break };
-                send(&state, &socket, &transmit, &transmit_buffer, &mut stats);
-            }
-            if conn.connection.is_drained() {
-                if conn.handshaking {
-                    handshaking -= 1;
-                    metrics.handshakes_in_progress.dec();
-                }
-                forget_connection(conn, &settings);
-                connections.remove(&handle);
-            } else if let Some(deadline) = conn.connection.poll_timeout() {
-                if conn.timer_scheduled.is_none_or(|scheduled| deadline < scheduled) {
-                    conn.timer_scheduled = Some(deadline);
-                    timers.push(Reverse((deadline, handle.0)));
-                }
+    }
+
+    /// Drives every dirty connection once.
+    fn drive_dirty(&mut self, now: Instant) {
+        let mut driving = std::mem::take(&mut self.driving);
+        driving.extend(self.dirty.drain());
+        for handle in driving.drain(..) {
+            self.drive_connection(handle, now);
+        }
+        self.driving = driving;
+    }
+
+    /// One connection with something to do: its timeout, endpoint and connection events,
+    /// its streams read and answers written, its datagrams sent; then it is forgotten
+    /// when drained, or its next timer is armed.
+    fn drive_connection(&mut self, handle: ConnectionHandle, now: Instant) {
+        let Some(conn) = self.connections.get_mut(&handle) else { return };
+        if conn.connection.poll_timeout().is_some_and(|deadline| deadline <= now) {
+            conn.connection.handle_timeout(now);
+        }
+        while let Some(event) = conn.connection.poll_endpoint_events() {
+            if let Some(reply) = self.endpoint.handle_event(handle, event) {
+                conn.connection.handle_event(reply);
             }
         }
-        // 4. Sleep until there is something to do.
-        let next_timer = timers.peek().map(|Reverse((deadline, _))| *deadline);
+        while let Some(event) = conn.connection.poll() {
+            let was_handshaking = conn.handshaking;
+            self.intake.handle_event(handle, conn, event, &mut self.stats);
+            if was_handshaking && !conn.handshaking {
+                self.handshaking -= 1;
+                self.metrics.handshakes_in_progress.dec();
+            }
+        }
+        // Readable streams may have been reported before identity was known; read all.
+        if conn.device.is_some() {
+            self.intake.read_streams(handle, conn, &mut self.stats);
+        }
+        write_answers(conn);
+        self.udp.send_transmits(&mut conn.connection, now, &mut self.transmit_buffer, &mut self.stats);
+        if conn.connection.is_drained() {
+            if conn.handshaking {
+                self.handshaking -= 1;
+                self.metrics.handshakes_in_progress.dec();
+            }
+            forget_connection(conn, &self.settings);
+            self.connections.remove(&handle);
+        } else if let Some(deadline) = conn.connection.poll_timeout() {
+            if conn.timer_scheduled.is_none_or(|scheduled| deadline < scheduled) {
+                conn.timer_scheduled = Some(deadline);
+                self.timers.push(Reverse((deadline, handle.0)));
+            }
+        }
+    }
+
+    /// Sleeps until the socket is readable, the earliest connection timer, a frame task
+    /// finished or another core forwarded a datagram (`SHUTDOWN_POLL` at most); only
+    /// yields when there is work already.
+    async fn wait_for_work(&self) {
+        let next_timer = self.timers.peek().map(|Reverse((deadline, _))| *deadline);
         let wait = next_timer
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             .unwrap_or(SHUTDOWN_POLL)
             .min(SHUTDOWN_POLL);
-        let forwarded_waiting = forwarding.as_ref().is_some_and(|forwarding| !forwarding.inbox.borrow().is_empty());
-        if !completions.borrow().is_empty() || forwarded_waiting || wait.is_zero() {
+        let forwarded_waiting =
+            self.forwarding.as_ref().is_some_and(|forwarding| !forwarding.inbox.borrow().is_empty());
+        if !self.intake.completions.borrow().is_empty() || forwarded_waiting || wait.is_zero() {
             glommio::yield_if_needed().await;
-            continue;
+            return;
         }
         let mut peek = [0u8; 1];
         let readable = async {
             // Waits in io_uring until a datagram is queued; consumes nothing.
-            if readiness.peek_from(&mut peek).await.is_err() {
+            if self.udp.readiness.peek_from(&mut peek).await.is_err() {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
         };
         let woken = async {
-            let _ = wake_receiver.recv().await;
+            let _ = self.wake_receiver.recv().await;
         };
         let slept = glommio::timer::sleep(wait);
         future::or(readable, future::or(woken, slept)).await;
+    }
+}
+
+/// The core's UDP socket: `quinn-udp` sends and receives on it, and `readiness`, a
+/// glommio socket sharing its fd, says when a datagram is queued.
+struct Udp {
+    socket: std::net::UdpSocket,
+    state: UdpSocketState,
+    readiness: glommio::net::UdpSocket,
+    /// Segments one `poll_transmit` may put in a GSO batch.
+    gso_segments_max: usize,
+}
+
+impl Udp {
+    /// Sends every datagram `connection` has to send now.
+    fn send_transmits(
+        &self,
+        connection: &mut quinn_proto::Connection,
+        now: Instant,
+        buffer: &mut Vec<u8>,
+        stats: &mut QuicStats,
+    ) {
+        loop {
+            buffer.clear();
+            let Some(transmit) = connection.poll_transmit(now, self.gso_segments_max, buffer) else { break };
+            self.send(&transmit, buffer, stats);
+        }
+    }
+
+    fn send(&self, transmit: &quinn_proto::Transmit, buffer: &[u8], stats: &mut QuicStats) {
+        let transmit = quinn_udp::Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn.map(|ecn| quinn_udp::EcnCodepoint::from_bits(ecn as u8).expect("valid ECN bits")),
+            contents: &buffer[..transmit.size],
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        };
+        if self.state.try_send(UdpSockRef::from(&self.socket), &transmit).is_err() {
+            // A full socket buffer: QUIC's loss recovery resends.
+            stats.datagrams_dropped_on_send += 1;
+        }
+    }
+}
+
+/// Splits what one receive gave (`received`, GRO segments of `meta.stride` bytes) into
+/// datagrams: one whose connection id names another core is forwarded there, the rest
+/// go to `arrivals`.
+fn split_datagrams(
+    core: usize,
+    forwarding: Option<&Forwarding>,
+    metrics: &QuicMetrics,
+    meta: &RecvMeta,
+    received: &[u8],
+    arrivals: &mut Vec<Arrival>,
+) {
+    let mut data = received;
+    while !data.is_empty() {
+        let length = data.len().min(meta.stride.max(1));
+        let datagram = &data[..length];
+        data = &data[length..];
+        let owner = core_of_datagram(datagram).map(|owner| owner as usize);
+        if let (Some(forwarding), Some(owner)) = (forwarding, owner) {
+            if owner != core && owner < forwarding.cores {
+                let message = DatagramMessage::Datagram {
+                    from: meta.addr,
+                    to_ip: meta.dst_ip,
+                    ecn: meta.ecn.map(|ecn| ecn as u8),
+                    bytes: datagram.to_vec(),
+                };
+                if forwarding.forward(owner, message) {
+                    metrics.datagrams_forwarded.inc();
+                } else {
+                    metrics.datagrams_forward_dropped.inc();
+                }
+                continue;
+            }
+        }
+        arrivals.push(Arrival {
+            from: meta.addr,
+            to_ip: meta.dst_ip,
+            ecn: meta.ecn.map(|ecn| ecn as u8),
+            bytes: BytesMut::from(datagram),
+        });
     }
 }
 
@@ -694,250 +893,265 @@ fn forget_connection(conn: &Conn, settings: &QuicSettings) {
     }
 }
 
-fn send(
-    state: &UdpSocketState,
-    socket: &std::net::UdpSocket,
-    transmit: &quinn_proto::Transmit,
-    buffer: &[u8],
-    stats: &mut QuicStats,
-) {
-    let transmit = quinn_udp::Transmit {
-        destination: transmit.destination,
-        ecn: transmit.ecn.map(|ecn| quinn_udp::EcnCodepoint::from_bits(ecn as u8).expect("valid ECN bits")),
-        contents: &buffer[..transmit.size],
-        segment_size: transmit.segment_size,
-        src_ip: transmit.src_ip,
-    };
-    if state.try_send(UdpSockRef::from(socket), &transmit).is_err() {
-        // A full socket buffer: QUIC's loss recovery resends.
-        stats.datagrams_dropped_on_send += 1;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn handle_event(
+/// What turns a connection's events and stream bytes into frame tasks: the settings in
+/// force on this core, where records are appended, and the queue finished frames come
+/// back on (with the wake that tells the driver).
+struct FrameIntake {
     core: usize,
-    handle: ConnectionHandle,
-    conn: &mut Conn,
-    event: Event,
-    (settings, live): (&Arc<QuicSettings>, &Arc<QuicLive>),
-    appender: &Rc<dyn Appender>,
-    completions: &Rc<RefCell<VecDeque<Completion>>>,
-    wake: &Rc<LocalSender<()>>,
-    stats: &mut QuicStats,
-) {
-    match event {
-        Event::Connected => {
-            conn.handshaking = false;
-            let device = conn
-                .connection
-                .crypto_session()
-                .peer_identity()
-                .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
-                .and_then(|chain| chain.first().and_then(|leaf| certs::device_id_of(leaf)));
-            match device {
-                None => {
-                    settings.metrics.refused("no_identity");
-                    conn.connection.close(
-                        Instant::now(),
-                        VarInt::from_u32(CLOSE_NO_IDENTITY),
-                        "the client certificate names no device (subject CN)".into(),
-                    )
-                }
-                Some(device) if live.devices_denied.contains(&device) => {
-                    let logged = settings
-                        .denied_log
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .admit(&device, Instant::now());
-                    if let Some(suppressed) = logged {
-                        tracing::warn!(
-                            core,
-                            device,
-                            suppressed,
-                            "denied device refused (logged once a minute per device)"
-                        );
-                    }
-                    settings.metrics.refused("device_denied");
-                    conn.connection.close(
-                        Instant::now(),
-                        VarInt::from_u32(CLOSE_DEVICE_DENIED),
-                        format!("device {device} is denied by this appliance").into(),
-                    )
-                }
-                Some(device) => {
-                    match settings.device_connections.try_open(&device, settings.connections_per_device_max) {
-                        Ok(()) => {
-                            tracing::debug!(core, device, remote = %conn.connection.remote_address(), "device connected");
-                            conn.registered = true;
-                            conn.device = Some(device);
-                        }
-                        Err(open) => {
-                            settings.metrics.refused("connections_per_device_max");
-                            conn.connection.close(
-                            Instant::now(),
-                            VarInt::from_u32(CLOSE_TOO_MANY_CONNECTIONS),
-                            format!(
-                                "device {device} already holds {open} connections (quic.connections_per_device_max = {})",
-                                settings.connections_per_device_max
-                            )
-                            .into(),
-                        )
-                        }
-                    }
-                }
-            }
-        }
-        Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
-            while let Some(id) = conn.connection.streams().accept(Dir::Bi) {
-                conn.streams.entry(id).or_default();
-            }
-            if conn.device.is_some() {
-                read_streams(handle, conn, (settings, live), appender, completions, wake, stats);
-            }
-        }
-        Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
-            while let Some(id) = conn.connection.streams().accept(Dir::Uni) {
-                let _ = conn.connection.recv_stream(id).stop(VarInt::from_u32(CLOSE_PROTOCOL));
-            }
-        }
-        Event::Stream(StreamEvent::Readable { .. }) if conn.device.is_some() => {
-            read_streams(handle, conn, (settings, live), appender, completions, wake, stats);
-        }
-        Event::ConnectionLost { reason } => {
-            if conn.handshaking {
-                // Unknown CA, no certificate, wrong ALPN, or the peer gave up.
-                conn.handshaking = false;
-                settings.metrics.refused("handshake_failed");
-            }
-            tracing::debug!(core, device = ?conn.device, %reason, "connection lost");
-        }
-        _ => {}
-    }
+    settings: Arc<QuicSettings>,
+    /// The reloadable settings this core uses: replaced between passes when a reload
+    /// publishes newer ones (`shell::live`).
+    live: Arc<QuicLive>,
+    appender: Rc<dyn Appender>,
+    completions: Rc<RefCell<VecDeque<Completion>>>,
+    wake: Rc<LocalSender<()>>,
 }
 
-fn read_streams(
-    handle: ConnectionHandle,
-    conn: &mut Conn,
-    (settings, live): (&Arc<QuicSettings>, &Arc<QuicLive>),
-    appender: &Rc<dyn Appender>,
-    completions: &Rc<RefCell<VecDeque<Completion>>>,
-    wake: &Rc<LocalSender<()>>,
-    stats: &mut QuicStats,
-) {
-    if conn.violated {
-        return;
-    }
-    let device = conn.device.clone().expect("identity is known before streams are read");
-    let ids: Vec<StreamId> = conn.streams.keys().copied().collect();
-    for id in ids {
-        if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max
-            || conn.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
-        {
-            return; // leave bytes unread: flow control pushes back on the device
-        }
-        let mut protocol_error = None;
-        {
-            let stream = conn.streams.get_mut(&id).expect("listed above");
-            let assembler =
-                stream.assembler.get_or_insert_with(|| FrameAssembler::new(settings.limits.frame_bytes_max));
-            if !stream.peer_finished {
-                let mut recv = conn.connection.recv_stream(id);
-                let mut chunks = match recv.read(true) {
-                    Ok(chunks) => chunks,
-                    Err(_) => continue,
-                };
-                loop {
-                    // Read no more than one frame ahead of what is being processed.
-                    if assembler.buffered_bytes()
-                        > settings.limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES
-                    {
-                        break;
-                    }
-                    match chunks.next(settings.limits.frame_bytes_max) {
-                        Ok(Some(chunk)) => assembler.push(&chunk.bytes),
-                        Ok(None) => {
-                            stream.peer_finished = true;
-                            break;
-                        }
-                        Err(quinn_proto::ReadError::Blocked) => break,
-                        Err(_) => {
-                            stream.peer_finished = true;
-                            break;
-                        }
-                    }
+impl FrameIntake {
+    fn handle_event(&self, handle: ConnectionHandle, conn: &mut Conn, event: Event, stats: &mut QuicStats) {
+        match event {
+            Event::Connected => self.identify(conn),
+            Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                while let Some(id) = conn.connection.streams().accept(Dir::Bi) {
+                    conn.streams.entry(id).or_default();
                 }
-                let _ = chunks.finalize();
+                if conn.device.is_some() {
+                    self.read_streams(handle, conn, stats);
+                }
+            }
+            Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                while let Some(id) = conn.connection.streams().accept(Dir::Uni) {
+                    let _ = conn.connection.recv_stream(id).stop(VarInt::from_u32(CLOSE_PROTOCOL));
+                }
+            }
+            Event::Stream(StreamEvent::Readable { .. }) if conn.device.is_some() => {
+                self.read_streams(handle, conn, stats);
+            }
+            Event::ConnectionLost { reason } => {
+                if conn.handshaking {
+                    // Unknown CA, no certificate, wrong ALPN, or the peer gave up.
+                    conn.handshaking = false;
+                    self.settings.metrics.refused("handshake_failed");
+                }
+                tracing::debug!(core = self.core, device = ?conn.device, %reason, "connection lost");
+            }
+            _ => {}
+        }
+    }
+
+    /// The handshake completed: the device the client certificate names is registered,
+    /// or the connection is closed (no device named, the device denied, or at
+    /// `connections_per_device_max`).
+    fn identify(&self, conn: &mut Conn) {
+        conn.handshaking = false;
+        match device_of(&conn.connection) {
+            None => {
+                self.settings.metrics.refused("no_identity");
+                conn.connection.close(
+                    Instant::now(),
+                    VarInt::from_u32(CLOSE_NO_IDENTITY),
+                    "the client certificate names no device (subject CN)".into(),
+                )
+            }
+            Some(device) if self.live.devices_denied.contains(&device) => self.refuse_denied(conn, device),
+            Some(device) => self.register_device(conn, device),
+        }
+    }
+
+    fn refuse_denied(&self, conn: &mut Conn, device: String) {
+        let settings = &self.settings;
+        let logged = settings.denied_log.lock().unwrap_or_else(PoisonError::into_inner).admit(&device, Instant::now());
+        if let Some(suppressed) = logged {
+            tracing::warn!(
+                core = self.core,
+                device,
+                suppressed,
+                "denied device refused (logged once a minute per device)"
+            );
+        }
+        settings.metrics.refused("device_denied");
+        conn.connection.close(
+            Instant::now(),
+            VarInt::from_u32(CLOSE_DEVICE_DENIED),
+            format!("device {device} is denied by this appliance").into(),
+        )
+    }
+
+    fn register_device(&self, conn: &mut Conn, device: String) {
+        let settings = &self.settings;
+        match settings.device_connections.try_open(&device, settings.connections_per_device_max) {
+            Ok(()) => {
+                tracing::debug!(core = self.core, device, remote = %conn.connection.remote_address(), "device connected");
+                conn.registered = true;
+                conn.device = Some(device);
+            }
+            Err(open) => {
+                settings.metrics.refused("connections_per_device_max");
+                conn.connection.close(
+                    Instant::now(),
+                    VarInt::from_u32(CLOSE_TOO_MANY_CONNECTIONS),
+                    format!(
+                        "device {device} already holds {open} connections (quic.connections_per_device_max = {})",
+                        settings.connections_per_device_max
+                    )
+                    .into(),
+                )
             }
         }
+    }
+
+    /// Reads the connection's streams and starts a task per whole frame, as long as its
+    /// frames and bytes in flight allow; a stream that breaks the protocol closes the
+    /// connection.
+    fn read_streams(&self, handle: ConnectionHandle, conn: &mut Conn, stats: &mut QuicStats) {
+        if conn.violated {
+            return;
+        }
+        let device = conn.device.clone().expect("identity is known before streams are read");
+        let ids: Vec<StreamId> = conn.streams.keys().copied().collect();
+        for id in ids {
+            if conn.in_flight_at_max(&self.settings) {
+                return; // leave bytes unread: flow control pushes back on the device
+            }
+            if !self.buffer_stream(conn, id) {
+                continue;
+            }
+            if let Some(reason) = self.take_frames(handle, conn, id, &device, stats) {
+                stats.frames_refused += 1;
+                self.settings.metrics.refused("protocol");
+                conn.violated = true;
+                conn.connection.close(Instant::now(), VarInt::from_u32(CLOSE_PROTOCOL), reason.into_bytes().into());
+                return;
+            }
+        }
+    }
+
+    /// Moves what stream `id` received into its frame assembler; false when quinn
+    /// refuses the read (the stream is passed over this time).
+    fn buffer_stream(&self, conn: &mut Conn, id: StreamId) -> bool {
+        let limits = &self.settings.limits;
+        let stream = conn.streams.get_mut(&id).expect("listed above");
+        let assembler = stream.assembler.get_or_insert_with(|| FrameAssembler::new(limits.frame_bytes_max));
+        if stream.peer_finished {
+            return true;
+        }
+        let mut recv = conn.connection.recv_stream(id);
+        let mut chunks = match recv.read(true) {
+            Ok(chunks) => chunks,
+            Err(_) => return false,
+        };
         loop {
-            if conn.frames_in_flight >= settings.frames_in_flight_per_connection_max
-                || conn.bytes_in_flight >= settings.bytes_in_flight_per_connection_max
-            {
+            // Read no more than one frame ahead of what is being processed.
+            if assembler.buffered_bytes() > limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES {
                 break;
             }
+            match chunks.next(limits.frame_bytes_max) {
+                Ok(Some(chunk)) => assembler.push(&chunk.bytes),
+                Ok(None) => {
+                    stream.peer_finished = true;
+                    break;
+                }
+                Err(quinn_proto::ReadError::Blocked) => break,
+                Err(_) => {
+                    stream.peer_finished = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        true
+    }
+
+    /// Starts a task for each whole frame in stream `id`'s assembler while the
+    /// connection's frames and bytes in flight allow; returns why the stream broke the
+    /// protocol, if it did.
+    fn take_frames(
+        &self,
+        handle: ConnectionHandle,
+        conn: &mut Conn,
+        id: StreamId,
+        device: &str,
+        stats: &mut QuicStats,
+    ) -> Option<String> {
+        loop {
+            if conn.in_flight_at_max(&self.settings) {
+                return None;
+            }
             let stream = conn.streams.get_mut(&id).expect("listed above");
-            let assembler = stream.assembler.as_mut().expect("made above");
+            let assembler = stream.assembler.as_mut().expect("made in buffer_stream");
             let frame = match assembler.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) if stream.peer_finished && assembler.buffered_bytes() > 0 => {
-                    protocol_error = Some(format!(
+                    return Some(format!(
                         "the stream ended inside a frame ({} bytes of it arrived)",
                         assembler.buffered_bytes()
                     ));
-                    break;
                 }
-                Ok(None) => break,
-                Err(error) => {
-                    protocol_error = Some(error.to_string());
-                    break;
-                }
+                Ok(None) => return None,
+                Err(error) => return Some(error.to_string()),
             };
-            let frame_number = stream.next_frame_number;
-            stream.next_frame_number += 1;
-            let (stored, next_waits) = futures_channel::oneshot::channel();
-            let previous = stream.previous_stored.replace(next_waits);
-            let frame_bytes = frame.len();
-            conn.frames_in_flight += 1;
-            conn.bytes_in_flight += frame_bytes;
-            let order = stream.order.clone();
-            let task = process_frame(
-                (frame, Instant::now()),
-                device.clone(),
-                (settings.clone(), live.clone()),
-                appender.clone(),
-                order,
-                conn.quota.clone(),
-            );
-            let completions = completions.clone();
-            let wake = wake.clone();
-            stats.frames_accepted += 1;
-            settings.metrics.frames_received.inc();
-            glommio::spawn_local(async move {
-                if let Some(previous) = previous {
-                    let _ = previous.await;
-                }
-                let answer = task.await;
-                let _ = stored.send(());
-                completions.borrow_mut().push_back(Completion {
-                    connection: handle,
-                    stream: id,
-                    frame_number,
-                    frame_bytes,
-                    answer,
-                });
-                let _ = wake.try_send(());
-            })
-            .detach();
-        }
-        if let Some(reason) = protocol_error {
-            stats.frames_refused += 1;
-            settings.metrics.refused("protocol");
-            conn.violated = true;
-            conn.connection.close(Instant::now(), VarInt::from_u32(CLOSE_PROTOCOL), reason.into_bytes().into());
-            return;
+            self.start_frame(handle, conn, id, frame, device, stats);
         }
     }
+
+    /// Counts `frame` in flight and spawns its task: it waits for the stream's previous
+    /// frame to be stored, processes the frame, and queues the answer as a completion.
+    fn start_frame(
+        &self,
+        handle: ConnectionHandle,
+        conn: &mut Conn,
+        id: StreamId,
+        frame: Vec<u8>,
+        device: &str,
+        stats: &mut QuicStats,
+    ) {
+        let stream = conn.streams.get_mut(&id).expect("listed above");
+        let frame_number = stream.next_frame_number;
+        stream.next_frame_number += 1;
+        let (stored, next_waits) = futures_channel::oneshot::channel();
+        let previous = stream.previous_stored.replace(next_waits);
+        let frame_bytes = frame.len();
+        conn.frames_in_flight += 1;
+        conn.bytes_in_flight += frame_bytes;
+        let order = stream.order.clone();
+        let task = process_frame(
+            (frame, Instant::now()),
+            device.to_owned(),
+            (self.settings.clone(), self.live.clone()),
+            self.appender.clone(),
+            order,
+            conn.quota.clone(),
+        );
+        let completions = self.completions.clone();
+        let wake = self.wake.clone();
+        stats.frames_accepted += 1;
+        self.settings.metrics.frames_received.inc();
+        glommio::spawn_local(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let answer = task.await;
+            let _ = stored.send(());
+            completions.borrow_mut().push_back(Completion {
+                connection: handle,
+                stream: id,
+                frame_number,
+                frame_bytes,
+                answer,
+            });
+            let _ = wake.try_send(());
+        })
+        .detach();
+    }
+}
+
+/// The device the connection's client certificate names (its subject CN), if any.
+fn device_of(connection: &quinn_proto::Connection) -> Option<String> {
+    connection
+        .crypto_session()
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(|leaf| certs::device_id_of(leaf)))
 }
 
 /// Carries out what `core::ingest` decides for one frame (read at `received`): the
