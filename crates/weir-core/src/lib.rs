@@ -18,3 +18,4 @@ pub mod ship;
 #[cfg(test)]
 pub(crate) mod sim;
 pub mod throttle;
+pub mod watch;
