@@ -16,7 +16,10 @@
 //!   rate per window, or below it divided by `rate_factor`, in `RATE_WINDOWS_TO_OPEN`
 //!   windows in a row; closes after as many windows back within the band. The baseline
 //!   does not learn while the alert is open.
-//! - **restart**: a sequence below the last one seen (the device started counting again).
+//! - **restart**: a sequence more than `restart_tolerance` below the last one stored (the
+//!   device started counting again; a resend of a frame refused earlier, Backpressure
+//!   say, may come after later ones were stored, by at most what a device may have in
+//!   flight: `quic.connections_per_device_max` x `quic.frames_in_flight_per_connection_max`).
 //!   Closes after `restart_hold` without another restart; evidence counts restarts.
 //! - **clock skew**: a record's timestamp off its arrival by more than `skew_max`, in
 //!   `SKEW_RECORDS_TO_OPEN` frames in a row; closes after as many within half of it.
@@ -61,6 +64,8 @@ pub struct WatchConfig {
     pub rate_window: Duration,
     pub skew_max: Duration,
     pub restart_hold: Duration,
+    /// How far below the last stored sequence a frame may be without being a restart.
+    pub restart_tolerance: u64,
     pub refusals_per_minute_max: u32,
 }
 
@@ -76,6 +81,7 @@ impl Default for WatchConfig {
             rate_window: Duration::from_secs(60),
             skew_max: Duration::from_secs(60),
             restart_hold: Duration::from_secs(600),
+            restart_tolerance: 256,
             refusals_per_minute_max: 60,
         }
     }
@@ -247,7 +253,7 @@ impl Watch {
         }
         // Restart: the device counts from below again.
         if let Some(last) = state.last_sequence {
-            if sequence < last {
+            if sequence.saturating_add(config.restart_tolerance) < last {
                 state.restarts += 1;
                 state.last_restart = Some(now);
                 let evidence = format!("sequence {sequence} after {last} ({} restarts)", state.restarts);
@@ -258,7 +264,13 @@ impl Watch {
                 }
             }
         }
-        state.last_sequence = Some(sequence.saturating_add(records.saturating_sub(1)));
+        let end = sequence.saturating_add(records.saturating_sub(1));
+        let restarted =
+            state.last_sequence.is_some_and(|last| sequence.saturating_add(config.restart_tolerance) < last);
+        // A late resend leaves the last sequence where it was; a restart starts it anew.
+        if restarted || state.last_sequence.is_none_or(|last| end > last) {
+            state.last_sequence = Some(end);
+        }
         // Clock skew, with a band: open beyond skew_max, close within half of it.
         let skew_ms = max_timestamp_ms.saturating_sub(arrival_ms);
         let skew = Duration::from_millis(skew_ms.unsigned_abs());

@@ -154,9 +154,15 @@ fn a_device_that_was_never_learned_is_silent_only_after_silence_max() {
 
 #[test]
 fn a_restarted_device_opens_a_restart_alert_at_once_and_it_closes_after_the_hold() {
-    let config = WatchConfig { restart_hold: Duration::from_secs(120), ..WatchConfig::default() };
+    let config =
+        WatchConfig { restart_hold: Duration::from_secs(120), restart_tolerance: 32, ..WatchConfig::default() };
     let mut fleet = Fleet::new(config, 2, SECOND, 0.3);
     fleet.run(Duration::from_secs(60));
+    // A resend of a frame refused earlier (within what a device may have in flight) is
+    // no restart.
+    let now = fleet.base + fleet.now;
+    let late = fleet.devices[1].sequence - 30;
+    fleet.watch.handle_records(now, &key("dev-1"), late, 1, WALL_START_MS, WALL_START_MS);
     fleet.device(0).sequence = 0; // the device lost its counter
     let restarted = fleet.now.as_secs_f64();
     fleet.run(Duration::from_secs(5));
@@ -245,7 +251,7 @@ fn a_refusal_storm_opens_over_the_limit_and_closes_after_a_quiet_minute() {
 
 #[test]
 fn past_streams_max_the_longest_silent_stream_is_forgotten_and_its_alerts_closed() {
-    let config = WatchConfig { streams_max: 3, ..WatchConfig::default() };
+    let config = WatchConfig { streams_max: 3, restart_tolerance: 0, ..WatchConfig::default() };
     let mut watch = Watch::new(config);
     let base = Instant::now();
     let at = |seconds: u64| base + Duration::from_secs(seconds);
