@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod index;
+pub mod partition;
 pub mod recovery;
 pub mod retention;
 pub mod segment;
