@@ -31,7 +31,7 @@ use crate::core::log::partition::{
     Action, ActiveState, Failure, FullCause, PartitionConfig, PartitionCore, Refusal, WriteStep,
 };
 use crate::core::log::recovery::{
-    find_later_batch, scan_window, InvalidBatch, ScanCursor, ScanStop, SCAN_WINDOW_BYTES,
+    self, scan_window, IndexRebuild, InvalidBatch, ScanCursor, ScanStop, TailPlan, SCAN_WINDOW_BYTES,
 };
 use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
@@ -1249,7 +1249,7 @@ fn corrupt(name: &str, path: &Path, position: u64, reason: InvalidBatch) -> LogE
     LogError::Corrupt { partition: name.to_owned(), path: path.to_owned(), position, reason }
 }
 
-/// Reads the index file of a segment; entries beyond `limit_position` are dropped.
+/// Reads the index file of a segment (none: no entries).
 async fn load_index(path: &Path) -> Result<Vec<IndexEntry>, DiskError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -1273,11 +1273,8 @@ async fn verified_index(
             let available = (file_bytes - position) as usize;
             let head = file.read(position, batch::BATCH_HEADER_BYTES.min(available)).await?;
             let total = batch::peek_total_bytes(&head).unwrap_or(batch::BATCH_HEADER_BYTES).min(available);
-            let bytes = file.read(position, total).await?;
-            if let Ok(header) = batch::check_batch(&bytes) {
-                if header.base_offset == base_offset + i64::from(entry.relative_offset) {
-                    return Ok(entries);
-                }
+            if recovery::index_entry_holds(&file.read(position, total).await?, base_offset, entry) {
+                return Ok(entries);
             }
         }
         entries.pop();
@@ -1287,10 +1284,9 @@ async fn verified_index(
 
 /// Where a scan of one segment ended.
 struct ScanEnd {
+    start: IndexEntry,
     cursor: ScanCursor,
-    /// Index entries rebuilt for the scanned part.
-    new_entries: Vec<IndexEntry>,
-    bytes_since_index: u64,
+    rebuilt: IndexRebuild,
     /// Why the scan stopped, if on bytes that are not a batch (a clean end of zeros
     /// also stops here).
     stop: Option<InvalidBatch>,
@@ -1310,142 +1306,223 @@ async fn scan_segment(
         batches: 0,
         records: 0,
     };
-    let mut new_entries = Vec::new();
-    let mut bytes_since_index = 0u64;
+    let mut rebuilt = IndexRebuild::new(base_offset, start, index_interval_bytes);
     loop {
         if cursor.position >= file_bytes {
-            return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None });
+            return Ok(ScanEnd { start, cursor, rebuilt, stop: None });
         }
         let window_bytes = SCAN_WINDOW_BYTES.min((file_bytes - cursor.position) as usize);
         let window = file.read(cursor.position, window_bytes).await?;
         let at_end = cursor.position + window.len() as u64 >= file_bytes;
         let window_position = cursor.position;
         let stop = scan_window(&window, window_position, at_end, &mut cursor, |position, header| {
-            if position > 0 && bytes_since_index >= index_interval_bytes && position != u64::from(start.position) {
-                new_entries.push(IndexEntry {
-                    relative_offset: (header.base_offset - base_offset) as u32,
-                    position: position as u32,
-                });
-                bytes_since_index = 0;
-            }
-            bytes_since_index += header.total_bytes() as u64;
+            rebuilt.observe(position, header)
         });
         match stop {
             ScanStop::NeedMore if !at_end => continue,
-            ScanStop::NeedMore => return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None }),
-            ScanStop::Invalid(reason) => {
-                return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: Some(reason) })
-            }
+            ScanStop::NeedMore => return Ok(ScanEnd { start, cursor, rebuilt, stop: None }),
+            ScanStop::Invalid(reason) => return Ok(ScanEnd { start, cursor, rebuilt, stop: Some(reason) }),
         }
     }
 }
 
-/// Recovers every segment of a partition. Returns the active segment (open for writes)
-/// and the views of all segments.
+/// Opens a segment's log, verifies its index and scans from the last good entry.
+async fn scan_with_index(
+    file: &DirectFile,
+    directory: &Path,
+    base: i64,
+    index_interval_bytes: u64,
+) -> Result<(Vec<IndexEntry>, usize, ScanEnd), DiskError> {
+    let file_bytes = file.size_bytes();
+    let loaded = load_index(&segment::index_path(directory, base)).await?;
+    let loaded_entries = loaded.len();
+    let index = verified_index(file, base, file_bytes, loaded).await?;
+    let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
+    let end = scan_segment(file, base, start, file_bytes, index_interval_bytes).await?;
+    Ok((index, loaded_entries, end))
+}
+
+/// What recovery hands to `open`: the active segment for the flusher, the core's view
+/// of it, and every segment for readers.
+type Recovered = (ActiveSegment, ActiveState, BTreeMap<i64, SegmentView>);
+
+/// Recovers every segment of a partition: reads what `core::log::recovery` plans from
+/// and carries the plan out.
 async fn recover(
     directory: &Path,
     name: &str,
     options: &LogOptions,
     metrics: &PartitionMetrics,
-) -> Result<(ActiveSegment, ActiveState, BTreeMap<i64, SegmentView>), LogError> {
+) -> Result<Recovered, LogError> {
     let layout = |why: String| LogError::Layout { partition: name.to_owned(), path: directory.to_owned(), why };
     let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
     std::fs::create_dir_all(directory).map_err(|error| layout(format!("cannot create: {error}")))?;
     probe_direct_io(directory).await.map_err(io)?;
-    let mut bases = Vec::new();
-    let entries = std::fs::read_dir(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
-    for entry in entries {
-        let entry = entry.map_err(|error| layout(format!("cannot list: {error}")))?;
-        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_file_name) {
-            bases.push(base);
-        }
-    }
-    bases.sort_unstable();
+    let names = list_directory(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
+    let plan = recovery::plan_directory(names.iter().map(String::as_str));
     let mut views = BTreeMap::new();
-    if bases.is_empty() {
+    let Some((active_base, sealed_bases)) = plan.segment_bases.split_last() else {
         let active = create_segment(directory, 0).await.map_err(io)?;
         views.insert(0, view_of(&active));
         return Ok((active, ActiveState::empty(0, Instant::now()), views));
-    }
-    // Sealed segments: exact size, ending exactly where the next one begins.
-    let (active_base, sealed_bases) = bases.split_last().expect("not empty");
+    };
     for (position, base) in sealed_bases.iter().enumerate() {
-        let next_base = bases[position + 1];
-        let path = segment::log_path(directory, *base);
-        let file = DirectFile::open_read_only(&path).await.map_err(io)?;
-        let file_bytes = file.size_bytes();
-        let index = load_index(&segment::index_path(directory, *base)).await.map_err(io)?;
-        let loaded_entries = index.len();
-        let index = verified_index(&file, *base, file_bytes, index).await.map_err(io)?;
-        if index.len() < loaded_entries {
-            tracing::warn!(partition = name, file = %path.display(), stale_entries = loaded_entries - index.len(), kept_entries = index.len(), "sealed segment's index had entries that do not point at their batch (not synced before a power loss?); dropped: reads scan from the last good one");
-        }
-        let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
-        let end = scan_segment(&file, *base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
-        if let Some(reason) = end.stop {
-            return Err(corrupt(name, &path, end.cursor.position, reason));
-        }
-        // Verified: reads open it again when they need it.
-        file.close().await.map_err(io)?;
-        if end.cursor.position != file_bytes || end.cursor.next_offset != next_base {
-            return Err(layout(format!(
-                "sealed segment {} ends at offset {} (byte {}) but the next segment starts at offset {next_base}",
-                path.display(),
-                end.cursor.next_offset,
-                end.cursor.position
-            )));
-        }
-        views.insert(
-            *base,
-            SegmentView {
-                base_offset: *base,
-                file: None,
-                end_position: file_bytes,
-                next_offset: next_base,
-                index: Rc::new(index),
-            },
-        );
+        let next_base = plan.segment_bases[position + 1];
+        views.insert(*base, recover_sealed(directory, name, *base, next_base, options).await?);
     }
-    // The active segment: scan from its last verified index point; cut a torn tail.
-    let base = *active_base;
+    if sealed_bases.last().is_some() && views.values().next_back().map(|view| view.next_offset) != Some(*active_base) {
+        let path = segment::log_path(directory, *active_base);
+        return Err(layout(format!("active segment {} does not continue the sealed segments", path.display())));
+    }
+    let (active, state) = recover_active(directory, name, *active_base, options, metrics).await?;
+    views.insert(*active_base, view_of(&active));
+    for orphan in &plan.orphan_indexes {
+        let _ = std::fs::remove_file(directory.join(orphan));
+    }
+    Ok((active, state, views))
+}
+
+fn list_directory(directory: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(directory)? {
+        if let Some(name) = entry?.file_name().to_str() {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// A sealed segment: exact size, ending exactly where the next one begins; any bad
+/// byte refuses the open.
+async fn recover_sealed(
+    directory: &Path,
+    name: &str,
+    base: i64,
+    next_base: i64,
+    options: &LogOptions,
+) -> Result<SegmentView, LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
+    let path = segment::log_path(directory, base);
+    let file = DirectFile::open_read_only(&path).await.map_err(io)?;
+    let file_bytes = file.size_bytes();
+    let (index, loaded_entries, end) =
+        scan_with_index(&file, directory, base, options.index_interval_bytes).await.map_err(io)?;
+    if index.len() < loaded_entries {
+        tracing::warn!(partition = name, file = %path.display(), stale_entries = loaded_entries - index.len(), kept_entries = index.len(), "sealed segment's index had entries that do not point at their batch (not synced before a power loss?); dropped: reads scan from the last good one");
+    }
+    if let Some(reason) = end.stop {
+        return Err(corrupt(name, &path, end.cursor.position, reason));
+    }
+    // Verified: reads open it again when they need it.
+    file.close().await.map_err(io)?;
+    recovery::check_sealed(&end.cursor, file_bytes, next_base).map_err(|why| LogError::Layout {
+        partition: name.to_owned(),
+        path: directory.to_owned(),
+        why: format!("sealed segment {} {why}", path.display()),
+    })?;
+    Ok(SegmentView {
+        base_offset: base,
+        file: None,
+        end_position: file_bytes,
+        next_offset: next_base,
+        index: Rc::new(index),
+    })
+}
+
+/// The active segment: scanned from its last verified index point, a torn tail cut,
+/// its index file rewritten to hold exactly the verified and rebuilt entries.
+async fn recover_active(
+    directory: &Path,
+    name: &str,
+    base: i64,
+    options: &LogOptions,
+    metrics: &PartitionMetrics,
+) -> Result<(ActiveSegment, ActiveState), LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
     let path = segment::log_path(directory, base);
     let index_path = segment::index_path(directory, base);
     let file = DirectFile::open(&path).await.map_err(io)?;
-    let file_bytes = file.size_bytes();
-    let index = load_index(&index_path).await.map_err(io)?;
-    let loaded_entries = index.len();
-    let mut index = verified_index(&file, base, file_bytes, index).await.map_err(io)?;
-    let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
-    let end = scan_segment(&file, base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
-    let cut_position = end.cursor.position;
-    if index.len() < loaded_entries || !end.new_entries.is_empty() {
+    let (mut index, loaded_entries, end) =
+        scan_with_index(&file, directory, base, options.index_interval_bytes).await.map_err(io)?;
+    if index.len() < loaded_entries || !end.rebuilt.entries.is_empty() {
         tracing::info!(
             partition = name,
             file = %index_path.display(),
             stale_entries = loaded_entries - index.len(),
-            rebuilt_entries = end.new_entries.len(),
-            scanned_from_offset = base + i64::from(start.relative_offset),
+            rebuilt_entries = end.rebuilt.entries.len(),
+            scanned_from_offset = base + i64::from(end.start.relative_offset),
             scanned_to_offset = end.cursor.next_offset,
             scanned_records = end.cursor.records,
-            scanned_bytes = end.cursor.position - u64::from(start.position),
+            scanned_bytes = end.cursor.position - u64::from(end.start.position),
             "index rebuilt from the log (entries not yet written at the last stop, or stale after a power loss)"
         );
     }
+    let cut_position = end.cursor.position;
+    if cut_position == 0 {
+        assert_eq!(end.cursor.next_offset, base, "an empty scan keeps the base offset");
+    }
     if let Some(reason) = end.stop {
-        let after =
-            file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
-        if find_later_batch(&after, cut_position, end.cursor.next_offset).is_some() {
-            return Err(corrupt(name, &path, cut_position, reason));
-        }
-        let garbage_bytes = after.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
-        if garbage_bytes > 0 {
+        cut_torn_tail(&file, name, &path, base, &end, reason, metrics).await?;
+    }
+    index.extend_from_slice(&end.rebuilt.entries);
+    let (index_file, index_end_position, index_tail) =
+        rewrite_index(directory, &index_path, &index).await.map_err(io)?;
+    let tail = file
+        .read(align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES), (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
+        .await
+        .map_err(io)?;
+    assert_eq!(tail.len() as u64, cut_position % DIRECT_IO_ALIGNMENT_BYTES);
+    let state = ActiveState {
+        base_offset: base,
+        end_position: cut_position,
+        next_offset: end.cursor.next_offset,
+        allocated_bytes: file.size_bytes(),
+        index_entries: index.len(),
+        index_written: index.len(),
+        bytes_since_index: end.rebuilt.bytes_since_index,
+        created_at: created_at(&path),
+    };
+    let active = ActiveSegment {
+        base_offset: base,
+        log: Rc::new(file),
+        index_file,
+        end_position: cut_position,
+        next_offset: end.cursor.next_offset,
+        tail,
+        index_written: index.len(),
+        index,
+        index_end_position,
+        index_tail,
+    };
+    Ok((active, state))
+}
+
+/// Carries out `core::log::recovery::plan_tail` where the active segment's scan
+/// stopped: refuse corruption before the tail, cut (zero and sync) a torn tail.
+async fn cut_torn_tail(
+    file: &DirectFile,
+    name: &str,
+    path: &Path,
+    base: i64,
+    end: &ScanEnd,
+    reason: InvalidBatch,
+    metrics: &PartitionMetrics,
+) -> Result<(), LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
+    let cut_position = end.cursor.position;
+    let file_bytes = file.size_bytes();
+    let after =
+        file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
+    match recovery::plan_tail(&after, cut_position, end.cursor.next_offset) {
+        TailPlan::Keep => Ok(()),
+        TailPlan::Refuse { .. } => Err(corrupt(name, path, cut_position, reason)),
+        TailPlan::Cut { position, garbage_bytes, torn_records } => {
             // The torn batch never became durable, so no record in it was acknowledged;
             // its header, when readable, says how many records the cut takes.
-            let torn_records = batch::parse_header(&after).ok().map(|header| header.record_count);
             tracing::warn!(
                 partition = name,
                 file = %path.display(),
-                position = cut_position,
+                position,
                 bytes = garbage_bytes,
                 kept_to_offset = end.cursor.next_offset - 1,
                 segment_records_kept = end.cursor.next_offset - base,
@@ -1453,32 +1530,27 @@ async fn recover(
                 %reason,
                 "cutting torn tail (a write the crash interrupted, never acknowledged)"
             );
-            metrics.recovery_truncated_bytes.inc_by(garbage_bytes as u64);
+            metrics.recovery_truncated_bytes.inc_by(garbage_bytes);
             let tail = file
-                .read(
-                    align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES),
-                    (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize,
-                )
+                .read(align_down(position, DIRECT_IO_ALIGNMENT_BYTES), (position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
                 .await
                 .map_err(io)?;
-            file.zero_from(cut_position, garbage_bytes as u64, &tail).await.map_err(io)?;
-            file.sync().await.map_err(io)?;
+            file.zero_from(position, garbage_bytes, &tail).await.map_err(io)?;
+            file.sync().await.map_err(io)
         }
     }
-    if sealed_bases.last().is_some_and(|_| views.values().next_back().map(|view| view.next_offset) != Some(base)) {
-        return Err(layout(format!("active segment {} does not continue the sealed segments", path.display())));
-    }
-    if end.cursor.position == 0 && start.position == 0 && end.cursor.next_offset != base {
-        unreachable!("an empty scan keeps the base offset");
-    }
-    index.extend(end.new_entries);
-    // Rewrite the index file so it holds exactly the verified entries.
-    let mut index_bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_BYTES);
-    for entry in &index {
-        index_bytes.extend_from_slice(&entry.encode());
-    }
-    let _ = std::fs::remove_file(&index_path);
-    let index_file = DirectFile::create(&index_path).await.map_err(io)?;
+}
+
+/// Replaces the active segment's index file by one holding exactly `entries`, synced;
+/// returns it with its end and tail page.
+async fn rewrite_index(
+    directory: &Path,
+    index_path: &Path,
+    entries: &[IndexEntry],
+) -> Result<(DirectFile, u64, Vec<u8>), DiskError> {
+    let index_bytes = recovery::index_file_bytes(entries);
+    let _ = std::fs::remove_file(index_path);
+    let index_file = DirectFile::create(index_path).await?;
     let mut index_end_position = 0u64;
     let mut index_tail = Vec::new();
     if !index_bytes.is_empty() {
@@ -1496,61 +1568,23 @@ async fn recover(
                 let page_start = align_down(index_bytes.len() as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
                 index_tail.extend_from_slice(&buffer[page_start..index_bytes.len()]);
             })
-            .await
-            .map_err(io)?;
+            .await?;
         index_end_position = plan.end_position;
     }
-    index_file.sync().await.map_err(io)?;
-    sync_directory(directory).map_err(io)?;
-    let tail = file
-        .read(align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES), (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
-        .await
-        .map_err(io)?;
-    assert_eq!(tail.len() as u64, cut_position % DIRECT_IO_ALIGNMENT_BYTES);
-    let created_at = std::fs::metadata(&path)
+    index_file.sync().await?;
+    sync_directory(directory)?;
+    Ok((index_file, index_end_position, index_tail))
+}
+
+/// When the segment's file was created, on this process's monotonic clock (now when
+/// the filesystem does not say): how a segment's age survives a restart.
+fn created_at(path: &Path) -> Instant {
+    std::fs::metadata(path)
         .and_then(|metadata| metadata.created())
         .ok()
         .and_then(|created| SystemTime::now().duration_since(created).ok())
         .and_then(|age| Instant::now().checked_sub(age))
-        .unwrap_or_else(Instant::now);
-    let index_written = index.len();
-    let state = ActiveState {
-        base_offset: base,
-        end_position: cut_position,
-        next_offset: end.cursor.next_offset,
-        allocated_bytes: file.size_bytes(),
-        index_entries: index.len(),
-        index_written,
-        bytes_since_index: end.bytes_since_index,
-        created_at,
-    };
-    let active = ActiveSegment {
-        base_offset: base,
-        log: Rc::new(file),
-        index_file,
-        end_position: cut_position,
-        next_offset: end.cursor.next_offset,
-        tail,
-        index,
-        index_end_position,
-        index_tail,
-        index_written,
-    };
-    views.insert(base, view_of(&active));
-    // Orphan index files (their log was deleted by retention before a crash).
-    if let Ok(entries) = std::fs::read_dir(directory) {
-        for entry in entries.flatten() {
-            let file_name = entry.file_name();
-            let Some(text) = file_name.to_str() else { continue };
-            if let Some(stem) = text.strip_suffix(".index") {
-                let log_name = format!("{stem}.log");
-                if segment::parse_log_file_name(&log_name).is_some() && !directory.join(&log_name).exists() {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-    }
-    Ok((active, state, views))
+        .unwrap_or_else(Instant::now)
 }
 
 fn view_of(active: &ActiveSegment) -> SegmentView {
