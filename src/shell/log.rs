@@ -33,7 +33,7 @@ use crate::core::log::partition::{
 use crate::core::log::recovery::{
     self, scan_window, IndexRebuild, InvalidBatch, ScanCursor, ScanStop, TailPlan, SCAN_WINDOW_BYTES,
 };
-use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
+use crate::core::log::retention::{plan_deletions_with_excess, plan_room, RoomVictim, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
 use crate::shell::budget::DataDirBudget;
 use crate::shell::dir_lock::{DirLock, DirLockError};
@@ -1020,18 +1020,21 @@ const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// it is not (logged with its offset range and counted). The bytes freed, if one was
 /// deleted.
 async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<Option<u64>, DiskError> {
-    let (base_offset, next_offset, shipped) = {
+    let victim = {
         let state = shared.borrow();
-        if state.segments.len() < 2 {
-            return Ok(None); // only the active segment: nothing may go
-        }
-        let oldest = state.segments.values().next().expect("two segments");
-        let shipped = oldest.next_offset <= state.shipped_below_offset;
-        if !shipped && state.budget.policy() != DiskFullPolicy::DropOldest {
-            return Ok(None);
-        }
-        (oldest.base_offset, oldest.next_offset, shipped)
+        let oldest_sealed = (state.segments.len() >= 2).then(|| {
+            let oldest = state.segments.values().next().expect("two segments");
+            SealedSegment {
+                base_offset: oldest.base_offset,
+                next_offset: oldest.next_offset,
+                bytes: oldest.end_position,
+            }
+        });
+        let drop_oldest = state.budget.policy() == DiskFullPolicy::DropOldest;
+        plan_room(oldest_sealed, state.shipped_below_offset, drop_oldest)
     };
+    let Some(RoomVictim { segment, shipped }) = victim else { return Ok(None) };
+    let (base_offset, next_offset) = (segment.base_offset, segment.next_offset);
     // Already gone (another task deleted it meanwhile): room was made all the same.
     let Some(bytes) = delete_segment(shared, base_offset).await? else { return Ok(Some(0)) };
     let state = shared.borrow();
