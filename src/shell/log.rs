@@ -620,10 +620,10 @@ struct Flusher {
     queue: VecDeque<PendingAppend>,
     /// The batch planned for the group in flight and how many appends it holds.
     planned: Option<(batch::BatchPlan, usize)>,
-    /// The failure that poisoned the partition (the first refused append gets it).
-    failure: Option<DiskError>,
-    /// The filesystem's refusal that made the disk full, for the `DiskFull` answers.
-    full: Option<DiskError>,
+    /// The last I/O step's error, until the core says what it was: a full filesystem
+    /// (`Action::DiskFull`) or the failure that poisons the partition (the first refused
+    /// append gets it).
+    error: Option<DiskError>,
     full_path: PathBuf,
     close_reply: Option<oneshot::Sender<Result<(), LogError>>>,
     /// The batch being written adds an index entry (readers get a new index copy).
@@ -657,8 +657,7 @@ async fn flusher(
         active: Some(active),
         queue: VecDeque::new(),
         planned: None,
-        failure: None,
-        full: None,
+        error: None,
         full_path: PathBuf::new(),
         close_reply: None,
         index_grew: false,
@@ -906,13 +905,8 @@ impl Flusher {
     /// An I/O step failed: a full filesystem before any write is the core's to handle;
     /// anything else poisons the partition.
     fn failed(&mut self, error: DiskError) {
-        let failure = if error.is_full_before_write() {
-            self.full = Some(error);
-            Failure::FullBeforeWrite
-        } else {
-            self.failure = Some(error);
-            Failure::Other
-        };
+        let failure = if error.is_full_before_write() { Failure::FullBeforeWrite } else { Failure::Other };
+        self.error = Some(error);
         self.core.handle_failed(failure, Instant::now());
     }
 
@@ -938,7 +932,7 @@ impl Flusher {
                         format!("the filesystem would have less than the {DISK_RESERVE_BYTES} bytes free the log leaves for ship.state and index files"),
                     ),
                 ),
-                FullCause::Filesystem => self.full.take().expect("the filesystem's refusal"),
+                FullCause::Filesystem => self.error.take().expect("the filesystem's refusal"),
             }
         };
         let mut state = self.shared.borrow_mut();
@@ -955,7 +949,7 @@ impl Flusher {
 
     /// Records what poisoned the partition: appends are refused from now on.
     fn poisoned(&mut self) {
-        let source = self.failure.as_ref().expect("a failure poisons");
+        let source = self.error.as_ref().expect("a failure poisons");
         let cause = PoisonCause {
             operation: source.operation,
             path: source.path.clone(),
@@ -981,7 +975,7 @@ impl Flusher {
             Ok(offset) => Ok(offset),
             Err(Refusal::DiskFull) => Err(LogError::DiskFull { partition: partition(), path: self.full_path.clone() }),
             Err(Refusal::Failed) => {
-                Err(LogError::Disk { partition: partition(), source: self.failure.take().expect("the failure") })
+                Err(LogError::Disk { partition: partition(), source: self.error.take().expect("the failure") })
             }
             Err(Refusal::Poisoned) => {
                 let cause = self.shared.borrow().poisoned.clone().expect("poisoned");
