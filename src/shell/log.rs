@@ -13,7 +13,7 @@
 //! corruption before the tail refuses the open, naming file and byte offset.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
@@ -27,10 +27,13 @@ use crate::config::DiskFullPolicy;
 use crate::config::{LogConfig, DIRECT_IO_ALIGNMENT_BYTES};
 use crate::core::log::batch::{self, BatchError, Record, BATCH_BYTES_MAX};
 use crate::core::log::index::{self, IndexEntry, INDEX_ENTRY_BYTES};
-use crate::core::log::recovery::{
-    find_later_batch, scan_window, InvalidBatch, ScanCursor, ScanStop, SCAN_WINDOW_BYTES,
+use crate::core::log::partition::{
+    Action, ActiveState, Failure, FullCause, PartitionConfig, PartitionCore, Refusal, WriteStep,
 };
-use crate::core::log::retention::{plan_deletions_with_excess, SealedSegment};
+use crate::core::log::recovery::{
+    self, scan_window, IndexRebuild, InvalidBatch, ScanCursor, ScanStop, TailPlan, SCAN_WINDOW_BYTES,
+};
+use crate::core::log::retention::{plan_deletions_with_excess, plan_room, RoomVictim, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
 use crate::shell::budget::DataDirBudget;
 use crate::shell::dir_lock::{DirLock, DirLockError};
@@ -253,8 +256,6 @@ struct ActiveSegment {
     index_tail: Vec<u8>,
     /// Entries of `index` already in the index file.
     index_written: usize,
-    bytes_since_index: u64,
-    created_at: Instant,
 }
 
 impl PartitionLog {
@@ -267,7 +268,7 @@ impl PartitionLog {
         metrics: PartitionMetrics,
     ) -> Result<PartitionLog, LogError> {
         let lock = lock_partition(directory, name).await?;
-        let (active, segments) = recover(directory, name, &options, &metrics).await?;
+        let (active, state, segments) = recover(directory, name, &options, &metrics).await?;
         let shared = Shared {
             name: name.to_owned(),
             directory: directory.to_owned(),
@@ -289,7 +290,7 @@ impl PartitionLog {
         shared.account();
         let shared = Rc::new(RefCell::new(shared));
         let (sender, receiver) = local_channel::new_bounded(options.appends_pending_max);
-        glommio::spawn_local(flusher(shared.clone(), active, receiver)).detach();
+        glommio::spawn_local(flusher(shared.clone(), active, state, receiver)).detach();
         Ok(PartitionLog { shared, sender: Rc::new(sender) })
     }
 
@@ -606,90 +607,390 @@ fn disk_error(shared: &Rc<RefCell<Shared>>, source: DiskError) -> LogError {
     LogError::Disk { partition: shared.borrow().name.clone(), source }
 }
 
-/// The flusher: gathers a flush window of appends, writes one batch, syncs, replies.
-async fn flusher(shared: Rc<RefCell<Shared>>, mut active: ActiveSegment, receiver: LocalReceiver<Message>) {
-    let options = shared.borrow().options.clone();
-    let mut carried: Option<PendingAppend> = None;
-    let mut last_flush_end: Option<Instant> = None;
-    loop {
-        let first = match carried.take() {
-            Some(append) => append,
-            None => match receiver.recv().await {
-                Some(Message::Append(append)) => append,
-                Some(Message::Close(reply)) => {
-                    let _ = reply.send(close_active(&shared, active).await);
-                    return;
-                }
-                None => return,
-            },
-        };
-        // Under load the previous flush was the batching window: whatever queued while
-        // it ran goes out at once. Only an append that finds the partition idle waits
-        // (up to the window) for company.
-        let now = Instant::now();
-        let busy = last_flush_end.is_some_and(|end| now.duration_since(end) < options.flush_delay_max);
-        let window_end = if busy { now } else { now + options.flush_delay_max };
-        let mut group_bytes = batch::BATCH_HEADER_BYTES + first.bound_bytes;
-        let mut group = vec![first];
-        let mut close_reply = None;
-        while group_bytes < options.flush_bytes_max {
-            // The clock is read only when the queue is empty, not once per append.
-            let next = match future::poll_once(receiver.recv()).await {
-                Some(message) => message,
-                None if busy => break,
-                None => {
-                    let now = Instant::now();
-                    if now >= window_end {
-                        break;
-                    }
-                    let wait = future::or(async { Some(receiver.recv().await) }, async {
-                        glommio::timer::sleep(window_end - now).await;
-                        None
-                    });
-                    match wait.await {
-                        Some(message) => message,
-                        None => break,
-                    }
-                }
-            };
-            match next {
-                Some(Message::Append(append)) => {
-                    if group_bytes + append.bound_bytes > options.flush_bytes_max {
-                        carried = Some(append);
-                        break;
-                    }
-                    group_bytes += append.bound_bytes;
-                    group.push(append);
-                }
-                Some(Message::Close(reply)) => {
-                    close_reply = Some(reply);
-                    break;
-                }
-                None => break,
-            }
-        }
-        flush(&shared, &mut active, group).await;
-        last_flush_end = Some(Instant::now());
-        if let Some(reply) = close_reply {
-            if let Some(append) = carried.take() {
-                flush(&shared, &mut active, vec![append]).await;
-            }
-            let _ = reply.send(close_active(&shared, active).await);
-            return;
-        }
+/// The flusher: feeds the partition's group-commit core (`core::log::partition`) with
+/// appends, the queue's state and I/O completions, and carries out what it asks. It
+/// holds the appends' records, oldest first, so the core decides on sizes alone.
+struct Flusher {
+    shared: Rc<RefCell<Shared>>,
+    core: PartitionCore,
+    /// `None` once closed.
+    active: Option<ActiveSegment>,
+    /// Appends received and not yet answered, oldest first: the core's actions name
+    /// the oldest N of them.
+    queue: VecDeque<PendingAppend>,
+    /// The batch planned for the group in flight and how many appends it holds.
+    planned: Option<(batch::BatchPlan, usize)>,
+    /// The last I/O step's error, until the core says what it was: a full filesystem
+    /// (`Action::DiskFull`) or the failure that poisons the partition (the first refused
+    /// append gets it).
+    error: Option<DiskError>,
+    full_path: PathBuf,
+    close_reply: Option<oneshot::Sender<Result<(), LogError>>>,
+    /// The batch being written adds an index entry (readers get a new index copy).
+    index_grew: bool,
+    write_started: Instant,
+    sync_started: Instant,
+}
+
+/// What the flusher waited for.
+enum Input {
+    Message(Option<Message>),
+    QueueEmpty,
+}
+
+async fn flusher(
+    shared: Rc<RefCell<Shared>>,
+    active: ActiveSegment,
+    state: ActiveState,
+    receiver: LocalReceiver<Message>,
+) {
+    let (config, drop_oldest) = {
+        let shared = shared.borrow();
+        (partition_config(&shared.options), shared.budget.policy() == DiskFullPolicy::DropOldest)
+    };
+    let mut core = PartitionCore::new(config, state);
+    core.set_drop_oldest(drop_oldest);
+    let now = Instant::now();
+    let mut flusher = Flusher {
+        shared,
+        core,
+        active: Some(active),
+        queue: VecDeque::new(),
+        planned: None,
+        error: None,
+        full_path: PathBuf::new(),
+        close_reply: None,
+        index_grew: false,
+        write_started: now,
+        sync_started: now,
+    };
+    flusher.run(receiver).await;
+}
+
+fn partition_config(options: &LogOptions) -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes_max: options.segment_bytes_max,
+        segment_age_max: options.segment_age_max,
+        index_interval_bytes: options.index_interval_bytes,
+        preallocate_bytes: options.preallocate_bytes,
+        flush_delay_max: options.flush_delay_max,
+        flush_bytes_max: options.flush_bytes_max,
+        alignment_bytes: DIRECT_IO_ALIGNMENT_BYTES,
+        disk_reserve_bytes: DISK_RESERVE_BYTES,
     }
 }
 
-/// How long at most a partition with no segment of its own to drop waits for other
-/// partitions to free room under `drop-oldest`, in steps, before refusing appends.
-const ROOM_WAIT_STEP: Duration = Duration::from_millis(10);
-const ROOM_WAIT_STEPS: usize = 50;
+impl Flusher {
+    async fn run(&mut self, receiver: LocalReceiver<Message>) {
+        // The clock is read when the flusher waited, not once per append.
+        let mut now = Instant::now();
+        loop {
+            while let Some(action) = self.core.poll_action() {
+                self.execute(action).await;
+            }
+            if self.core.is_done() {
+                return;
+            }
+            let deadline = self.core.wants_append().expect("an idle core takes appends");
+            match self.next_input(&receiver, deadline, &mut now).await {
+                Input::Message(Some(Message::Append(append))) => {
+                    let records = u32::try_from(append.records.len()).expect("an append's records fit u32");
+                    self.core.handle_append(append.bound_bytes, records, now);
+                    self.queue.push_back(append);
+                }
+                Input::Message(Some(Message::Close(reply))) => {
+                    self.close_reply = Some(reply);
+                    self.core.handle_close(now);
+                }
+                Input::Message(None) => self.core.handle_input_closed(now),
+                Input::QueueEmpty => self.core.handle_queue_empty(now),
+            }
+        }
+    }
+
+    /// The next message, or word that none came: waits for ever without a deadline;
+    /// with one, takes what is queued and waits at most until the deadline.
+    async fn next_input(
+        &self,
+        receiver: &LocalReceiver<Message>,
+        deadline: Option<Instant>,
+        now: &mut Instant,
+    ) -> Input {
+        let Some(deadline) = deadline else {
+            let message = receiver.recv().await;
+            *now = Instant::now();
+            return Input::Message(message);
+        };
+        if let Some(message) = future::poll_once(receiver.recv()).await {
+            return Input::Message(message);
+        }
+        *now = Instant::now();
+        if *now >= deadline {
+            return Input::QueueEmpty;
+        }
+        let wait = future::or(async { Some(receiver.recv().await) }, async {
+            glommio::timer::sleep(deadline - *now).await;
+            None
+        });
+        let input = wait.await;
+        *now = Instant::now();
+        input.map_or(Input::QueueEmpty, Input::Message)
+    }
+
+    fn active(&mut self) -> &mut ActiveSegment {
+        self.active.as_mut().expect("the flusher is open")
+    }
+
+    fn group(&self, appends: usize) -> impl Iterator<Item = &Record> + Clone {
+        self.queue.iter().take(appends).flat_map(|append| append.records.iter())
+    }
+
+    async fn execute(&mut self, action: Action) {
+        match action {
+            Action::Plan { appends } => {
+                let plan = batch::plan_batch(self.group(appends));
+                assert!(plan.total_bytes <= BATCH_BYTES_MAX);
+                self.planned = Some((plan, appends));
+                let policy = self.shared.borrow().budget.policy();
+                self.core.set_drop_oldest(policy == DiskFullPolicy::DropOldest);
+                self.core.handle_batch_bytes(plan.total_bytes);
+            }
+            Action::Reserve { bytes } => self.reserve(bytes),
+            Action::Unreserve { .. } => {
+                let mut state = self.shared.borrow_mut();
+                state.reserved_bytes = 0;
+                state.account();
+            }
+            Action::Roll { base_offset } => {
+                let active = self.active.as_mut().expect("the flusher is open");
+                match roll(&self.shared, active, base_offset).await {
+                    Ok(()) => self.core.handle_rolled(Instant::now()),
+                    Err(error) => self.failed(error),
+                }
+            }
+            Action::MeasureFree => {
+                let directory = self.shared.borrow().directory.clone();
+                let free = crate::shell::sys::available_bytes(&directory).ok();
+                self.core.handle_free_bytes(free, Instant::now());
+            }
+            Action::Write(step) => self.write(step).await,
+            Action::Sync => {
+                self.sync_started = Instant::now();
+                match self.active().log.sync().await {
+                    Ok(()) => self.synced(),
+                    Err(error) => self.failed(error),
+                }
+            }
+            Action::MakeRoom => match make_room(&self.shared).await {
+                Ok(freed) => self.core.handle_room_made(freed.is_some(), Instant::now()),
+                Err(error) => self.failed(error),
+            },
+            Action::WaitForRoom { appends, wait } => {
+                let bytes = group_bytes_estimate(self.queue.iter().take(appends));
+                self.shared.borrow().budget.want_room(bytes);
+                glommio::timer::sleep(wait).await;
+                self.core.handle_room_waited();
+            }
+            Action::DiskFull { appends, cause } => self.refuse_full(appends, cause),
+            Action::Poisoned => self.poisoned(),
+            Action::Reply(result) => self.reply(result),
+            Action::Close { seal } => {
+                let active = self.active.take().expect("closed once");
+                let closed = close_active(&self.shared, active, seal).await;
+                if let Some(reply) = self.close_reply.take() {
+                    let _ = reply.send(closed);
+                }
+            }
+            Action::Stop => {}
+        }
+    }
+
+    /// Reserves the batch's room in the data directory's budget.
+    fn reserve(&mut self, bytes: u64) {
+        let granted = {
+            let mut state = self.shared.borrow_mut();
+            assert_eq!(state.reserved_bytes, 0, "one write at a time per partition");
+            let granted = state.budget.try_reserve(bytes);
+            if granted {
+                state.reserved_bytes = bytes;
+                state.accounted_bytes += bytes;
+            }
+            granted
+        };
+        self.write_started = Instant::now();
+        self.core.handle_reserved(granted, self.write_started);
+    }
+
+    /// Writes the group's batch at the planned position (the tail page rewritten), and
+    /// the pending index entries alongside when the core says so.
+    async fn write(&mut self, step: WriteStep) {
+        let (plan_batch, appends) = self.planned.expect("a planned batch");
+        assert_eq!(plan_batch.total_bytes, step.batch_bytes);
+        let active = self.active.as_mut().expect("the flusher is open");
+        assert_eq!(active.end_position, step.plan.end_position - step.batch_bytes as u64);
+        if let Some(entry) = step.index_entry {
+            active.index.push(entry);
+        }
+        self.index_grew = step.index_entry.is_some();
+        let plan = step.plan;
+        let base_offset = step.base_offset;
+        let records = self.queue.iter().take(appends).flat_map(|append| append.records.iter());
+        let mut new_tail = Vec::new();
+        let tail = &active.tail;
+        let write_log = active.log.append(&plan, |buffer| {
+            buffer[..plan.tail_bytes].copy_from_slice(tail);
+            let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], &plan_batch, base_offset, records);
+            debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + step.batch_bytes]).is_ok());
+            assert_eq!(header.base_offset, base_offset);
+            let end_in_buffer = plan.tail_bytes + step.batch_bytes;
+            buffer[end_in_buffer..].fill(0);
+            let page_start = align_down(end_in_buffer as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
+            new_tail.extend_from_slice(&buffer[page_start..end_in_buffer]);
+        });
+        let preallocate_bytes = self.shared.borrow().options.preallocate_bytes;
+        let written = if step.write_index {
+            // The two files are independent: the index write goes to the device
+            // alongside the batch instead of after it. (The index is never synced per
+            // flush: recovery drops entries past the valid end of the log.)
+            let (logged, indexed) = future::zip(write_log, write_pending_index(active, preallocate_bytes)).await;
+            logged.and(indexed).map(Some)
+        } else {
+            write_log.await.map(|()| None)
+        };
+        match written {
+            Ok(indexed) => {
+                if let Some((end_position, tail)) = indexed {
+                    active.index_end_position = end_position;
+                    active.index_tail = tail;
+                    active.index_written = active.index.len();
+                }
+                active.tail = new_tail;
+                self.core.handle_written(active.log.size_bytes());
+                assert_eq!(self.core.active().index_written, active.index_written);
+            }
+            Err(error) => self.failed(error),
+        }
+    }
+
+    /// The batch is durable: readers see it, the reservation became segment bytes.
+    fn synced(&mut self) {
+        let synced = Instant::now();
+        let step_base = self.active().next_offset;
+        self.core.handle_synced(synced);
+        let state = *self.core.active();
+        let (plan_batch, _) = self.planned.take().expect("a planned batch");
+        let active = self.active.as_mut().expect("the flusher is open");
+        let index_grew = std::mem::take(&mut self.index_grew);
+        active.end_position = state.end_position;
+        active.next_offset = state.next_offset;
+        let mut shared = self.shared.borrow_mut();
+        let view = shared.segments.get_mut(&active.base_offset).expect("the active segment is registered");
+        view.end_position = active.end_position;
+        view.next_offset = active.next_offset;
+        if index_grew {
+            // Readers hold the old `Rc` until they finish; the copy is made only when an
+            // entry was added (every index interval), not on every flush.
+            view.index = Rc::new(active.index.clone());
+        }
+        let record_count = (state.next_offset - step_base) as u64;
+        shared.metrics.appended_records.inc_by(record_count);
+        shared.metrics.appended_bytes.inc_by(plan_batch.total_bytes as u64);
+        shared.metrics.flushes.inc();
+        shared.metrics.flush_latency.record(synced - self.write_started);
+        shared.metrics.sync_latency.record(synced - self.sync_started);
+        shared.reserved_bytes = 0; // now in the segment's end
+        shared.account();
+    }
+
+    /// An I/O step failed: a full filesystem before any write is the core's to handle;
+    /// anything else poisons the partition.
+    fn failed(&mut self, error: DiskError) {
+        let failure = if error.is_full_before_write() { Failure::FullBeforeWrite } else { Failure::Other };
+        self.error = Some(error);
+        self.core.handle_failed(failure, Instant::now());
+    }
+
+    /// Counts and (at most every `FULL_LOG_INTERVAL`) logs appends refused for a full
+    /// disk; the refusals follow as replies.
+    fn refuse_full(&mut self, appends: usize, cause: FullCause) {
+        let error = {
+            let state = self.shared.borrow();
+            let log_path = || segment::log_path(&state.directory, self.active.as_ref().expect("open").base_offset);
+            match cause {
+                FullCause::DataDirBudget => DiskError::new(
+                    OVER_BUDGET,
+                    &state.directory,
+                    self.active.as_ref().expect("open").end_position,
+                    std::io::Error::new(std::io::ErrorKind::StorageFull, "the data directory is at log.data_dir_bytes_max"),
+                ),
+                FullCause::ReserveFloor { write_end } => DiskError::new(
+                    PREALLOCATE,
+                    &log_path(),
+                    write_end,
+                    std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        format!("the filesystem would have less than the {DISK_RESERVE_BYTES} bytes free the log leaves for ship.state and index files"),
+                    ),
+                ),
+                FullCause::Filesystem => self.error.take().expect("the filesystem's refusal"),
+            }
+        };
+        let mut state = self.shared.borrow_mut();
+        state.metrics.disk_full_rejections.inc_by(appends as u64);
+        state.full_unlogged += appends as u64;
+        let now = Instant::now();
+        if state.full_logged_at.is_none_or(|at| now.duration_since(at) >= FULL_LOG_INTERVAL) {
+            let refused = std::mem::take(&mut state.full_unlogged);
+            state.full_logged_at = Some(now);
+            tracing::warn!(partition = %state.name, error = %error, refused, "disk full: appends refused, nothing written (logged at most every 10 s)");
+        }
+        self.full_path = error.path;
+    }
+
+    /// Records what poisoned the partition: appends are refused from now on.
+    fn poisoned(&mut self) {
+        let source = self.error.as_ref().expect("a failure poisons");
+        let cause = PoisonCause {
+            operation: source.operation,
+            path: source.path.clone(),
+            position: source.position,
+            kind: source.source.kind(),
+        };
+        let mut state = self.shared.borrow_mut();
+        state.poisoned = Some(cause);
+        state.metrics.poisoned.set(1);
+        state.metrics.partitions_poisoned.inc();
+        if source.operation == "fdatasync" {
+            state.metrics.fsync_errors.inc();
+        } else {
+            state.metrics.write_errors.inc();
+        }
+        tracing::error!(partition = %state.name, error = %source, "log write failed; partition poisoned");
+    }
+
+    fn reply(&mut self, result: Result<i64, Refusal>) {
+        let append = self.queue.pop_front().expect("a reply for a queued append");
+        let partition = || self.shared.borrow().name.clone();
+        let answer = match result {
+            Ok(offset) => Ok(offset),
+            Err(Refusal::DiskFull) => Err(LogError::DiskFull { partition: partition(), path: self.full_path.clone() }),
+            Err(Refusal::Failed) => {
+                Err(LogError::Disk { partition: partition(), source: self.error.take().expect("the failure") })
+            }
+            Err(Refusal::Poisoned) => {
+                let cause = self.shared.borrow().poisoned.clone().expect("poisoned");
+                Err(LogError::Poisoned { partition: partition(), cause })
+            }
+        };
+        let _ = append.reply.send(answer);
+    }
+}
 
 /// How often a core's room keeper looks whether some partition wants room.
 const ROOM_KEEPER_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Roughly the bytes `group` takes in a batch (record framing counted generously).
-fn group_bytes_estimate(group: &[PendingAppend]) -> u64 {
+fn group_bytes_estimate<'a>(group: impl Iterator<Item = &'a PendingAppend>) -> u64 {
     let mut bytes = batch::BATCH_HEADER_BYTES as u64;
     for append in group {
         for record in &append.records {
@@ -709,126 +1010,25 @@ fn group_bytes_estimate(group: &[PendingAppend]) -> u64 {
 /// How often at most a partition logs that it refuses appends on a full disk.
 const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The most segments one flush may delete to make room (a safety bound; each
-/// attempt deletes one segment or gives up).
-const MAKE_ROOM_ATTEMPTS_MAX: usize = 4096;
-
-/// Writes `group` as one batch and replies to each append. A full disk (the
-/// filesystem, or the data directory's budget) first deletes the oldest shipped
-/// segment, then under `drop-oldest` the oldest unshipped one, and tries again;
-/// when nothing can go, the appends are refused with `DiskFull` and nothing is written.
-async fn flush(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, group: Vec<PendingAppend>) {
-    let poisoned = shared.borrow().poisoned.clone();
-    if let Some(cause) = poisoned {
-        let partition = shared.borrow().name.clone();
-        for append in group {
-            let _ = append.reply.send(Err(LogError::Poisoned { partition: partition.clone(), cause: cause.clone() }));
-        }
-        return;
-    }
-    let mut attempts = 0usize;
-    let mut waited = 0usize;
-    loop {
-        match write_group(shared, active, &group).await {
-            Ok(base_offset) => {
-                let mut offset = base_offset;
-                for append in group {
-                    let count = append.records.len() as i64;
-                    let _ = append.reply.send(Ok(offset));
-                    offset += count;
-                }
-                return;
-            }
-            Err(source) if source.is_full_before_write() => {
-                attempts += 1;
-                if attempts <= MAKE_ROOM_ATTEMPTS_MAX {
-                    match make_room(shared).await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => {}
-                        Err(error) => return poison(shared, error, group),
-                    }
-                }
-                // Under drop-oldest with nothing of its own left to drop, the partition
-                // asks the other partitions (on every core) for room and waits a
-                // little for it before refusing.
-                let budget = shared.borrow().budget.clone();
-                if budget.policy() == DiskFullPolicy::DropOldest && waited < ROOM_WAIT_STEPS {
-                    budget.want_room(group_bytes_estimate(&group));
-                    waited += 1;
-                    glommio::timer::sleep(ROOM_WAIT_STEP).await;
-                    continue;
-                }
-                let (partition, log_now) = {
-                    let mut state = shared.borrow_mut();
-                    state.metrics.disk_full_rejections.inc_by(group.len() as u64);
-                    state.full_unlogged += group.len() as u64;
-                    let log_now = state.full_logged_at.is_none_or(|at| at.elapsed() >= FULL_LOG_INTERVAL);
-                    (state.name.clone(), log_now)
-                };
-                if log_now {
-                    let refused = std::mem::take(&mut shared.borrow_mut().full_unlogged);
-                    shared.borrow_mut().full_logged_at = Some(Instant::now());
-                    tracing::warn!(partition = %partition, error = %source, refused, "disk full: appends refused, nothing written (logged at most every 10 s)");
-                }
-                for append in group {
-                    let _ = append
-                        .reply
-                        .send(Err(LogError::DiskFull { partition: partition.clone(), path: source.path.clone() }));
-                }
-                return;
-            }
-            Err(source) => return poison(shared, source, group),
-        }
-    }
-}
-
-/// A write, fsync or delete failed: the partition refuses appends from now on.
-fn poison(shared: &Rc<RefCell<Shared>>, source: DiskError, group: Vec<PendingAppend>) {
-    let cause = PoisonCause {
-        operation: source.operation,
-        path: source.path.clone(),
-        position: source.position,
-        kind: source.source.kind(),
-    };
-    let error_text = source.to_string();
-    let partition = {
-        let mut state = shared.borrow_mut();
-        state.poisoned = Some(cause.clone());
-        state.metrics.poisoned.set(1);
-        state.metrics.partitions_poisoned.inc();
-        if source.operation == "fdatasync" {
-            state.metrics.fsync_errors.inc();
-        } else {
-            state.metrics.write_errors.inc();
-        }
-        state.name.clone()
-    };
-    tracing::error!(partition = %partition, error = %error_text, "log write failed; partition poisoned");
-    let mut first_error = Some(LogError::Disk { partition: partition.clone(), source });
-    for append in group {
-        let error = first_error
-            .take()
-            .unwrap_or_else(|| LogError::Poisoned { partition: partition.clone(), cause: cause.clone() });
-        let _ = append.reply.send(Err(error));
-    }
-}
-
 /// Deletes the oldest sealed segment if it is shipped, or under `drop-oldest` even if
 /// it is not (logged with its offset range and counted). The bytes freed, if one was
 /// deleted.
 async fn make_room(shared: &Rc<RefCell<Shared>>) -> Result<Option<u64>, DiskError> {
-    let (base_offset, next_offset, shipped) = {
+    let victim = {
         let state = shared.borrow();
-        if state.segments.len() < 2 {
-            return Ok(None); // only the active segment: nothing may go
-        }
-        let oldest = state.segments.values().next().expect("two segments");
-        let shipped = oldest.next_offset <= state.shipped_below_offset;
-        if !shipped && state.budget.policy() != DiskFullPolicy::DropOldest {
-            return Ok(None);
-        }
-        (oldest.base_offset, oldest.next_offset, shipped)
+        let oldest_sealed = (state.segments.len() >= 2).then(|| {
+            let oldest = state.segments.values().next().expect("two segments");
+            SealedSegment {
+                base_offset: oldest.base_offset,
+                next_offset: oldest.next_offset,
+                bytes: oldest.end_position,
+            }
+        });
+        let drop_oldest = state.budget.policy() == DiskFullPolicy::DropOldest;
+        plan_room(oldest_sealed, state.shipped_below_offset, drop_oldest)
     };
+    let Some(RoomVictim { segment, shipped }) = victim else { return Ok(None) };
+    let (base_offset, next_offset) = (segment.base_offset, segment.next_offset);
     // Already gone (another task deleted it meanwhile): room was made all the same.
     let Some(bytes) = delete_segment(shared, base_offset).await? else { return Ok(Some(0)) };
     let state = shared.borrow();
@@ -908,156 +1108,6 @@ async fn delete_segment(shared: &Rc<RefCell<Shared>>, base_offset: i64) -> Resul
     Ok(Some(bytes))
 }
 
-/// Reserves the batch's room in the data directory's budget, writes it, and turns the
-/// reservation into written bytes (or gives it back when the write failed).
-async fn write_group(
-    shared: &Rc<RefCell<Shared>>,
-    active: &mut ActiveSegment,
-    group: &[PendingAppend],
-) -> Result<i64, DiskError> {
-    let options = shared.borrow().options.clone();
-    let records = group.iter().flat_map(|append| append.records.iter());
-    let plan_batch = batch::plan_batch(records);
-    let batch_bytes = plan_batch.total_bytes;
-    // A lone append was checked exactly; a group by the sum of its upper bounds.
-    assert!(batch_bytes <= options.flush_bytes_max && batch_bytes <= BATCH_BYTES_MAX);
-    {
-        let mut state = shared.borrow_mut();
-        assert_eq!(state.reserved_bytes, 0, "one write at a time per partition");
-        if !state.budget.try_reserve(batch_bytes as u64) {
-            return Err(DiskError::new(
-                OVER_BUDGET,
-                &state.directory,
-                active.end_position,
-                std::io::Error::new(std::io::ErrorKind::StorageFull, "the data directory is at log.data_dir_bytes_max"),
-            ));
-        }
-        state.reserved_bytes = batch_bytes as u64;
-        state.accounted_bytes += batch_bytes as u64;
-    }
-    let written = write_reserved(shared, active, group, &options, &plan_batch).await;
-    let mut state = shared.borrow_mut();
-    // Written: the segment's end grew by exactly the reservation; failed: it is freed.
-    state.reserved_bytes = 0;
-    state.account();
-    written
-}
-
-async fn write_reserved(
-    shared: &Rc<RefCell<Shared>>,
-    active: &mut ActiveSegment,
-    group: &[PendingAppend],
-    options: &LogOptions,
-    plan_batch: &batch::BatchPlan,
-) -> Result<i64, DiskError> {
-    let started = Instant::now();
-    let records = group.iter().flat_map(|append| append.records.iter());
-    let batch_bytes = plan_batch.total_bytes;
-    let too_full = active.end_position + batch_bytes as u64 > options.segment_bytes_max;
-    let too_old = active.created_at.elapsed() >= options.segment_age_max;
-    if active.end_position > 0 && (too_full || too_old) {
-        roll(shared, active).await?;
-    }
-    let base_offset = active.next_offset;
-    let position = active.end_position;
-    let mut plan = plan_append(
-        position,
-        batch_bytes,
-        DIRECT_IO_ALIGNMENT_BYTES,
-        active.log.size_bytes(),
-        options.preallocate_bytes,
-    );
-    if let Some(size) = plan.preallocate_to {
-        // Leave DISK_RESERVE_BYTES free on the filesystem: without room for
-        // ship.state, shipping (which is what frees the disk) could not go on.
-        let allocated = active.log.size_bytes();
-        let write_end = plan.write_position + plan.write_bytes as u64;
-        let directory = shared.borrow().directory.clone();
-        if let Ok(free) = crate::shell::sys::available_bytes(&directory) {
-            if free < size.saturating_sub(allocated) + DISK_RESERVE_BYTES {
-                if free < write_end.saturating_sub(allocated) + DISK_RESERVE_BYTES {
-                    return Err(DiskError::new(
-                        PREALLOCATE,
-                        active.log.path(),
-                        write_end,
-                        std::io::Error::new(
-                            std::io::ErrorKind::StorageFull,
-                            format!("the filesystem would have less than the {DISK_RESERVE_BYTES} bytes free the log leaves for ship.state and index files"),
-                        ),
-                    ));
-                }
-                plan.preallocate_to = Some(write_end);
-            }
-        }
-    }
-    // Index entry for this batch if an interval of bytes passed since the last one.
-    let index_grew = position > 0 && active.bytes_since_index >= options.index_interval_bytes;
-    if index_grew {
-        active.index.push(IndexEntry {
-            relative_offset: u32::try_from(base_offset - active.base_offset).expect("segment offsets fit u32"),
-            position: u32::try_from(position).expect("segment positions fit u32"),
-        });
-        active.bytes_since_index = 0;
-    }
-    let write_index = active.index.len() - active.index_written >= INDEX_ENTRIES_PER_WRITE;
-    let mut new_tail = Vec::new();
-    let tail = &active.tail;
-    let write_log = active.log.append(&plan, |buffer| {
-        buffer[..plan.tail_bytes].copy_from_slice(tail);
-        let header = batch::encode_batch(&mut buffer[plan.tail_bytes..], plan_batch, base_offset, records);
-        debug_assert!(batch::check_batch(&buffer[plan.tail_bytes..plan.tail_bytes + batch_bytes]).is_ok());
-        assert_eq!(header.base_offset, base_offset);
-        let end_in_buffer = plan.tail_bytes + batch_bytes;
-        buffer[end_in_buffer..].fill(0);
-        let page_start = align_down(end_in_buffer as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
-        new_tail.extend_from_slice(&buffer[page_start..end_in_buffer]);
-    });
-    if write_index {
-        // The two files are independent: the index write goes to the device alongside
-        // the batch instead of after it. (The index is never synced per flush: recovery
-        // drops entries past the valid end of the log.)
-        let (logged, indexed) = future::zip(write_log, write_pending_index(active, options.preallocate_bytes)).await;
-        logged?;
-        let (end_position, tail) = indexed?;
-        active.index_end_position = end_position;
-        active.index_tail = tail;
-        active.index_written = active.index.len();
-    } else {
-        write_log.await?;
-    }
-    let record_count: i64 = group.iter().map(|append| append.records.len() as i64).sum();
-    let sync_started = Instant::now();
-    active.log.sync().await?;
-    let synced = Instant::now();
-    active.bytes_since_index += batch_bytes as u64;
-    active.end_position = plan.end_position;
-    active.next_offset = base_offset + record_count;
-    active.tail = new_tail;
-    let mut state = shared.borrow_mut();
-    let view = state.segments.get_mut(&active.base_offset).expect("the active segment is registered");
-    view.end_position = active.end_position;
-    view.next_offset = active.next_offset;
-    if index_grew {
-        // Readers hold the old `Rc` until they finish; the copy is made only when an
-        // entry was added (every index interval), not on every flush.
-        view.index = Rc::new(active.index.clone());
-    }
-    state.metrics.appended_records.inc_by(record_count as u64);
-    state.metrics.appended_bytes.inc_by(batch_bytes as u64);
-    state.metrics.flushes.inc();
-    state.metrics.flush_latency.record(synced - started);
-    state.metrics.sync_latency.record(synced - sync_started);
-    state.reserved_bytes = 0; // now in the segment's end
-    state.account();
-    Ok(base_offset)
-}
-
-/// Index entries kept in memory before they are written to the index file together:
-/// an index write on every flush would cost a second device write per flush. After a
-/// crash, recovery scans from the last written entry: at most this many index
-/// intervals more.
-const INDEX_ENTRIES_PER_WRITE: usize = 16;
-
 /// Writes the index entries not yet in the index file, in one write; returns the index
 /// file's new end and tail page for the caller to record once the write is done.
 async fn write_pending_index(active: &ActiveSegment, preallocate_bytes: u64) -> Result<(u64, Vec<u8>), DiskError> {
@@ -1094,10 +1144,11 @@ async fn write_pending_index(active: &ActiveSegment, preallocate_bytes: u64) -> 
 }
 
 /// Seals the active segment (exact size, synced, index synced) and starts a new one.
-async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment) -> Result<(), DiskError> {
+async fn roll(shared: &Rc<RefCell<Shared>>, active: &mut ActiveSegment, base_offset: i64) -> Result<(), DiskError> {
+    assert_eq!(base_offset, active.next_offset, "a new segment starts where the active one ends");
     seal(active).await?;
     let directory = shared.borrow().directory.clone();
-    let fresh = create_segment(&directory, active.next_offset).await?;
+    let fresh = create_segment(&directory, base_offset).await?;
     let old = std::mem::replace(active, fresh);
     let _ = old.index_file.close().await;
     if let Some(view) = shared.borrow_mut().segments.get_mut(&old.base_offset) {
@@ -1135,15 +1186,19 @@ async fn seal(active: &mut ActiveSegment) -> Result<(), DiskError> {
     Ok(())
 }
 
-async fn close_active(shared: &Rc<RefCell<Shared>>, active: ActiveSegment) -> Result<(), LogError> {
-    let closed = seal_on_close(shared, active).await;
+async fn close_active(shared: &Rc<RefCell<Shared>>, active: ActiveSegment, seal: bool) -> Result<(), LogError> {
+    let closed = seal_on_close(shared, active, seal).await;
     shared.borrow_mut().lock = None; // nothing writes to the directory any more
     closed
 }
 
-async fn seal_on_close(shared: &Rc<RefCell<Shared>>, mut active: ActiveSegment) -> Result<(), LogError> {
+async fn seal_on_close(
+    shared: &Rc<RefCell<Shared>>,
+    mut active: ActiveSegment,
+    seal_files: bool,
+) -> Result<(), LogError> {
     shared.borrow_mut().closed = true;
-    if shared.borrow().poisoned.is_some() {
+    if !seal_files {
         return Ok(()); // never write to a poisoned partition again; recovery sorts it out
     }
     seal(&mut active).await.map_err(|source| disk_error(shared, source))?;
@@ -1184,8 +1239,6 @@ async fn create_segment(directory: &Path, base_offset: i64) -> Result<ActiveSegm
         index_end_position: 0,
         index_tail: Vec::new(),
         index_written: 0,
-        bytes_since_index: 0,
-        created_at: Instant::now(),
     })
 }
 
@@ -1193,7 +1246,7 @@ fn corrupt(name: &str, path: &Path, position: u64, reason: InvalidBatch) -> LogE
     LogError::Corrupt { partition: name.to_owned(), path: path.to_owned(), position, reason }
 }
 
-/// Reads the index file of a segment; entries beyond `limit_position` are dropped.
+/// Reads the index file of a segment (none: no entries).
 async fn load_index(path: &Path) -> Result<Vec<IndexEntry>, DiskError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -1217,11 +1270,8 @@ async fn verified_index(
             let available = (file_bytes - position) as usize;
             let head = file.read(position, batch::BATCH_HEADER_BYTES.min(available)).await?;
             let total = batch::peek_total_bytes(&head).unwrap_or(batch::BATCH_HEADER_BYTES).min(available);
-            let bytes = file.read(position, total).await?;
-            if let Ok(header) = batch::check_batch(&bytes) {
-                if header.base_offset == base_offset + i64::from(entry.relative_offset) {
-                    return Ok(entries);
-                }
+            if recovery::index_entry_holds(&file.read(position, total).await?, base_offset, entry) {
+                return Ok(entries);
             }
         }
         entries.pop();
@@ -1231,10 +1281,9 @@ async fn verified_index(
 
 /// Where a scan of one segment ended.
 struct ScanEnd {
+    start: IndexEntry,
     cursor: ScanCursor,
-    /// Index entries rebuilt for the scanned part.
-    new_entries: Vec<IndexEntry>,
-    bytes_since_index: u64,
+    rebuilt: IndexRebuild,
     /// Why the scan stopped, if on bytes that are not a batch (a clean end of zeros
     /// also stops here).
     stop: Option<InvalidBatch>,
@@ -1254,142 +1303,223 @@ async fn scan_segment(
         batches: 0,
         records: 0,
     };
-    let mut new_entries = Vec::new();
-    let mut bytes_since_index = 0u64;
+    let mut rebuilt = IndexRebuild::new(base_offset, start, index_interval_bytes);
     loop {
         if cursor.position >= file_bytes {
-            return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None });
+            return Ok(ScanEnd { start, cursor, rebuilt, stop: None });
         }
         let window_bytes = SCAN_WINDOW_BYTES.min((file_bytes - cursor.position) as usize);
         let window = file.read(cursor.position, window_bytes).await?;
         let at_end = cursor.position + window.len() as u64 >= file_bytes;
         let window_position = cursor.position;
         let stop = scan_window(&window, window_position, at_end, &mut cursor, |position, header| {
-            if position > 0 && bytes_since_index >= index_interval_bytes && position != u64::from(start.position) {
-                new_entries.push(IndexEntry {
-                    relative_offset: (header.base_offset - base_offset) as u32,
-                    position: position as u32,
-                });
-                bytes_since_index = 0;
-            }
-            bytes_since_index += header.total_bytes() as u64;
+            rebuilt.observe(position, header)
         });
         match stop {
             ScanStop::NeedMore if !at_end => continue,
-            ScanStop::NeedMore => return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: None }),
-            ScanStop::Invalid(reason) => {
-                return Ok(ScanEnd { cursor, new_entries, bytes_since_index, stop: Some(reason) })
-            }
+            ScanStop::NeedMore => return Ok(ScanEnd { start, cursor, rebuilt, stop: None }),
+            ScanStop::Invalid(reason) => return Ok(ScanEnd { start, cursor, rebuilt, stop: Some(reason) }),
         }
     }
 }
 
-/// Recovers every segment of a partition. Returns the active segment (open for writes)
-/// and the views of all segments.
+/// Opens a segment's log, verifies its index and scans from the last good entry.
+async fn scan_with_index(
+    file: &DirectFile,
+    directory: &Path,
+    base: i64,
+    index_interval_bytes: u64,
+) -> Result<(Vec<IndexEntry>, usize, ScanEnd), DiskError> {
+    let file_bytes = file.size_bytes();
+    let loaded = load_index(&segment::index_path(directory, base)).await?;
+    let loaded_entries = loaded.len();
+    let index = verified_index(file, base, file_bytes, loaded).await?;
+    let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
+    let end = scan_segment(file, base, start, file_bytes, index_interval_bytes).await?;
+    Ok((index, loaded_entries, end))
+}
+
+/// What recovery hands to `open`: the active segment for the flusher, the core's view
+/// of it, and every segment for readers.
+type Recovered = (ActiveSegment, ActiveState, BTreeMap<i64, SegmentView>);
+
+/// Recovers every segment of a partition: reads what `core::log::recovery` plans from
+/// and carries the plan out.
 async fn recover(
     directory: &Path,
     name: &str,
     options: &LogOptions,
     metrics: &PartitionMetrics,
-) -> Result<(ActiveSegment, BTreeMap<i64, SegmentView>), LogError> {
+) -> Result<Recovered, LogError> {
     let layout = |why: String| LogError::Layout { partition: name.to_owned(), path: directory.to_owned(), why };
     let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
     std::fs::create_dir_all(directory).map_err(|error| layout(format!("cannot create: {error}")))?;
     probe_direct_io(directory).await.map_err(io)?;
-    let mut bases = Vec::new();
-    let entries = std::fs::read_dir(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
-    for entry in entries {
-        let entry = entry.map_err(|error| layout(format!("cannot list: {error}")))?;
-        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_file_name) {
-            bases.push(base);
-        }
-    }
-    bases.sort_unstable();
+    let names = list_directory(directory).map_err(|error| layout(format!("cannot list: {error}")))?;
+    let plan = recovery::plan_directory(names.iter().map(String::as_str));
     let mut views = BTreeMap::new();
-    if bases.is_empty() {
+    let Some((active_base, sealed_bases)) = plan.segment_bases.split_last() else {
         let active = create_segment(directory, 0).await.map_err(io)?;
         views.insert(0, view_of(&active));
-        return Ok((active, views));
-    }
-    // Sealed segments: exact size, ending exactly where the next one begins.
-    let (active_base, sealed_bases) = bases.split_last().expect("not empty");
+        return Ok((active, ActiveState::empty(0, Instant::now()), views));
+    };
     for (position, base) in sealed_bases.iter().enumerate() {
-        let next_base = bases[position + 1];
-        let path = segment::log_path(directory, *base);
-        let file = DirectFile::open_read_only(&path).await.map_err(io)?;
-        let file_bytes = file.size_bytes();
-        let index = load_index(&segment::index_path(directory, *base)).await.map_err(io)?;
-        let loaded_entries = index.len();
-        let index = verified_index(&file, *base, file_bytes, index).await.map_err(io)?;
-        if index.len() < loaded_entries {
-            tracing::warn!(partition = name, file = %path.display(), stale_entries = loaded_entries - index.len(), kept_entries = index.len(), "sealed segment's index had entries that do not point at their batch (not synced before a power loss?); dropped: reads scan from the last good one");
-        }
-        let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
-        let end = scan_segment(&file, *base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
-        if let Some(reason) = end.stop {
-            return Err(corrupt(name, &path, end.cursor.position, reason));
-        }
-        // Verified: reads open it again when they need it.
-        file.close().await.map_err(io)?;
-        if end.cursor.position != file_bytes || end.cursor.next_offset != next_base {
-            return Err(layout(format!(
-                "sealed segment {} ends at offset {} (byte {}) but the next segment starts at offset {next_base}",
-                path.display(),
-                end.cursor.next_offset,
-                end.cursor.position
-            )));
-        }
-        views.insert(
-            *base,
-            SegmentView {
-                base_offset: *base,
-                file: None,
-                end_position: file_bytes,
-                next_offset: next_base,
-                index: Rc::new(index),
-            },
-        );
+        let next_base = plan.segment_bases[position + 1];
+        views.insert(*base, recover_sealed(directory, name, *base, next_base, options).await?);
     }
-    // The active segment: scan from its last verified index point; cut a torn tail.
-    let base = *active_base;
+    if sealed_bases.last().is_some() && views.values().next_back().map(|view| view.next_offset) != Some(*active_base) {
+        let path = segment::log_path(directory, *active_base);
+        return Err(layout(format!("active segment {} does not continue the sealed segments", path.display())));
+    }
+    let (active, state) = recover_active(directory, name, *active_base, options, metrics).await?;
+    views.insert(*active_base, view_of(&active));
+    for orphan in &plan.orphan_indexes {
+        let _ = std::fs::remove_file(directory.join(orphan));
+    }
+    Ok((active, state, views))
+}
+
+fn list_directory(directory: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(directory)? {
+        if let Some(name) = entry?.file_name().to_str() {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// A sealed segment: exact size, ending exactly where the next one begins; any bad
+/// byte refuses the open.
+async fn recover_sealed(
+    directory: &Path,
+    name: &str,
+    base: i64,
+    next_base: i64,
+    options: &LogOptions,
+) -> Result<SegmentView, LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
+    let path = segment::log_path(directory, base);
+    let file = DirectFile::open_read_only(&path).await.map_err(io)?;
+    let file_bytes = file.size_bytes();
+    let (index, loaded_entries, end) =
+        scan_with_index(&file, directory, base, options.index_interval_bytes).await.map_err(io)?;
+    if index.len() < loaded_entries {
+        tracing::warn!(partition = name, file = %path.display(), stale_entries = loaded_entries - index.len(), kept_entries = index.len(), "sealed segment's index had entries that do not point at their batch (not synced before a power loss?); dropped: reads scan from the last good one");
+    }
+    if let Some(reason) = end.stop {
+        return Err(corrupt(name, &path, end.cursor.position, reason));
+    }
+    // Verified: reads open it again when they need it.
+    file.close().await.map_err(io)?;
+    recovery::check_sealed(&end.cursor, file_bytes, next_base).map_err(|why| LogError::Layout {
+        partition: name.to_owned(),
+        path: directory.to_owned(),
+        why: format!("sealed segment {} {why}", path.display()),
+    })?;
+    Ok(SegmentView {
+        base_offset: base,
+        file: None,
+        end_position: file_bytes,
+        next_offset: next_base,
+        index: Rc::new(index),
+    })
+}
+
+/// The active segment: scanned from its last verified index point, a torn tail cut,
+/// its index file rewritten to hold exactly the verified and rebuilt entries.
+async fn recover_active(
+    directory: &Path,
+    name: &str,
+    base: i64,
+    options: &LogOptions,
+    metrics: &PartitionMetrics,
+) -> Result<(ActiveSegment, ActiveState), LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
     let path = segment::log_path(directory, base);
     let index_path = segment::index_path(directory, base);
     let file = DirectFile::open(&path).await.map_err(io)?;
-    let file_bytes = file.size_bytes();
-    let index = load_index(&index_path).await.map_err(io)?;
-    let loaded_entries = index.len();
-    let mut index = verified_index(&file, base, file_bytes, index).await.map_err(io)?;
-    let start = index.last().copied().unwrap_or(IndexEntry { relative_offset: 0, position: 0 });
-    let end = scan_segment(&file, base, start, file_bytes, options.index_interval_bytes).await.map_err(io)?;
-    let cut_position = end.cursor.position;
-    if index.len() < loaded_entries || !end.new_entries.is_empty() {
+    let (mut index, loaded_entries, end) =
+        scan_with_index(&file, directory, base, options.index_interval_bytes).await.map_err(io)?;
+    if index.len() < loaded_entries || !end.rebuilt.entries.is_empty() {
         tracing::info!(
             partition = name,
             file = %index_path.display(),
             stale_entries = loaded_entries - index.len(),
-            rebuilt_entries = end.new_entries.len(),
-            scanned_from_offset = base + i64::from(start.relative_offset),
+            rebuilt_entries = end.rebuilt.entries.len(),
+            scanned_from_offset = base + i64::from(end.start.relative_offset),
             scanned_to_offset = end.cursor.next_offset,
             scanned_records = end.cursor.records,
-            scanned_bytes = end.cursor.position - u64::from(start.position),
+            scanned_bytes = end.cursor.position - u64::from(end.start.position),
             "index rebuilt from the log (entries not yet written at the last stop, or stale after a power loss)"
         );
     }
+    let cut_position = end.cursor.position;
+    if cut_position == 0 {
+        assert_eq!(end.cursor.next_offset, base, "an empty scan keeps the base offset");
+    }
     if let Some(reason) = end.stop {
-        let after =
-            file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
-        if find_later_batch(&after, cut_position, end.cursor.next_offset).is_some() {
-            return Err(corrupt(name, &path, cut_position, reason));
-        }
-        let garbage_bytes = after.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
-        if garbage_bytes > 0 {
+        cut_torn_tail(&file, name, &path, base, &end, reason, metrics).await?;
+    }
+    index.extend_from_slice(&end.rebuilt.entries);
+    let (index_file, index_end_position, index_tail) =
+        rewrite_index(directory, &index_path, &index).await.map_err(io)?;
+    let tail = file
+        .read(align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES), (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
+        .await
+        .map_err(io)?;
+    assert_eq!(tail.len() as u64, cut_position % DIRECT_IO_ALIGNMENT_BYTES);
+    let state = ActiveState {
+        base_offset: base,
+        end_position: cut_position,
+        next_offset: end.cursor.next_offset,
+        allocated_bytes: file.size_bytes(),
+        index_entries: index.len(),
+        index_written: index.len(),
+        bytes_since_index: end.rebuilt.bytes_since_index,
+        created_at: created_at(&path),
+    };
+    let active = ActiveSegment {
+        base_offset: base,
+        log: Rc::new(file),
+        index_file,
+        end_position: cut_position,
+        next_offset: end.cursor.next_offset,
+        tail,
+        index_written: index.len(),
+        index,
+        index_end_position,
+        index_tail,
+    };
+    Ok((active, state))
+}
+
+/// Carries out `core::log::recovery::plan_tail` where the active segment's scan
+/// stopped: refuse corruption before the tail, cut (zero and sync) a torn tail.
+async fn cut_torn_tail(
+    file: &DirectFile,
+    name: &str,
+    path: &Path,
+    base: i64,
+    end: &ScanEnd,
+    reason: InvalidBatch,
+    metrics: &PartitionMetrics,
+) -> Result<(), LogError> {
+    let io = |source: DiskError| LogError::Disk { partition: name.to_owned(), source };
+    let cut_position = end.cursor.position;
+    let file_bytes = file.size_bytes();
+    let after =
+        file.read(cut_position, SCAN_WINDOW_BYTES.min((file_bytes - cut_position) as usize)).await.map_err(io)?;
+    match recovery::plan_tail(&after, cut_position, end.cursor.next_offset) {
+        TailPlan::Keep => Ok(()),
+        TailPlan::Refuse { .. } => Err(corrupt(name, path, cut_position, reason)),
+        TailPlan::Cut { position, garbage_bytes, torn_records } => {
             // The torn batch never became durable, so no record in it was acknowledged;
             // its header, when readable, says how many records the cut takes.
-            let torn_records = batch::parse_header(&after).ok().map(|header| header.record_count);
             tracing::warn!(
                 partition = name,
                 file = %path.display(),
-                position = cut_position,
+                position,
                 bytes = garbage_bytes,
                 kept_to_offset = end.cursor.next_offset - 1,
                 segment_records_kept = end.cursor.next_offset - base,
@@ -1397,32 +1527,27 @@ async fn recover(
                 %reason,
                 "cutting torn tail (a write the crash interrupted, never acknowledged)"
             );
-            metrics.recovery_truncated_bytes.inc_by(garbage_bytes as u64);
+            metrics.recovery_truncated_bytes.inc_by(garbage_bytes);
             let tail = file
-                .read(
-                    align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES),
-                    (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize,
-                )
+                .read(align_down(position, DIRECT_IO_ALIGNMENT_BYTES), (position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
                 .await
                 .map_err(io)?;
-            file.zero_from(cut_position, garbage_bytes as u64, &tail).await.map_err(io)?;
-            file.sync().await.map_err(io)?;
+            file.zero_from(position, garbage_bytes, &tail).await.map_err(io)?;
+            file.sync().await.map_err(io)
         }
     }
-    if sealed_bases.last().is_some_and(|_| views.values().next_back().map(|view| view.next_offset) != Some(base)) {
-        return Err(layout(format!("active segment {} does not continue the sealed segments", path.display())));
-    }
-    if end.cursor.position == 0 && start.position == 0 && end.cursor.next_offset != base {
-        unreachable!("an empty scan keeps the base offset");
-    }
-    index.extend(end.new_entries);
-    // Rewrite the index file so it holds exactly the verified entries.
-    let mut index_bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_BYTES);
-    for entry in &index {
-        index_bytes.extend_from_slice(&entry.encode());
-    }
-    let _ = std::fs::remove_file(&index_path);
-    let index_file = DirectFile::create(&index_path).await.map_err(io)?;
+}
+
+/// Replaces the active segment's index file by one holding exactly `entries`, synced;
+/// returns it with its end and tail page.
+async fn rewrite_index(
+    directory: &Path,
+    index_path: &Path,
+    entries: &[IndexEntry],
+) -> Result<(DirectFile, u64, Vec<u8>), DiskError> {
+    let index_bytes = recovery::index_file_bytes(entries);
+    let _ = std::fs::remove_file(index_path);
+    let index_file = DirectFile::create(index_path).await?;
     let mut index_end_position = 0u64;
     let mut index_tail = Vec::new();
     if !index_bytes.is_empty() {
@@ -1440,53 +1565,23 @@ async fn recover(
                 let page_start = align_down(index_bytes.len() as u64, DIRECT_IO_ALIGNMENT_BYTES) as usize;
                 index_tail.extend_from_slice(&buffer[page_start..index_bytes.len()]);
             })
-            .await
-            .map_err(io)?;
+            .await?;
         index_end_position = plan.end_position;
     }
-    index_file.sync().await.map_err(io)?;
-    sync_directory(directory).map_err(io)?;
-    let tail = file
-        .read(align_down(cut_position, DIRECT_IO_ALIGNMENT_BYTES), (cut_position % DIRECT_IO_ALIGNMENT_BYTES) as usize)
-        .await
-        .map_err(io)?;
-    assert_eq!(tail.len() as u64, cut_position % DIRECT_IO_ALIGNMENT_BYTES);
-    let created_at = std::fs::metadata(&path)
+    index_file.sync().await?;
+    sync_directory(directory)?;
+    Ok((index_file, index_end_position, index_tail))
+}
+
+/// When the segment's file was created, on this process's monotonic clock (now when
+/// the filesystem does not say): how a segment's age survives a restart.
+fn created_at(path: &Path) -> Instant {
+    std::fs::metadata(path)
         .and_then(|metadata| metadata.created())
         .ok()
         .and_then(|created| SystemTime::now().duration_since(created).ok())
         .and_then(|age| Instant::now().checked_sub(age))
-        .unwrap_or_else(Instant::now);
-    let index_written = index.len();
-    let active = ActiveSegment {
-        base_offset: base,
-        log: Rc::new(file),
-        index_file,
-        end_position: cut_position,
-        next_offset: end.cursor.next_offset,
-        tail,
-        index,
-        index_end_position,
-        index_tail,
-        index_written,
-        bytes_since_index: end.bytes_since_index,
-        created_at,
-    };
-    views.insert(base, view_of(&active));
-    // Orphan index files (their log was deleted by retention before a crash).
-    if let Ok(entries) = std::fs::read_dir(directory) {
-        for entry in entries.flatten() {
-            let file_name = entry.file_name();
-            let Some(text) = file_name.to_str() else { continue };
-            if let Some(stem) = text.strip_suffix(".index") {
-                let log_name = format!("{stem}.log");
-                if segment::parse_log_file_name(&log_name).is_some() && !directory.join(&log_name).exists() {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-    }
-    Ok((active, views))
+        .unwrap_or_else(Instant::now)
 }
 
 fn view_of(active: &ActiveSegment) -> SegmentView {

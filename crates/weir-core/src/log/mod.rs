@@ -6,6 +6,7 @@
 pub use weir_protocol::{batch, varint};
 
 pub mod index;
+pub mod partition;
 pub mod recovery;
 pub mod retention;
 pub mod segment;

@@ -8,7 +8,9 @@
 //! valid batch with a later offset starts within `BATCH_BYTES_MAX` after the bad bytes,
 //! the bad bytes are not the tail.
 
-use super::batch::{check_batch, BatchError, BatchHeader, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::batch::{check_batch, parse_header, BatchError, BatchHeader, BATCH_BYTES_MAX, BATCH_HEADER_BYTES};
+use super::index::{IndexEntry, INDEX_ENTRY_BYTES};
+use super::segment;
 
 /// Where the scan stands: the next batch is expected at `position` with `next_offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +105,124 @@ pub fn find_later_batch(window: &[u8], window_position: u64, min_offset: i64) ->
     })
 }
 
+// ----- the recovery plan: what the shell does with what it read -----
+
+/// A partition directory's files, sorted into segments and leftovers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectoryPlan {
+    /// Base offsets of the segments (named by their `.log` files), oldest first; the
+    /// last is the active segment.
+    pub segment_bases: Vec<i64>,
+    /// Index files whose log file is gone (retention deleted the log, then the process
+    /// stopped before the index): removed.
+    pub orphan_indexes: Vec<String>,
+}
+
+/// Sorts the names of a partition directory's files.
+pub fn plan_directory<'n>(file_names: impl Iterator<Item = &'n str> + Clone) -> DirectoryPlan {
+    let mut segment_bases: Vec<i64> = file_names.clone().filter_map(segment::parse_log_file_name).collect();
+    segment_bases.sort_unstable();
+    let orphan_indexes = file_names
+        .filter_map(|name| {
+            let stem = name.strip_suffix(".index")?;
+            let base = segment::parse_log_file_name(&format!("{stem}.log"))?;
+            segment_bases.binary_search(&base).is_err().then(|| name.to_owned())
+        })
+        .collect();
+    DirectoryPlan { segment_bases, orphan_indexes }
+}
+
+/// Whether `bytes`, read at an index entry's position, hold the batch the entry names.
+/// A hint written without sync can be stale after power loss; such an entry is dropped.
+pub fn index_entry_holds(bytes: &[u8], segment_base: i64, entry: IndexEntry) -> bool {
+    check_batch(bytes).is_ok_and(|header| header.base_offset == segment_base + i64::from(entry.relative_offset))
+}
+
+/// The index entries a scan rebuilds as it walks batches: one at the first batch after
+/// every `interval_bytes`, as the flusher adds them (`core::log::partition`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRebuild {
+    segment_base: i64,
+    start_position: u64,
+    interval_bytes: u64,
+    pub entries: Vec<IndexEntry>,
+    /// Batch bytes since the last entry (or the scan's start).
+    pub bytes_since_index: u64,
+}
+
+impl IndexRebuild {
+    /// A rebuild from `start`, a verified entry (or the segment's start).
+    pub fn new(segment_base: i64, start: IndexEntry, interval_bytes: u64) -> IndexRebuild {
+        IndexRebuild {
+            segment_base,
+            start_position: u64::from(start.position),
+            interval_bytes,
+            entries: Vec::new(),
+            bytes_since_index: 0,
+        }
+    }
+
+    /// The scan passed a valid batch at `position`.
+    pub fn observe(&mut self, position: u64, header: &BatchHeader) {
+        if position > 0 && self.bytes_since_index >= self.interval_bytes && position != self.start_position {
+            self.entries.push(IndexEntry {
+                relative_offset: u32::try_from(header.base_offset - self.segment_base)
+                    .expect("segment offsets fit u32"),
+                position: u32::try_from(position).expect("segment positions fit u32"),
+            });
+            self.bytes_since_index = 0;
+        }
+        self.bytes_since_index += header.total_bytes() as u64;
+    }
+}
+
+/// A sealed segment must be whole: its batches end exactly at its size, and exactly
+/// where the next segment begins. Returns why not.
+pub fn check_sealed(end: &ScanCursor, file_bytes: u64, next_base: i64) -> Result<(), String> {
+    if end.position != file_bytes || end.next_offset != next_base {
+        return Err(format!(
+            "ends at offset {} (byte {}) but the next segment starts at offset {next_base}",
+            end.next_offset, end.position
+        ));
+    }
+    Ok(())
+}
+
+/// What recovery does where the active segment's valid batches stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailPlan {
+    /// Only zeros follow: the clean end of written data.
+    Keep,
+    /// A torn tail (the last flush, never acknowledged): zero `garbage_bytes` bytes from
+    /// `position` and sync. Its header, when readable, says how many records it held.
+    Cut { position: u64, garbage_bytes: u64, torn_records: Option<i32> },
+    /// A valid later batch follows the bad bytes: corruption before the tail. Refuse.
+    Refuse { later_batch_position: u64 },
+}
+
+/// Plans the cut at `stop_position`, where the scan met bytes that are not the next
+/// batch; `after` holds the file's bytes from there (up to `SCAN_WINDOW_BYTES`).
+pub fn plan_tail(after: &[u8], stop_position: u64, next_offset: i64) -> TailPlan {
+    if let Some(later_batch_position) = find_later_batch(after, stop_position, next_offset) {
+        return TailPlan::Refuse { later_batch_position };
+    }
+    let garbage_bytes = after.iter().rposition(|byte| *byte != 0).map_or(0, |last| last + 1);
+    if garbage_bytes == 0 {
+        return TailPlan::Keep;
+    }
+    let torn_records = parse_header(after).ok().map(|header| header.record_count);
+    TailPlan::Cut { position: stop_position, garbage_bytes: garbage_bytes as u64, torn_records }
+}
+
+/// An index file's bytes holding exactly `entries`.
+pub fn index_file_bytes(entries: &[IndexEntry]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(entries.len() * INDEX_ENTRY_BYTES);
+    for entry in entries {
+        bytes.extend_from_slice(&entry.encode());
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +305,61 @@ mod tests {
         let stop = scan_window(&bytes, 0, true, &mut cursor, |_, _| {});
         assert_eq!(stop, ScanStop::Invalid(InvalidBatch::OffsetGap { expected: 3, found: 4 }));
         assert_eq!(cursor.position, positions[1]);
+    }
+
+    #[test]
+    fn the_directory_plan_orders_segments_and_finds_orphan_indexes() {
+        let names = [
+            "00000000000000000100.log",
+            "00000000000000000000.index",
+            "00000000000000000100.index",
+            "00000000000000000000.log",
+            "00000000000000000050.index",
+            "ship.state",
+            ".lock",
+        ];
+        let plan = plan_directory(names.iter().copied());
+        assert_eq!(plan.segment_bases, vec![0, 100]);
+        assert_eq!(plan.orphan_indexes, vec!["00000000000000000050.index".to_owned()]);
+    }
+
+    #[test]
+    fn the_tail_plan_keeps_zeros_cuts_a_torn_batch_and_refuses_corruption_before_the_tail() {
+        let (bytes, positions) = log(&[(0, 3), (3, 2)]);
+        assert_eq!(plan_tail(&[0u8; 100], 500, 5), TailPlan::Keep);
+        // The second batch torn in its middle: cut from its start.
+        let torn = &bytes[positions[1] as usize..bytes.len() - 7];
+        match plan_tail(torn, positions[1], 3) {
+            TailPlan::Cut { position, garbage_bytes, torn_records } => {
+                assert_eq!((position, garbage_bytes, torn_records), (positions[1], torn.len() as u64, Some(2)));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Garbage followed by a valid later batch is not a tail.
+        let mut corrupt = vec![0xAB; 40];
+        corrupt.extend(batch(3, 2));
+        assert_eq!(plan_tail(&corrupt, 1000, 3), TailPlan::Refuse { later_batch_position: 1040 });
+    }
+
+    #[test]
+    fn a_sealed_segment_must_end_at_its_size_and_at_the_next_base() {
+        let end = ScanCursor { position: 800, next_offset: 10, batches: 2, records: 10 };
+        assert!(check_sealed(&end, 800, 10).is_ok());
+        assert!(check_sealed(&end, 900, 10).is_err());
+        assert!(check_sealed(&end, 800, 11).is_err());
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_at_every_interval_and_entries_are_checked_against_their_batch() {
+        let (bytes, positions) = log(&[(0, 3), (3, 2), (5, 1), (6, 4)]);
+        let mut cursor = fresh();
+        let mut rebuilt = IndexRebuild::new(0, IndexEntry { relative_offset: 0, position: 0 }, 1);
+        scan_window(&bytes, 0, true, &mut cursor, |position, header| rebuilt.observe(position, header));
+        let at: Vec<u32> = rebuilt.entries.iter().map(|entry| entry.position).collect();
+        assert_eq!(at, positions[1..].iter().map(|position| *position as u32).collect::<Vec<_>>());
+        let entry = rebuilt.entries[0];
+        assert!(index_entry_holds(&bytes[positions[1] as usize..], 0, entry));
+        assert!(!index_entry_holds(&bytes[positions[2] as usize..], 0, entry), "a stale entry");
+        assert_eq!(index_file_bytes(&rebuilt.entries).len(), 3 * INDEX_ENTRY_BYTES);
     }
 }

@@ -51,6 +51,27 @@ pub fn plan_deletions_with_excess(
     count
 }
 
+/// The segment a full disk deletes to make room, and whether it was shipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomVictim {
+    pub segment: SealedSegment,
+    pub shipped: bool,
+}
+
+/// Which segment goes when the disk is full: the oldest sealed one (`None` when only
+/// the active segment is left) if it is wholly below `shipped_below_offset`, or under
+/// `drop-oldest` even if it is not (its records are lost upstream: the caller reports
+/// them).
+pub fn plan_room(
+    oldest_sealed: Option<SealedSegment>,
+    shipped_below_offset: i64,
+    drop_oldest: bool,
+) -> Option<RoomVictim> {
+    let segment = oldest_sealed?;
+    let shipped = segment.next_offset <= shipped_below_offset;
+    (shipped || drop_oldest).then_some(RoomVictim { segment, shipped })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +100,14 @@ mod tests {
         assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 1000, 1001), 2);
         assert_eq!(plan_deletions_with_excess(&segments(), 500, 10_000, 150, 5000), 1, "only shipped ones");
         assert_eq!(plan_deletions_with_excess(&segments(), 500, 2000, 1000, 0), 2, "partition budget still applies");
+    }
+
+    #[test]
+    fn a_full_disk_deletes_the_oldest_segment_only_if_shipped_unless_drop_oldest() {
+        let oldest = SealedSegment { base_offset: 0, next_offset: 100, bytes: 4096 };
+        assert_eq!(plan_room(None, 1000, true), None, "the active segment never goes");
+        assert_eq!(plan_room(Some(oldest), 100, false), Some(RoomVictim { segment: oldest, shipped: true }));
+        assert_eq!(plan_room(Some(oldest), 99, false), None);
+        assert_eq!(plan_room(Some(oldest), 99, true), Some(RoomVictim { segment: oldest, shipped: false }));
     }
 }

@@ -17,8 +17,10 @@ use super::{trace, SimRandom};
 use crate::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
 use crate::ingest::{self, AppendFailure, StreamOrder};
 use crate::log::batch::{self, Header, Record};
+use crate::log::partition::{
+    Action as LogAction, ActiveState, Failure, PartitionConfig, PartitionCore, Refusal, WriteStep,
+};
 use crate::log::recovery::{find_later_batch, scan_window, ScanCursor, ScanStop, SCAN_WINDOW_BYTES};
-use crate::log::segment::plan_append;
 use crate::protocol::{self, AckPart, ErrorCode, FrameLimits, FRAME_LIMITS_V1};
 use crate::session::{self, FrameAssembler, KeyHash, DEVICE_HEADER, SEQUENCE_HEADER};
 use crate::ship::reconcile::Scan;
@@ -406,26 +408,21 @@ struct PendingAppend {
     key: (String, u64),
 }
 
-#[derive(Debug)]
-enum Flusher {
-    Idle,
-    Gathering { group: Vec<PendingAppend>, bytes: usize },
-    Writing { group: Vec<PendingAppend>, base_offset: i64, batch_bytes: usize, end_position: u64 },
-    Syncing { group: Vec<PendingAppend>, base_offset: i64, batch_bytes: usize, end_position: u64 },
-}
-
 struct WeirPartition {
-    /// The logical end of the durable data and the next offset.
-    end_position: u64,
-    allocated_bytes: u64,
-    next_offset: i64,
     /// (base offset, position, length) of every durable batch.
     batches: Vec<(i64, u64, usize)>,
-    queue: VecDeque<PendingAppend>,
-    carried: Option<PendingAppend>,
-    flusher: Flusher,
-    last_flush_end_us: Option<u64>,
-    poisoned: bool,
+    /// The partition's group commit: the real core `shell::log`'s flusher drives.
+    log: PartitionCore,
+    /// Appends queued for the flusher (the bounded channel, `appends_pending_max`).
+    channel: VecDeque<PendingAppend>,
+    /// Appends the core took and has not answered, oldest first.
+    accepted: VecDeque<PendingAppend>,
+    /// Appends in the group being written.
+    group_appends: usize,
+    writing: Option<WriteStep>,
+    /// A write or sync is on the disk; its completion is an event.
+    io_in_flight: bool,
+    window_at_us: Option<u64>,
     /// `shell::engine`'s de-duplication and in-flight joins: the real `RunGate`.
     gate: RunGate<(FrameRef, usize)>,
     /// The frame whose run each append in flight is (the gate keeps those that joined).
@@ -542,6 +539,21 @@ impl World {
         world
     }
 
+    /// The partition core's tunables: the sim's partitions are one segment each (its
+    /// files model no roll), so segments never fill or age.
+    fn partition_config(&self) -> PartitionConfig {
+        PartitionConfig {
+            segment_bytes_max: u64::MAX,
+            segment_age_max: Duration::MAX,
+            index_interval_bytes: 4096,
+            preallocate_bytes: self.settings.preallocate_bytes,
+            flush_delay_max: Duration::from_micros(self.settings.flush_delay_us_max),
+            flush_bytes_max: self.settings.flush_bytes_max,
+            alignment_bytes: ALIGNMENT_BYTES,
+            disk_reserve_bytes: 1 << 20,
+        }
+    }
+
     fn instant(&self) -> Instant {
         self.base + Duration::from_micros(self.now_us)
     }
@@ -641,16 +653,26 @@ impl World {
                 cursor.next_offset,
                 shipper.cursor_offset()
             ));
-            partitions.push(WeirPartition {
+            let active = ActiveState {
+                base_offset: 0,
                 end_position: cursor.position,
-                allocated_bytes: 0,
                 next_offset: cursor.next_offset,
+                // A file holds no preallocation the scan knows of.
+                allocated_bytes: cursor.position,
+                index_entries: 0,
+                index_written: 0,
+                bytes_since_index: 0,
+                created_at: self.instant(),
+            };
+            partitions.push(WeirPartition {
                 batches,
-                queue: VecDeque::new(),
-                carried: None,
-                flusher: Flusher::Idle,
-                last_flush_end_us: None,
-                poisoned: false,
+                log: PartitionCore::new(self.partition_config(), active),
+                channel: VecDeque::new(),
+                accepted: VecDeque::new(),
+                group_appends: 0,
+                writing: None,
+                io_in_flight: false,
+                window_at_us: None,
                 gate: RunGate::new(dedup),
                 appending: HashMap::new(),
                 shipper,
@@ -1233,135 +1255,119 @@ impl World {
         }
     }
 
-    // ----- the partition log (shell::log's flusher, modelled) -----
+    // ----- the partition log (shell::log's flusher: the real core::log::partition) -----
 
+    /// `PartitionLog::append_unless_behind`: a poisoned partition refuses at once, a
+    /// full channel refuses with Backpressure, else the append queues for the flusher.
     fn log_append(&mut self, partition: u32, append: PendingAppend) {
         let settings = self.settings.clone();
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
         let encoded = batch::plan_batch(append.records.iter()).total_bytes;
         assert!(encoded <= settings.flush_bytes_max, "a frame's run over flush_bytes_max: the sim's limits are wrong");
-        if state.poisoned {
+        if state.log.is_poisoned() {
             return self.append_done(partition, append.key, Err(storage_failed()));
         }
-        enum Stage {
-            Idle,
-            Gathering,
-            Busy,
+        if state.channel.len() >= settings.appends_pending_max {
+            let failure = failure(ErrorCode::Backpressure, BACKPRESSURE_RETRY_AFTER_MS);
+            return self.append_done(partition, append.key, Err(failure));
         }
-        let stage = match state.flusher {
-            Flusher::Idle => Stage::Idle,
-            Flusher::Gathering { .. } => Stage::Gathering,
-            Flusher::Writing { .. } | Flusher::Syncing { .. } => Stage::Busy,
-        };
-        match stage {
-            Stage::Idle => {
-                // The flusher takes it at once, after an append it carried over (this
-                // can run inside a flush's completion, before the flusher moved on).
-                state.queue.push_back(append);
-                self.flusher_next(partition);
+        state.channel.push_back(append);
+        self.drive_log(partition);
+    }
+
+    /// The flusher's loop (`shell::log::Flusher::run`): carry out what the core asks,
+    /// then feed it what the channel holds, or tell it the channel is empty.
+    fn drive_log(&mut self, partition: u32) {
+        loop {
+            let now = self.instant();
+            let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
+            if let Some(action) = state.log.poll_action() {
+                self.log_action(partition, action);
+                continue;
             }
-            Stage::Gathering => {
-                let Flusher::Gathering { group, bytes } = &mut state.flusher else { unreachable!() };
-                let flush_now = if *bytes + append.bound_bytes > settings.flush_bytes_max {
-                    state.carried = Some(append);
-                    true
-                } else {
-                    *bytes += append.bound_bytes;
-                    group.push(append);
-                    *bytes >= settings.flush_bytes_max
-                };
-                if flush_now {
-                    self.flush(partition);
-                }
+            if state.io_in_flight {
+                return; // a write or sync completes later
             }
-            Stage::Busy => {
-                // `append_unless_behind`: a full queue refuses at once.
-                if state.queue.len() >= settings.appends_pending_max {
-                    let failure = failure(ErrorCode::Backpressure, BACKPRESSURE_RETRY_AFTER_MS);
-                    self.append_done(partition, append.key, Err(failure));
-                } else {
-                    state.queue.push_back(append);
-                    assert!(state.queue.len() <= settings.appends_pending_max, "appends_pending_max exceeded");
-                }
+            let Some(deadline) = state.log.wants_append() else { return };
+            if let Some(append) = state.channel.pop_front() {
+                state.log.handle_append(append.bound_bytes, append.records.len() as u32, now);
+                state.accepted.push_back(append);
+                continue;
             }
+            let Some(deadline) = deadline else { return }; // idle: wait for an append
+            if now >= deadline {
+                state.log.handle_queue_empty(now);
+                continue;
+            }
+            let at_us = (deadline - self.base).as_micros() as u64;
+            if state.window_at_us != Some(at_us) {
+                state.window_at_us = Some(at_us);
+                self.schedule_at(at_us, Event::FlushWindow { partition });
+            }
+            return;
         }
     }
 
-    /// The flusher took `first`: under load (a flush ended within the window) it goes
-    /// out at once with whatever queued; an idle partition waits the window for company.
-    fn flusher_start(&mut self, partition: u32, first: PendingAppend) {
-        let settings = self.settings.clone();
-        let now = self.now_us;
+    /// One action of the partition core, carried out on the simulated disk.
+    fn log_action(&mut self, partition: u32, action: LogAction) {
+        let now = self.instant();
+        let disk_full = self.disk_full_until_us[partition as usize] > self.now_us;
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        assert!(state.carried.is_none(), "the flusher starts a group while it carries an append");
-        let busy = state.last_flush_end_us.is_some_and(|end| now - end < settings.flush_delay_us_max);
-        let mut bytes = batch::BATCH_HEADER_BYTES + first.bound_bytes;
-        let mut group = vec![first];
-        while bytes < settings.flush_bytes_max {
-            let Some(next) = state.queue.pop_front() else { break };
-            if bytes + next.bound_bytes > settings.flush_bytes_max {
-                state.carried = Some(next);
-                break;
+        match action {
+            LogAction::Plan { appends } => {
+                let records = state.accepted.iter().take(appends).flat_map(|append| append.records.iter());
+                let batch_bytes = batch::plan_batch(records).total_bytes;
+                state.group_appends = appends;
+                state.log.handle_batch_bytes(batch_bytes);
             }
-            bytes += next.bound_bytes;
-            group.push(next);
-        }
-        let full = state.carried.is_some() || bytes >= settings.flush_bytes_max;
-        state.flusher = Flusher::Gathering { group, bytes };
-        if busy || full || settings.flush_delay_us_max == 0 {
-            self.flush(partition);
-        } else {
-            self.schedule(settings.flush_delay_us_max, Event::FlushWindow { partition });
+            // The sim has no data-directory budget: every reservation is granted.
+            LogAction::Reserve { .. } => state.log.handle_reserved(true, now),
+            LogAction::Unreserve { .. } => {}
+            LogAction::Roll { .. } => panic!("the sim's partitions have one segment (segment_bytes_max is unbounded)"),
+            // A full filesystem has no room at all; otherwise the preallocation fits.
+            LogAction::MeasureFree => state.log.handle_free_bytes(disk_full.then_some(0), now),
+            LogAction::Write(step) => self.log_write(partition, step),
+            LogAction::Sync => {
+                state.io_in_flight = true;
+                let latency = self.disk_latency_us();
+                self.schedule(latency, Event::FsyncDone { partition });
+            }
+            // One segment: nothing of its own to delete; the sim runs the block policy.
+            LogAction::MakeRoom => state.log.handle_room_made(false, now),
+            LogAction::WaitForRoom { .. } => panic!("the sim runs log.disk_full_policy = block"),
+            LogAction::DiskFull { .. } => self.outcome.disk_full += 1,
+            LogAction::Poisoned => {
+                self.outcome.poisoned += 1;
+                self.note(format!("p{partition}: write or fsync failed; partition poisoned"));
+            }
+            LogAction::Reply(result) => {
+                let append = state.accepted.pop_front().expect("a reply for an accepted append");
+                let result = result.map_err(|refusal| match refusal {
+                    Refusal::DiskFull => failure(ErrorCode::DiskFull, RETRY_AFTER_MS),
+                    Refusal::Failed | Refusal::Poisoned => storage_failed(),
+                });
+                self.append_done(partition, append.key, result);
+            }
+            LogAction::Close { .. } | LogAction::Stop => panic!("the sim never closes a partition; it crashes"),
         }
     }
 
     /// One group becomes one RecordBatch written at the planned position (the tail
-    /// page rewritten), then one fsync.
-    fn flush(&mut self, partition: u32) {
-        let settings = self.settings.clone();
+    /// page rewritten); the write completes after a disk latency.
+    fn log_write(&mut self, partition: u32, step: WriteStep) {
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        let Flusher::Gathering { group, .. } = std::mem::replace(&mut state.flusher, Flusher::Idle) else {
-            panic!("flush without a gathered group");
-        };
-        if state.poisoned {
-            for append in group {
-                self.append_done(partition, append.key, Err(storage_failed()));
-            }
-            return self.flusher_next(partition);
-        }
-        let base_offset = state.next_offset;
-        let records: Vec<Record> = group.iter().flat_map(|append| append.records.iter().cloned()).collect();
-        let batch_bytes = batch::encode_to_vec(base_offset, &records);
-        assert!(batch_bytes.len() <= settings.flush_bytes_max, "a group commit over flush_bytes_max");
-        let plan = plan_append(
-            state.end_position,
-            batch_bytes.len(),
-            ALIGNMENT_BYTES,
-            state.allocated_bytes,
-            settings.preallocate_bytes,
-        );
-        if let Some(size) = plan.preallocate_to {
-            if self.disk_full_until_us[partition as usize] > self.now_us {
-                // No room to preallocate: nothing is written, the partition stays
-                // healthy, the appends are refused with DiskFull (`shell::log::flush`).
-                self.outcome.disk_full += 1;
-                for append in group {
-                    let failure = failure(ErrorCode::DiskFull, RETRY_AFTER_MS);
-                    self.append_done(partition, append.key, Err(failure));
-                }
-                self.weir().partitions[partition as usize].last_flush_end_us = Some(self.now_us);
-                return self.flusher_next(partition);
-            }
-            state.allocated_bytes = size;
-        }
+        let records: Vec<Record> =
+            state.accepted.iter().take(state.group_appends).flat_map(|append| append.records.iter().cloned()).collect();
+        let batch_bytes = batch::encode_to_vec(step.base_offset, &records);
+        assert_eq!(batch_bytes.len(), step.batch_bytes, "the batch planned is the batch written");
+        let plan = step.plan;
         let file = &mut self.durable.logs[partition as usize];
         let mut buffer = file.read(plan.write_position, plan.tail_bytes);
         buffer.extend_from_slice(&batch_bytes);
         buffer.resize(plan.write_bytes, 0);
         file.write(plan.write_position, buffer);
-        let batch_len = batch_bytes.len();
-        state.flusher =
-            Flusher::Writing { group, base_offset, batch_bytes: batch_len, end_position: plan.end_position };
+        state.io_in_flight = true;
+        state.writing = Some(step);
         let latency = self.disk_latency_us();
         self.schedule(latency, Event::WriteDone { partition });
         // Crashes are likelier while a write is unsynced: that is where tears live.
@@ -1373,76 +1379,43 @@ impl World {
 
     fn write_done(&mut self, partition: u32) {
         let failed = self.faulty && self.random.per_mille(self.settings.faults.write_error_per_mille);
+        let now = self.instant();
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        let Flusher::Writing { group, base_offset, batch_bytes, end_position } =
-            std::mem::replace(&mut state.flusher, Flusher::Idle)
-        else {
-            panic!("write done while not writing");
-        };
+        state.io_in_flight = false;
+        let step = state.writing.expect("a write in flight");
         if failed {
-            return self.poison(partition, group, "write");
+            state.log.handle_failed(Failure::Other, now);
+        } else {
+            let allocated = step.plan.preallocate_to.unwrap_or(state.log.active().allocated_bytes);
+            state.log.handle_written(allocated);
         }
-        state.flusher = Flusher::Syncing { group, base_offset, batch_bytes, end_position };
-        let latency = self.disk_latency_us();
-        self.schedule(latency, Event::FsyncDone { partition });
+        self.drive_log(partition);
     }
 
     fn fsync_done(&mut self, partition: u32) {
         let failed = self.faulty && self.random.per_mille(self.settings.faults.fsync_error_per_mille);
+        let now = self.instant();
         let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        let Flusher::Syncing { group, base_offset, batch_bytes, end_position } =
-            std::mem::replace(&mut state.flusher, Flusher::Idle)
-        else {
-            panic!("fsync done while not syncing");
-        };
+        state.io_in_flight = false;
+        let step = state.writing.take().expect("a write in flight");
         if failed {
-            return self.poison(partition, group, "fdatasync");
+            state.log.handle_failed(Failure::Other, now);
+            return self.drive_log(partition);
         }
         self.durable.logs[partition as usize].sync();
-        let records: i64 = group.iter().map(|append| append.records.len() as i64).sum();
-        let keys: Vec<String> = group.iter().map(|append| format!("{} s{}", append.key.0, append.key.1)).collect();
-        trace(format!("{:>9.3} p{partition}: durable at {base_offset}: {keys:?}", self.now_us as f64 / 1000.0));
-        state.batches.push((base_offset, state.end_position, batch_bytes));
-        assert_eq!(state.end_position + batch_bytes as u64, end_position);
-        state.end_position = end_position;
-        state.next_offset = base_offset + records;
-        state.last_flush_end_us = Some(self.now_us);
-        let next_offset = state.next_offset;
-        let mut offset = base_offset;
-        for append in group {
-            let count = append.records.len() as i64;
-            self.append_done(partition, append.key, Ok(offset));
-            offset += count;
-        }
+        let position = step.plan.end_position - step.batch_bytes as u64;
+        state.batches.push((step.base_offset, position, step.batch_bytes));
+        state.log.handle_synced(now);
+        let next_offset = state.log.active().next_offset;
+        trace(format!(
+            "{:>9.3} p{partition}: durable at {}..{next_offset}",
+            self.now_us as f64 / 1000.0,
+            step.base_offset
+        ));
+        self.drive_log(partition);
         let now = self.instant();
         self.weir().partitions[partition as usize].shipper.handle_log_end(0, next_offset, now);
         self.drive_shipper(partition);
-        self.flusher_next(partition);
-    }
-
-    /// A failed write or fsync: the partition refuses appends from now on; what the
-    /// write put on the disk is unknown (it may survive a crash, torn or whole).
-    fn poison(&mut self, partition: u32, group: Vec<PendingAppend>, operation: &str) {
-        self.outcome.poisoned += 1;
-        self.note(format!("p{partition}: {operation} failed; partition poisoned"));
-        let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        state.poisoned = true;
-        state.last_flush_end_us = Some(self.now_us);
-        for append in group {
-            self.append_done(partition, append.key, Err(storage_failed()));
-        }
-        self.flusher_next(partition);
-    }
-
-    fn flusher_next(&mut self, partition: u32) {
-        let state = &mut self.weir.as_mut().expect("up").partitions[partition as usize];
-        if !matches!(state.flusher, Flusher::Idle) {
-            return;
-        }
-        let next = state.carried.take().or_else(|| state.queue.pop_front());
-        if let Some(first) = next {
-            self.flusher_start(partition, first);
-        }
     }
 
     // ----- the shipper (shell::ship, modelled) -----
@@ -1646,9 +1619,12 @@ impl World {
             Event::ToWeir { connection, stream, chunk } => self.weir_receive(connection, stream, chunk),
             Event::ToDevice { connection, answer } => self.device_answer(connection, answer),
             Event::FlushWindow { partition } => {
-                if matches!(self.weir().partitions[partition as usize].flusher, Flusher::Gathering { .. }) {
-                    self.flush(partition);
+                let now_us = self.now_us;
+                let state = &mut self.weir().partitions[partition as usize];
+                if state.window_at_us == Some(now_us) {
+                    state.window_at_us = None;
                 }
+                self.drive_log(partition);
             }
             Event::WriteDone { partition } => self.write_done(partition),
             Event::FsyncDone { partition } => self.fsync_done(partition),
@@ -1715,7 +1691,7 @@ impl World {
         let mut out = Vec::new();
         let mut bytes = 0;
         for (index, (_, position, length)) in state.batches.iter().enumerate() {
-            let next = state.batches.get(index + 1).map_or(state.next_offset, |later| later.0);
+            let next = state.batches.get(index + 1).map_or(state.log.active().next_offset, |later| later.0);
             if next <= from_offset {
                 continue;
             }
@@ -1734,10 +1710,11 @@ impl World {
         let Some(weir) = &self.weir else { return false };
         self.devices.iter().all(|device| device.records_left == 0 && device.frames.is_empty())
             && weir.partitions.iter().all(|state| {
-                !state.poisoned
-                    && state.shipper.cursor_offset() == state.next_offset
+                !state.log.is_poisoned()
+                    && state.shipper.cursor_offset() == state.log.active().next_offset
                     && state.shipper.in_flight_len() == 0
-                    && matches!(state.flusher, Flusher::Idle)
+                    && state.log.is_idle()
+                    && state.channel.is_empty()
             })
     }
 
@@ -1757,7 +1734,7 @@ impl World {
             if !self.faulty {
                 // An operator restarts an appliance with a poisoned partition.
                 let poisoned =
-                    self.weir.as_ref().is_some_and(|weir| weir.partitions.iter().any(|state| state.poisoned));
+                    self.weir.as_ref().is_some_and(|weir| weir.partitions.iter().any(|state| state.log.is_poisoned()));
                 if poisoned && !self.restart_pending {
                     self.note("operator restarts the appliance (a partition is poisoned)".to_owned());
                     self.restart_pending = true;
@@ -1799,10 +1776,10 @@ impl World {
                 .map(|(index, state)| {
                     format!(
                         "p{index}: next {} cursor {} in flight {} poisoned {} stop {:?}",
-                        state.next_offset,
+                        state.log.active().next_offset,
                         state.shipper.cursor_offset(),
                         state.shipper.in_flight_len(),
-                        state.poisoned,
+                        state.log.is_poisoned(),
                         state.shipper.stop_reason()
                     )
                 })
