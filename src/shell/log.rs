@@ -33,8 +33,9 @@ use crate::core::log::partition::{
 use crate::core::log::recovery::{
     self, scan_window, IndexRebuild, InvalidBatch, ScanCursor, ScanStop, TailPlan, SCAN_WINDOW_BYTES,
 };
-use crate::core::log::retention::{plan_deletions_with_excess, plan_room, RoomVictim, SealedSegment};
+use crate::core::log::retention::{self, plan_deletions_with_excess, plan_room, RoomVictim, SealedSegment};
 use crate::core::log::segment::{self, align_down, plan_append};
+use crate::core::throttle::LogThrottle;
 use crate::shell::budget::DataDirBudget;
 use crate::shell::dir_lock::{DirLock, DirLockError};
 use crate::shell::disk::{probe_direct_io, sync_directory, DirectFile, DiskError, OVER_BUDGET, PREALLOCATE};
@@ -173,7 +174,8 @@ struct Shared {
     /// Segment bytes (and `reserved_bytes`) last counted into `budget`.
     accounted_bytes: u64,
     /// When a refused append was last logged, and how many were refused since.
-    full_logged_at: Option<Instant>,
+    /// When the next disk-full line may be logged (`core::throttle`).
+    full_log_throttle: LogThrottle,
     full_unlogged: u64,
     /// The batch `bytes_from` last found: (segment base, batch base offset, byte
     /// position). The next call starts from it when it can, so a cursor that did not
@@ -281,7 +283,7 @@ impl PartitionLog {
             budget: std::sync::Arc::new(DataDirBudget::unlimited()),
             accounted_bytes: 0,
             reserved_bytes: 0,
-            full_logged_at: None,
+            full_log_throttle: LogThrottle::new(FULL_LOG_INTERVAL, 1),
             full_unlogged: 0,
             position_hint: None,
             lock: Some(lock),
@@ -938,10 +940,8 @@ impl Flusher {
         let mut state = self.shared.borrow_mut();
         state.metrics.disk_full_rejections.inc_by(appends as u64);
         state.full_unlogged += appends as u64;
-        let now = Instant::now();
-        if state.full_logged_at.is_none_or(|at| now.duration_since(at) >= FULL_LOG_INTERVAL) {
+        if state.full_log_throttle.admit("disk_full", Instant::now()).is_some() {
             let refused = std::mem::take(&mut state.full_unlogged);
-            state.full_logged_at = Some(now);
             tracing::warn!(partition = %state.name, error = %error, refused, "disk full: appends refused, nothing written (logged at most every 10 s)");
         }
         self.full_path = error.path;
@@ -1059,12 +1059,9 @@ pub async fn keep_room(logs: Vec<PartitionLog>, budget: std::sync::Arc<DataDirBu
         if budget.room_wanted() == 0 {
             continue;
         }
-        let oldest = logs
-            .iter()
-            .filter(|log| log.shared.borrow().poisoned.is_none())
-            .filter_map(|log| log.oldest_sealed_modified().map(|modified| (modified, log)))
-            .min_by_key(|(modified, _)| *modified);
-        let Some((_, log)) = oldest else { continue };
+        let candidates: Vec<(bool, Option<SystemTime>)> =
+            logs.iter().map(|log| (log.shared.borrow().poisoned.is_some(), log.oldest_sealed_modified())).collect();
+        let Some(log) = retention::pick_room_keeper_victim(&candidates).map(|index| &logs[index]) else { continue };
         match make_room(&log.shared).await {
             Ok(Some(bytes)) => budget.room_given(bytes.max(1)),
             Ok(None) => {}

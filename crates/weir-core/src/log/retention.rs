@@ -72,9 +72,34 @@ pub fn plan_room(
     (shipped || drop_oldest).then_some(RoomVictim { segment, shipped })
 }
 
+/// The room keeper's pick among a core's partitions when another partition asks for
+/// room under `drop-oldest`: of the healthy partitions that have a sealed segment, the
+/// one whose oldest sealed segment was written longest ago. `candidates` holds, per
+/// partition, whether it is poisoned and its oldest sealed segment's modification time
+/// (any ordered time); the index of the pick.
+pub fn pick_room_keeper_victim<T: Ord + Copy>(candidates: &[(bool, Option<T>)]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, (poisoned, _))| !poisoned)
+        .filter_map(|(index, (_, modified))| modified.map(|modified| (modified, index)))
+        .min()
+        .map(|(_, index)| index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_room_keeper_takes_the_oldest_sealed_segment_of_a_healthy_partition() {
+        assert_eq!(pick_room_keeper_victim::<u64>(&[]), None);
+        assert_eq!(pick_room_keeper_victim(&[(false, None), (false, Some(5u64))]), Some(1));
+        assert_eq!(pick_room_keeper_victim(&[(false, Some(7u64)), (false, Some(5)), (false, Some(9))]), Some(1));
+        // A poisoned partition is left alone even when its segment is the oldest.
+        assert_eq!(pick_room_keeper_victim(&[(true, Some(1u64)), (false, Some(5))]), Some(1));
+        assert_eq!(pick_room_keeper_victim(&[(true, Some(1u64)), (false, None)]), None);
+    }
 
     fn segments() -> Vec<SealedSegment> {
         vec![
