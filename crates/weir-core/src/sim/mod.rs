@@ -15,10 +15,11 @@
 //! often against a queue of one append per partition; a run asserts that
 //! `SequenceTooOld` only ever answers a frame its partition stored (issue 13).
 //!
-//! The glue that lives in the shell (the stream-order rules of `shell::quic`, the
-//! in-flight resend join of `shell::engine`, the group-commit flusher of `shell::log`,
-//! the shipper's executor in `shell::ship`) is modelled here, not run; SIMULATION.md
-//! says which parts and how.
+//! The decisions of the shell's data path are run here, not copied: the stream-order
+//! rules and admission (`core::ingest`), the in-flight resend join (`core::dedup::RunGate`),
+//! group commit (`core::log::partition::PartitionCore`). What is modelled instead is the
+//! I/O they drive: the QUIC transport, the disk (one faulty file per partition) and the
+//! shipper's executor (`shell::ship`, against model brokers); SIMULATION.md says how.
 //!
 //! A failing run panics naming its seed, after printing the last events.
 //! `WEIR_SIM_SEED=N` replays one seed, `WEIR_SIM_SEEDS=K` runs K seeds from
