@@ -48,6 +48,8 @@ pub struct Config {
     pub quic: QuicConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub kafka_api: KafkaApiConfig,
     #[serde(default = "default_topics")]
     pub topics: Vec<TopicConfig>,
     /// What is logged: a tracing filter (`"info"`, `"warn,weir::shell::quic=debug"`).
@@ -122,6 +124,85 @@ impl DiskFullPolicy {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+}
+
+/// `[kafka_api]`: the read-only Kafka listener for local consumers
+/// (docs/KAFKA_API.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct KafkaApiConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_kafka_api_listen")]
+    pub listen: String,
+    /// host:port that Metadata names as the broker; default the bound address.
+    #[serde(default)]
+    pub advertised_address: Option<String>,
+    #[serde(default = "default_kafka_api_connections_max")]
+    pub connections_max: u32,
+    #[serde(default = "default_kafka_api_requests_in_flight")]
+    pub requests_in_flight_per_connection_max: u32,
+    #[serde(default = "default_kafka_api_request_bytes_max")]
+    pub request_bytes_max: ByteSize,
+    #[serde(default = "default_kafka_api_response_bytes_max")]
+    pub response_bytes_max: ByteSize,
+    #[serde(default = "default_kafka_api_fetch_wait_ms_max")]
+    pub fetch_wait_ms_max: Millis,
+    #[serde(default = "default_kafka_api_groups_max")]
+    pub groups_max: u32,
+    #[serde(default = "default_kafka_api_members_per_group_max")]
+    pub members_per_group_max: u32,
+}
+
+/// Limits of `[kafka_api]`'s fields.
+pub const KAFKA_API_CONNECTIONS_MAX: u32 = 100_000;
+pub const KAFKA_API_REQUESTS_IN_FLIGHT_MAX: u32 = 1024;
+pub const KAFKA_API_REQUEST_BYTES_MIN: u64 = 4 << 10;
+pub const KAFKA_API_REQUEST_BYTES_MAX: u64 = 100 << 20;
+pub const KAFKA_API_RESPONSE_BYTES_MAX: u64 = 1 << 30;
+pub const KAFKA_API_FETCH_WAIT_MS_MAX: u64 = 300_000;
+
+fn default_kafka_api_listen() -> String {
+    "127.0.0.1:9092".to_owned()
+}
+fn default_kafka_api_connections_max() -> u32 {
+    256
+}
+fn default_kafka_api_requests_in_flight() -> u32 {
+    16
+}
+fn default_kafka_api_request_bytes_max() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_kafka_api_response_bytes_max() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_kafka_api_fetch_wait_ms_max() -> Millis {
+    Millis(30_000)
+}
+fn default_kafka_api_groups_max() -> u32 {
+    64
+}
+fn default_kafka_api_members_per_group_max() -> u32 {
+    64
+}
+pub const KAFKA_API_GROUPS_MAX: u32 = 10_000;
+pub const KAFKA_API_MEMBERS_PER_GROUP_MAX: u32 = 1_000;
+
+impl Default for KafkaApiConfig {
+    fn default() -> Self {
+        KafkaApiConfig {
+            enabled: true,
+            listen: default_kafka_api_listen(),
+            advertised_address: None,
+            connections_max: default_kafka_api_connections_max(),
+            requests_in_flight_per_connection_max: default_kafka_api_requests_in_flight(),
+            request_bytes_max: default_kafka_api_request_bytes_max(),
+            response_bytes_max: default_kafka_api_response_bytes_max(),
+            fetch_wait_ms_max: default_kafka_api_fetch_wait_ms_max(),
+            groups_max: default_kafka_api_groups_max(),
+            members_per_group_max: default_kafka_api_members_per_group_max(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -683,6 +764,7 @@ fn known_keys(table: &str) -> &'static [&'static str] {
         "log" => field_names::<LogConfig>(),
         "admin" => field_names::<AdminConfig>(),
         "quic" => field_names::<QuicConfig>(),
+        "kafka_api" => field_names::<KafkaApiConfig>(),
         "topics" => field_names::<TopicConfig>(),
         "upstream" => field_names::<UpstreamConfig>(),
         "upstream.tls" => field_names::<UpstreamTlsConfig>(),
@@ -792,6 +874,7 @@ impl Config {
         let cores = self.validate_cores(host, &mut problem);
         self.validate_log(&mut problem);
         self.validate_admin(&mut problem);
+        self.validate_kafka_api(&mut problem);
         self.validate_quic(&mut problem);
         self.validate_process(&mut problem);
         self.validate_topics(&mut problem);
@@ -921,6 +1004,68 @@ impl Config {
     fn validate_admin(&self, problem: &mut impl FnMut(&str, String)) {
         if self.admin.listen.parse::<SocketAddr>().is_err() {
             problem("admin.listen", format!("{:?} is not an address such as 127.0.0.1:9464", self.admin.listen));
+        }
+    }
+
+    /// `[kafka_api]`: addresses that parse, an advertised address clients can reach,
+    /// limits within their bounds, and a response that holds the largest batch.
+    fn validate_kafka_api(&self, problem: &mut impl FnMut(&str, String)) {
+        let api = &self.kafka_api;
+        match api.listen.parse::<SocketAddr>() {
+            Err(_) => problem("kafka_api.listen", format!("{:?} is not an address such as 127.0.0.1:9092", api.listen)),
+            Ok(address) if address.ip().is_unspecified() && api.advertised_address.is_none() => problem(
+                "kafka_api.advertised_address",
+                format!(
+                    "kafka_api.listen = {:?} binds every interface, so clients need the address to reach weir at: \
+                     set advertised_address (such as \"edge-7.plant.example:9092\")",
+                    api.listen
+                ),
+            ),
+            Ok(_) => {}
+        }
+        if let Some(advertised) = &api.advertised_address {
+            let port_ok = advertised
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0));
+            if !port_ok {
+                problem("kafka_api.advertised_address", format!("{advertised:?} is not host:port"));
+            }
+        }
+        if !(1..=KAFKA_API_CONNECTIONS_MAX).contains(&api.connections_max) {
+            problem("kafka_api.connections_max", format!("must be within 1..={KAFKA_API_CONNECTIONS_MAX}"));
+        }
+        if !(1..=KAFKA_API_REQUESTS_IN_FLIGHT_MAX).contains(&api.requests_in_flight_per_connection_max) {
+            problem(
+                "kafka_api.requests_in_flight_per_connection_max",
+                format!("must be within 1..={KAFKA_API_REQUESTS_IN_FLIGHT_MAX}"),
+            );
+        }
+        if !(KAFKA_API_REQUEST_BYTES_MIN..=KAFKA_API_REQUEST_BYTES_MAX).contains(&api.request_bytes_max.0) {
+            problem(
+                "kafka_api.request_bytes_max",
+                format!("must be within {KAFKA_API_REQUEST_BYTES_MIN}..={KAFKA_API_REQUEST_BYTES_MAX} bytes"),
+            );
+        }
+        if api.response_bytes_max.0 < self.log.flush_bytes_max.0
+            || api.response_bytes_max.0 > KAFKA_API_RESPONSE_BYTES_MAX
+        {
+            problem(
+                "kafka_api.response_bytes_max",
+                format!(
+                    "must hold the largest stored batch (log.flush_bytes_max = {} bytes) and be at most \
+                     {KAFKA_API_RESPONSE_BYTES_MAX} bytes",
+                    self.log.flush_bytes_max.0
+                ),
+            );
+        }
+        if !(1..=KAFKA_API_GROUPS_MAX).contains(&api.groups_max) {
+            problem("kafka_api.groups_max", format!("must be within 1..={KAFKA_API_GROUPS_MAX}"));
+        }
+        if !(1..=KAFKA_API_MEMBERS_PER_GROUP_MAX).contains(&api.members_per_group_max) {
+            problem("kafka_api.members_per_group_max", format!("must be within 1..={KAFKA_API_MEMBERS_PER_GROUP_MAX}"));
+        }
+        if api.fetch_wait_ms_max.0 > KAFKA_API_FETCH_WAIT_MS_MAX {
+            problem("kafka_api.fetch_wait_ms_max", format!("must be at most {KAFKA_API_FETCH_WAIT_MS_MAX} ms"));
         }
     }
 

@@ -59,7 +59,7 @@ pub struct ReloadPlan {
 /// certificate files whose bytes differ from the loaded ones (the config cannot tell).
 pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str]) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
-    let Config { data_dir, engine, log, admin, quic, upstream, topics, log_level } = candidate;
+    let Config { data_dir, engine, log, admin, quic, upstream, kafka_api, topics, log_level } = candidate;
     if *log_level != running.log_level {
         plan.applied.push(format!("log_level: {:?} -> {log_level:?}", running.log_level));
     }
@@ -85,6 +85,24 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
         ]
     });
     section(&mut plan, "admin", &running.admin, admin, |old, new| vec![("listen", old.listen != new.listen)]);
+    // The Kafka listener is bound once at start: every field takes a restart.
+    section(&mut plan, "kafka_api", &running.kafka_api, kafka_api, |old, new| {
+        vec![
+            ("enabled", old.enabled != new.enabled),
+            ("listen", old.listen != new.listen),
+            ("advertised_address", old.advertised_address != new.advertised_address),
+            ("connections_max", old.connections_max != new.connections_max),
+            (
+                "requests_in_flight_per_connection_max",
+                old.requests_in_flight_per_connection_max != new.requests_in_flight_per_connection_max,
+            ),
+            ("request_bytes_max", old.request_bytes_max != new.request_bytes_max),
+            ("response_bytes_max", old.response_bytes_max != new.response_bytes_max),
+            ("fetch_wait_ms_max", old.fetch_wait_ms_max != new.fetch_wait_ms_max),
+            ("groups_max", old.groups_max != new.groups_max),
+            ("members_per_group_max", old.members_per_group_max != new.members_per_group_max),
+        ]
+    });
     section(&mut plan, "upstream", &running.upstream, upstream, |old, new| {
         vec![
             ("enabled", old.enabled != new.enabled),

@@ -155,7 +155,7 @@ fn config_file(directory: &Path) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n[[topics]]\nname = \"telemetry\"\npartitions = 3\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n[[topics]]\nname = \"telemetry\"\npartitions = 3\n",
             directory.join("data").display(),
             directory.join("certs").display()
         ),

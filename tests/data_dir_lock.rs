@@ -46,7 +46,7 @@ fn config(root: &Path, name: &str, data_dir: &Path, admin: &str, quic: &str) -> 
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"{admin}\"\n[quic]\nlisten = \"{quic}\"\ncerts_dir = {:?}\n\
+            "data_dir = {:?}\n[admin]\nlisten = \"{admin}\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"{quic}\"\ncerts_dir = {:?}\n\
              generate_dev_certs = false\n[[topics]]\nname = \"telemetry\"\npartitions = 2\n",
             data_dir.display(),
             root.join("certs").display()

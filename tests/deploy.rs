@@ -269,7 +269,7 @@ fn serve_and_doctor_run_confined_to_the_allowlist() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n[quic]\n\
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n[quic]\n\
              listen = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
             directory.path().join("data").display(),
             directory.path().join("certs").display()
@@ -384,7 +384,7 @@ fn serve_with_devices_and_shipping_runs_confined_to_the_allowlist() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {data:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n\
+            "data_dir = {data:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[log]\nflush_bytes_max = \"256 KiB\"\n\
              [quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {certs:?}\ngenerate_dev_certs = false\n\
              [upstream]\nenabled = true\nbootstrap_servers = [\"{bootstrap}\"]\nconnect_timeout_ms = 2000\n\
              request_timeout_ms = 5000\nretry_backoff_ms_min = 20\nretry_backoff_ms_max = 300\n\
@@ -479,7 +479,7 @@ fn serve_keeps_serving_when_its_stderr_is_closed() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
             directory.path().join("data").display(),
             directory.path().join("certs").display()
         ),

@@ -60,6 +60,8 @@ partition_bytes_max = "1 MiB"
 disk_full_policy = "{policy}"
 [admin]
 listen = "127.0.0.1:0"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 listen = "127.0.0.1:0"
 certs_dir = "{certs}"

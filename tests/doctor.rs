@@ -38,7 +38,7 @@ fn config_file(directory: &Path, data: &Path, extra: &str) -> PathBuf {
     };
     std::fs::write(
         &path,
-        format!("data_dir = {:?}\n{extra}\n{quic}[admin]\nlisten = \"127.0.0.1:0\"\n", data.display()),
+        format!("data_dir = {:?}\n{extra}\n{quic}[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n", data.display()),
     )
     .unwrap();
     path
@@ -831,7 +831,7 @@ fn a_weir_already_on_the_ports_is_named_and_told_apart_from_another_program() {
     let directory = tempfile::tempdir().unwrap();
     let (quic_port, admin_port) = (free_port(), free_port());
     let ports = format!(
-        "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\ncerts_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+        "[quic]\nlisten = \"127.0.0.1:{quic_port}\"\ncerts_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n",
         directory.path().join("certs").display()
     );
     let write = |name: &str, data: &Path| {

@@ -35,7 +35,7 @@ fn a_thousand_devices_write_and_every_acked_record_is_in_the_log_exactly_once_in
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n[[topics]]\nname = \"telemetry\"\npartitions = 4\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n[[topics]]\nname = \"telemetry\"\npartitions = 4\n",
             root.path().join("data").display(),
             certs.display()
         ),

@@ -90,6 +90,8 @@ certs_dir = "{certs}"
 generate_dev_certs = true
 [admin]
 listen = "127.0.0.1:{admin_port}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [upstream]
 enabled = true
 bootstrap_servers = ["127.0.0.1:{closed_broker_port}"]

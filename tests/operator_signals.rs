@@ -48,6 +48,8 @@ preallocate_bytes = "256 KiB"
 flush_bytes_max = "16 KiB"
 [admin]
 listen = "127.0.0.1:{admin_port}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 enabled = false
 [upstream]

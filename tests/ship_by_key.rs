@@ -92,6 +92,8 @@ fn by_key_puts_every_record_where_kafkas_partitioner_would_exactly_once() {
 io_memory_bytes = "8 MiB"
 [admin]
 listen = "127.0.0.1:0"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 listen = "127.0.0.1:0"
 certs_dir = "{certs}"

@@ -76,6 +76,8 @@ appends_pending_max = 256
 partition_bytes_max = "1 MiB"
 [admin]
 listen = "{admin}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [upstream]
 enabled = true
 bootstrap_servers = ["{bootstrap}"]

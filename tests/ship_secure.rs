@@ -574,6 +574,8 @@ appends_pending_max = 256
 partition_bytes_max = "1 GiB"
 [admin]
 listen = "{admin}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 enabled = false
 [upstream]

@@ -40,6 +40,8 @@ flush_bytes_max = "16 KiB"
 partition_bytes_max = "64 MiB"
 [admin]
 listen = "127.0.0.1:{admin_port}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 enabled = false
 [upstream]

@@ -239,7 +239,7 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     let connections_max = args.idle_connections.max(args.devices) + CONNECTIONS_MARGIN;
     let config_path = root.path().join("weir.toml");
     let config_text = format!(
-        "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n\
+        "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n\
          generate_dev_certs = false\nconnections_max = {connections_max}\n[[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
         root.path().join("data").display().to_string(),
         certs.display().to_string(),

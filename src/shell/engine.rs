@@ -18,14 +18,34 @@ use crate::core::dedup::{self, DedupIndex, DedupLimits, RunDecision, RunGate};
 use crate::core::log::batch::{self, Record};
 use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
+use crate::shell::log_query::{self, LogAnswer, LogQuery};
 use crate::shell::quic::{AppendFailure, Appender};
 
 /// Messages between cores.
 #[derive(Debug)]
 pub enum MeshMessage {
-    Hello { core: usize },
-    Append { request: u64, topic: String, partition: u32, records: Vec<Record> },
-    Appended { request: u64, result: Result<i64, AppendFailure> },
+    Hello {
+        core: usize,
+    },
+    Append {
+        request: u64,
+        topic: String,
+        partition: u32,
+        records: Vec<Record>,
+    },
+    Appended {
+        request: u64,
+        result: Result<i64, AppendFailure>,
+    },
+    /// A read of the receiver's partitions for the Kafka API (`shell::log_query`).
+    Query {
+        request: u64,
+        query: LogQuery,
+    },
+    Answered {
+        request: u64,
+        answer: LogAnswer,
+    },
 }
 
 /// Queue depth of each core-to-core channel.
@@ -81,6 +101,8 @@ pub struct CoreAppender {
     senders: Option<Senders<MeshMessage>>,
     peer_of_core: RefCell<HashMap<usize, usize>>,
     pending: RefCell<HashMap<u64, oneshot::Sender<Result<i64, AppendFailure>>>>,
+    /// Kafka API queries sent to other cores, by request id.
+    pending_queries: RefCell<HashMap<u64, oneshot::Sender<LogAnswer>>>,
     next_request: Cell<u64>,
 }
 
@@ -113,6 +135,7 @@ impl CoreAppender {
             senders,
             peer_of_core: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
+            pending_queries: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
         });
         if let (Some(senders), Some(receivers)) = (appender.senders.as_ref(), receivers) {
@@ -126,8 +149,41 @@ impl CoreAppender {
         Ok(appender)
     }
 
-    fn owner_of(&self, partition: u32) -> usize {
+    /// The core that owns partition `partition` of every topic.
+    pub fn owner_of(&self, partition: u32) -> usize {
         partition as usize % self.cores
+    }
+
+    /// Answers a Kafka API read on the core that owns the partition(s): here when this
+    /// core does, over the mesh otherwise. `owner` is `owner_of` the partition.
+    pub async fn query(&self, owner: usize, query: LogQuery) -> LogAnswer {
+        if owner == self.core {
+            return log_query::answer(&self.logs, query).await;
+        }
+        let Some(peer) = self.peer_of(owner).await else { return unreachable_answer(&query) };
+        let unreachable = unreachable_answer(&query);
+        let senders = self.senders.as_ref().expect("more than one core has a mesh");
+        let request = self.next_request.get();
+        self.next_request.set(request + 1);
+        let (reply, answer) = oneshot::channel();
+        self.pending_queries.borrow_mut().insert(request, reply);
+        if senders.send_to(peer, MeshMessage::Query { request, query }).await.is_err() {
+            self.pending_queries.borrow_mut().remove(&request);
+            return unreachable;
+        }
+        answer.await.unwrap_or(unreachable)
+    }
+
+    /// The mesh peer of core `owner`, once it announced itself (bounded wait).
+    async fn peer_of(&self, owner: usize) -> Option<usize> {
+        let started = std::time::Instant::now();
+        while !self.peer_of_core.borrow().contains_key(&owner) {
+            if self.senders.is_none() || started.elapsed() > PEER_ANNOUNCE_WAIT_MAX {
+                return None;
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Some(self.peer_of_core.borrow()[&owner])
     }
 
     async fn append_local(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<i64, AppendFailure> {
@@ -282,6 +338,21 @@ fn serve_peers(appender: Rc<CoreAppender>, mut receivers: Receivers<MeshMessage>
                             let _ = reply.send(result);
                         }
                     }
+                    MeshMessage::Query { request, query } => {
+                        let appender = appender.clone();
+                        glommio::spawn_local(async move {
+                            let answer = log_query::answer(&appender.logs, query).await;
+                            if let Some(senders) = appender.senders.as_ref() {
+                                let _ = senders.send_to(peer, MeshMessage::Answered { request, answer }).await;
+                            }
+                        })
+                        .detach();
+                    }
+                    MeshMessage::Answered { request, answer } => {
+                        if let Some(reply) = appender.pending_queries.borrow_mut().remove(&request) {
+                            let _ = reply.send(answer);
+                        }
+                    }
                 }
             }
         })
@@ -305,6 +376,17 @@ impl Appender for Rc<CoreAppender> {
                 appender.append_remote(owner, topic, partition, records).await
             }
         })
+    }
+}
+
+/// The answer to a query whose owning core cannot be reached (stopping).
+fn unreachable_answer(query: &LogQuery) -> LogAnswer {
+    let failure = || log_query::PartitionFailure::Storage("the core owning the partition is not reachable".to_owned());
+    match query {
+        LogQuery::Read { .. } => LogAnswer::Read(log_query::ReadOutcome::Failed(failure())),
+        LogQuery::Wait { .. } => LogAnswer::Waited,
+        LogQuery::OffsetForTimestamp { .. } => LogAnswer::Offset(Err(failure())),
+        LogQuery::Range { .. } => LogAnswer::Range(Err(failure())),
     }
 }
 

@@ -184,6 +184,9 @@ struct Shared {
     /// This process's exclusive hold on the partition directory, from open until the
     /// close has sealed the active segment (nothing writes after that).
     lock: Option<DirLock>,
+    /// Readers waiting for the durable end to move (a Kafka long poll): woken by every
+    /// synced flush. At most one entry per waiting reader (`wait_beyond`).
+    end_waiters: Vec<std::task::Waker>,
 }
 
 impl Shared {
@@ -287,6 +290,7 @@ impl PartitionLog {
             full_unlogged: 0,
             position_hint: None,
             lock: Some(lock),
+            end_waiters: Vec::new(),
         };
         let mut shared = shared;
         shared.account();
@@ -450,6 +454,22 @@ impl PartitionLog {
     /// The durable end: one past the last offset an append was acknowledged for.
     pub fn next_offset(&self) -> i64 {
         self.shared.borrow().next_offset()
+    }
+
+    /// Resolves once the durable end is beyond `offset` (at once if it already is):
+    /// a long poll's wake-up. The caller bounds the wait.
+    pub async fn wait_beyond(&self, offset: i64) {
+        future::poll_fn(|context| {
+            let mut shared = self.shared.borrow_mut();
+            if shared.next_offset() > offset || shared.closed || shared.poisoned.is_some() {
+                return std::task::Poll::Ready(());
+            }
+            if !shared.end_waiters.iter().any(|waker| waker.will_wake(context.waker())) {
+                shared.end_waiters.push(context.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     /// Whole batches holding offsets from `from_offset` on, in order, up to about
@@ -886,6 +906,9 @@ impl Flusher {
         active.end_position = state.end_position;
         active.next_offset = state.next_offset;
         let mut shared = self.shared.borrow_mut();
+        for waker in shared.end_waiters.drain(..) {
+            waker.wake(); // they run after this borrow ends
+        }
         let view = shared.segments.get_mut(&active.base_offset).expect("the active segment is registered");
         view.end_position = active.end_position;
         view.next_offset = active.next_offset;

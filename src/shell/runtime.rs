@@ -22,7 +22,7 @@ use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
 use crate::shell::ship::{self, ShipperSetup};
-use crate::shell::{admin, engine, shutdown, sys, tls};
+use crate::shell::{admin, engine, kafka_api, shutdown, sys, tls};
 
 /// How often a core checks the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -44,6 +44,8 @@ pub mod exit_code {
     /// `weir serve` refused to start: another live process holds the data directory
     /// (or one of its partitions). Nothing was written.
     pub const DATA_DIR_IN_USE: i32 = 8;
+    /// The Kafka API's listener could not bind `kafka_api.listen`.
+    pub const KAFKA_API_UNAVAILABLE: i32 = 9;
     pub const INTERNAL_BUG: i32 = 70;
 }
 
@@ -63,6 +65,8 @@ pub enum Fatal {
     Admin(#[from] admin::AdminError),
     #[error("the QUIC listener cannot start: {reason}")]
     Quic { reason: String },
+    #[error("the Kafka API cannot start: {0}")]
+    KafkaApi(#[from] kafka_api::KafkaApiError),
 }
 
 impl Fatal {
@@ -72,6 +76,7 @@ impl Fatal {
             Fatal::PartitionOpen { .. } => exit_code::DATA_REFUSED,
             Fatal::Admin(_) => exit_code::ADMIN_UNAVAILABLE,
             Fatal::Quic { .. } => exit_code::QUIC_UNAVAILABLE,
+            Fatal::KafkaApi(_) => exit_code::KAFKA_API_UNAVAILABLE,
             Fatal::CorePanicked { .. } => exit_code::INTERNAL_BUG,
             Fatal::CoreStart { .. } | Fatal::PartitionClose { .. } => exit_code::CORE_FAILED,
         }
@@ -120,17 +125,20 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
     if let Some(quic) = &quic {
         let _ = listener.set(quic.settings.live.clone());
     }
+    let kafka = kafka_api::KafkaApiSettings::prepare(&valid)?;
+    let kafka_address = kafka.as_ref().and_then(|kafka| kafka.local_address().ok());
     tracing::info!(
         cores = ?cores,
         partitions = valid.config.topics.iter().map(|topic| topic.partitions as usize).sum::<usize>(),
         quic = %quic.as_ref().map_or("disabled".to_owned(), |quic| quic.address.to_string()),
         data_dir = %valid.config.data_dir.display(),
         admin = %format!("http://{admin_address}"),
+        kafka_api = %kafka_address.map_or("disabled".to_owned(), |address| address.to_string()),
         "weir listening; opening partitions"
     );
     let (events, event_receiver) = mpsc::channel();
     let common = CoreCommon::new(&valid, metrics, &shutdown, events);
-    let (alive, start_fatal) = start_cores(&valid, quic.as_ref(), &common, &shutdown);
+    let (alive, start_fatal) = start_cores(&valid, quic.as_ref(), kafka, &common, &shutdown);
     drop(common); // its event sender: the channel ends when every core is gone
     let first_fatal = supervise(&event_receiver, alive, &cores, start_fatal, &shutdown);
     shutdown::signal(&shutdown);
@@ -215,12 +223,15 @@ struct CorePlan {
     partitions: Vec<(String, u32)>,
     shippers: Vec<Option<ShipperSetup>>,
     listener: Option<(std::net::UdpSocket, Arc<QuicSettings>)>,
+    /// The Kafka API's listener: on the first core only.
+    kafka: Option<kafka_api::KafkaApiSettings>,
 }
 
 /// Starts one executor per core; returns how many started and the first failure.
 fn start_cores(
     valid: &ValidConfig,
     quic: Option<&PreparedQuic>,
+    mut kafka: Option<kafka_api::KafkaApiSettings>,
     common: &CoreCommon,
     shutdown: &Arc<AtomicBool>,
 ) -> (usize, Option<Fatal>) {
@@ -239,7 +250,8 @@ fn start_cores(
             }
             _ => None,
         };
-        let plan = plan_core(valid, core, cpu, listener);
+        let mut plan = plan_core(valid, core, cpu, listener);
+        plan.kafka = kafka.take();
         let common = common.clone();
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-core-{core}"))
@@ -284,7 +296,7 @@ fn plan_core(
             ShipperSetup::from_config(valid, topic, *partition, &directory)
         })
         .collect();
-    CorePlan { core, cpu, partitions, shippers, listener }
+    CorePlan { core, cpu, partitions, shippers, listener, kafka: None }
 }
 
 /// The tasks a serving core runs beside its partitions.
@@ -292,13 +304,14 @@ struct CoreTasks {
     listener: Option<glommio::Task<std::io::Result<quic::QuicStats>>>,
     shippers: Vec<glommio::Task<Result<(), ship::ShipError>>>,
     room_keeper: Option<glommio::Task<()>>,
+    kafka: Option<glommio::Task<()>>,
 }
 
 /// One core's life on its executor: open its partitions, join the other cores, serve
 /// (listener, shippers, room keeper) until shutdown, then stop them and close the
 /// partitions. Every way it ends is reported through `common.events`.
 async fn run_core(plan: CorePlan, common: CoreCommon) {
-    let CorePlan { core, cpu, partitions, shippers, listener } = plan;
+    let CorePlan { core, cpu, partitions, shippers, listener, kafka } = plan;
     let _guard = GoneGuard { core, events: common.events.clone() };
     let Some((logs, by_partition)) = open_partitions(core, cpu, partitions, &common).await else { return };
     tracing::debug!(core, "partitions open; joining the mesh");
@@ -311,7 +324,7 @@ async fn run_core(plan: CorePlan, common: CoreCommon) {
         None => None, // stopping before every core joined
     };
     tracing::debug!(core, joined = joined.is_some(), "mesh joined");
-    let tasks = start_tasks(core, joined, listener, &logs, shippers, &common);
+    let tasks = start_tasks(core, joined, (listener, kafka), &logs, shippers, &common);
     // Counted before it is reported, so /health agrees once "serving" is logged.
     common.metrics.cores_running.inc();
     let _ = common.events.send(CoreEvent::Serving { core });
@@ -379,11 +392,18 @@ async fn join_mesh(
 fn start_tasks(
     core: usize,
     joined: Option<Rc<engine::CoreAppender>>,
-    listener: Option<(std::net::UdpSocket, Arc<QuicSettings>)>,
+    listeners: (Option<(std::net::UdpSocket, Arc<QuicSettings>)>, Option<kafka_api::KafkaApiSettings>),
     logs: &[PartitionLog],
     shippers: Vec<Option<ShipperSetup>>,
     common: &CoreCommon,
 ) -> CoreTasks {
+    let (listener, kafka) = listeners;
+    let kafka = match (joined.clone(), kafka) {
+        (Some(reader), Some(settings)) => {
+            Some(glommio::spawn_local(kafka_api::run(settings, reader, common.shutdown.clone())))
+        }
+        _ => None,
+    };
     let listener = match (joined, listener) {
         (Some(appender), Some((socket, settings))) => {
             let appender: Rc<dyn Appender> = Rc::new(appender);
@@ -415,7 +435,7 @@ fn start_tasks(
             shutdown::is_signalled(&stopping)
         }))
     });
-    CoreTasks { listener, shippers: shipper_tasks, room_keeper }
+    CoreTasks { listener, shippers: shipper_tasks, room_keeper, kafka }
 }
 
 /// Waits for the listener to close its connections, for the shippers to persist their
@@ -437,6 +457,9 @@ async fn stop_tasks(core: usize, tasks: CoreTasks) {
         .await;
     }
     if let Some(task) = tasks.room_keeper {
+        task.await;
+    }
+    if let Some(task) = tasks.kafka {
         task.await;
     }
 }

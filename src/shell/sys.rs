@@ -230,6 +230,20 @@ pub(crate) fn reuseport_socket(port: u16) -> io::Result<UdpSocket> {
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`
 /// (`statvfs`: `f_bavail` x `f_frsize`).
+/// Hands a bound, listening std socket to the current glommio executor (glommio's own
+/// `TcpListener::bind` sets SO_REUSEPORT, so a second weir could silently share the
+/// port; weir binds without it, at start, where a taken port is a clear error).
+/// Call on the executor thread that will accept.
+pub fn glommio_tcp_listener(listener: std::net::TcpListener) -> glommio::net::TcpListener {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = listener.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up ownership of `fd`, an open, bound and listening TCP
+    // socket, and nothing else holds it; `from_raw_fd` takes that ownership (the
+    // listener closes it when dropped). glommio requires the call on an executor
+    // thread, which the caller is.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+}
+
 pub fn available_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())

@@ -35,7 +35,7 @@ impl Appliance {
     pub fn start(root: &Path, quic: &str, extra: &str, topics: &[(&str, u32)], cores: usize) -> Appliance {
         let config = root.join("weir.toml");
         let mut text = format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{quic}\n{extra}\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\ngenerate_dev_certs = false\n{quic}\n{extra}\n",
             root.join("data").display(),
             root.join("certs").display()
         );

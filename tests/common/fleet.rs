@@ -161,6 +161,8 @@ impl FleetConfig<'_> {
 io_memory_bytes = "8 MiB"
 [admin]
 listen = "{admin}"
+[kafka_api]
+listen = "127.0.0.1:0"
 [quic]
 listen = "{quic}"
 certs_dir = "{certs}"

@@ -20,6 +20,8 @@ pub struct Server {
     pub admin: String,
     /// host:port of the QUIC listener, when enabled.
     pub quic: Option<String>,
+    /// host:port of the Kafka API, when enabled.
+    pub kafka: Option<String>,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
@@ -56,7 +58,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut admin, mut quic) = (None, None);
+        let (mut admin, mut quic, mut kafka) = (None, None, None);
         while Instant::now() < deadline {
             for line in lines.lock().unwrap().iter() {
                 if let Some(address) = field_after(line, "admin=http://") {
@@ -65,9 +67,12 @@ impl Server {
                 if let Some(address) = field_after(line, "quic=").filter(|address| *address != "disabled") {
                     quic = Some(address.to_owned());
                 }
+                if let Some(address) = field_after(line, "kafka_api=").filter(|address| *address != "disabled") {
+                    kafka = Some(address.to_owned());
+                }
                 if line.contains("weir serving") {
                     let admin = admin.clone().expect("the admin address is logged");
-                    return Server { child, admin, quic, lines: lines.clone() };
+                    return Server { child, admin, quic, kafka, lines: lines.clone() };
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {

@@ -7,8 +7,10 @@
 /// The device protocol crate, re-exported so `core::protocol` names the frames.
 pub use weir_protocol as protocol;
 
+pub mod consumer_group;
 pub mod dedup;
 pub mod ingest;
+pub mod kafka_api;
 pub mod log;
 pub mod quota;
 pub mod rate;

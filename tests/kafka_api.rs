@@ -1,0 +1,349 @@
+//! weir's read-only Kafka API against real Kafka clients: while weir-sim devices write
+//! over QUIC, confluent-kafka and kafka-python (each assigning every partition) and
+//! kcat read every acknowledged record exactly as the segment files hold it — offsets,
+//! keys, values, headers with `weir.device`, timestamps — with CRCs checked; a
+//! partition on the other core is served by that core; ListOffsets by timestamp finds
+//! the record; Produce is refused with the reason; a fetch past the end is
+//! OFFSET_OUT_OF_RANGE; garbage, an oversized frame or an unknown API close only their
+//! own connection.
+
+#[path = "common/appliance.rs"]
+mod appliance;
+mod common;
+#[path = "common/server.rs"]
+mod server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use appliance::Appliance;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    fetch_request::{FetchPartition, FetchTopic},
+    produce_request::{PartitionProduceData, TopicProduceData},
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, FetchRequest, FetchResponse, ProduceRequest, RequestHeader,
+    ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
+use serde_json::Value;
+use server::weir;
+
+const TOPIC: &str = "telemetry";
+const PARTITIONS: u32 = 4;
+
+fn binary(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_weir")).with_file_name(name);
+    assert!(path.exists(), "{} is missing: build the workspace (tools/test does)", path.display());
+    path
+}
+
+fn python() -> Command {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("WEIR_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo.join(".venv/bin/python"));
+    let mut command = Command::new(python);
+    command.arg("-u").arg(repo.join("tests/python/kafka_api_read.py"));
+    command
+}
+
+/// (device, sequence, partition, offset) of every record weir-sim saw acknowledged.
+fn simulate(appliance: &Appliance, acked_log: &Path) -> BTreeSet<(String, u64, u32, i64)> {
+    let sim = Command::new(binary("weir-sim"))
+        .args(["--server", &appliance.quic, "--devices", "16", "--rate", "25", "--seconds", "4"])
+        .args(["--record-bytes", "40", "--certs"])
+        .arg(appliance.certs())
+        .arg("--acked-log")
+        .arg(acked_log)
+        .output()
+        .unwrap();
+    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
+    std::fs::read_to_string(acked_log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields[0].to_owned(), fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
+        })
+        .collect()
+}
+
+fn records_of(output: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(output).lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+fn by_place(records: Vec<Value>) -> BTreeMap<(u64, i64), Value> {
+    let mut places = BTreeMap::new();
+    for record in records {
+        let place = (record["partition"].as_u64().unwrap(), record["offset"].as_i64().unwrap());
+        assert!(places.insert(place, record).is_none(), "{place:?} read twice");
+    }
+    places
+}
+
+fn finish(name: &str, child: Child) -> Vec<Value> {
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+    records_of(&output.stdout)
+}
+
+fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
+    record["headers"].as_array().unwrap().iter().find(|pair| pair[0] == name).and_then(|pair| pair[1].as_str())
+}
+
+fn unhex(text: &str) -> String {
+    let bytes: Vec<u8> =
+        (0..text.len()).step_by(2).map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap()).collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn kafka_clients_read_every_acknowledged_record_exactly_as_stored_while_devices_write() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let certs = weir()
+        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
+        .arg(root.join("certs"))
+        .output()
+        .unwrap();
+    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
+    // Two cores: partitions 1 and 3 live on the core without the Kafka listener.
+    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+    let ends_file = root.join("ends.json");
+    let consumer = |client: &str| {
+        python()
+            .args([client, &kafka, TOPIC, &PARTITIONS.to_string()])
+            .arg(&ends_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (confluent, kafka_python) = (consumer("confluent"), consumer("kafka-python"));
+
+    let acked = simulate(&appliance, &root.join("acked.log"));
+    assert!(acked.len() > 100, "weir-sim acknowledged only {} records", acked.len());
+    let mut ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, 0)).collect();
+    for (_, _, partition, offset) in &acked {
+        let end = ends.get_mut(partition).unwrap();
+        *end = (*end).max(offset + 1);
+    }
+    // Partitions 0 and 2 live on the listener's core, 1 and 3 on the other.
+    assert!(ends[&0] + ends[&2] > 0 && ends[&1] + ends[&3] > 0, "both cores' partitions got records: {ends:?}");
+    let ends_json: BTreeMap<String, i64> = ends.iter().map(|(partition, end)| (partition.to_string(), *end)).collect();
+    std::fs::write(&ends_file, serde_json::to_string(&ends_json).unwrap()).unwrap();
+    let confluent = by_place(finish("confluent-kafka", confluent));
+    let kafka_python = by_place(finish("kafka-python", kafka_python));
+
+    let kcat = Command::new("kcat")
+        .args(["-C", "-b", &kafka, "-t", TOPIC, "-o", "beginning", "-e", "-q", "-X", "check.crcs=true"])
+        .args(["-f", "%p %o %T %k %h|%s\n"])
+        .output()
+        .unwrap();
+    assert!(kcat.status.success(), "kcat: {}", String::from_utf8_lossy(&kcat.stderr));
+    let kcat_lines: Vec<String> = String::from_utf8_lossy(&kcat.stdout).lines().map(str::to_owned).collect();
+
+    // ListOffsets by timestamp: the first record at or after a stored record's time.
+    let probe = confluent.values().find(|record| record["partition"] == 1).unwrap().clone();
+    let found =
+        python().args(["offset-for-time", &kafka, TOPIC, "1", &probe["timestamp"].to_string()]).output().unwrap();
+    assert!(found.status.success(), "{}", String::from_utf8_lossy(&found.stderr));
+    let found: Value = serde_json::from_slice(&found.stdout).unwrap();
+    let expected_offset = confluent
+        .values()
+        .filter(|record| record["partition"] == 1 && record["timestamp"].as_i64() >= probe["timestamp"].as_i64())
+        .map(|record| record["offset"].as_i64().unwrap())
+        .min()
+        .unwrap();
+    assert_eq!(found["offset"].as_i64(), Some(expected_offset), "{found}");
+
+    // Produce: refused (the reason's text is checked on the wire in the raw test).
+    let produce = python().args(["produce", &kafka, TOPIC]).output().unwrap();
+    assert!(produce.status.success(), "{}", String::from_utf8_lossy(&produce.stderr));
+    let produce: Value = serde_json::from_slice(&produce.stdout).unwrap();
+    let produce_error = produce["error"].as_str().unwrap_or_default();
+    assert!(produce_error.contains("INVALID_REQUEST"), "{produce}");
+
+    appliance.stop();
+    let stored =
+        python().arg("segments").arg(root.join("data")).args([TOPIC, &PARTITIONS.to_string()]).output().unwrap();
+    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
+    let stored = by_place(records_of(&stored.stdout));
+    let stored: BTreeMap<(u64, i64), Value> =
+        stored.into_iter().filter(|((partition, offset), _)| *offset < ends[&(*partition as u32)]).collect();
+
+    // Every client read exactly the stored records up to the ends, field for field.
+    assert_eq!(confluent.len(), stored.len());
+    for (name, read) in [("confluent-kafka", &confluent), ("kafka-python", &kafka_python)] {
+        let read: BTreeMap<_, _> = read.iter().filter(|(place, _)| stored.contains_key(place)).collect();
+        assert_eq!(read.len(), stored.len(), "{name} read {} of {} records", read.len(), stored.len());
+        for (place, record) in read {
+            assert_eq!(record, &stored[place], "{name} at {place:?}");
+        }
+    }
+    // Every acknowledged record, at its acknowledged place, from its device.
+    for (device, sequence, partition, offset) in &acked {
+        let record = &stored[&(u64::from(*partition), *offset)];
+        assert_eq!(header(record, "weir.device").map(unhex).as_deref(), Some(device.as_str()));
+        assert_eq!(header(record, "weir.sequence").map(unhex), Some(sequence.to_string()));
+    }
+    // kcat (Debian's librdkafka): the same records, in each partition's order.
+    let mut kcat_places = BTreeSet::new();
+    for line in &kcat_lines {
+        let (head, value) = line.split_once('|').unwrap();
+        let fields: Vec<&str> = head.splitn(5, ' ').collect();
+        let place = (fields[0].parse::<u64>().unwrap(), fields[1].parse::<i64>().unwrap());
+        let Some(record) = stored.get(&place) else { continue }; // beyond the ends
+        assert_eq!(fields[2], record["timestamp"].to_string(), "kcat timestamp at {place:?}");
+        assert_eq!(fields[3], unhex(record["key"].as_str().unwrap()), "kcat key at {place:?}");
+        let device = unhex(header(record, "weir.device").unwrap());
+        assert!(fields[4].contains(&format!("weir.device={device}")), "kcat headers at {place:?}: {}", fields[4]);
+        assert_eq!(value, unhex(record["value"].as_str().unwrap()), "kcat value at {place:?}");
+        kcat_places.insert(place);
+    }
+    assert_eq!(kcat_places.len(), stored.len(), "kcat read every stored record");
+}
+
+/// A raw Kafka connection: frames out, frames in.
+struct Raw {
+    stream: TcpStream,
+    correlation_id: i32,
+}
+
+impl Raw {
+    fn connect(address: &str) -> Raw {
+        let stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Raw { stream, correlation_id: 0 }
+    }
+
+    fn send<R: Request>(&mut self, request: &R, version: i16) -> R::Response {
+        self.correlation_id += 1;
+        let mut header = RequestHeader::default();
+        header.request_api_key = R::KEY;
+        header.request_api_version = version;
+        header.correlation_id = self.correlation_id;
+        header.client_id = Some(StrBytes::from_static_str("raw-test"));
+        let mut frame = BytesMut::new();
+        frame.put_i32(0);
+        header.encode(&mut frame, R::header_version(version)).unwrap();
+        request.encode(&mut frame, version).unwrap();
+        let size = (frame.len() - 4) as i32;
+        frame[..4].copy_from_slice(&size.to_be_bytes());
+        self.stream.write_all(&frame).unwrap();
+        let mut answer = self.read_frame().expect("an answer");
+        let header =
+            ResponseHeader::decode(&mut answer, <R::Response as HeaderVersion>::header_version(version)).unwrap();
+        assert_eq!(header.correlation_id, self.correlation_id);
+        <R::Response as Decodable>::decode(&mut answer, version).unwrap()
+    }
+
+    /// The next frame, or None when weir closed the connection.
+    fn read_frame(&mut self) -> Option<Bytes> {
+        let mut size = [0u8; 4];
+        self.stream.read_exact(&mut size).ok()?;
+        let mut frame = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.stream.read_exact(&mut frame).ok()?;
+        Some(Bytes::from(frame))
+    }
+
+    fn closed_by_weir(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0)) || self.stream.read(&mut byte).is_err()
+    }
+}
+
+fn api_versions(raw: &mut Raw) -> ApiVersionsResponse {
+    let mut request = ApiVersionsRequest::default();
+    request.client_software_name = StrBytes::from_static_str("raw-test");
+    request.client_software_version = StrBytes::from_static_str("1");
+    raw.send(&request, 3)
+}
+
+fn fetch_one(raw: &mut Raw, partition: i32, offset: i64) -> FetchResponse {
+    let mut asked = FetchPartition::default();
+    asked.partition = partition;
+    asked.fetch_offset = offset;
+    asked.partition_max_bytes = 1 << 20;
+    let mut topic = FetchTopic::default();
+    topic.topic = TopicName(StrBytes::from_static_str(TOPIC));
+    topic.partitions = vec![asked];
+    let mut request = FetchRequest::default();
+    request.max_wait_ms = 0;
+    request.min_bytes = 1;
+    request.max_bytes = 1 << 20;
+    request.topics = vec![topic];
+    raw.send(&request, 11)
+}
+
+#[test]
+fn bad_requests_close_only_their_own_connection_and_offsets_past_the_end_are_out_of_range() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    appliance::make_certs(&root.join("certs"), &["sensor-1"]);
+    let appliance = Appliance::start(root, "", "", &[(TOPIC, 2)], 1);
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+    let mut healthy = Raw::connect(&kafka);
+    let versions = api_versions(&mut healthy);
+    assert_eq!(versions.error_code, 0);
+    assert!(versions.api_keys.iter().any(|api| api.api_key == ApiKey::Fetch as i16));
+
+    // Garbage: a size, then bytes that are no request header.
+    let mut garbage = Raw::connect(&kafka);
+    garbage.stream.write_all(&[0, 0, 0, 16, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).unwrap();
+    assert!(garbage.closed_by_weir(), "garbage closes its connection");
+    // A frame larger than kafka_api.request_bytes_max (1 MiB by default).
+    let mut oversized = Raw::connect(&kafka);
+    oversized.stream.write_all(&(64i32 << 20).to_be_bytes()).unwrap();
+    assert!(oversized.closed_by_weir(), "an oversized frame closes its connection");
+    // An API weir does not answer (DescribeAcls, key 29).
+    let mut unknown = Raw::connect(&kafka);
+    let mut frame = BytesMut::new();
+    frame.put_i32(10);
+    frame.put_i16(29);
+    frame.put_i16(1);
+    frame.put_i32(7);
+    frame.put_i16(-1);
+    unknown.stream.write_all(&frame).unwrap();
+    assert!(unknown.closed_by_weir(), "an unanswered API closes its connection");
+
+    // The healthy connection still works: an empty partition answers at its end, and
+    // a fetch past the end is OFFSET_OUT_OF_RANGE with the range.
+    let at_end = fetch_one(&mut healthy, 0, 0);
+    let partition = &at_end.responses[0].partitions[0];
+    assert_eq!((partition.error_code, partition.high_watermark), (0, 0));
+    assert!(partition.records.as_ref().is_none_or(|records| !records.has_remaining()));
+    let past = fetch_one(&mut healthy, 1, 5);
+    let partition = &past.responses[0].partitions[0];
+    assert_eq!(partition.error_code, 1, "OFFSET_OUT_OF_RANGE");
+    assert_eq!((partition.log_start_offset, partition.high_watermark), (0, 0));
+    let unknown_partition = fetch_one(&mut healthy, 9, 0);
+    assert_eq!(unknown_partition.responses[0].partitions[0].error_code, 3, "UNKNOWN_TOPIC_OR_PARTITION");
+
+    // Produce: every partition refused with the reason.
+    let mut data = PartitionProduceData::default();
+    data.index = 0;
+    let record = weir::core::log::batch::Record {
+        timestamp_ms: 1,
+        key: None,
+        value: Some(Bytes::from_static(b"from a Kafka client")),
+        headers: Vec::new(),
+    };
+    data.records = Some(Bytes::from(weir::core::log::batch::encode_to_vec(0, &[record])));
+    let mut topic = TopicProduceData::default();
+    topic.name = TopicName(StrBytes::from_static_str(TOPIC));
+    topic.partition_data = vec![data];
+    let mut produce = ProduceRequest::default();
+    produce.acks = -1;
+    produce.timeout_ms = 1000;
+    produce.topic_data = vec![topic];
+    let refused = healthy.send(&produce, 9);
+    let partition = &refused.responses[0].partition_responses[0];
+    assert_eq!(partition.error_code, 42, "INVALID_REQUEST");
+    let message = partition.error_message.as_ref().map(|message| message.to_string()).unwrap_or_default();
+    assert!(message.contains("read-only") && message.contains("devices write over QUIC"), "{message}");
+    appliance.stop();
+}
