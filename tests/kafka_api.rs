@@ -5,7 +5,8 @@
 //! partition on the other core is served by that core; ListOffsets by timestamp finds
 //! the record; Produce is refused with the reason; a fetch past the end is
 //! OFFSET_OUT_OF_RANGE; garbage, an oversized frame or an unknown API close only their
-//! own connection.
+//! own connection; two subscribers in one group hand partitions over on leave without
+//! losing or repeating a record, and committed offsets survive a SIGKILL.
 
 #[path = "common/appliance.rs"]
 mod appliance;
@@ -346,4 +347,133 @@ fn bad_requests_close_only_their_own_connection_and_offsets_past_the_end_are_out
     let message = partition.error_message.as_ref().map(|message| message.to_string()).unwrap_or_default();
     assert!(message.contains("read-only") && message.contains("devices write over QUIC"), "{message}");
     appliance.stop();
+}
+/// Stored records of every partition below `ends`, by place, read from the segment
+/// files with kafka-python while weir is stopped.
+fn stored_records(root: &Path, ends: &BTreeMap<u32, i64>) -> BTreeMap<(u64, i64), Value> {
+    let stored =
+        python().arg("segments").arg(root.join("data")).args([TOPIC, &PARTITIONS.to_string()]).output().unwrap();
+    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
+    by_place(records_of(&stored.stdout))
+        .into_iter()
+        .filter(|((partition, offset), _)| *offset < ends[&(*partition as u32)])
+        .collect()
+}
+
+fn ends_of(acked: &BTreeSet<(String, u64, u32, i64)>) -> BTreeMap<u32, i64> {
+    let mut ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, 0)).collect();
+    for (_, _, partition, offset) in acked {
+        let end = ends.get_mut(partition).unwrap();
+        *end = (*end).max(offset + 1);
+    }
+    ends
+}
+
+/// The records a group member printed so far (its stdout file).
+fn printed(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The last line may be half written.
+    text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+}
+
+fn committed(kafka: &str, group: &str) -> BTreeMap<u32, i64> {
+    let output = python().args(["committed", kafka, TOPIC, group, &PARTITIONS.to_string()]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let found: BTreeMap<String, i64> = serde_json::from_slice(&output.stdout).unwrap();
+    found.into_iter().map(|(partition, offset)| (partition.parse().unwrap(), offset)).collect()
+}
+
+#[test]
+fn two_subscribers_share_a_group_hand_over_on_leave_and_committed_offsets_survive_sigkill() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let certs = weir()
+        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
+        .arg(root.join("certs"))
+        .output()
+        .unwrap();
+    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
+    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+
+    let member = |name: &str| {
+        let stop = root.join(format!("stop-{name}"));
+        let out = root.join(format!("{name}.jsonl"));
+        let child = python()
+            .args(["group-member", &kafka, TOPIC, "edge-readers"])
+            .arg(&stop)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, stop, out)
+    };
+    let (first, stop_first, out_first) = member("first");
+    let (second, stop_second, out_second) = member("second");
+    // Devices write while both members are in the group.
+    let mut acked = simulate(&appliance, &root.join("acked-1.log"));
+    // The first member reads its share (range assignment: partitions 0 and 1 once
+    // both joined), then leaves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut first = first;
+    while printed(&out_first).is_empty() {
+        if let Some(status) = first.try_wait().unwrap() {
+            let mut stderr = String::new();
+            first.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            panic!("the first member exited with {status}: {stderr}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the first member read within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The first leaves: the second takes its partitions over from the committed offsets,
+    // while devices write more.
+    std::fs::write(&stop_first, "").unwrap();
+    let first_output = first.wait_with_output().unwrap();
+    assert!(first_output.status.success(), "first member: {}", String::from_utf8_lossy(&first_output.stderr));
+    acked.extend(simulate(&appliance, &root.join("acked-2.log")));
+    let ends = ends_of(&acked);
+    let total: i64 = ends.values().sum();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while (printed(&out_first).len() + printed(&out_second).len()) < total as usize {
+        assert!(std::time::Instant::now() < deadline, "the group read every record within 90 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&stop_second, "").unwrap();
+    let second_output = second.wait_with_output().unwrap();
+    assert!(second_output.status.success(), "second member: {}", String::from_utf8_lossy(&second_output.stderr));
+
+    // Committed offsets: every partition at its end, and the same after a SIGKILL.
+    let before = committed(&kafka, "edge-readers");
+    // A partition that got no record has no committed offset (librdkafka's -1001).
+    let expected: BTreeMap<u32, i64> =
+        ends.iter().map(|(partition, end)| (*partition, if *end > 0 { *end } else { -1001 })).collect();
+    assert_eq!(before, expected, "the group committed every record it read");
+    let kill = Command::new("kill").args(["-KILL", &appliance.server.pid().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let Appliance { server, .. } = appliance;
+    let status = server.wait();
+    assert!(!status.success(), "weir was killed");
+    let config = root.join("weir.toml");
+    let restarted = server::Server::start(&config, 2);
+    let kafka_after = restarted.kafka.clone().expect("the Kafka API address is logged");
+    assert_eq!(committed(&kafka_after, "edge-readers"), before, "committed offsets survive SIGKILL");
+    assert_eq!(restarted.stop(), Some(0));
+
+    // A partition the first member read was read on by the second after it left.
+    let partitions_of = |path: &Path| -> BTreeSet<u64> {
+        printed(path).iter().map(|record| record["partition"].as_u64().unwrap()).collect()
+    };
+    let handed_over: Vec<u64> = partitions_of(&out_first).intersection(&partitions_of(&out_second)).copied().collect();
+    assert!(!handed_over.is_empty(), "no partition was handed over from the first member to the second");
+    // Across the handover: every stored record read exactly once by the group.
+    let stored = stored_records(root, &ends);
+    let mut read: BTreeMap<(u64, i64), Value> = BTreeMap::new();
+    for record in printed(&out_first).into_iter().chain(printed(&out_second)) {
+        let place = (record["partition"].as_u64().unwrap(), record["offset"].as_i64().unwrap());
+        assert!(read.insert(place, record).is_none(), "{place:?} read twice across the handover");
+    }
+    assert_eq!(read.len(), stored.len(), "no record lost across the handover");
+    for (place, record) in &read {
+        assert_eq!(record, &stored[place], "at {place:?}");
+    }
 }
