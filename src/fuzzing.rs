@@ -194,3 +194,28 @@ pub fn config_file(bytes: &[u8]) {
         assert!(valid.cores.iter().all(|cpu| host.usable_cpus.contains(cpu)));
     }
 }
+
+/// A Kafka client's request frame (the bytes after its size), as the Kafka API's
+/// listener decodes it: it either closes the connection with a reason, or yields a
+/// request whose key and version weir answers, with a header that decoded whole.
+pub fn kafka_request(bytes: &[u8]) {
+    use crate::core::kafka_api::{self, Disposition};
+    use crate::shell::kafka_api::{decode_request, DecodedRequest};
+    match decode_request(Bytes::copy_from_slice(bytes)) {
+        Err(_) => {}
+        Ok(DecodedRequest::NewerApiVersions { .. }) => {
+            let version = i16::from_be_bytes([bytes[2], bytes[3]]);
+            assert_eq!(
+                kafka_api::disposition(kafka_api::api_key::API_VERSIONS, version),
+                Disposition::UnsupportedApiVersions
+            );
+        }
+        Ok(DecodedRequest::Decoded { api_key, version, header, disposition, .. }) => {
+            assert_ne!(disposition, Disposition::Close);
+            assert_eq!(kafka_api::disposition(api_key as i16, version), disposition);
+            assert_eq!((header.request_api_key, header.request_api_version), (api_key as i16, version));
+            let answered = kafka_api::APIS_ANSWERED.iter().find(|api| api.key == api_key as i16).expect("answered");
+            assert!(answered.version_min <= version && version <= answered.version_max);
+        }
+    }
+}

@@ -18,6 +18,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("index_file", weir::fuzzing::index_file),
     ("kafka_response", weir::fuzzing::kafka_response),
     ("config_file", weir::fuzzing::config_file),
+    ("kafka_request", weir::fuzzing::kafka_request),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {
