@@ -346,6 +346,12 @@ fn bad_requests_close_only_their_own_connection_and_offsets_past_the_end_are_out
     assert_eq!(partition.error_code, 42, "INVALID_REQUEST");
     let message = partition.error_message.as_ref().map(|message| message.to_string()).unwrap_or_default();
     assert!(message.contains("read-only") && message.contains("devices write over QUIC"), "{message}");
+
+    // The metrics saw it: three connections closed for a bad request, fetches, a refusal.
+    assert_eq!(appliance.metric("weir_kafka_api_connections_closed_bad_request_total"), 3.0);
+    assert_eq!(appliance.metric("weir_kafka_api_fetches_total"), 3.0);
+    assert_eq!(appliance.metric("weir_kafka_api_requests_refused_total"), 1.0);
+    assert_eq!(appliance.metric("weir_kafka_api_connections_open"), 1.0, "only the healthy connection is open");
     appliance.stop();
 }
 /// Stored records of every partition below `ends`, by place, read from the segment

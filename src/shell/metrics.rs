@@ -57,6 +57,25 @@ pub struct Metrics {
     /// Every partition's handles, for `/status` and `/health`.
     pub status: StatusBoard,
     quic: QuicFamilies,
+    /// The Kafka API's listener (one core; atomics all the same).
+    pub kafka_api: KafkaApiMetrics,
+}
+
+/// The Kafka API's metric handles. No label carries a client-chosen value (group,
+/// client id), so the series stay bounded.
+#[derive(Clone, Default)]
+pub struct KafkaApiMetrics {
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    /// Refused at accept: `kafka_api.connections_max` reached.
+    pub connections_refused: Counter,
+    /// Closed by weir: a frame too large, a request that does not decode, or a key or
+    /// version weir does not answer.
+    pub connections_closed_bad_request: Counter,
+    pub fetches: Counter,
+    pub fetched_bytes: Counter,
+    pub requests_refused: Counter,
+    pub offset_commits: Counter,
 }
 
 /// The process and the data directory, sampled when `/metrics` is scraped.
@@ -186,6 +205,7 @@ impl Metrics {
             ship: ShipFamilies::default(),
             status: StatusBoard::default(),
             quic: QuicFamilies::default(),
+            kafka_api: KafkaApiMetrics::default(),
         };
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
@@ -415,6 +435,31 @@ impl Metrics {
             "Datagrams for another core dropped (its queue was full or it had not joined)",
             quic.datagrams_forward_dropped.clone(),
         );
+        let kafka = &metrics.kafka_api;
+        registry.register("kafka_api_connections_open", "Kafka API connections open", kafka.connections_open.clone());
+        registry.register(
+            "kafka_api_connections_accepted",
+            "Kafka API connections accepted",
+            kafka.connections_accepted.clone(),
+        );
+        registry.register(
+            "kafka_api_connections_refused",
+            "Kafka API connections closed at accept (kafka_api.connections_max reached)",
+            kafka.connections_refused.clone(),
+        );
+        registry.register(
+            "kafka_api_connections_closed_bad_request",
+            "Kafka API connections closed for a bad request (too large, not decodable, or an API weir does not answer)",
+            kafka.connections_closed_bad_request.clone(),
+        );
+        registry.register("kafka_api_fetches", "Fetch requests answered", kafka.fetches.clone());
+        registry.register("kafka_api_fetched_bytes", "Record batch bytes served by Fetch", kafka.fetched_bytes.clone());
+        registry.register(
+            "kafka_api_requests_refused",
+            "Write and admin requests refused (Produce, CreateTopics, ...)",
+            kafka.requests_refused.clone(),
+        );
+        registry.register("kafka_api_offset_commits", "OffsetCommit requests stored", kafka.offset_commits.clone());
         Arc::new(Metrics { registry, ..metrics })
     }
 

@@ -400,7 +400,8 @@ fn start_tasks(
     let (listener, kafka) = listeners;
     let kafka = match (joined.clone(), kafka) {
         (Some(reader), Some(settings)) => {
-            Some(glommio::spawn_local(kafka_api::run(settings, reader, common.shutdown.clone())))
+            let metrics = common.metrics.kafka_api.clone();
+            Some(glommio::spawn_local(kafka_api::run(settings, reader, metrics, common.shutdown.clone())))
         }
         _ => None,
     };

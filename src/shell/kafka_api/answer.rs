@@ -105,11 +105,25 @@ pub(super) async fn answer(listener: &Listener, request: DecodedRequest) -> Resu
         }
     };
     let response = match (*body, disposition) {
-        (body, Disposition::Refuse { code, reason }) => refuse(body, code, reason)?,
+        (body, Disposition::Refuse { code, reason }) => {
+            listener.metrics.requests_refused.inc();
+            refuse(body, code, reason)?
+        }
         (RequestKind::ApiVersions(_), _) => ResponseKind::ApiVersions(api_versions()),
         (RequestKind::Metadata(request), _) => ResponseKind::Metadata(metadata(listener, &request)),
         (RequestKind::ListOffsets(request), _) => ResponseKind::ListOffsets(list_offsets(listener, request).await),
-        (RequestKind::Fetch(request), _) => ResponseKind::Fetch(fetch(listener, request).await),
+        (RequestKind::Fetch(request), _) => {
+            let response = fetch(listener, request).await;
+            listener.metrics.fetches.inc();
+            let bytes: usize = response
+                .responses
+                .iter()
+                .flat_map(|topic| topic.partitions.iter())
+                .map(|partition| partition.records.as_ref().map_or(0, Bytes::len))
+                .sum();
+            listener.metrics.fetched_bytes.inc_by(bytes as u64);
+            ResponseKind::Fetch(response)
+        }
         (RequestKind::FindCoordinator(request), _) => {
             ResponseKind::FindCoordinator(find_coordinator(listener, &request))
         }
@@ -666,6 +680,7 @@ async fn offset_commit(listener: &Listener, request: OffsetCommitRequest) -> Off
         response.topics.push(answered);
     }
     if !entries.is_empty() {
+        listener.metrics.offset_commits.inc();
         if let Err(error) = listener.groups.commit(&group, entries).await {
             tracing::error!(%error, group, "Kafka API: committed offsets not stored");
             for partition in response.topics.iter_mut().flat_map(|topic| topic.partitions.iter_mut()) {

@@ -115,6 +115,7 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 /// What every connection's answers share.
 pub(crate) struct Listener {
     pub(crate) settings: KafkaApiSettings,
+    pub(crate) metrics: crate::shell::metrics::KafkaApiMetrics,
     pub(crate) reader: Rc<CoreAppender>,
     pub(crate) shutdown: Arc<AtomicBool>,
     pub(crate) groups: Rc<groups::Groups>,
@@ -122,7 +123,12 @@ pub(crate) struct Listener {
 }
 
 /// Accepts connections until shutdown. Runs on the first core's executor.
-pub async fn run(mut settings: KafkaApiSettings, reader: Rc<CoreAppender>, shutdown: Arc<AtomicBool>) {
+pub async fn run(
+    mut settings: KafkaApiSettings,
+    reader: Rc<CoreAppender>,
+    metrics: crate::shell::metrics::KafkaApiMetrics,
+    shutdown: Arc<AtomicBool>,
+) {
     let socket = match settings.listener.try_clone() {
         Ok(socket) => crate::shell::sys::glommio_tcp_listener(socket),
         Err(error) => {
@@ -134,7 +140,7 @@ pub async fn run(mut settings: KafkaApiSettings, reader: Rc<CoreAppender>, shutd
     let groups = Rc::new(groups::Groups::new(path, offsets, settings.group_limits));
     let stopping = shutdown.clone();
     glommio::spawn_local(groups::keep_time(groups.clone(), move || shutdown::is_signalled(&stopping))).detach();
-    let listener = Rc::new(Listener { settings, reader, shutdown, groups, connections: Cell::new(0) });
+    let listener = Rc::new(Listener { settings, metrics, reader, shutdown, groups, connections: Cell::new(0) });
     loop {
         let accepted = future::or(async { Some(socket.accept().await) }, async {
             while !shutdown::is_signalled(&listener.shutdown) {
@@ -158,19 +164,26 @@ pub async fn run(mut settings: KafkaApiSettings, reader: Rc<CoreAppender>, shutd
                 connections_max = listener.settings.connections_max,
                 "Kafka listener: connection refused, kafka_api.connections_max reached"
             );
+            listener.metrics.connections_refused.inc();
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
         listener.connections.set(listener.connections.get() + 1);
+        listener.metrics.connections_accepted.inc();
+        listener.metrics.connections_open.inc();
         let serving = listener.clone();
         // Detached: the connection watches the shutdown flag itself.
         glommio::spawn_local(async move {
             let peer = stream.peer_addr().ok();
             if let Err(why) = serve_connection(&serving, stream).await {
+                if matches!(why, ConnectionEnd::Request(_) | ConnectionEnd::TooLarge { .. }) {
+                    serving.metrics.connections_closed_bad_request.inc();
+                }
                 tracing::info!(?peer, %why, "Kafka connection closed");
             }
             serving.connections.set(serving.connections.get() - 1);
+            serving.metrics.connections_open.dec();
         })
         .detach();
     }
