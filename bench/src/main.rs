@@ -11,6 +11,11 @@
 //! way an append-only log at best can (sequential, aligned, preallocated, one sync per
 //! write), nothing more and nothing less.
 //!
+//! A third phase joins each round since issue 14: the plain io_uring ceiling
+//! (`plain_phase.rs`), one pinned thread per core blocking in `io_uring_enter` with a
+//! write linked to an fdatasync per file, the same sizes on the same filesystem: the
+//! disk through the thinnest path the kernel offers. Rounds run weir, raw, plain.
+//!
 //! `weir-bench ship` drains a backlog of the log into tansu with weir's shipper, against
 //! a confluent-kafka producer sending the same records to the same broker (`ship.rs`).
 //!
@@ -21,6 +26,7 @@
 mod cores;
 mod ingest;
 mod options;
+mod plain_phase;
 mod raw_phase;
 mod records;
 mod report;
@@ -39,6 +45,7 @@ use weir::shell::log::LogError;
 use weir::shell::metrics::Metrics;
 
 use crate::options::{LogArgs, Plan, UsageError};
+use crate::plain_phase::PlainCoreInput;
 use crate::raw_phase::RawCoreInput;
 use crate::report::{RawFigures, Report, WeirFigures};
 use crate::weir_phase::{PartitionSpec, WeirCoreInput};
@@ -178,6 +185,7 @@ fn run_log(args: &LogArgs) -> Result<(), BenchError> {
     let mut next_sequences = vec![vec![0u64; appenders_per_core]; plan.cores()];
     let mut weir: Option<WeirFigures> = None;
     let mut raw: Option<RawFigures> = None;
+    let mut plain: Option<RawFigures> = None;
     let mut write_bytes = None;
     for _ in 0..plan.rounds {
         let round = weir_phase(&plan, &data_dir, &mut next_sequences)?;
@@ -198,10 +206,16 @@ fn run_log(args: &LogArgs) -> Result<(), BenchError> {
             Some(total) => total.add(round),
             None => round,
         });
+        let round = plain_phase(&plan, &data_dir, write_bytes)?;
+        plain = Some(match plain {
+            Some(total) => total.add(round),
+            None => round,
+        });
     }
-    let (weir, raw) = (weir.expect("at least one round"), raw.expect("at least one round"));
+    let weir = weir.expect("at least one round");
+    let (raw, plain) = (raw.expect("at least one round"), plain.expect("at least one round"));
 
-    let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw };
+    let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw, plain };
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{}", report.human());
     let _ = writeln!(stdout, "{}", report.json());
@@ -317,6 +331,50 @@ fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigu
         .collect();
     let results =
         cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.slice_duration, inputs, raw_phase::run_core)?;
+    drop(scratch);
+    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
+    let writes = results.iter().map(|result| result.writes).sum();
+    let bytes = results.iter().map(|result| result.bytes).sum();
+    let mut fsync = Vec::new();
+    let mut write_and_fsync = Vec::new();
+    for result in results {
+        fsync.push(result.fsync_ns);
+        write_and_fsync.push(result.write_and_fsync_ns);
+    }
+    Ok(RawFigures {
+        fsync_ns: merged(fsync.into_iter()),
+        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
+        write_bytes,
+        writes,
+        bytes,
+        elapsed,
+    })
+}
+
+/// One round of the plain io_uring ceiling: the raw phase's files and sizes, written by
+/// one pinned thread per core through its own ring instead of glommio.
+fn plain_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigures, BenchError> {
+    let scratch = ScratchDirectory(data_dir.join(RAW_SCRATCH_DIRECTORY));
+    std::fs::create_dir_all(&scratch.0).map_err(|source| BenchError::DataDir {
+        operation: "create plain scratch dir",
+        path: scratch.0.clone(),
+        source,
+    })?;
+    let inputs = plan
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(core, &cpu)| PlainCoreInput {
+            cpu,
+            files: (0..plan.partitions_per_core)
+                .map(|local| scratch.0.join(format!("plain-{}.dat", core as u32 * plan.partitions_per_core + local)))
+                .collect(),
+            write_bytes,
+            preallocate_bytes: plan.log_options.preallocate_bytes,
+            duration: plan.slice_duration,
+        })
+        .collect();
+    let results = plain_phase::run_phase(inputs)?;
     drop(scratch);
     let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
     let writes = results.iter().map(|result| result.writes).sum();
