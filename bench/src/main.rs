@@ -372,6 +372,7 @@ fn plain_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFi
             write_bytes,
             preallocate_bytes: plan.log_options.preallocate_bytes,
             duration: plan.slice_duration,
+            durable: plan.plain_durable,
         })
         .collect();
     let results = plain_phase::run_phase(inputs)?;

@@ -14,7 +14,8 @@
 //! Timing: a pair's write+fdatasync time runs from its submission to the fdatasync's
 //! completion; its fdatasync time from the moment the thread reaped the write's
 //! completion (usually the same wake-up) to the fdatasync's completion, so it can read
-//! lower than glommio's, never higher.
+//! lower than glommio's, never higher. With `--plain-durable dsync` each write carries
+//! RWF_DSYNC and is its own fdatasync, so both times are the write's.
 #![allow(unsafe_code)] // io_uring submission and the aligned buffer: see each SAFETY note.
 
 use std::alloc::{self, Layout};
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use io_uring::{opcode, squeue, types, IoUring};
 
+use crate::options::PlainDurable;
 use crate::{latency_histogram, BenchError};
 
 /// What one core measures in the plain phase.
@@ -38,6 +40,7 @@ pub struct PlainCoreInput {
     pub write_bytes: usize,
     pub preallocate_bytes: u64,
     pub duration: Duration,
+    pub durable: PlainDurable,
 }
 
 /// What one core measured.
@@ -226,7 +229,7 @@ fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<PlainCoreR
                     file.position,
                     io::Error::from_raw_os_error(-result),
                 ));
-            } else if !is_sync && result as usize != input.write_bytes {
+            } else if (!is_sync || input.durable == PlainDurable::Dsync) && result as usize != input.write_bytes {
                 first_error.get_or_insert(raw_error(
                     "write",
                     &file.path,
@@ -242,7 +245,8 @@ fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<PlainCoreR
             // then completes with ECANCELED and is counted above).
             in_flight -= 1;
             if result >= 0 && first_error.is_none() {
-                let write_reaped = file.write_reaped.take().unwrap_or(reaped);
+                // A RWF_DSYNC write is its own fdatasync: its whole time counts as both.
+                let write_reaped = file.write_reaped.take().unwrap_or(file.submitted);
                 fsync_ns.saturating_record((reaped - write_reaped).as_nanos().max(1) as u64);
                 write_and_fsync_ns.saturating_record((reaped - file.submitted).as_nanos().max(1) as u64);
                 file.position += input.write_bytes as u64;
@@ -296,21 +300,30 @@ fn submit_pair(
         file.allocated_bytes += step;
     }
     let fd = types::Fd(file.file.as_raw_fd());
-    let write = opcode::Write::new(fd, buffer.pointer, input.write_bytes as u32)
-        .offset(file.position)
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(user_data(index, false));
-    let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(user_data(index, true));
+    let write = opcode::Write::new(fd, buffer.pointer, input.write_bytes as u32).offset(file.position);
     file.submitted = Instant::now();
     file.write_reaped = None;
-    // SAFETY: the buffer outlives every submission (it is dropped after `measure`'s
-    // loop has reaped every pair) and the kernel only reads it; the descriptor stays
-    // open until the files are removed after the loop.
-    unsafe {
-        let mut submission = ring.submission();
-        submission.push(&write).map_err(|_| ring_full(&file.path))?;
-        submission.push(&sync).map_err(|_| ring_full(&file.path))?;
+    match input.durable {
+        PlainDurable::Linked => {
+            let write = write.build().flags(squeue::Flags::IO_LINK).user_data(user_data(index, false));
+            let sync =
+                opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(user_data(index, true));
+            // SAFETY: the buffer outlives every submission (it is dropped after
+            // `measure`'s loop has reaped every pair) and the kernel only reads it; the
+            // descriptor stays open until the files are removed after the loop.
+            unsafe {
+                let mut submission = ring.submission();
+                submission.push(&write).map_err(|_| ring_full(&file.path))?;
+                submission.push(&sync).map_err(|_| ring_full(&file.path))?;
+            }
+        }
+        PlainDurable::Dsync => {
+            // One operation that is the write and its durability: its completion counts
+            // as the pair's (user data of the "sync").
+            let write = write.rw_flags(libc::RWF_DSYNC).build().user_data(user_data(index, true));
+            // SAFETY: as above.
+            unsafe { ring.submission().push(&write).map_err(|_| ring_full(&file.path))? };
+        }
     }
     Ok(())
 }

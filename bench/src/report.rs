@@ -138,6 +138,7 @@ impl Report<'_> {
             "plain_write_fsync_p50_us": quantile_us(&plain.write_and_fsync_ns, 0.5),
             "plain_write_fsync_p99_us": quantile_us(&plain.write_and_fsync_ns, 0.99),
             "plain_writes": plain.writes,
+            "plain_durable": plan.plain_durable.name(),
             "plain_elapsed_s": round_thousandth(plain.elapsed.as_secs_f64()),
             "ratio_target_met": ratio >= RATIO_TARGET_MIN,
             "ratio_plain_target_met": ratio_plain >= RATIO_PLAIN_TARGET_MIN,
@@ -240,9 +241,10 @@ impl Report<'_> {
                 quantile_us(&raw.write_and_fsync_ns, 0.99)
             ),
             format!(
-                "plain: {:.1} MB/s, {} io_uring write+fdatasync pairs of {} bytes in {:.3} s (one thread per core)",
+                "plain: {:.1} MB/s, {} io_uring durable writes ({}) of {} bytes in {:.3} s (one thread per core)",
                 self.plain_mb_per_s(),
                 plain.writes,
+                plan.plain_durable.name(),
                 plain.write_bytes,
                 plain.elapsed.as_secs_f64()
             ),
