@@ -93,6 +93,9 @@ pub enum PlainDurable {
     Linked,
     /// One write with RWF_DSYNC: durable when it completes, as if fdatasync followed.
     Dsync,
+    /// A write, then its fdatasync submitted when the write completed (as glommio's
+    /// ceiling and weir's flusher do): tells a linked pair's gain from the executor's.
+    Separate,
 }
 
 impl PlainDurable {
@@ -100,6 +103,7 @@ impl PlainDurable {
         match self {
             PlainDurable::Linked => "linked",
             PlainDurable::Dsync => "dsync",
+            PlainDurable::Separate => "separate",
         }
     }
 }

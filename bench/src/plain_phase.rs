@@ -239,6 +239,12 @@ fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<PlainCoreR
             }
             if !is_sync {
                 file.write_reaped = Some(reaped);
+                if input.durable == PlainDurable::Separate && result >= 0 {
+                    if let Err(error) = submit_sync(&mut ring, &files[index], index) {
+                        first_error.get_or_insert(error);
+                        in_flight -= 1;
+                    }
+                }
                 continue;
             }
             // The pair is done (a failed write cancels its linked fdatasync, which
@@ -317,6 +323,11 @@ fn submit_pair(
                 submission.push(&sync).map_err(|_| ring_full(&file.path))?;
             }
         }
+        PlainDurable::Separate => {
+            let write = write.build().user_data(user_data(index, false));
+            // SAFETY: as for the linked pair.
+            unsafe { ring.submission().push(&write).map_err(|_| ring_full(&file.path))? };
+        }
         PlainDurable::Dsync => {
             // One operation that is the write and its durability: its completion counts
             // as the pair's (user data of the "sync").
@@ -326,6 +337,16 @@ fn submit_pair(
         }
     }
     Ok(())
+}
+
+/// Queues the fdatasync of file `index`'s completed write (`--plain-durable separate`).
+fn submit_sync(ring: &mut IoUring, file: &PlainFile, index: usize) -> Result<(), BenchError> {
+    let sync = opcode::Fsync::new(types::Fd(file.file.as_raw_fd()))
+        .flags(types::FsyncFlags::DATASYNC)
+        .build()
+        .user_data(user_data(index, true));
+    // SAFETY: an fdatasync refers to no memory; the descriptor stays open (see above).
+    unsafe { ring.submission().push(&sync).map_err(|_| ring_full(&file.path)) }
 }
 
 fn ring_full(path: &Path) -> BenchError {
