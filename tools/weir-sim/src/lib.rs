@@ -28,4 +28,16 @@ pub struct Plan {
     pub drain_seconds: f64,
     /// Move every endpoint to a new UDP socket this often (NAT rebinding); `None`: never.
     pub rebind_every: Option<std::time::Duration>,
+    /// Closed loop instead of a paced rate (`None`: paced by `rate`).
+    pub closed_loop: Option<ClosedLoop>,
+}
+
+/// The closed-loop fleet mode (issue 14): each device keeps exactly `frames_in_flight`
+/// frames of `records_per_frame` records in flight and sends the next the moment one is
+/// answered, with no pacing tick and no linger (each send is flushed into its own
+/// frame). What it measures is the server's round trip per frame, not a device queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClosedLoop {
+    pub frames_in_flight: usize,
+    pub records_per_frame: usize,
 }

@@ -106,6 +106,14 @@ struct Options {
     /// rebinding) every this many milliseconds while devices write; 0: never.
     #[arg(long, default_value_t = 0)]
     rebind_every_ms: u64,
+    /// Closed loop: each device keeps exactly N frames in flight and sends the next the
+    /// moment one is answered (no pacing tick, no linger; --rate is not used). The
+    /// summary adds each frame's round trip (frame_rtt_p50_us, ...).
+    #[arg(long, value_name = "N")]
+    closed_loop_frames: Option<usize>,
+    /// Records in each closed-loop frame.
+    #[arg(long, default_value_t = 100, value_name = "R")]
+    records_per_frame: usize,
 }
 
 /// A bad option: reported on stderr, exit code 2.
@@ -209,6 +217,22 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     if let Some(frames) = options.frames_in_flight {
         profile.flow.frames_in_flight_max = frames;
     }
+    let closed_loop = match options.closed_loop_frames {
+        None => None,
+        Some(0) => return Err(usage("--closed-loop-frames must be at least 1")),
+        Some(frames) => {
+            if options.records_per_frame == 0 {
+                return Err(usage("--records-per-frame must be at least 1"));
+            }
+            // One send is one frame: the batch holds exactly a send, and the device
+            // lets every frame of the loop be in flight and queued.
+            profile.batch.records_max = options.records_per_frame;
+            profile.flow.frames_in_flight_max = profile.flow.frames_in_flight_max.max(frames);
+            profile.flow.queue_records_max =
+                profile.flow.queue_records_max.max(frames.saturating_mul(options.records_per_frame));
+            Some(weir_sim::ClosedLoop { frames_in_flight: frames, records_per_frame: options.records_per_frame })
+        }
+    };
     profile.tls.ca = ca;
     profile.tls.certificate = options.certs.join("devices/placeholder.pem");
     profile.tls.key = options.certs.join("devices/placeholder.key");
@@ -229,6 +253,7 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         sends_in_flight: options.sends_in_flight,
         drain_seconds: options.drain_seconds,
         rebind_every: (options.rebind_every_ms > 0).then(|| std::time::Duration::from_millis(options.rebind_every_ms)),
+        closed_loop,
     })
 }
 
