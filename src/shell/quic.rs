@@ -1181,10 +1181,12 @@ async fn process_frame(
     };
     let answer = match admission {
         Admission::Answer(answer) => answer,
-        Admission::Append { sequence, topic, runs } => {
+        Admission::Append { sequence, topic, mut runs } => {
+            // The records move to the log; the answer needs only each run's partition
+            // and stretches (no record is cloned on the way to the disk).
             let appends = runs
-                .iter()
-                .map(|run| appender.append(topic.clone(), run.partition, run.records.clone()))
+                .iter_mut()
+                .map(|run| appender.append(topic.clone(), run.partition, std::mem::take(&mut run.records)))
                 .collect::<Vec<_>>();
             let mut results = Vec::with_capacity(appends.len());
             for append in appends {
