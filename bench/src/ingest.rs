@@ -381,6 +381,7 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
         sends_in_flight: args.sends_in_flight,
         drain_seconds: DRAIN_SECONDS,
         rebind_every: None,
+        faults: weir_sim::Faults::default(),
     }
 }
 
