@@ -416,6 +416,7 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
         closed_loop: args
             .closed_loop_frames
             .map(|frames| weir_sim::ClosedLoop { frames_in_flight: frames, records_per_frame: args.records_per_frame }),
+        faults: weir_sim::Faults::default(),
     }
 }
 

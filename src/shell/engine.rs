@@ -19,13 +19,26 @@ use crate::core::log::batch::{self, Record};
 use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::quic::{AppendFailure, Appender};
+use crate::shell::watch::{self, CoreWatch, Observation, WatchLink};
 
 /// Messages between cores.
 #[derive(Debug)]
 pub enum MeshMessage {
-    Hello { core: usize },
-    Append { request: u64, topic: String, partition: u32, records: Vec<Record> },
-    Appended { request: u64, result: Result<i64, AppendFailure> },
+    Hello {
+        core: usize,
+    },
+    Append {
+        request: u64,
+        topic: String,
+        partition: u32,
+        records: Vec<Record>,
+    },
+    Appended {
+        request: u64,
+        result: Result<i64, AppendFailure>,
+    },
+    /// Frame outcomes for the stream watch of the devices the receiving core owns.
+    Observations(Vec<crate::shell::watch::Observation>),
 }
 
 /// Queue depth of each core-to-core channel.
@@ -82,6 +95,8 @@ pub struct CoreAppender {
     peer_of_core: RefCell<HashMap<usize, usize>>,
     pending: RefCell<HashMap<u64, oneshot::Sender<Result<i64, AppendFailure>>>>,
     next_request: Cell<u64>,
+    /// This core's part of the stream watch, when `[watch]` is on.
+    watch: Option<Rc<CoreWatch>>,
 }
 
 impl CoreAppender {
@@ -93,6 +108,7 @@ impl CoreAppender {
         logs: HashMap<(String, u32), PartitionLog>,
         dedup_settings: DedupSettings,
         mesh: Option<MeshBuilder<MeshMessage, Full>>,
+        watch: Option<Rc<CoreWatch>>,
     ) -> Result<Rc<CoreAppender>, LogError> {
         let mut gates = HashMap::new();
         for (key, log) in &logs {
@@ -114,6 +130,7 @@ impl CoreAppender {
             peer_of_core: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
+            watch,
         });
         if let (Some(senders), Some(receivers)) = (appender.senders.as_ref(), receivers) {
             for peer in 0..senders.nr_consumers() {
@@ -124,6 +141,11 @@ impl CoreAppender {
             serve_peers(appender.clone(), receivers);
         }
         Ok(appender)
+    }
+
+    /// This core's part of the stream watch, when it is on.
+    pub fn watch(&self) -> Option<Rc<CoreWatch>> {
+        self.watch.clone()
     }
 
     fn owner_of(&self, partition: u32) -> usize {
@@ -282,6 +304,11 @@ fn serve_peers(appender: Rc<CoreAppender>, mut receivers: Receivers<MeshMessage>
                             let _ = reply.send(result);
                         }
                     }
+                    MeshMessage::Observations(batch) => {
+                        if let Some(watch) = &appender.watch {
+                            watch.receive(batch);
+                        }
+                    }
                 }
             }
         })
@@ -290,6 +317,22 @@ fn serve_peers(appender: Rc<CoreAppender>, mut receivers: Receivers<MeshMessage>
 }
 
 impl Appender for Rc<CoreAppender> {
+    fn watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    fn observe(
+        &self,
+        device: &str,
+        seen: Option<watch::FrameSeen>,
+        answer: &crate::core::protocol::AnswerFrame,
+        received: std::time::Instant,
+    ) {
+        if let Some(watch) = &self.watch {
+            watch.observe(watch::observation_of(device, seen, answer, received));
+        }
+    }
+
     fn append(
         &self,
         topic: String,
@@ -305,6 +348,24 @@ impl Appender for Rc<CoreAppender> {
                 appender.append_remote(owner, topic, partition, records).await
             }
         })
+    }
+}
+
+impl WatchLink for Rc<CoreAppender> {
+    fn send_observations(&self, owner: usize, batch: Vec<Observation>) -> Result<(), usize> {
+        let count = batch.len();
+        let (Some(senders), Some(peer)) = (self.senders.as_ref(), self.peer_of_core.borrow().get(&owner).copied())
+        else {
+            return Err(count);
+        };
+        senders.try_send_to(peer, MeshMessage::Observations(batch)).map_err(|_| count)
+    }
+
+    fn append_alerts(
+        &self,
+        records: Vec<Record>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<i64, AppendFailure>>>> {
+        self.append(crate::config::WATCH_ALERTS_TOPIC.to_owned(), 0, records)
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Metrics {
     /// Every partition's handles, for `/status` and `/health`.
     pub status: StatusBoard,
     quic: QuicFamilies,
+    /// The stream watch's figures and open alerts (`shell::watch`).
+    pub watch: Arc<crate::shell::watch::WatchBoard>,
 }
 
 /// The process and the data directory, sampled when `/metrics` is scraped.
@@ -186,7 +188,9 @@ impl Metrics {
             ship: ShipFamilies::default(),
             status: StatusBoard::default(),
             quic: QuicFamilies::default(),
+            watch: Arc::default(),
         };
+        metrics.watch.register(&mut registry);
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
         registry.register("log_flushes", "Group commits (one write and one fdatasync each)", metrics.flushes.clone());

@@ -87,6 +87,22 @@ pub trait Appender {
     fn answer_unchecked(&self, _frame: &[u8]) -> Option<Vec<u8>> {
         None
     }
+
+    /// Whether `observe` wants to hear of frames.
+    fn watching(&self) -> bool {
+        false
+    }
+
+    /// Tells the stream watch (`shell::watch`) what became of a frame; never waits.
+    /// weir's appender does when `[watch]` is on; the default ignores it.
+    fn observe(
+        &self,
+        _device: &str,
+        _seen: Option<crate::shell::watch::FrameSeen>,
+        _answer: &protocol::AnswerFrame,
+        _received: Instant,
+    ) {
+    }
 }
 
 /// Everything a core's listener needs, shared by all cores.
@@ -1179,9 +1195,11 @@ async fn process_frame(
         let mut quota = quota.as_ref().map(|quota| quota.borrow_mut());
         ingest::admit(&frame, &rules, &mut order.borrow_mut(), quota.as_deref_mut(), Instant::now())
     };
+    let mut seen = None;
     let answer = match admission {
         Admission::Answer(answer) => answer,
         Admission::Append { sequence, topic, mut runs } => {
+            seen = appender.watching().then(|| crate::shell::watch::FrameSeen::of_runs(&topic, sequence, &runs));
             // The records move to the log; the answer needs only each run's partition
             // and stretches (no record is cloned on the way to the disk).
             let appends = runs
@@ -1195,6 +1213,7 @@ async fn process_frame(
             ingest::answer(sequence, &runs, results, &mut order.borrow_mut())
         }
     };
+    appender.observe(&device, seen, &answer, received);
     if answer.kind == protocol::KIND_ACK {
         settings.metrics.frames_acked.inc();
         settings.metrics.ack_latency.record(received.elapsed());

@@ -147,6 +147,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
 /// The process's metrics, with the settings `/status` reports.
 fn engine_metrics(valid: &ValidConfig) -> Arc<Metrics> {
     let metrics = Metrics::new();
+    metrics.watch.enabled.store(valid.config.watch.enabled, std::sync::atomic::Ordering::Relaxed);
     let log_config = &valid.config.log;
     metrics.status.set_settings(crate::shell::status::StatusSettings {
         data_dir: valid.config.data_dir.clone(),
@@ -171,6 +172,10 @@ struct CoreCommon {
     datagram_mesh: quic::DatagramMesh,
     core_count: usize,
     dedup: engine::DedupSettings,
+    /// The stream watch's thresholds, when `[watch]` is on, and whether its events go
+    /// to `_weir.alerts`.
+    watch: Option<crate::core::watch::WatchConfig>,
+    watch_alerts_topic: bool,
 }
 
 impl CoreCommon {
@@ -203,6 +208,8 @@ impl CoreCommon {
                 },
                 horizon_records: i64::from(valid.config.quic.dedup_horizon_records),
             },
+            watch: valid.config.watch.enabled.then(|| valid.config.watch_config()),
+            watch_alerts_topic: valid.config.watch_alerts_topic(),
         }
     }
 }
@@ -292,6 +299,7 @@ struct CoreTasks {
     listener: Option<glommio::Task<std::io::Result<quic::QuicStats>>>,
     shippers: Vec<glommio::Task<Result<(), ship::ShipError>>>,
     room_keeper: Option<glommio::Task<()>>,
+    watch: Option<glommio::Task<()>>,
 }
 
 /// One core's life on its executor: open its partitions, join the other cores, serve
@@ -370,7 +378,10 @@ async fn join_mesh(
         None
     };
     let mesh = common.mesh.clone();
-    let start = engine::CoreAppender::start(core, common.core_count, by_partition, common.dedup, Some(mesh));
+    let watch = common.watch.map(|config| {
+        Rc::new(crate::shell::watch::CoreWatch::new(core, common.core_count, config, common.metrics.watch.clone()))
+    });
+    let start = engine::CoreAppender::start(core, common.core_count, by_partition, common.dedup, Some(mesh), watch);
     futures_lite::future::or(async { Some(start.await) }, shutdown_seen).await
 }
 
@@ -384,6 +395,14 @@ fn start_tasks(
     shippers: Vec<Option<ShipperSetup>>,
     common: &CoreCommon,
 ) -> CoreTasks {
+    let watch = joined.as_ref().and_then(|appender| {
+        let watch = appender.watch()?;
+        let stopping = common.shutdown.clone();
+        let link: Box<dyn crate::shell::watch::WatchLink> = Box::new(appender.clone());
+        Some(glommio::spawn_local(crate::shell::watch::run(watch, link, common.watch_alerts_topic, move || {
+            shutdown::is_signalled(&stopping)
+        })))
+    });
     let listener = match (joined, listener) {
         (Some(appender), Some((socket, settings))) => {
             let appender: Rc<dyn Appender> = Rc::new(appender);
@@ -415,7 +434,7 @@ fn start_tasks(
             shutdown::is_signalled(&stopping)
         }))
     });
-    CoreTasks { listener, shippers: shipper_tasks, room_keeper }
+    CoreTasks { listener, shippers: shipper_tasks, room_keeper, watch }
 }
 
 /// Waits for the listener to close its connections, for the shippers to persist their
@@ -437,6 +456,9 @@ async fn stop_tasks(core: usize, tasks: CoreTasks) {
         .await;
     }
     if let Some(task) = tasks.room_keeper {
+        task.await;
+    }
+    if let Some(task) = tasks.watch {
         task.await;
     }
 }
@@ -582,6 +604,8 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
             .config
             .topics
             .iter()
+            // weir's own topics (`_weir.alerts`) are not the devices' to write.
+            .filter(|topic| !topic.name.starts_with(crate::config::RESERVED_TOPIC_PREFIX))
             .map(|topic| (topic.name.clone(), (topic.partitions, valid.config.upstream.key_hash(&topic.name))))
             .collect(),
         connections_per_device_max: config.connections_per_device_max as usize,

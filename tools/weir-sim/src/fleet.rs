@@ -203,7 +203,16 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut fleet = JoinSet::new();
     for (index, client) in clients {
+        let restart = plan.faults.restart_of(index).map(|after| {
+            let device_id = &plan.device_ids[index];
+            let mut profile = plan.profile_template.clone();
+            profile.tls.certificate = plan.certs.join(format!("devices/{device_id}.pem"));
+            profile.tls.key = plan.certs.join(format!("devices/{device_id}.key"));
+            Restart { at: start + after, endpoint: endpoints[index / plan.devices_per_endpoint].clone(), profile }
+        });
         let device = DeviceRun {
+            stop_at: plan.faults.stop_of(index).map(|after| start + after),
+            restart,
             client: Arc::new(client),
             index,
             rate: plan.rate,
@@ -328,7 +337,16 @@ async fn join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<It
     .await
 }
 
+/// A device that connects again, as one that lost its sequence state.
+struct Restart {
+    at: Instant,
+    endpoint: quinn::Endpoint,
+    profile: weir_device::DeviceProfile,
+}
+
 struct DeviceRun {
+    stop_at: Option<Instant>,
+    restart: Option<Restart>,
     client: Arc<DeviceClient>,
     index: usize,
     rate: f64,
@@ -346,7 +364,31 @@ struct DeviceRun {
 }
 
 impl DeviceRun {
-    async fn run(self) {
+    /// Waits for the device's sends, closes its connection, and connects again with a
+    /// clock that began at 1970 `uptime` ago and no sequence state: its sequences start
+    /// again from below. False when it could not connect (noted).
+    async fn restart(&mut self, restart: &Restart, sends: &mut JoinSet<()>) -> bool {
+        while sends.join_next().await.is_some() {}
+        let uptime = Instant::now().saturating_duration_since(self.start);
+        let mut profile = restart.profile.clone();
+        profile.sequence.state_file = None;
+        match DeviceClient::connect_on_at(&restart.endpoint, &profile, SystemTime::UNIX_EPOCH + uptime).await {
+            Ok(client) => {
+                let previous = std::mem::replace(&mut self.client, Arc::new(client));
+                if let Ok(previous) = Arc::try_unwrap(previous) {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), previous.close()).await;
+                }
+                true
+            }
+            Err(error) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.note_error(format!("reconnect {}: {error}", self.client.device_id()));
+                false
+            }
+        }
+    }
+
+    async fn run(mut self) {
         let device: Arc<str> = self.client.device_id().into();
         let key = Bytes::from(device.as_bytes().to_vec());
         let mut sends = JoinSet::new();
@@ -359,7 +401,16 @@ impl DeviceRun {
             let mut next = self.start + phase;
             let mut generated = 0u64;
             let mut topic_rotation = self.index;
+            let mut restart = self.restart.take();
             while next < self.end {
+                if self.stop_at.is_some_and(|at| next >= at) {
+                    break;
+                }
+                if let Some(due) = restart.take_if(|restart| next >= restart.at) {
+                    if !self.restart(&due, &mut sends).await {
+                        break;
+                    }
+                }
                 tokio::time::sleep_until(next).await;
                 while sends.len() >= self.sends_in_flight {
                     tokio::select! {

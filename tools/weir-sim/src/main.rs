@@ -114,6 +114,18 @@ struct Options {
     /// Records in each closed-loop frame.
     #[arg(long, default_value_t = 100, value_name = "R")]
     records_per_frame: usize,
+    /// Devices (the first ones) that stop writing and disconnect after --stop-after-seconds.
+    #[arg(long, default_value_t = 0)]
+    stop_devices: u32,
+    #[arg(long, default_value_t = 0.0)]
+    stop_after_seconds: f64,
+    /// Devices (after the stopped ones) that disconnect after --restart-after-seconds and
+    /// connect again as a device that lost its sequence state and whose clock began
+    /// again at 1970: their sequences start again from below.
+    #[arg(long, default_value_t = 0)]
+    restart_devices: u32,
+    #[arg(long, default_value_t = 0.0)]
+    restart_after_seconds: f64,
 }
 
 /// A bad option: reported on stderr, exit code 2.
@@ -154,6 +166,23 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     if options.connect_concurrency == 0 || options.sends_in_flight == 0 {
         return Err(usage("--connect-concurrency and --sends-in-flight must be at least 1"));
     }
+    if u64::from(options.stop_devices) + u64::from(options.restart_devices) > u64::from(options.devices) {
+        return Err(usage("--stop-devices and --restart-devices together exceed --devices"));
+    }
+    for (name, seconds) in [
+        ("--stop-after-seconds", options.stop_after_seconds),
+        ("--restart-after-seconds", options.restart_after_seconds),
+    ] {
+        if !seconds.is_finite() || seconds < 0.0 || seconds > options.seconds {
+            return Err(usage(format!("{name} {seconds} is not within the run (0..={})", options.seconds)));
+        }
+    }
+    let faults = weir_sim::Faults {
+        stopped: options.stop_devices as usize,
+        stop_after: std::time::Duration::from_secs_f64(options.stop_after_seconds),
+        restarted: options.restart_devices as usize,
+        restart_after: std::time::Duration::from_secs_f64(options.restart_after_seconds),
+    };
     let threads = match options.threads {
         Some(0) => return Err(usage("--threads must be at least 1")),
         Some(threads) => threads,
@@ -254,6 +283,7 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         drain_seconds: options.drain_seconds,
         rebind_every: (options.rebind_every_ms > 0).then(|| std::time::Duration::from_millis(options.rebind_every_ms)),
         closed_loop,
+        faults,
     })
 }
 
