@@ -116,6 +116,10 @@ pub struct IngestArgs {
     /// Tokio threads of the device fleet (default: the CPUs available).
     #[arg(long, value_name = "T")]
     pub threads: Option<usize>,
+    /// Run weir with the stream watch off (`[watch] enabled = false`), to measure the
+    /// watch's CPU per record against a run with it on (the default).
+    #[arg(long)]
+    pub no_watch: bool,
 }
 
 /// Why an ingest run failed.
@@ -240,9 +244,11 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     let config_path = root.path().join("weir.toml");
     let config_text = format!(
         "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n\
-         generate_dev_certs = false\nconnections_max = {connections_max}\n[[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
+         generate_dev_certs = false\nconnections_max = {connections_max}\n[watch]\nenabled = {}\n\
+         [[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
         root.path().join("data").display().to_string(),
         certs.display().to_string(),
+        !args.no_watch,
         args.partitions
     );
     std::fs::write(&config_path, config_text).map_err(io_error("write", &config_path))?;
