@@ -130,6 +130,10 @@ pub struct IngestArgs {
     /// Records in each closed-loop frame.
     #[arg(long, default_value_t = 100, value_name = "R")]
     pub records_per_frame: usize,
+    /// Run weir with the stream watch off (`[watch] enabled = false`), to measure the
+    /// watch's CPU per record against a run with it on (the default).
+    #[arg(long)]
+    pub no_watch: bool,
 }
 
 /// Why an ingest run failed.
@@ -266,9 +270,11 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     let config_path = root.path().join("weir.toml");
     let config_text = format!(
         "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n\
-         generate_dev_certs = false\nconnections_max = {connections_max}\n[[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
+         generate_dev_certs = false\nconnections_max = {connections_max}\n[watch]\nenabled = {}\n\
+         [[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
         root.path().join("data").display().to_string(),
         certs.display().to_string(),
+        !args.no_watch,
         args.partitions
     );
     std::fs::write(&config_path, config_text).map_err(io_error("write", &config_path))?;

@@ -242,8 +242,11 @@ pub struct CoreWatch {
 }
 
 impl CoreWatch {
+    /// Core `core`'s watch: `config.streams_max` is split evenly over the cores (each
+    /// watches the devices it owns), so all together track at most about that many.
     pub fn new(core: usize, cores: usize, config: WatchConfig, board: Arc<WatchBoard>) -> CoreWatch {
         assert!(core < cores);
+        let config = WatchConfig { streams_max: config.streams_max.div_ceil(cores), ..config };
         CoreWatch {
             core,
             cores,
