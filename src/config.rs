@@ -85,6 +85,11 @@ pub struct LogConfig {
     pub flush_delay_us_max: Micros,
     #[serde(default = "default_flush_bytes_max")]
     pub flush_bytes_max: ByteSize,
+    /// Small group commits (write + fdatasync) all partitions of one core may start
+    /// per second; a partition waits for the core's next slot, gathering meanwhile
+    /// (`core::log::pacer`). 0: unpaced.
+    #[serde(default = "default_core_flushes_per_s_max")]
+    pub core_flushes_per_s_max: u32,
     #[serde(default = "default_appends_pending_max")]
     pub appends_pending_max: u32,
     #[serde(default = "default_partition_bytes_max")]
@@ -330,6 +335,9 @@ fn default_flush_delay_us_max() -> Micros {
 fn default_flush_bytes_max() -> ByteSize {
     ByteSize(1 << 20)
 }
+fn default_core_flushes_per_s_max() -> u32 {
+    1000
+}
 fn default_appends_pending_max() -> u32 {
     4096
 }
@@ -361,6 +369,7 @@ impl Default for LogConfig {
             preallocate_bytes: default_preallocate_bytes(),
             flush_delay_us_max: default_flush_delay_us_max(),
             flush_bytes_max: default_flush_bytes_max(),
+            core_flushes_per_s_max: default_core_flushes_per_s_max(),
             appends_pending_max: default_appends_pending_max(),
             partition_bytes_max: default_partition_bytes_max(),
             data_dir_bytes_max: ByteSize(0),
@@ -885,6 +894,12 @@ impl Config {
         }
         if log.segment_age_s_max.0 == 0 {
             problem("log.segment_age_s_max", "must be at least 1 s".into());
+        }
+        if log.core_flushes_per_s_max > crate::core::log::pacer::FLUSHES_PER_S_MAX {
+            problem(
+                "log.core_flushes_per_s_max",
+                format!("must be within 0..={} (0: unpaced)", crate::core::log::pacer::FLUSHES_PER_S_MAX),
+            );
         }
         if log.appends_pending_max == 0 || log.appends_pending_max > 1 << 20 {
             problem("log.appends_pending_max", "must be within 1..=1048576".into());

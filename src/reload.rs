@@ -78,6 +78,7 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
             ("preallocate_bytes", old.preallocate_bytes != new.preallocate_bytes),
             ("flush_delay_us_max", old.flush_delay_us_max != new.flush_delay_us_max),
             ("flush_bytes_max", old.flush_bytes_max != new.flush_bytes_max),
+            ("core_flushes_per_s_max", old.core_flushes_per_s_max != new.core_flushes_per_s_max),
             ("appends_pending_max", old.appends_pending_max != new.appends_pending_max),
             ("partition_bytes_max", old.partition_bytes_max != new.partition_bytes_max),
             ("data_dir_bytes_max", old.data_dir_bytes_max != new.data_dir_bytes_max),

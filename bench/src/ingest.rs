@@ -62,15 +62,15 @@ const IDLE_CONNECTIONS_MAX: u32 = 100_000;
 const SECONDS_MAX: u64 = 3600;
 const RATE_MAX: f64 = 1_000_000.0;
 const QUEUE_RECORDS_MAX: usize = 4096;
-const TOPIC: &str = "telemetry";
+pub(crate) const TOPIC: &str = "telemetry";
 /// Device certificates name `bench-<n>`.
-const DEVICE_PREFIX: &str = "bench-";
+pub(crate) const DEVICE_PREFIX: &str = "bench-";
 /// Devices sharing one client UDP socket.
-const DEVICES_PER_ENDPOINT: usize = 100;
+pub(crate) const DEVICES_PER_ENDPOINT: usize = 100;
 /// Handshakes in flight while devices connect (below weir's handshakes_before_retry).
-const CONNECT_CONCURRENCY: usize = 64;
+pub(crate) const CONNECT_CONCURRENCY: usize = 64;
 /// Connections weir allows above the bench's own (a margin for stragglers that close).
-const CONNECTIONS_MARGIN: u32 = 1024;
+pub(crate) const CONNECTIONS_MARGIN: u32 = 1024;
 /// How long weir has to report itself serving.
 const SERVE_START_MAX: Duration = Duration::from_secs(60);
 /// How long weir has to stop after SIGINT.
@@ -78,7 +78,7 @@ const SERVE_STOP_MAX: Duration = Duration::from_secs(30);
 /// Pause before each RSS reading, so the server has processed the last handshakes.
 const RSS_SETTLE: Duration = Duration::from_secs(1);
 /// Longest wait for outstanding sends after a fleet phase.
-const DRAIN_SECONDS: f64 = 30.0;
+pub(crate) const DRAIN_SECONDS: f64 = 30.0;
 
 #[derive(Debug, Clone, Args)]
 pub struct IngestArgs {
@@ -249,7 +249,7 @@ pub fn serve_weir(args: Vec<String>) -> i32 {
     }
 }
 
-fn say(message: impl std::fmt::Display) {
+pub(crate) fn say(message: impl std::fmt::Display) {
     eprintln!("weir-bench ingest: {message}");
 }
 
@@ -380,7 +380,7 @@ fn first_error(outcome: &Outcome, otherwise: &str) -> String {
     outcome.first_errors.first().cloned().unwrap_or_else(|| otherwise.to_owned())
 }
 
-fn device_profile(server: SocketAddr, certs: &Path, device: &str) -> DeviceProfile {
+pub(crate) fn device_profile(server: SocketAddr, certs: &Path, device: &str) -> DeviceProfile {
     let mut profile = DeviceProfile::new(
         vec![server],
         "localhost",
@@ -429,17 +429,19 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
 /// A server in a child process (`weir serve`, or the ceiling), with its QUIC address
 /// read from its log. Both run as children so that neither shares a process with the
 /// device fleet, and weir's memory is its own.
-struct ServerChild {
+pub(crate) struct ServerChild {
     name: &'static str,
     child: Child,
-    address: SocketAddr,
+    pub(crate) address: SocketAddr,
+    /// Its admin endpoint, when it logged one (weir does, the ceiling does not).
+    pub(crate) admin: Option<SocketAddr>,
 }
 
 /// What the ceiling child logs once it serves, after `quic=<address>`.
 const CEILING_SERVING: &str = "ceiling serving";
 
 impl ServerChild {
-    fn weir(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
+    pub(crate) fn weir(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
         let cores = cores.to_string();
         ServerChild::spawn(
             "weir serve",
@@ -449,7 +451,7 @@ impl ServerChild {
         )
     }
 
-    fn ceiling(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
+    pub(crate) fn ceiling(config: &Path, cores: usize) -> Result<ServerChild, IngestError> {
         let cores = cores.to_string();
         ServerChild::spawn(
             "raw QUIC ceiling",
@@ -483,6 +485,7 @@ impl ServerChild {
         });
         let deadline = Instant::now() + SERVE_START_MAX;
         let mut address = None;
+        let mut admin = None;
         let mut seen = Vec::new();
         loop {
             if Instant::now() > deadline {
@@ -494,6 +497,9 @@ impl ServerChild {
                 Ok(line) => {
                     if let Some(at) = line.find("quic=") {
                         address = line[at + 5..].split_whitespace().next().and_then(|text| text.parse().ok());
+                    }
+                    if let Some(at) = line.find("admin=http://") {
+                        admin = line[at + 13..].split_whitespace().next().and_then(|text| text.parse().ok());
                     }
                     let ready = line.contains(serving);
                     seen.push(line);
@@ -511,7 +517,7 @@ impl ServerChild {
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || while received.recv().is_ok() {});
         match address {
-            Some(address) => Ok(ServerChild { name, child, address }),
+            Some(address) => Ok(ServerChild { name, child, address, admin }),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -520,12 +526,12 @@ impl ServerChild {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGINT, then wait (bounded) for a clean exit; returns its stdout.
-    fn stop(mut self) -> Result<String, IngestError> {
+    pub(crate) fn stop(mut self) -> Result<String, IngestError> {
         let failed = |name: &str, why: String| {
             if name == "weir serve" {
                 IngestError::Weir(why)
@@ -609,7 +615,7 @@ pub fn serve_ceiling(config: &Path, cores: usize) -> i32 {
 }
 
 /// A process's resident set, from /proc/<pid>/status.
-fn rss_bytes(pid: u32) -> Result<u64, IngestError> {
+pub(crate) fn rss_bytes(pid: u32) -> Result<u64, IngestError> {
     let path = PathBuf::from(format!("/proc/{pid}/status"));
     let status = std::fs::read_to_string(&path).map_err(io_error("read", &path))?;
     status
@@ -728,7 +734,7 @@ impl IdleDevices {
 
 /// CPU seconds (user + system) a process has used, from /proc/<pid>/stat; 0 when
 /// unreadable (the figure is a diagnostic, not a result).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     cpu_seconds_of(&format!("/proc/{pid}/stat"))
 }
 
@@ -779,7 +785,7 @@ struct IngestReport<'a> {
     raw_cpu: CpuUse,
 }
 
-fn quantile(histogram: &Histogram<u64>, quantile: f64) -> u64 {
+pub(crate) fn quantile(histogram: &Histogram<u64>, quantile: f64) -> u64 {
     if histogram.is_empty() {
         0
     } else {
@@ -791,11 +797,11 @@ fn records_per_s(outcome: &Outcome) -> f64 {
     outcome.acked as f64 / outcome.elapsed.as_secs_f64().max(1e-9)
 }
 
-fn errors(outcome: &Outcome) -> u64 {
+pub(crate) fn errors(outcome: &Outcome) -> u64 {
     outcome.failed_sends + outcome.connect_failures + outcome.abandoned_sends
 }
 
-fn round(value: f64, digits: i32) -> f64 {
+pub(crate) fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
 }

@@ -19,11 +19,15 @@
 //! `weir-bench ship` drains a backlog of the log into tansu with weir's shipper, against
 //! a confluent-kafka producer sending the same records to the same broker (`ship.rs`).
 //!
+//! `weir-bench fleet` runs many devices each sending a small record now and then
+//! against weir and the raw QUIC ceiling in alternating rounds (`fleet.rs`).
+//!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
 #![recursion_limit = "256"] // the log report's json! object has over 40 fields
 
 mod cores;
+mod fleet;
 mod ingest;
 mod options;
 mod plain_phase;
@@ -72,6 +76,10 @@ enum Command {
     /// Devices over QUIC into weir (durable acks) against the raw QUIC ceiling, plus
     /// weir's memory per idle device connection.
     Ingest(ingest::IngestArgs),
+    /// Many devices each sending a small record now and then (issue 18), against weir
+    /// and the raw QUIC ceiling in alternating rounds: ack latency, server CPU per
+    /// record and per connection, flushes per second, RSS per connection.
+    Fleet(fleet::FleetArgs),
     /// Runs `weir` itself (`weir-bench serve-weir serve ...`): how `ingest` starts weir
     /// as a child process.
     #[command(hide = true)]
@@ -151,6 +159,7 @@ fn main() {
     let outcome = match cli.command {
         Command::Log(args) => run_log(&args),
         Command::Ingest(args) => ingest::run(&args).map_err(BenchError::from),
+        Command::Fleet(args) => fleet::run(&args).map_err(BenchError::from),
         Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
         Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
         Command::Ship(args) => ship::run_ship(&args),

@@ -7,6 +7,7 @@
 //! is left half-serving. Shutdown is one shared flag (set by SIGINT/SIGTERM or by a
 //! failing core) that every core polls.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{DiskFullPolicy, ValidConfig};
+use crate::core::log::pacer::FlushPacer;
 use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
@@ -346,11 +348,13 @@ async fn open_partitions(
 ) -> Option<(Vec<PartitionLog>, HashMap<(String, u32), PartitionLog>)> {
     let mut logs = Vec::new();
     let mut by_partition = HashMap::new();
+    // One flush pacer for the core's partitions: they share its disk's syncs.
+    let pacer = Rc::new(RefCell::new(FlushPacer::new(common.options.core_flushes_per_s_max)));
     for (topic, partition) in partitions {
         let directory = partition_directory(&common.data_dir, &topic, partition);
         let name = format!("{topic}-{partition}");
         let metrics = common.metrics.partition(&topic, partition);
-        match PartitionLog::open(&directory, &name, common.options.clone(), metrics).await {
+        match PartitionLog::open_paced(&directory, &name, common.options.clone(), metrics, pacer.clone()).await {
             Ok(log) => {
                 log.set_budget(common.budget.clone());
                 by_partition.insert((topic, partition), log.clone());

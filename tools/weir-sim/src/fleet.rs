@@ -64,6 +64,10 @@ pub struct Outcome {
     pub rebinds: u64,
     /// From the start of writing to the last resolved send.
     pub elapsed: Duration,
+    /// When the devices began writing and when they stopped (the drain follows), for a
+    /// caller that samples the server over the writing time only.
+    pub writing_from: std::time::Instant,
+    pub writing_until: std::time::Instant,
     pub first_errors: Vec<String>,
 }
 
@@ -320,6 +324,8 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         sends_acked: stats.sends_acked.load(Ordering::Relaxed),
         rebinds: rebinds.load(Ordering::Relaxed),
         elapsed,
+        writing_from: start.into_std(),
+        writing_until: end.into_std(),
         first_errors,
     })
 }
