@@ -406,6 +406,8 @@ fn phase(
         sends_in_flight: 1,
         drain_seconds: ingest::DRAIN_SECONDS,
         rebind_every: None,
+        closed_loop: None,
+        faults: weir_sim::Faults::default(),
     };
     let sampler = Sampler::start(server.pid(), server.admin);
     let outcome = runtime.block_on(weir_sim::fleet::run(&plan));
