@@ -119,6 +119,20 @@ pub enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// The stream watch's open alerts (docs/WATCH.md): device, topic, kind, since when,
+    /// evidence. Asks the running server (GET /alerts on admin.listen). Exit 0 with no
+    /// alert open, 1 with some, 4 when no weir answers.
+    Alerts {
+        /// Config file; without it the embedded default (firmware-config/weir.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print one JSON object (the /alerts document).
+        #[arg(long)]
+        json: bool,
+        /// Admin address to ask instead of admin.listen (host:port).
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Print records of the local log: partition, offset, time, device, sequence, key and
     /// value (text, or hex when not printable). Reads beside a serving weir; only whole,
     /// CRC-checked batches are printed.
@@ -291,6 +305,13 @@ pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i3
                 }
             }
         }
+        Command::Alerts { config, json, admin } => match load_config(config.as_ref(), None) {
+            Ok(valid) => crate::alerts::command(&valid, admin.as_deref(), json),
+            Err(error) => {
+                eprintln!("weir: {error}");
+                exit_code::BAD_CONFIG
+            }
+        },
         Command::Status { config, json, admin } => match load_config(config.as_ref(), None) {
             Ok(valid) => crate::status::command(&valid, admin.as_deref(), json),
             Err(error) => {

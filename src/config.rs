@@ -52,6 +52,9 @@ pub struct Config {
     pub kafka_api: KafkaApiConfig,
     #[serde(default = "default_topics")]
     pub topics: Vec<TopicConfig>,
+    /// The stream watch (docs/WATCH.md).
+    #[serde(default)]
+    pub watch: WatchSection,
     /// What is logged: a tracing filter (`"info"`, `"warn,weir::shell::quic=debug"`).
     /// `WEIR_LOG` in the environment, when set, wins over it. Applied live on SIGHUP.
     #[serde(default = "default_log_level")]
@@ -84,6 +87,11 @@ pub struct LogConfig {
     pub flush_delay_us_max: Micros,
     #[serde(default = "default_flush_bytes_max")]
     pub flush_bytes_max: ByteSize,
+    /// Small group commits (write + fdatasync) all partitions of one core may start
+    /// per second; a partition waits for the core's next slot, gathering meanwhile
+    /// (`core::log::pacer`). 0: unpaced.
+    #[serde(default = "default_core_flushes_per_s_max")]
+    pub core_flushes_per_s_max: u32,
     #[serde(default = "default_appends_pending_max")]
     pub appends_pending_max: u32,
     #[serde(default = "default_partition_bytes_max")]
@@ -408,6 +416,9 @@ fn default_flush_delay_us_max() -> Micros {
 fn default_flush_bytes_max() -> ByteSize {
     ByteSize(1 << 20)
 }
+fn default_core_flushes_per_s_max() -> u32 {
+    1000
+}
 fn default_appends_pending_max() -> u32 {
     4096
 }
@@ -439,6 +450,7 @@ impl Default for LogConfig {
             preallocate_bytes: default_preallocate_bytes(),
             flush_delay_us_max: default_flush_delay_us_max(),
             flush_bytes_max: default_flush_bytes_max(),
+            core_flushes_per_s_max: default_core_flushes_per_s_max(),
             appends_pending_max: default_appends_pending_max(),
             partition_bytes_max: default_partition_bytes_max(),
             data_dir_bytes_max: ByteSize(0),
@@ -766,6 +778,7 @@ fn known_keys(table: &str) -> &'static [&'static str] {
         "quic" => field_names::<QuicConfig>(),
         "kafka_api" => field_names::<KafkaApiConfig>(),
         "topics" => field_names::<TopicConfig>(),
+        "watch" => field_names::<WatchSection>(),
         "upstream" => field_names::<UpstreamConfig>(),
         "upstream.tls" => field_names::<UpstreamTlsConfig>(),
         "upstream.sasl" => field_names::<UpstreamSaslConfig>(),
@@ -878,6 +891,7 @@ impl Config {
         self.validate_quic(&mut problem);
         self.validate_process(&mut problem);
         self.validate_topics(&mut problem);
+        self.validate_watch(&mut problem);
         let topic_names: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
         self.upstream.validate(&topic_names, host.upstream_files, &mut problems);
         if problems.is_empty() {
@@ -963,6 +977,12 @@ impl Config {
         }
         if log.segment_age_s_max.0 == 0 {
             problem("log.segment_age_s_max", "must be at least 1 s".into());
+        }
+        if log.core_flushes_per_s_max > crate::core::log::pacer::FLUSHES_PER_S_MAX {
+            problem(
+                "log.core_flushes_per_s_max",
+                format!("must be within 0..={} (0: unpaced)", crate::core::log::pacer::FLUSHES_PER_S_MAX),
+            );
         }
         if log.appends_pending_max == 0 || log.appends_pending_max > 1 << 20 {
             problem("log.appends_pending_max", "must be within 1..=1048576".into());
@@ -1118,7 +1138,9 @@ impl Config {
             problem("quic.idle_timeout_s", "must be within 1..=3600 s".into());
         }
         for topic in &quic.topics_allowed {
-            if !self.topics.iter().any(|configured| &configured.name == topic) {
+            if topic.starts_with(RESERVED_TOPIC_PREFIX) {
+                problem("quic.topics_allowed", format!("{topic:?} is weir's own: devices never write it"));
+            } else if !self.topics.iter().any(|configured| &configured.name == topic) {
                 problem("quic.topics_allowed", format!("{topic:?} is not a configured topic"));
             }
         }
@@ -1221,6 +1243,22 @@ impl Config {
                     format!("{:?} is not a topic name (1..=249 of a-z A-Z 0-9 . _ -)", topic.name),
                 );
             }
+            if topic.name.starts_with(RESERVED_TOPIC_PREFIX) && topic.name != WATCH_ALERTS_TOPIC {
+                problem(
+                    &format!("{path}.name"),
+                    format!(
+                        "{:?}: names starting with {RESERVED_TOPIC_PREFIX:?} are weir's own; the only one to declare \
+                         is {WATCH_ALERTS_TOPIC:?}",
+                        topic.name
+                    ),
+                );
+            }
+            if topic.name == WATCH_ALERTS_TOPIC && topic.partitions != 1 {
+                problem(
+                    &format!("{path}.partitions"),
+                    format!("{WATCH_ALERTS_TOPIC:?} has exactly 1 partition (alert events in one order)"),
+                );
+            }
             if !names.insert(topic.name.clone()) {
                 problem(&format!("{path}.name"), format!("topic {:?} is defined twice", topic.name));
             }
@@ -1230,6 +1268,156 @@ impl Config {
                     format!("{} is outside 1..={TOPIC_PARTITIONS_MAX}", topic.partitions),
                 );
             }
+        }
+    }
+}
+
+// ----- [watch]: the stream watch -----
+
+/// Topic names starting with this are weir's own: devices cannot write them.
+pub const RESERVED_TOPIC_PREFIX: &str = "_weir.";
+/// The edge topic the watch appends every alert event to, when it is declared in
+/// `[[topics]]` (with 1 partition); shipped upstream like any topic.
+pub const WATCH_ALERTS_TOPIC: &str = "_weir.alerts";
+/// The most streams the watch may be asked to track.
+pub const WATCH_STREAMS_MAX: u32 = 10_000_000;
+
+/// `[watch]`: thresholds of the stream watch (`core::watch`). Read at start: a change
+/// needs a restart (the learned state would not fit other thresholds anyway).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct WatchSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_watch_streams_max")]
+    pub streams_max: u32,
+    #[serde(default = "default_watch_silence_factor")]
+    pub silence_factor: f64,
+    #[serde(default = "default_watch_silence_s_min")]
+    pub silence_s_min: Seconds,
+    #[serde(default = "default_watch_silence_s_max")]
+    pub silence_s_max: Seconds,
+    #[serde(default = "default_watch_learn_records")]
+    pub learn_records: u32,
+    #[serde(default = "default_watch_rate_factor")]
+    pub rate_factor: f64,
+    #[serde(default = "default_watch_rate_window_s")]
+    pub rate_window_s: Seconds,
+    #[serde(default = "default_watch_clock_skew_s_max")]
+    pub clock_skew_s_max: Seconds,
+    #[serde(default = "default_watch_restart_hold_s")]
+    pub restart_hold_s: Seconds,
+    #[serde(default = "default_watch_refusals_per_minute_max")]
+    pub refusals_per_minute_max: u32,
+}
+
+fn default_watch_streams_max() -> u32 {
+    100_000
+}
+fn default_watch_silence_factor() -> f64 {
+    5.0
+}
+fn default_watch_silence_s_min() -> Seconds {
+    Seconds(10)
+}
+fn default_watch_silence_s_max() -> Seconds {
+    Seconds(300)
+}
+fn default_watch_learn_records() -> u32 {
+    10
+}
+fn default_watch_rate_factor() -> f64 {
+    4.0
+}
+fn default_watch_rate_window_s() -> Seconds {
+    Seconds(60)
+}
+fn default_watch_clock_skew_s_max() -> Seconds {
+    Seconds(60)
+}
+fn default_watch_restart_hold_s() -> Seconds {
+    Seconds(600)
+}
+fn default_watch_refusals_per_minute_max() -> u32 {
+    60
+}
+
+impl Default for WatchSection {
+    fn default() -> Self {
+        WatchSection {
+            enabled: true,
+            streams_max: default_watch_streams_max(),
+            silence_factor: default_watch_silence_factor(),
+            silence_s_min: default_watch_silence_s_min(),
+            silence_s_max: default_watch_silence_s_max(),
+            learn_records: default_watch_learn_records(),
+            rate_factor: default_watch_rate_factor(),
+            rate_window_s: default_watch_rate_window_s(),
+            clock_skew_s_max: default_watch_clock_skew_s_max(),
+            restart_hold_s: default_watch_restart_hold_s(),
+            refusals_per_minute_max: default_watch_refusals_per_minute_max(),
+        }
+    }
+}
+
+impl Config {
+    /// The watch's thresholds for the core: the restart tolerance is what one device
+    /// may have in flight (a resend may come after later frames were stored).
+    pub fn watch_config(&self) -> crate::core::watch::WatchConfig {
+        let watch = &self.watch;
+        let in_flight =
+            u64::from(self.quic.connections_per_device_max) * u64::from(self.quic.frames_in_flight_per_connection_max);
+        crate::core::watch::WatchConfig {
+            streams_max: watch.streams_max as usize,
+            silence_factor: watch.silence_factor,
+            silence_min: std::time::Duration::from_secs(watch.silence_s_min.0),
+            silence_max: std::time::Duration::from_secs(watch.silence_s_max.0),
+            learn_records: watch.learn_records,
+            rate_factor: watch.rate_factor,
+            rate_window: std::time::Duration::from_secs(watch.rate_window_s.0),
+            skew_max: std::time::Duration::from_secs(watch.clock_skew_s_max.0),
+            restart_hold: std::time::Duration::from_secs(watch.restart_hold_s.0),
+            restart_tolerance: in_flight,
+            refusals_per_minute_max: watch.refusals_per_minute_max,
+        }
+    }
+
+    /// Whether the watch appends its events to `WATCH_ALERTS_TOPIC` (it is declared).
+    pub fn watch_alerts_topic(&self) -> bool {
+        self.watch.enabled && self.topics.iter().any(|topic| topic.name == WATCH_ALERTS_TOPIC)
+    }
+
+    /// `[watch]`: every threshold within its range, each checked even when the watch is
+    /// off (turning it on must not reveal an old mistake).
+    fn validate_watch(&self, problem: &mut impl FnMut(&str, String)) {
+        let watch = &self.watch;
+        if watch.streams_max == 0 || watch.streams_max > WATCH_STREAMS_MAX {
+            problem("watch.streams_max", format!("{} is outside 1..={WATCH_STREAMS_MAX}", watch.streams_max));
+        }
+        for (field, value) in [("watch.silence_factor", watch.silence_factor), ("watch.rate_factor", watch.rate_factor)]
+        {
+            if !value.is_finite() || value <= 1.0 || value > 1000.0 {
+                problem(field, format!("{value} is not a factor above 1 and at most 1000"));
+            }
+        }
+        const DAY_S: u64 = 86_400;
+        if watch.silence_s_min.0 == 0 || watch.silence_s_min.0 > watch.silence_s_max.0 {
+            problem("watch.silence_s_min", "must be at least 1 s and at most watch.silence_s_max".into());
+        }
+        for (field, value) in [
+            ("watch.silence_s_max", watch.silence_s_max),
+            ("watch.rate_window_s", watch.rate_window_s),
+            ("watch.clock_skew_s_max", watch.clock_skew_s_max),
+            ("watch.restart_hold_s", watch.restart_hold_s),
+        ] {
+            if value.0 == 0 || value.0 > DAY_S {
+                problem(field, format!("{} s is outside 1..={DAY_S} s", value.0));
+            }
+        }
+        if watch.learn_records == 0 || watch.learn_records > 1_000_000 {
+            problem("watch.learn_records", format!("{} is outside 1..=1000000", watch.learn_records));
+        }
+        if watch.refusals_per_minute_max == 0 {
+            problem("watch.refusals_per_minute_max", "must be at least 1".into());
         }
     }
 }
@@ -1801,7 +1989,7 @@ mod tests {
             "{DEFAULT_CONFIG_TOML}\n[[upstream.topics]]\nedge = \"telemetry\"\nupstream = \"t\"\npartitioning = \"kept\"\n"
         );
         for (text, keys_min) in
-            [(DEFAULT_CONFIG_TOML, 60), (&upstream_topics, 63), (include_str!("../firmware-config/appliance.toml"), 8)]
+            [(DEFAULT_CONFIG_TOML, 71), (&upstream_topics, 74), (include_str!("../firmware-config/appliance.toml"), 8)]
         {
             let mut seen = 0;
             walk(&text.parse::<toml::Table>().unwrap(), "", &mut seen);
@@ -1887,6 +2075,70 @@ mod tests {
         );
         assert!(text.iter().any(|line| line.starts_with("topics[0].name:")), "{text:?}");
         assert!(text.iter().any(|line| line.starts_with("topics[0].partitions:")), "{text:?}");
+    }
+
+    #[test]
+    fn the_watch_is_on_by_default_with_the_core_thresholds_and_every_bad_field_is_named() {
+        let config = Config::embedded();
+        assert!(config.watch.enabled);
+        let core = config.watch_config();
+        let defaults = crate::core::watch::WatchConfig::default();
+        assert_eq!(core.silence_max, defaults.silence_max);
+        assert_eq!(core.rate_window, defaults.rate_window);
+        assert_eq!(core.skew_max, defaults.skew_max);
+        assert_eq!(core.streams_max, defaults.streams_max);
+        // A resend may come this far behind: every frame of every connection in flight.
+        assert_eq!(
+            core.restart_tolerance,
+            u64::from(config.quic.connections_per_device_max)
+                * u64::from(config.quic.frames_in_flight_per_connection_max)
+        );
+        assert!(!config.watch_alerts_topic(), "the default config declares no alerts topic");
+        let found = problems(
+            "[watch]\nstreams_max = 0\nsilence_factor = 1.0\nrate_factor = nan\nsilence_s_min = 400\n\
+             rate_window_s = 0\nclock_skew_s_max = \"2 d\"\nlearn_records = 0\nrefusals_per_minute_max = 0\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for field in [
+            "watch.streams_max:",
+            "watch.silence_factor:",
+            "watch.rate_factor:",
+            "watch.silence_s_min:",
+            "watch.rate_window_s:",
+            "watch.clock_skew_s_max:",
+            "watch.learn_records:",
+            "watch.refusals_per_minute_max:",
+        ] {
+            assert!(text.iter().any(|line| line.starts_with(field)), "{field} missing from {text:?}");
+        }
+        assert_eq!(text.len(), 8, "{text:?}");
+    }
+
+    #[test]
+    fn the_alerts_topic_is_the_only_reserved_name_has_one_partition_and_no_device_may_be_allowed_it() {
+        let declared =
+            "[[topics]]\nname = \"telemetry\"\npartitions = 2\n[[topics]]\nname = \"_weir.alerts\"\npartitions = 1\n";
+        let config = Config::parse(declared, "test").unwrap().validate(&host(), "test").unwrap().config;
+        assert!(config.watch_alerts_topic());
+        let off = format!("{declared}[watch]\nenabled = false\n");
+        assert!(!Config::parse(&off, "test").unwrap().watch_alerts_topic());
+        let found = problems(
+            "[quic]\ntopics_allowed = [\"_weir.alerts\"]\n[[topics]]\nname = \"_weir.alerts\"\npartitions = 2\n\
+             [[topics]]\nname = \"_weir.other\"\npartitions = 1\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter().any(|line| line.starts_with("topics[0].partitions: \"_weir.alerts\" has exactly 1")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|line| line.starts_with("topics[1].name: \"_weir.other\": names starting with")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|line| line.starts_with("quic.topics_allowed: \"_weir.alerts\" is weir's own")),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! before any core starts.
 #![deny(unsafe_code)]
 
+pub mod alerts;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -14,8 +14,8 @@
 //! - `log_level`.
 //!
 //! Everything else is read once at start (sockets, cores, partitions, memory, windows,
-//! upstream) and is reported as needing a restart. The invariant: a field is in exactly
-//! one of the two lists; `quic` is destructured without `..`, so a new `[quic]` field
+//! upstream, the watch's thresholds) and is reported as needing a restart. The
+//! invariant: a field is in exactly one of the two lists; `quic` is destructured without `..`, so a new `[quic]` field
 //! does not compile until it is classified here. Other sections are compared field by
 //! field where listed and as a whole otherwise, so no change goes unreported.
 
@@ -59,7 +59,7 @@ pub struct ReloadPlan {
 /// certificate files whose bytes differ from the loaded ones (the config cannot tell).
 pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str]) -> ReloadPlan {
     let mut plan = ReloadPlan::default();
-    let Config { data_dir, engine, log, admin, quic, upstream, kafka_api, topics, log_level } = candidate;
+    let Config { data_dir, engine, log, admin, quic, upstream, kafka_api, topics, watch, log_level } = candidate;
     if *log_level != running.log_level {
         plan.applied.push(format!("log_level: {:?} -> {log_level:?}", running.log_level));
     }
@@ -78,6 +78,7 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
             ("preallocate_bytes", old.preallocate_bytes != new.preallocate_bytes),
             ("flush_delay_us_max", old.flush_delay_us_max != new.flush_delay_us_max),
             ("flush_bytes_max", old.flush_bytes_max != new.flush_bytes_max),
+            ("core_flushes_per_s_max", old.core_flushes_per_s_max != new.core_flushes_per_s_max),
             ("appends_pending_max", old.appends_pending_max != new.appends_pending_max),
             ("partition_bytes_max", old.partition_bytes_max != new.partition_bytes_max),
             ("data_dir_bytes_max", old.data_dir_bytes_max != new.data_dir_bytes_max),
@@ -116,6 +117,10 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
     if *topics != running.topics {
         plan.restart_needed.push("topics".to_owned());
     }
+    // The watch's learned state belongs to its thresholds: read at start.
+    section(&mut plan, "watch", &running.watch, watch, |old, new| {
+        vec![("enabled", old.enabled != new.enabled), ("streams_max", old.streams_max != new.streams_max)]
+    });
     plan
 }
 
@@ -303,7 +308,7 @@ mod tests {
             "data_dir = \"/srv/weir\"\n[engine]\ncores = [0]\n[log]\nflush_delay_us_max = 500\n[admin]\n\
              listen = \"127.0.0.1:9999\"\n[quic]\nlisten = \"0.0.0.0:5000\"\nconnections_per_device_max = 2\n\
              devices_denied = [\"dev-9\"]\n[upstream]\nenabled = true\nbootstrap_servers = [\"k:9092\"]\n\
-             [[topics]]\nname = \"other\"\npartitions = 1\n",
+             [[topics]]\nname = \"other\"\npartitions = 1\n[watch]\nenabled = false\n",
         );
         let plan = plan(&running, &candidate, &[]);
         assert_eq!(plan.applied, ["quic.devices_denied: +dev-9"]);
@@ -319,13 +324,15 @@ mod tests {
                 "upstream.enabled",
                 "upstream.bootstrap_servers",
                 "topics",
+                "watch.enabled",
             ]
         );
         let next = merged(&running, &candidate);
         assert_eq!(next.quic.devices_denied, ["dev-9"]);
         assert_eq!((next.data_dir, next.quic.listen), (running.data_dir.clone(), running.quic.listen.clone()));
         // Not applied, so the next reload of the same file reports them again.
-        assert_eq!(super::plan(&merged(&running, &candidate), &candidate, &[]).restart_needed.len(), 9);
+        assert_eq!(super::plan(&merged(&running, &candidate), &candidate, &[]).restart_needed.len(), 10);
+        assert!(next.watch.enabled);
     }
 
     #[test]
@@ -333,6 +340,8 @@ mod tests {
         let running = Config::embedded();
         let candidate = config("[upstream]\nretry_backoff_ms_max = 12345\n");
         assert_eq!(plan(&running, &candidate, &[]).restart_needed, ["upstream"]);
+        let candidate = config("[watch]\nsilence_s_min = 20\n");
+        assert_eq!(plan(&running, &candidate, &[]).restart_needed, ["watch"]);
     }
 
     #[test]

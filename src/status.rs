@@ -35,6 +35,15 @@ pub enum StatusError {
 
 /// `GET /status` from the admin endpoint at `address`.
 pub fn fetch(address: &str) -> Result<Status, StatusError> {
+    let body = fetch_path(address, "/status")?;
+    serde_json::from_slice(&body).map_err(|error| StatusError::BadAnswer {
+        address: address.to_owned(),
+        why: format!("not a /status answer: {error}"),
+    })
+}
+
+/// The body of `GET path` from the admin endpoint at `address` (answered 200).
+pub fn fetch_path(address: &str, path: &str) -> Result<Vec<u8>, StatusError> {
     let unreachable = |source| StatusError::Unreachable { address: address.to_owned(), source };
     let bad = |why: String| StatusError::BadAnswer { address: address.to_owned(), why };
     let mut target: SocketAddr =
@@ -48,7 +57,7 @@ pub fn fetch(address: &str) -> Result<Status, StatusError> {
     let mut stream = TcpStream::connect_timeout(&target, ADMIN_TIMEOUT).map_err(unreachable)?;
     stream.set_read_timeout(Some(ADMIN_TIMEOUT)).map_err(unreachable)?;
     stream.set_write_timeout(Some(ADMIN_TIMEOUT)).map_err(unreachable)?;
-    stream.write_all(b"GET /status HTTP/1.0\r\nHost: weir\r\n\r\n").map_err(unreachable)?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: weir\r\n\r\n").as_bytes()).map_err(unreachable)?;
     let mut answer = Vec::new();
     stream.take(ANSWER_BYTES_MAX).read_to_end(&mut answer).map_err(unreachable)?;
     let split =
@@ -58,7 +67,7 @@ pub fn fetch(address: &str) -> Result<Status, StatusError> {
     if status_line.split_whitespace().nth(1) != Some("200") {
         return Err(bad(format!("answered {status_line:?}")));
     }
-    serde_json::from_slice(&answer[split + 4..]).map_err(|error| bad(format!("not a /status answer: {error}")))
+    Ok(answer[split + 4..].to_vec())
 }
 
 /// Status read from the data directory while weir is not running.

@@ -39,6 +39,7 @@ fn options() -> LogOptions {
         preallocate_bytes: 1 << 20,
         flush_delay_max: Duration::from_micros(100),
         flush_bytes_max: 64 << 10,
+        core_flushes_per_s_max: 1000,
         appends_pending_max: 64,
         partition_bytes_max: 1 << 30,
     }

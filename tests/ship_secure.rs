@@ -551,6 +551,7 @@ fn serve_log_options() -> weir::shell::log::LogOptions {
         preallocate_bytes: 1 << 20,
         flush_delay_max: Duration::from_micros(200),
         flush_bytes_max: 64 << 10,
+        core_flushes_per_s_max: 1000,
         appends_pending_max: 256,
         partition_bytes_max: 1 << 30,
     }

@@ -11,16 +11,26 @@
 //! way an append-only log at best can (sequential, aligned, preallocated, one sync per
 //! write), nothing more and nothing less.
 //!
+//! A third phase joins each round since issue 14: the plain io_uring ceiling
+//! (`plain_phase.rs`), one pinned thread per core blocking in `io_uring_enter` with a
+//! write linked to an fdatasync per file, the same sizes on the same filesystem: the
+//! disk through the thinnest path the kernel offers. Rounds run weir, raw, plain.
+//!
 //! `weir-bench ship` drains a backlog of the log into tansu with weir's shipper, against
 //! a confluent-kafka producer sending the same records to the same broker (`ship.rs`).
+//!
+//! `weir-bench fleet` runs many devices each sending a small record now and then
+//! against weir and the raw QUIC ceiling in alternating rounds (`fleet.rs`).
 //!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
 #![recursion_limit = "256"] // the log report's json! object has over 40 fields
 
 mod cores;
+mod fleet;
 mod ingest;
 mod options;
+mod plain_phase;
 mod raw_phase;
 mod records;
 mod report;
@@ -39,6 +49,7 @@ use weir::shell::log::LogError;
 use weir::shell::metrics::Metrics;
 
 use crate::options::{LogArgs, Plan, UsageError};
+use crate::plain_phase::PlainCoreInput;
 use crate::raw_phase::RawCoreInput;
 use crate::report::{RawFigures, Report, WeirFigures};
 use crate::weir_phase::{PartitionSpec, WeirCoreInput};
@@ -65,6 +76,10 @@ enum Command {
     /// Devices over QUIC into weir (durable acks) against the raw QUIC ceiling, plus
     /// weir's memory per idle device connection.
     Ingest(ingest::IngestArgs),
+    /// Many devices each sending a small record now and then (issue 18), against weir
+    /// and the raw QUIC ceiling in alternating rounds: ack latency, server CPU per
+    /// record and per connection, flushes per second, RSS per connection.
+    Fleet(fleet::FleetArgs),
     /// Runs `weir` itself (`weir-bench serve-weir serve ...`): how `ingest` starts weir
     /// as a child process.
     #[command(hide = true)]
@@ -144,6 +159,7 @@ fn main() {
     let outcome = match cli.command {
         Command::Log(args) => run_log(&args),
         Command::Ingest(args) => ingest::run(&args).map_err(BenchError::from),
+        Command::Fleet(args) => fleet::run(&args).map_err(BenchError::from),
         Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
         Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
         Command::Ship(args) => ship::run_ship(&args),
@@ -178,6 +194,7 @@ fn run_log(args: &LogArgs) -> Result<(), BenchError> {
     let mut next_sequences = vec![vec![0u64; appenders_per_core]; plan.cores()];
     let mut weir: Option<WeirFigures> = None;
     let mut raw: Option<RawFigures> = None;
+    let mut plain: Option<RawFigures> = None;
     let mut write_bytes = None;
     for _ in 0..plan.rounds {
         let round = weir_phase(&plan, &data_dir, &mut next_sequences)?;
@@ -198,10 +215,16 @@ fn run_log(args: &LogArgs) -> Result<(), BenchError> {
             Some(total) => total.add(round),
             None => round,
         });
+        let round = plain_phase(&plan, &data_dir, write_bytes)?;
+        plain = Some(match plain {
+            Some(total) => total.add(round),
+            None => round,
+        });
     }
-    let (weir, raw) = (weir.expect("at least one round"), raw.expect("at least one round"));
+    let weir = weir.expect("at least one round");
+    let (raw, plain) = (raw.expect("at least one round"), plain.expect("at least one round"));
 
-    let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw };
+    let report = Report { plan: &plan, kept_data_dir: plan.data_dir.clone(), weir, raw, plain };
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{}", report.human());
     let _ = writeln!(stdout, "{}", report.json());
@@ -317,6 +340,51 @@ fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigu
         .collect();
     let results =
         cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.slice_duration, inputs, raw_phase::run_core)?;
+    drop(scratch);
+    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
+    let writes = results.iter().map(|result| result.writes).sum();
+    let bytes = results.iter().map(|result| result.bytes).sum();
+    let mut fsync = Vec::new();
+    let mut write_and_fsync = Vec::new();
+    for result in results {
+        fsync.push(result.fsync_ns);
+        write_and_fsync.push(result.write_and_fsync_ns);
+    }
+    Ok(RawFigures {
+        fsync_ns: merged(fsync.into_iter()),
+        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
+        write_bytes,
+        writes,
+        bytes,
+        elapsed,
+    })
+}
+
+/// One round of the plain io_uring ceiling: the raw phase's files and sizes, written by
+/// one pinned thread per core through its own ring instead of glommio.
+fn plain_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigures, BenchError> {
+    let scratch = ScratchDirectory(data_dir.join(RAW_SCRATCH_DIRECTORY));
+    std::fs::create_dir_all(&scratch.0).map_err(|source| BenchError::DataDir {
+        operation: "create plain scratch dir",
+        path: scratch.0.clone(),
+        source,
+    })?;
+    let inputs = plan
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(core, &cpu)| PlainCoreInput {
+            cpu,
+            files: (0..plan.partitions_per_core)
+                .map(|local| scratch.0.join(format!("plain-{}.dat", core as u32 * plan.partitions_per_core + local)))
+                .collect(),
+            write_bytes,
+            preallocate_bytes: plan.log_options.preallocate_bytes,
+            duration: plan.slice_duration,
+            durable: plan.plain_durable,
+        })
+        .collect();
+    let results = plain_phase::run_phase(inputs)?;
     drop(scratch);
     let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
     let writes = results.iter().map(|result| result.writes).sum();

@@ -80,6 +80,32 @@ pub struct LogArgs {
     /// Override engine.io_memory_bytes (each core's DMA buffer pool, bytes).
     #[arg(long, value_name = "BYTES")]
     pub io_memory_bytes: Option<u64>,
+    /// How the plain io_uring ceiling makes a write durable: a write linked to an
+    /// fdatasync, or one O_DIRECT write with RWF_DSYNC.
+    #[arg(long, value_enum, default_value_t = PlainDurable::Linked)]
+    pub plain_durable: PlainDurable,
+}
+
+/// The plain ceiling's one durable operation per write (`--plain-durable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlainDurable {
+    /// A write linked (IOSQE_IO_LINK) to an fdatasync: two operations, one submission.
+    Linked,
+    /// One write with RWF_DSYNC: durable when it completes, as if fdatasync followed.
+    Dsync,
+    /// A write, then its fdatasync submitted when the write completed (as glommio's
+    /// ceiling and weir's flusher do): tells a linked pair's gain from the executor's.
+    Separate,
+}
+
+impl PlainDurable {
+    pub fn name(self) -> &'static str {
+        match self {
+            PlainDurable::Linked => "linked",
+            PlainDurable::Dsync => "dsync",
+            PlainDurable::Separate => "separate",
+        }
+    }
 }
 
 /// The flag that sets each config field the bench exposes.
@@ -109,6 +135,7 @@ pub struct Plan {
     pub record_bytes: usize,
     pub log_options: LogOptions,
     pub io_memory_bytes: usize,
+    pub plain_durable: PlainDurable,
 }
 
 impl Plan {
@@ -239,6 +266,7 @@ impl LogArgs {
             record_bytes: self.record_bytes,
             log_options,
             io_memory_bytes,
+            plain_durable: self.plain_durable,
         })
     }
 }

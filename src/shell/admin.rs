@@ -1,5 +1,6 @@
-//! The admin endpoint: `/metrics` (Prometheus text format), `/health` and `/status`
-//! (JSON, what `weir status` shows), on its own
+//! The admin endpoint: `/metrics` (Prometheus text format), `/health`, `/status`
+//! (JSON, what `weir status` shows) and `/alerts` (JSON, the stream watch's open alerts,
+//! what `weir alerts` shows), on its own
 //! thread so a busy core never delays a scrape. It only reads atomics the cores update.
 
 use std::sync::atomic::AtomicBool;
@@ -103,7 +104,14 @@ pub fn start(
                             .unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"));
                         (200, body, "application/json")
                     }
-                    _ => (404, "not found: try /metrics, /health or /status\n".to_owned(), "text/plain; charset=utf-8"),
+                    (tiny_http::Method::Get, "/alerts") => {
+                        (200, crate::shell::watch::alerts_json(&metrics.watch), "application/json")
+                    }
+                    _ => (
+                        404,
+                        "not found: try /metrics, /health, /status or /alerts\n".to_owned(),
+                        "text/plain; charset=utf-8",
+                    ),
                 };
                 let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header");
                 let response = tiny_http::Response::from_string(body).with_status_code(status).with_header(header);

@@ -20,6 +20,7 @@ use crate::core::protocol::ErrorCode;
 use crate::shell::log::{LogError, PartitionLog};
 use crate::shell::log_query::{self, LogAnswer, LogQuery};
 use crate::shell::quic::{AppendFailure, Appender};
+use crate::shell::watch::{self, CoreWatch, Observation, WatchLink};
 
 /// Messages between cores.
 #[derive(Debug)]
@@ -46,6 +47,8 @@ pub enum MeshMessage {
         request: u64,
         answer: LogAnswer,
     },
+    /// Frame outcomes for the stream watch of the devices the receiving core owns.
+    Observations(Vec<crate::shell::watch::Observation>),
 }
 
 /// Queue depth of each core-to-core channel.
@@ -104,6 +107,8 @@ pub struct CoreAppender {
     /// Kafka API queries sent to other cores, by request id.
     pending_queries: RefCell<HashMap<u64, oneshot::Sender<LogAnswer>>>,
     next_request: Cell<u64>,
+    /// This core's part of the stream watch, when `[watch]` is on.
+    watch: Option<Rc<CoreWatch>>,
 }
 
 impl CoreAppender {
@@ -115,6 +120,7 @@ impl CoreAppender {
         logs: HashMap<(String, u32), PartitionLog>,
         dedup_settings: DedupSettings,
         mesh: Option<MeshBuilder<MeshMessage, Full>>,
+        watch: Option<Rc<CoreWatch>>,
     ) -> Result<Rc<CoreAppender>, LogError> {
         let mut gates = HashMap::new();
         for (key, log) in &logs {
@@ -137,6 +143,7 @@ impl CoreAppender {
             pending: RefCell::new(HashMap::new()),
             pending_queries: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
+            watch,
         });
         if let (Some(senders), Some(receivers)) = (appender.senders.as_ref(), receivers) {
             for peer in 0..senders.nr_consumers() {
@@ -147,6 +154,11 @@ impl CoreAppender {
             serve_peers(appender.clone(), receivers);
         }
         Ok(appender)
+    }
+
+    /// This core's part of the stream watch, when it is on.
+    pub fn watch(&self) -> Option<Rc<CoreWatch>> {
+        self.watch.clone()
     }
 
     /// The core that owns partition `partition` of every topic.
@@ -353,6 +365,11 @@ fn serve_peers(appender: Rc<CoreAppender>, mut receivers: Receivers<MeshMessage>
                             let _ = reply.send(answer);
                         }
                     }
+                    MeshMessage::Observations(batch) => {
+                        if let Some(watch) = &appender.watch {
+                            watch.receive(batch);
+                        }
+                    }
                 }
             }
         })
@@ -361,6 +378,22 @@ fn serve_peers(appender: Rc<CoreAppender>, mut receivers: Receivers<MeshMessage>
 }
 
 impl Appender for Rc<CoreAppender> {
+    fn watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    fn observe(
+        &self,
+        device: &str,
+        seen: Option<watch::FrameSeen>,
+        answer: &crate::core::protocol::AnswerFrame,
+        received: std::time::Instant,
+    ) {
+        if let Some(watch) = &self.watch {
+            watch.observe(watch::observation_of(device, seen, answer, received));
+        }
+    }
+
     fn append(
         &self,
         topic: String,
@@ -387,6 +420,24 @@ fn unreachable_answer(query: &LogQuery) -> LogAnswer {
         LogQuery::Wait { .. } => LogAnswer::Waited,
         LogQuery::OffsetForTimestamp { .. } => LogAnswer::Offset(Err(failure())),
         LogQuery::Range { .. } => LogAnswer::Range(Err(failure())),
+    }
+}
+
+impl WatchLink for Rc<CoreAppender> {
+    fn send_observations(&self, owner: usize, batch: Vec<Observation>) -> Result<(), usize> {
+        let count = batch.len();
+        let (Some(senders), Some(peer)) = (self.senders.as_ref(), self.peer_of_core.borrow().get(&owner).copied())
+        else {
+            return Err(count);
+        };
+        senders.try_send_to(peer, MeshMessage::Observations(batch)).map_err(|_| count)
+    }
+
+    fn append_alerts(
+        &self,
+        records: Vec<Record>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<i64, AppendFailure>>>> {
+        self.append(crate::config::WATCH_ALERTS_TOPIC.to_owned(), 0, records)
     }
 }
 

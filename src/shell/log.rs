@@ -27,6 +27,7 @@ use crate::config::DiskFullPolicy;
 use crate::config::{LogConfig, DIRECT_IO_ALIGNMENT_BYTES};
 use crate::core::log::batch::{self, BatchError, Record, BATCH_BYTES_MAX};
 use crate::core::log::index::{self, IndexEntry, INDEX_ENTRY_BYTES};
+use crate::core::log::pacer::FlushPacer;
 use crate::core::log::partition::{
     Action, ActiveState, Failure, FullCause, PartitionConfig, PartitionCore, Refusal, WriteStep,
 };
@@ -51,6 +52,8 @@ pub struct LogOptions {
     pub preallocate_bytes: u64,
     pub flush_delay_max: Duration,
     pub flush_bytes_max: usize,
+    /// Small flushes per second of all the partitions sharing one `FlushPacer`.
+    pub core_flushes_per_s_max: u32,
     pub appends_pending_max: usize,
     pub partition_bytes_max: u64,
 }
@@ -64,6 +67,7 @@ impl LogOptions {
             preallocate_bytes: config.preallocate_bytes.0,
             flush_delay_max: Duration::from_micros(config.flush_delay_us_max.0),
             flush_bytes_max: config.flush_bytes_max.0 as usize,
+            core_flushes_per_s_max: config.core_flushes_per_s_max,
             appends_pending_max: config.appends_pending_max as usize,
             partition_bytes_max: config.partition_bytes_max.0,
         }
@@ -265,12 +269,25 @@ struct ActiveSegment {
 
 impl PartitionLog {
     /// Opens (creating if needed) and recovers the partition in `directory`, then starts
-    /// its flusher on the current glommio executor.
+    /// its flusher on the current glommio executor, paced on its own
+    /// (`options.core_flushes_per_s_max` for this partition alone).
     pub async fn open(
         directory: &Path,
         name: &str,
         options: LogOptions,
         metrics: PartitionMetrics,
+    ) -> Result<PartitionLog, LogError> {
+        let pacer = Rc::new(RefCell::new(FlushPacer::new(options.core_flushes_per_s_max)));
+        PartitionLog::open_paced(directory, name, options, metrics, pacer).await
+    }
+
+    /// `open`, with the flush pacer the partitions of this core share.
+    pub async fn open_paced(
+        directory: &Path,
+        name: &str,
+        options: LogOptions,
+        metrics: PartitionMetrics,
+        pacer: Rc<RefCell<FlushPacer>>,
     ) -> Result<PartitionLog, LogError> {
         let lock = lock_partition(directory, name).await?;
         let (active, state, segments) = recover(directory, name, &options, &metrics).await?;
@@ -296,7 +313,7 @@ impl PartitionLog {
         shared.account();
         let shared = Rc::new(RefCell::new(shared));
         let (sender, receiver) = local_channel::new_bounded(options.appends_pending_max);
-        glommio::spawn_local(flusher(shared.clone(), active, state, receiver)).detach();
+        glommio::spawn_local(flusher(shared.clone(), active, state, receiver, pacer)).detach();
         Ok(PartitionLog { shared, sender: Rc::new(sender) })
     }
 
@@ -665,6 +682,7 @@ async fn flusher(
     active: ActiveSegment,
     state: ActiveState,
     receiver: LocalReceiver<Message>,
+    pacer: Rc<RefCell<FlushPacer>>,
 ) {
     let (config, drop_oldest) = {
         let shared = shared.borrow();
@@ -672,6 +690,7 @@ async fn flusher(
     };
     let mut core = PartitionCore::new(config, state);
     core.set_drop_oldest(drop_oldest);
+    core.set_pacer(pacer);
     let now = Instant::now();
     let mut flusher = Flusher {
         shared,

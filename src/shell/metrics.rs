@@ -59,6 +59,8 @@ pub struct Metrics {
     quic: QuicFamilies,
     /// The Kafka API's listener (one core; atomics all the same).
     pub kafka_api: KafkaApiMetrics,
+    /// The stream watch's figures and open alerts (`shell::watch`).
+    pub watch: Arc<crate::shell::watch::WatchBoard>,
 }
 
 /// The Kafka API's metric handles. No label carries a client-chosen value (group,
@@ -206,7 +208,9 @@ impl Metrics {
             status: StatusBoard::default(),
             quic: QuicFamilies::default(),
             kafka_api: KafkaApiMetrics::default(),
+            watch: Arc::default(),
         };
+        metrics.watch.register(&mut registry);
         registry.register("log_appended_records", "Records made durable in the log", metrics.appended_records.clone());
         registry.register("log_appended_bytes", "Batch bytes made durable in the log", metrics.appended_bytes.clone());
         registry.register("log_flushes", "Group commits (one write and one fdatasync each)", metrics.flushes.clone());

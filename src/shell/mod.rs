@@ -30,3 +30,4 @@ pub mod status;
 pub mod status_cells;
 pub mod sys;
 pub mod tls;
+pub mod watch;

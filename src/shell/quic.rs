@@ -9,6 +9,13 @@
 //! answers in frame order per stream -> `poll_transmit` -> send -> sleep until the
 //! socket is readable, the earliest connection timer, or a frame task finished.
 //!
+//! Work per pass follows events, not connections: a datagram drives the connection its
+//! id names, a finished frame drives its connection, and timers come from one heap
+//! keyed by each connection's quinn deadline, where a deadline that moved later is
+//! re-queued without driving the connection. A driven connection's streams are read
+//! only after quinn reported them readable or reading stopped at a limit (`unread`),
+//! so idle connections cost nothing per pass (issue 18).
+//!
 //! Limits: connections (per core), connections per device (all cores), streams per
 //! connection (transport config), frame bytes and records per frame (protocol limits),
 //! frames and bytes in flight per connection (unread bytes wait under QUIC flow
@@ -86,6 +93,22 @@ pub trait Appender {
     /// appenders keep the default, `None`.
     fn answer_unchecked(&self, _frame: &[u8]) -> Option<Vec<u8>> {
         None
+    }
+
+    /// Whether `observe` wants to hear of frames.
+    fn watching(&self) -> bool {
+        false
+    }
+
+    /// Tells the stream watch (`shell::watch`) what became of a frame; never waits.
+    /// weir's appender does when `[watch]` is on; the default ignores it.
+    fn observe(
+        &self,
+        _device: &str,
+        _seen: Option<crate::shell::watch::FrameSeen>,
+        _answer: &protocol::AnswerFrame,
+        _received: Instant,
+    ) {
     }
 }
 
@@ -275,7 +298,12 @@ struct Conn {
     registered: bool,
     /// Closed by weir for a protocol violation: nothing more is read.
     violated: bool,
-    /// The deadline this connection has in the core's timer heap, if any.
+    /// A stream may hold bytes not yet made into frames: quinn said readable before the
+    /// device was known, or reading stopped at the in-flight limit or one frame ahead.
+    /// Only then does a pass read the streams without a `Readable` event.
+    unread: bool,
+    /// The deadline of this connection's live entry in the core's timer heap, if any
+    /// (older entries of it there are stale and skipped when they come up).
     timer_scheduled: Option<Instant>,
 }
 
@@ -292,6 +320,7 @@ impl Conn {
             handshaking: true,
             registered: false,
             violated: false,
+            unread: false,
             timer_scheduled: None,
         }
     }
@@ -591,7 +620,10 @@ impl CoreDriver {
         }
     }
 
-    /// Connections whose timer is due become dirty.
+    /// Connections whose timer is due become dirty. An entry whose connection has
+    /// moved its deadline later since (an ack sent, a packet received) is put back at
+    /// the new deadline without driving the connection; a stale entry is skipped. So a
+    /// connection is driven for its timer only when quinn has a timeout to handle.
     fn expire_timers(&mut self, now: Instant) {
         while let Some(Reverse((deadline, index))) = self.timers.peek().copied() {
             if deadline > now {
@@ -599,11 +631,20 @@ impl CoreDriver {
             }
             self.timers.pop();
             let handle = ConnectionHandle(index);
-            if let Some(conn) = self.connections.get_mut(&handle) {
-                if conn.timer_scheduled == Some(deadline) {
-                    conn.timer_scheduled = None;
+            let Some(conn) = self.connections.get_mut(&handle) else { continue };
+            if conn.timer_scheduled != Some(deadline) {
+                continue; // stale: the connection's live entry is another one
+            }
+            conn.timer_scheduled = None;
+            match conn.connection.poll_timeout() {
+                Some(current) if current <= now => {
+                    self.dirty.insert(handle);
                 }
-                self.dirty.insert(handle);
+                Some(current) => {
+                    conn.timer_scheduled = Some(current);
+                    self.timers.push(Reverse((current, index)));
+                }
+                None => {}
             }
         }
     }
@@ -639,8 +680,9 @@ impl CoreDriver {
                 self.metrics.handshakes_in_progress.dec();
             }
         }
-        // Readable streams may have been reported before identity was known; read all.
-        if conn.device.is_some() {
+        // Streams left unread (reported before identity was known, or stopped at a
+        // limit that a finished frame may have lifted) are read now.
+        if conn.device.is_some() && conn.unread {
             self.intake.read_streams(handle, conn, &mut self.stats);
         }
         write_answers(conn);
@@ -653,6 +695,8 @@ impl CoreDriver {
             forget_connection(conn, &self.settings);
             self.connections.remove(&handle);
         } else if let Some(deadline) = conn.connection.poll_timeout() {
+            // A later deadline keeps the earlier entry: when it comes up it is moved
+            // (`expire_timers`), so the heap holds one live entry per connection.
             if conn.timer_scheduled.is_none_or(|scheduled| deadline < scheduled) {
                 conn.timer_scheduled = Some(deadline);
                 self.timers.push(Reverse((deadline, handle.0)));
@@ -917,6 +961,8 @@ impl FrameIntake {
                 }
                 if conn.device.is_some() {
                     self.read_streams(handle, conn, stats);
+                } else {
+                    conn.unread = true;
                 }
             }
             Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
@@ -927,6 +973,7 @@ impl FrameIntake {
             Event::Stream(StreamEvent::Readable { .. }) if conn.device.is_some() => {
                 self.read_streams(handle, conn, stats);
             }
+            Event::Stream(StreamEvent::Readable { .. }) => conn.unread = true,
             Event::ConnectionLost { reason } => {
                 if conn.handshaking {
                     // Unknown CA, no certificate, wrong ALPN, or the peer gave up.
@@ -1008,9 +1055,11 @@ impl FrameIntake {
             return;
         }
         let device = conn.device.clone().expect("identity is known before streams are read");
+        conn.unread = false;
         let ids: Vec<StreamId> = conn.streams.keys().copied().collect();
         for id in ids {
             if conn.in_flight_at_max(&self.settings) {
+                conn.unread = true;
                 return; // leave bytes unread: flow control pushes back on the device
             }
             if !self.buffer_stream(conn, id) {
@@ -1043,6 +1092,7 @@ impl FrameIntake {
         loop {
             // Read no more than one frame ahead of what is being processed.
             if assembler.buffered_bytes() > limits.frame_bytes_max + protocol::FRAME_LENGTH_PREFIX_BYTES {
+                conn.unread = true;
                 break;
             }
             match chunks.next(limits.frame_bytes_max) {
@@ -1075,6 +1125,7 @@ impl FrameIntake {
     ) -> Option<String> {
         loop {
             if conn.in_flight_at_max(&self.settings) {
+                conn.unread = true;
                 return None;
             }
             let stream = conn.streams.get_mut(&id).expect("listed above");
@@ -1179,12 +1230,16 @@ async fn process_frame(
         let mut quota = quota.as_ref().map(|quota| quota.borrow_mut());
         ingest::admit(&frame, &rules, &mut order.borrow_mut(), quota.as_deref_mut(), Instant::now())
     };
+    let mut seen = None;
     let answer = match admission {
         Admission::Answer(answer) => answer,
-        Admission::Append { sequence, topic, runs } => {
+        Admission::Append { sequence, topic, mut runs } => {
+            seen = appender.watching().then(|| crate::shell::watch::FrameSeen::of_runs(&topic, sequence, &runs));
+            // The records move to the log; the answer needs only each run's partition
+            // and stretches (no record is cloned on the way to the disk).
             let appends = runs
-                .iter()
-                .map(|run| appender.append(topic.clone(), run.partition, run.records.clone()))
+                .iter_mut()
+                .map(|run| appender.append(topic.clone(), run.partition, std::mem::take(&mut run.records)))
                 .collect::<Vec<_>>();
             let mut results = Vec::with_capacity(appends.len());
             for append in appends {
@@ -1193,6 +1248,7 @@ async fn process_frame(
             ingest::answer(sequence, &runs, results, &mut order.borrow_mut())
         }
     };
+    appender.observe(&device, seen, &answer, received);
     if answer.kind == protocol::KIND_ACK {
         settings.metrics.frames_acked.inc();
         settings.metrics.ack_latency.record(received.elapsed());

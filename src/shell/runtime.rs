@@ -7,6 +7,7 @@
 //! is left half-serving. Shutdown is one shared flag (set by SIGINT/SIGTERM or by a
 //! failing core) that every core polls.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{DiskFullPolicy, ValidConfig};
+use crate::core::log::pacer::FlushPacer;
 use crate::shell::log::{LogError, LogOptions, PartitionLog};
 use crate::shell::metrics::Metrics;
 use crate::shell::quic::{self, Appender, QuicSettings};
@@ -155,6 +157,7 @@ pub fn serve(valid: ValidConfig, shutdown: Arc<AtomicBool>, listener: &ListenerS
 /// The process's metrics, with the settings `/status` reports.
 fn engine_metrics(valid: &ValidConfig) -> Arc<Metrics> {
     let metrics = Metrics::new();
+    metrics.watch.enabled.store(valid.config.watch.enabled, std::sync::atomic::Ordering::Relaxed);
     let log_config = &valid.config.log;
     metrics.status.set_settings(crate::shell::status::StatusSettings {
         data_dir: valid.config.data_dir.clone(),
@@ -179,6 +182,10 @@ struct CoreCommon {
     datagram_mesh: quic::DatagramMesh,
     core_count: usize,
     dedup: engine::DedupSettings,
+    /// The stream watch's thresholds, when `[watch]` is on, and whether its events go
+    /// to `_weir.alerts`.
+    watch: Option<crate::core::watch::WatchConfig>,
+    watch_alerts_topic: bool,
 }
 
 impl CoreCommon {
@@ -211,6 +218,8 @@ impl CoreCommon {
                 },
                 horizon_records: i64::from(valid.config.quic.dedup_horizon_records),
             },
+            watch: valid.config.watch.enabled.then(|| valid.config.watch_config()),
+            watch_alerts_topic: valid.config.watch_alerts_topic(),
         }
     }
 }
@@ -305,6 +314,7 @@ struct CoreTasks {
     shippers: Vec<glommio::Task<Result<(), ship::ShipError>>>,
     room_keeper: Option<glommio::Task<()>>,
     kafka: Option<glommio::Task<()>>,
+    watch: Option<glommio::Task<()>>,
 }
 
 /// One core's life on its executor: open its partitions, join the other cores, serve
@@ -351,11 +361,13 @@ async fn open_partitions(
 ) -> Option<(Vec<PartitionLog>, HashMap<(String, u32), PartitionLog>)> {
     let mut logs = Vec::new();
     let mut by_partition = HashMap::new();
+    // One flush pacer for the core's partitions: they share its disk's syncs.
+    let pacer = Rc::new(RefCell::new(FlushPacer::new(common.options.core_flushes_per_s_max)));
     for (topic, partition) in partitions {
         let directory = partition_directory(&common.data_dir, &topic, partition);
         let name = format!("{topic}-{partition}");
         let metrics = common.metrics.partition(&topic, partition);
-        match PartitionLog::open(&directory, &name, common.options.clone(), metrics).await {
+        match PartitionLog::open_paced(&directory, &name, common.options.clone(), metrics, pacer.clone()).await {
             Ok(log) => {
                 log.set_budget(common.budget.clone());
                 by_partition.insert((topic, partition), log.clone());
@@ -383,7 +395,10 @@ async fn join_mesh(
         None
     };
     let mesh = common.mesh.clone();
-    let start = engine::CoreAppender::start(core, common.core_count, by_partition, common.dedup, Some(mesh));
+    let watch = common.watch.map(|config| {
+        Rc::new(crate::shell::watch::CoreWatch::new(core, common.core_count, config, common.metrics.watch.clone()))
+    });
+    let start = engine::CoreAppender::start(core, common.core_count, by_partition, common.dedup, Some(mesh), watch);
     futures_lite::future::or(async { Some(start.await) }, shutdown_seen).await
 }
 
@@ -405,6 +420,14 @@ fn start_tasks(
         }
         _ => None,
     };
+    let watch = joined.as_ref().and_then(|appender| {
+        let watch = appender.watch()?;
+        let stopping = common.shutdown.clone();
+        let link: Box<dyn crate::shell::watch::WatchLink> = Box::new(appender.clone());
+        Some(glommio::spawn_local(crate::shell::watch::run(watch, link, common.watch_alerts_topic, move || {
+            shutdown::is_signalled(&stopping)
+        })))
+    });
     let listener = match (joined, listener) {
         (Some(appender), Some((socket, settings))) => {
             let appender: Rc<dyn Appender> = Rc::new(appender);
@@ -436,7 +459,7 @@ fn start_tasks(
             shutdown::is_signalled(&stopping)
         }))
     });
-    CoreTasks { listener, shippers: shipper_tasks, room_keeper, kafka }
+    CoreTasks { listener, shippers: shipper_tasks, room_keeper, kafka, watch }
 }
 
 /// Waits for the listener to close its connections, for the shippers to persist their
@@ -461,6 +484,9 @@ async fn stop_tasks(core: usize, tasks: CoreTasks) {
         task.await;
     }
     if let Some(task) = tasks.kafka {
+        task.await;
+    }
+    if let Some(task) = tasks.watch {
         task.await;
     }
 }
@@ -606,6 +632,8 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
             .config
             .topics
             .iter()
+            // weir's own topics (`_weir.alerts`) are not the devices' to write.
+            .filter(|topic| !topic.name.starts_with(crate::config::RESERVED_TOPIC_PREFIX))
             .map(|topic| (topic.name.clone(), (topic.partitions, valid.config.upstream.key_hash(&topic.name))))
             .collect(),
         connections_per_device_max: config.connections_per_device_max as usize,

@@ -35,6 +35,7 @@ pub fn small_options() -> LogOptions {
         preallocate_bytes: 128 << 10,
         flush_delay_max: Duration::from_micros(200),
         flush_bytes_max: 16 << 10,
+        core_flushes_per_s_max: 1000,
         appends_pending_max: 256,
         partition_bytes_max: 128 << 10,
     }

@@ -27,6 +27,11 @@ REQUIRED_KEYS = {
     "p999_us",
     "raw_fsync_p50_us",
     "raw_fsync_p99_us",
+    "plain_mb_per_s",
+    "ratio_plain",
+    "plain_fsync_p99_us",
+    "plain_write_fsync_p99_us",
+    "plain_writes",
     "batch_bytes_avg",
     "records",
     "cores",
@@ -165,6 +170,11 @@ def test_bench_segments_decode_with_kafka_python_and_pass_inspect(tmp_path):
     assert summary["ratio"] == pytest.approx(summary["mb_per_s"] / summary["raw_mb_per_s"], rel=0.01, abs=0.002)
     assert 0 < summary["p50_us"] <= summary["p99_us"] <= summary["p999_us"]
     assert 0 < summary["raw_fsync_p50_us"] <= summary["raw_fsync_p99_us"]
+    # The plain io_uring ceiling (issue 14) ran in the same rounds: pairs written, a
+    # ratio that is what it says, and write+fdatasync at least the fdatasync alone.
+    assert summary["plain_writes"] > 0 and summary["plain_mb_per_s"] > 0
+    assert summary["ratio_plain"] == pytest.approx(summary["mb_per_s"] / summary["plain_mb_per_s"], rel=0.01, abs=0.002)
+    assert 0 < summary["plain_fsync_p99_us"] <= summary["plain_write_fsync_p99_us"]
 
     rule = ValueRule(summary.get("record_bytes", 1024))
     partitions = sorted(path for path in data_dir.iterdir() if path.is_dir())

@@ -153,7 +153,9 @@ pub fn admit(
 }
 
 /// The answer to frame `sequence` once its `runs` were appended with `results` (one
-/// per run, in order): an ack naming every record's place, or the first failure.
+/// per run, in order): an ack naming every record's place, or the first failure. Only
+/// each run's partition and stretches are read: the shell moves the records themselves
+/// to the log.
 pub fn answer(
     sequence: u64,
     runs: &[PartitionRun],

@@ -15,7 +15,8 @@
 //! - **rate change**: the records of a `rate_window` above `rate_factor` x the learned
 //!   rate per window, or below it divided by `rate_factor`, in `RATE_WINDOWS_TO_OPEN`
 //!   windows in a row; closes after as many windows back within the band. The baseline
-//!   does not learn while the alert is open.
+//!   does not learn while the alert is open, and a silent stream's windows are not
+//!   judged (its silence alert says it).
 //! - **restart**: a sequence more than `restart_tolerance` below the last one stored (the
 //!   device started counting again; a resend of a frame refused earlier, Backpressure
 //!   say, may come after later ones were stored, by at most what a device may have in
@@ -47,7 +48,7 @@ const EWMA_ALPHA: f64 = 0.1;
 pub const EVENTS_PENDING_MAX: usize = 65_536;
 /// Roughly what one tracked stream costs in memory, its key aside (the state below,
 /// the map entry, the last-seen index entry).
-pub const STREAM_BYTES_APPROX: usize = 256;
+pub const STREAM_BYTES_APPROX: usize = 512;
 /// The refusal-storm rule counts refusals per minute.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 
@@ -171,6 +172,8 @@ struct Stream {
     id: u64,
     last_seen: Instant,
     last_sequence: Option<u64>,
+    /// A record was stored (a stream seen only through refusals is never silent).
+    records_seen: bool,
     interval_s: Learned,
     rate: Learned,
     window_start: Instant,
@@ -226,9 +229,9 @@ impl Watch {
         }
     }
 
-    /// A frame of `records` records from `device` to `topic` was stored: its first
-    /// sequence, the latest record timestamp in it (ms since the epoch) and the wall
-    /// time it arrived (ms since the epoch).
+    /// A frame of `records` records from `device` to `topic` was stored: the frame's
+    /// sequence (one per frame, as devices number them), the latest record timestamp in
+    /// it (ms since the epoch) and the wall time it arrived (ms since the epoch).
     pub fn handle_records(
         &mut self,
         now: Instant,
@@ -251,26 +254,13 @@ impl Watch {
             let interval = now.saturating_duration_since(state.last_seen).as_secs_f64();
             state.interval_s.add(interval);
         }
-        // Restart: the device counts from below again.
-        if let Some(last) = state.last_sequence {
-            if sequence.saturating_add(config.restart_tolerance) < last {
-                state.restarts += 1;
-                state.last_restart = Some(now);
-                let evidence = format!("sequence {sequence} after {last} ({} restarts)", state.restarts);
-                if state.open & AlertKind::Restart.bit() == 0 {
-                    changes.push((AlertKind::Restart, true, evidence));
-                } else {
-                    state.evidence[AlertKind::Restart as usize] = evidence;
-                }
-            }
+        // Restart: the device counts from below again. A late resend leaves the last
+        // sequence where it was; a restart starts it anew.
+        let restarted = judge_restart(&config, state, now, sequence, &mut changes);
+        if restarted || state.last_sequence.is_none_or(|last| sequence > last) {
+            state.last_sequence = Some(sequence);
         }
-        let end = sequence.saturating_add(records.saturating_sub(1));
-        let restarted =
-            state.last_sequence.is_some_and(|last| sequence.saturating_add(config.restart_tolerance) < last);
-        // A late resend leaves the last sequence where it was; a restart starts it anew.
-        if restarted || state.last_sequence.is_none_or(|last| end > last) {
-            state.last_sequence = Some(end);
-        }
+        state.records_seen = true;
         // Clock skew, with a band: open beyond skew_max, close within half of it.
         let skew_ms = max_timestamp_ms.saturating_sub(arrival_ms);
         let skew = Duration::from_millis(skew_ms.unsigned_abs());
@@ -297,10 +287,23 @@ impl Watch {
         }
     }
 
-    /// A frame of `stream` was refused (any error answer).
-    pub fn handle_refusal(&mut self, now: Instant, stream: &StreamKey) {
-        let limit = self.config.refusals_per_minute_max;
+    /// A frame of `stream` was refused (any error answer), with its sequence when it
+    /// was read: a device that lost its counter is refused (`SequenceReused`,
+    /// `SequenceTooOld`) as often as stored, and its sequence shows the restart either way.
+    pub fn handle_refusal(&mut self, now: Instant, stream: &StreamKey, sequence: Option<u64>) {
+        let config = self.config;
+        let limit = config.refusals_per_minute_max;
         let state = self.stream(now, stream);
+        let mut changes: Vec<Change> = Vec::new();
+        if let Some(sequence) = sequence {
+            if judge_restart(&config, state, now, sequence, &mut changes) {
+                state.last_sequence = Some(sequence);
+            }
+        }
+        for (kind, open, evidence) in changes {
+            self.change(now, stream, kind, open, evidence);
+        }
+        let state = self.streams.get_mut(stream).expect("tracked above");
         if now.saturating_duration_since(state.refusal_window_start) >= REFUSAL_WINDOW {
             state.refusal_window_start = now;
             state.refusals_in_window = 0;
@@ -325,7 +328,8 @@ impl Watch {
             roll_windows(config, state, now, &mut changes);
             let threshold = silence_threshold(config, &state.interval_s);
             let silent = now.saturating_duration_since(state.last_seen);
-            if silent > threshold && state.open & AlertKind::Silence.bit() == 0 {
+            // A stream known only from refused frames never spoke: it cannot fall silent.
+            if state.records_seen && silent > threshold && state.open & AlertKind::Silence.bit() == 0 {
                 changes.push((
                     AlertKind::Silence,
                     true,
@@ -428,6 +432,7 @@ impl Watch {
                     id,
                     last_seen: now,
                     last_sequence: None,
+                    records_seen: false,
                     interval_s: Learned::default(),
                     rate: Learned::default(),
                     window_start: now,
@@ -496,12 +501,16 @@ fn roll_windows(config: &WatchConfig, state: &mut Stream, now: Instant, changes:
     let window = config.rate_window;
     let factor = config.rate_factor;
     let mut open = state.open & AlertKind::RateChange.bit() != 0;
+    // A silent stream is the silence rule's: its empty windows are no rate change.
+    let silent = state.open & AlertKind::Silence.bit() != 0;
     while now.saturating_duration_since(state.window_start) >= window {
         let records = state.window_records as f64;
         state.window_start += window;
         state.window_records = 0;
         if state.rate.samples < RATE_LEARN_WINDOWS {
             state.rate.add(records);
+        } else if silent {
+            state.rate_strikes = 0;
         } else {
             let baseline = state.rate.mean.max(1.0);
             let abnormal = records > baseline * factor || records < baseline / factor;
@@ -530,6 +539,31 @@ fn roll_windows(config: &WatchConfig, state: &mut Stream, now: Instant, changes:
             state.window_start += window * (behind - 1) as u32;
         }
     }
+}
+
+/// Whether frame `sequence` shows the device counting from below again (more than
+/// `restart_tolerance` under the last sequence): counts it and opens (or refreshes) the
+/// restart alert.
+fn judge_restart(
+    config: &WatchConfig,
+    state: &mut Stream,
+    now: Instant,
+    sequence: u64,
+    changes: &mut Vec<Change>,
+) -> bool {
+    let Some(last) = state.last_sequence else { return false };
+    if sequence.saturating_add(config.restart_tolerance) >= last {
+        return false;
+    }
+    state.restarts += 1;
+    state.last_restart = Some(now);
+    let evidence = format!("sequence {sequence} after {last} ({} restarts)", state.restarts);
+    if state.open & AlertKind::Restart.bit() == 0 {
+        changes.push((AlertKind::Restart, true, evidence));
+    } else {
+        state.evidence[AlertKind::Restart as usize] = evidence;
+    }
+    true
 }
 
 /// How long a stream may be silent before the silence alert opens.

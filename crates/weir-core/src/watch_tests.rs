@@ -229,17 +229,17 @@ fn a_refusal_storm_opens_over_the_limit_and_closes_after_a_quiet_minute() {
     let base = Instant::now();
     let stream = key("dev-7");
     for index in 0..10 {
-        watch.handle_refusal(base + Duration::from_millis(index * 100), &stream);
+        watch.handle_refusal(base + Duration::from_millis(index * 100), &stream, None);
         watch.check_invariants();
     }
     assert!(watch.poll_event().is_none(), "ten refusals are within the limit");
-    watch.handle_refusal(base + SECOND + SECOND, &stream);
+    watch.handle_refusal(base + SECOND + SECOND, &stream, None);
     let event = watch.poll_event().expect("the eleventh opens the storm");
     assert!(event.open && event.kind == AlertKind::RefusalStorm);
     assert!(event.evidence.contains("11 refused frames"), "{}", event.evidence);
     // Still refused after the window: stays open while over half the limit.
     for index in 0..8 {
-        watch.handle_refusal(base + Duration::from_secs(61 + index), &stream);
+        watch.handle_refusal(base + Duration::from_secs(61 + index), &stream, None);
     }
     watch.handle_tick(base + Duration::from_secs(122));
     assert!(watch.poll_event().is_none(), "8 of a limit of 10 is over half: still a storm");
@@ -274,4 +274,59 @@ fn past_streams_max_the_longest_silent_stream_is_forgotten_and_its_alerts_closed
     let events: Vec<AlertEvent> = std::iter::from_fn(|| watch.poll_event()).collect();
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(!events[1].open && events[1].evidence.contains("no longer watched"));
+}
+
+#[test]
+fn a_device_refused_for_a_sequence_from_below_is_a_restart_too() {
+    let config = WatchConfig { restart_tolerance: 32, ..WatchConfig::default() };
+    let mut watch = Watch::new(config);
+    let base = Instant::now();
+    let stream = key("dev-3");
+    for second in 0..10u64 {
+        watch.handle_records(
+            base + Duration::from_secs(second),
+            &stream,
+            1_000 + second,
+            4,
+            WALL_START_MS,
+            WALL_START_MS,
+        );
+    }
+    // Within the tolerance: a resend, refused or not, is no restart.
+    watch.handle_refusal(base + Duration::from_secs(10), &stream, Some(1_000));
+    assert!(watch.poll_event().is_none());
+    // The device lost its counter: its frames from below are refused (SequenceReused).
+    watch.handle_refusal(base + Duration::from_secs(11), &stream, Some(3));
+    let event = watch.poll_event().expect("a restart");
+    assert!(event.open && event.kind == AlertKind::Restart, "{event:?}");
+    assert!(event.evidence.contains("sequence 3 after 1009"), "{}", event.evidence);
+    // Its next frames count on from the new start: no second restart.
+    watch.handle_refusal(base + Duration::from_secs(12), &stream, Some(4));
+    watch.handle_records(base + Duration::from_secs(13), &stream, 5, 1, WALL_START_MS, WALL_START_MS);
+    assert!(watch.poll_event().is_none());
+    watch.check_invariants();
+}
+
+#[test]
+fn a_stream_known_only_from_refused_frames_never_falls_silent() {
+    let config = WatchConfig { silence_max: Duration::from_secs(30), ..WatchConfig::default() };
+    let mut watch = Watch::new(config);
+    let base = Instant::now();
+    watch.handle_refusal(base, &key("dev-9"), None);
+    for second in 1..120u64 {
+        watch.handle_tick(base + Duration::from_secs(second));
+    }
+    let events: Vec<AlertEvent> = std::iter::from_fn(|| watch.poll_event()).collect();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(watch.streams(), 1);
+}
+
+#[test]
+fn a_stream_costs_what_the_docs_say() {
+    // The state, plus the map's and the index's share (hash slot, B-tree entry, id map
+    // entry), the key's Strings counted twice (map and id map) but not their bytes.
+    let key_bytes = std::mem::size_of::<StreamKey>();
+    let cost = std::mem::size_of::<Stream>() + 2 * key_bytes + std::mem::size_of::<(Instant, u64)>() + 16;
+    assert!(cost <= STREAM_BYTES_APPROX, "a stream costs {cost} bytes, STREAM_BYTES_APPROX says {STREAM_BYTES_APPROX}");
+    assert!(cost * 2 > STREAM_BYTES_APPROX, "STREAM_BYTES_APPROX is far above the {cost} bytes a stream costs");
 }

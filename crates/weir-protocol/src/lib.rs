@@ -272,6 +272,9 @@ pub fn with_length_prefix(archive: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Headers weir adds to every record it stores (`weir.device`, `weir.sequence`).
+pub const WEIR_HEADERS_PER_RECORD: usize = 2;
+
 /// A produce frame that passed every check, as records ready for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedProduce {
@@ -291,7 +294,9 @@ pub fn check_produce(bytes: &[u8], limits: &FrameLimits) -> Result<CheckedProduc
     if bytes.len() > limits.frame_bytes_max {
         return Err(FrameError::TooLarge { bytes: bytes.len(), max: limits.frame_bytes_max });
     }
-    let aligned = aligned_copy(bytes);
+    // The one copy of the frame: aligned for the archive, and owned by a `Bytes` that
+    // every record's key and value slice (no copy and no allocation per record).
+    let aligned = Bytes::from_owner(aligned_copy(bytes));
     let frame = rkyv::access::<ArchivedProduceFrame, rancor::Error>(&aligned)
         .map_err(|error| FrameError::Archive(error.to_string()))?;
     let version = frame.version.to_native();
@@ -320,20 +325,21 @@ pub fn check_produce(bytes: &[u8], limits: &FrameLimits) -> Result<CheckedProduc
     }
     let mut records = Vec::with_capacity(frame.records.len());
     for record in frame.records.iter() {
-        records.push(check_record(record, limits)?);
+        records.push(check_record(record, limits, &aligned)?);
     }
     Ok(CheckedProduce { sequence: frame.sequence.to_native(), topic: topic.to_owned(), records })
 }
 
-fn optional(bytes: &[u8], present: bool, name: &'static str) -> Result<Option<Bytes>, FrameError> {
+/// A nullable field: `bytes` is a slice of `frame`, which it shares.
+fn optional(frame: &Bytes, bytes: &[u8], present: bool, name: &'static str) -> Result<Option<Bytes>, FrameError> {
     match (present, bytes.is_empty()) {
-        (true, _) => Ok(Some(Bytes::copy_from_slice(bytes))),
+        (true, _) => Ok(Some(frame.slice_ref(bytes))),
         (false, true) => Ok(None),
         (false, false) => Err(field(name, "bytes given for a null field")),
     }
 }
 
-fn check_record(record: &ArchivedFrameRecord, limits: &FrameLimits) -> Result<Record, FrameError> {
+fn check_record(record: &ArchivedFrameRecord, limits: &FrameLimits, frame: &Bytes) -> Result<Record, FrameError> {
     let flags = record.flags;
     if flags & !(RECORD_KEY_PRESENT | RECORD_VALUE_PRESENT) != 0 {
         return Err(field("records.flags", format!("unknown bits {flags:#04x}")));
@@ -347,7 +353,9 @@ fn check_record(record: &ArchivedFrameRecord, limits: &FrameLimits) -> Result<Re
     if record.headers.len() > limits.headers_per_record_max {
         return Err(over("records.headers", record.headers.len(), limits.headers_per_record_max));
     }
-    let mut headers = Vec::with_capacity(record.headers.len());
+    // Room for the device's headers and the two weir adds (`weir.device`,
+    // `weir.sequence`): one allocation per record, not one and a regrowth.
+    let mut headers = Vec::with_capacity(record.headers.len() + WEIR_HEADERS_PER_RECORD);
     for header in record.headers.iter() {
         if header.flags & !HEADER_VALUE_PRESENT != 0 {
             return Err(field("records.headers.flags", format!("unknown bits {:#04x}", header.flags)));
@@ -362,13 +370,13 @@ fn check_record(record: &ArchivedFrameRecord, limits: &FrameLimits) -> Result<Re
         if key.starts_with("weir.") {
             return Err(field("records.headers.key", "the weir. prefix is reserved for headers weir sets"));
         }
-        let value = optional(&header.value, header.flags & HEADER_VALUE_PRESENT != 0, "records.headers.value")?;
+        let value = optional(frame, &header.value, header.flags & HEADER_VALUE_PRESENT != 0, "records.headers.value")?;
         headers.push(Header { key: key.to_owned().into(), value });
     }
     Ok(Record {
         timestamp_ms: record.timestamp_ms.to_native(),
-        key: optional(&record.key, flags & RECORD_KEY_PRESENT != 0, "records.key")?,
-        value: optional(&record.value, flags & RECORD_VALUE_PRESENT != 0, "records.value")?,
+        key: optional(frame, &record.key, flags & RECORD_KEY_PRESENT != 0, "records.key")?,
+        value: optional(frame, &record.value, flags & RECORD_VALUE_PRESENT != 0, "records.value")?,
         headers,
     })
 }

@@ -74,10 +74,21 @@ impl DeviceClient {
     /// bad credentials or an unreachable server show at once; later reconnects happen
     /// as sends need them.
     pub async fn connect_on(endpoint: &quinn::Endpoint, profile: &DeviceProfile) -> Result<DeviceClient, DeviceError> {
+        DeviceClient::connect_on_at(endpoint, profile, SystemTime::now()).await
+    }
+
+    /// `connect_on` for a device whose clock reads `clock`: its sequences start from
+    /// it (and the state file). A simulator restarts a device that lost its state and
+    /// whose clock began again at 1970 this way (`UNIX_EPOCH` + its uptime).
+    pub async fn connect_on_at(
+        endpoint: &quinn::Endpoint,
+        profile: &DeviceProfile,
+        clock: SystemTime,
+    ) -> Result<DeviceClient, DeviceError> {
         profile.validate("(device profile)")?;
         let credentials = Credentials::load(profile)?;
         let state_file = profile.sequence.state_file.clone();
-        let sequence_start = sequence_state::start(state_file.as_deref(), SystemTime::now())?;
+        let sequence_start = sequence_state::start(state_file.as_deref(), clock)?;
         let settings = PipelineSettings::from_profile(profile);
         let connect_timeout = Duration::from_millis(profile.timeouts.connect_ms);
         let (answers_tx, answers_rx) = mpsc::channel(profile.flow.frames_in_flight_max + 2);

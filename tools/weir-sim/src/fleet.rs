@@ -55,10 +55,19 @@ pub struct Outcome {
     /// Sends still unresolved when the drain time ran out.
     pub abandoned_sends: u64,
     pub latency_us: Histogram<u64>,
+    /// One send's round trip, from the send call to its ack (in the closed loop a send
+    /// is one frame), counted once per send.
+    pub send_rtt_us: Histogram<u64>,
+    /// Sends acked.
+    pub sends_acked: u64,
     /// Times the endpoints moved to a new socket (--rebind-every-ms), in all.
     pub rebinds: u64,
     /// From the start of writing to the last resolved send.
     pub elapsed: Duration,
+    /// When the devices began writing and when they stopped (the drain follows), for a
+    /// caller that samples the server over the writing time only.
+    pub writing_from: std::time::Instant,
+    pub writing_until: std::time::Instant,
     pub first_errors: Vec<String>,
 }
 
@@ -71,6 +80,8 @@ struct Stats {
     abandoned_sends: AtomicU64,
     last_resolved_us: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+    send_rtt_us: Mutex<Histogram<u64>>,
+    sends_acked: AtomicU64,
     errors: Mutex<Vec<String>>,
 }
 
@@ -132,6 +143,8 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         abandoned_sends: AtomicU64::new(0),
         last_resolved_us: AtomicU64::new(0),
         latency_us: Mutex::new(Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds")),
+        send_rtt_us: Mutex::new(Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds")),
+        sends_acked: AtomicU64::new(0),
         errors: Mutex::new(Vec::new()),
     });
     let (acked_log, acked_log_writer) = match &plan.acked_log {
@@ -194,7 +207,16 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut fleet = JoinSet::new();
     for (index, client) in clients {
+        let restart = plan.faults.restart_of(index).map(|after| {
+            let device_id = &plan.device_ids[index];
+            let mut profile = plan.profile_template.clone();
+            profile.tls.certificate = plan.certs.join(format!("devices/{device_id}.pem"));
+            profile.tls.key = plan.certs.join(format!("devices/{device_id}.key"));
+            Restart { at: start + after, endpoint: endpoints[index / plan.devices_per_endpoint].clone(), profile }
+        });
         let device = DeviceRun {
+            stop_at: plan.faults.stop_of(index).map(|after| start + after),
+            restart,
             client: Arc::new(client),
             index,
             rate: plan.rate,
@@ -208,6 +230,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
             end,
             drain_end,
             in_flight: in_flight.clone(),
+            closed_loop: plan.closed_loop,
         };
         fleet.spawn(device.run());
     }
@@ -281,6 +304,10 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         &mut *stats.latency_us.lock().expect("no panics while held"),
         Histogram::new(1).expect("valid"),
     );
+    let send_rtt_us = std::mem::replace(
+        &mut *stats.send_rtt_us.lock().expect("no panics while held"),
+        Histogram::new(1).expect("valid"),
+    );
     let first_errors = std::mem::take(&mut *stats.errors.lock().expect("no panics while held"));
     Ok(Outcome {
         devices,
@@ -293,8 +320,12 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         failed_records: stats.failed_records.load(Ordering::Relaxed),
         abandoned_sends: stats.abandoned_sends.load(Ordering::Relaxed),
         latency_us,
+        send_rtt_us,
+        sends_acked: stats.sends_acked.load(Ordering::Relaxed),
         rebinds: rebinds.load(Ordering::Relaxed),
         elapsed,
+        writing_from: start.into_std(),
+        writing_until: end.into_std(),
         first_errors,
     })
 }
@@ -312,7 +343,16 @@ async fn join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<It
     .await
 }
 
+/// A device that connects again, as one that lost its sequence state.
+struct Restart {
+    at: Instant,
+    endpoint: quinn::Endpoint,
+    profile: weir_device::DeviceProfile,
+}
+
 struct DeviceRun {
+    stop_at: Option<Instant>,
+    restart: Option<Restart>,
     client: Arc<DeviceClient>,
     index: usize,
     rate: f64,
@@ -326,21 +366,57 @@ struct DeviceRun {
     end: Instant,
     drain_end: Instant,
     in_flight: Arc<AtomicUsize>,
+    closed_loop: Option<crate::ClosedLoop>,
 }
 
 impl DeviceRun {
-    async fn run(self) {
+    /// Waits for the device's sends, closes its connection, and connects again with a
+    /// clock that began at 1970 `uptime` ago and no sequence state: its sequences start
+    /// again from below. False when it could not connect (noted).
+    async fn restart(&mut self, restart: &Restart, sends: &mut JoinSet<()>) -> bool {
+        while sends.join_next().await.is_some() {}
+        let uptime = Instant::now().saturating_duration_since(self.start);
+        let mut profile = restart.profile.clone();
+        profile.sequence.state_file = None;
+        match DeviceClient::connect_on_at(&restart.endpoint, &profile, SystemTime::UNIX_EPOCH + uptime).await {
+            Ok(client) => {
+                let previous = std::mem::replace(&mut self.client, Arc::new(client));
+                if let Ok(previous) = Arc::try_unwrap(previous) {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), previous.close()).await;
+                }
+                true
+            }
+            Err(error) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.note_error(format!("reconnect {}: {error}", self.client.device_id()));
+                false
+            }
+        }
+    }
+
+    async fn run(mut self) {
         let device: Arc<str> = self.client.device_id().into();
         let key = Bytes::from(device.as_bytes().to_vec());
         let mut sends = JoinSet::new();
-        if self.rate > 0.0 {
+        if let Some(closed_loop) = self.closed_loop {
+            self.write_closed_loop(closed_loop, &device, &key, &mut sends).await;
+        } else if self.rate > 0.0 {
             let tick = Duration::from_secs_f64(1.0 / self.rate).max(TICK_MIN);
             // Spread the devices' ticks over one tick (golden-ratio sequence).
             let phase = tick.mul_f64((self.index as f64 * 0.618_033_988_75).fract());
             let mut next = self.start + phase;
             let mut generated = 0u64;
             let mut topic_rotation = self.index;
+            let mut restart = self.restart.take();
             while next < self.end {
+                if self.stop_at.is_some_and(|at| next >= at) {
+                    break;
+                }
+                if let Some(due) = restart.take_if(|restart| next >= restart.at) {
+                    if !self.restart(&due, &mut sends).await {
+                        break;
+                    }
+                }
                 tokio::time::sleep_until(next).await;
                 while sends.len() >= self.sends_in_flight {
                     tokio::select! {
@@ -395,6 +471,56 @@ impl DeviceRun {
     }
 }
 
+impl DeviceRun {
+    /// Keeps exactly `frames_in_flight` sends of `records_per_frame` records in flight
+    /// until the end of the run: each is flushed into its own frame at once, and the
+    /// next goes the moment one is answered.
+    async fn write_closed_loop(
+        &self,
+        closed_loop: crate::ClosedLoop,
+        device: &Arc<str>,
+        key: &Bytes,
+        sends: &mut JoinSet<()>,
+    ) {
+        tokio::time::sleep_until(self.start).await;
+        let (mut generated, mut topic_rotation) = (0u64, self.index);
+        let count = closed_loop.records_per_frame;
+        loop {
+            while sends.len() < closed_loop.frames_in_flight && Instant::now() < self.end {
+                let records = make_records(device, key, generated, count, self.record_bytes);
+                generated += count as u64;
+                self.stats.generated.fetch_add(count as u64, Ordering::Relaxed);
+                let topic = self.topics[topic_rotation % self.topics.len()].clone();
+                topic_rotation += 1;
+                let began = Instant::now();
+                let pending = self.client.enqueue(&topic, records).await;
+                // No linger: the send is its own frame now.
+                if let Err(error) = self.client.flush().await {
+                    self.stats.note_error(format!("{device}: flush: {error}"));
+                }
+                sends.spawn(send(
+                    pending,
+                    began,
+                    count as u64,
+                    device.clone(),
+                    topic,
+                    self.stats.clone(),
+                    self.acked_log.clone(),
+                    self.start,
+                    self.in_flight.clone(),
+                ));
+            }
+            if Instant::now() >= self.end {
+                return;
+            }
+            tokio::select! {
+                _ = sends.join_next() => {}
+                () = tokio::time::sleep_until(self.end) => return,
+            }
+        }
+    }
+}
+
 fn make_records(device: &str, key: &Bytes, first: u64, count: usize, record_bytes: usize) -> Vec<Record> {
     let timestamp_ms =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64);
@@ -434,6 +560,12 @@ async fn send(
                 .lock()
                 .expect("no panics while held")
                 .saturating_record_n(latency_us.clamp(1, LATENCY_US_MAX), count);
+            stats
+                .send_rtt_us
+                .lock()
+                .expect("no panics while held")
+                .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+            stats.sends_acked.fetch_add(1, Ordering::Relaxed);
             stats.acked.fetch_add(count, Ordering::Relaxed);
             if let Some(log) = acked_log {
                 let _ = log.send(AckedBatch { device, topic, records: ack.records }).await;

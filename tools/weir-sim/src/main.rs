@@ -106,6 +106,26 @@ struct Options {
     /// rebinding) every this many milliseconds while devices write; 0: never.
     #[arg(long, default_value_t = 0)]
     rebind_every_ms: u64,
+    /// Closed loop: each device keeps exactly N frames in flight and sends the next the
+    /// moment one is answered (no pacing tick, no linger; --rate is not used). The
+    /// summary adds each frame's round trip (frame_rtt_p50_us, ...).
+    #[arg(long, value_name = "N")]
+    closed_loop_frames: Option<usize>,
+    /// Records in each closed-loop frame.
+    #[arg(long, default_value_t = 100, value_name = "R")]
+    records_per_frame: usize,
+    /// Devices (the first ones) that stop writing and disconnect after --stop-after-seconds.
+    #[arg(long, default_value_t = 0)]
+    stop_devices: u32,
+    #[arg(long, default_value_t = 0.0)]
+    stop_after_seconds: f64,
+    /// Devices (after the stopped ones) that disconnect after --restart-after-seconds and
+    /// connect again as a device that lost its sequence state and whose clock began
+    /// again at 1970: their sequences start again from below.
+    #[arg(long, default_value_t = 0)]
+    restart_devices: u32,
+    #[arg(long, default_value_t = 0.0)]
+    restart_after_seconds: f64,
 }
 
 /// A bad option: reported on stderr, exit code 2.
@@ -146,6 +166,23 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     if options.connect_concurrency == 0 || options.sends_in_flight == 0 {
         return Err(usage("--connect-concurrency and --sends-in-flight must be at least 1"));
     }
+    if u64::from(options.stop_devices) + u64::from(options.restart_devices) > u64::from(options.devices) {
+        return Err(usage("--stop-devices and --restart-devices together exceed --devices"));
+    }
+    for (name, seconds) in [
+        ("--stop-after-seconds", options.stop_after_seconds),
+        ("--restart-after-seconds", options.restart_after_seconds),
+    ] {
+        if !seconds.is_finite() || seconds < 0.0 || seconds > options.seconds {
+            return Err(usage(format!("{name} {seconds} is not within the run (0..={})", options.seconds)));
+        }
+    }
+    let faults = weir_sim::Faults {
+        stopped: options.stop_devices as usize,
+        stop_after: std::time::Duration::from_secs_f64(options.stop_after_seconds),
+        restarted: options.restart_devices as usize,
+        restart_after: std::time::Duration::from_secs_f64(options.restart_after_seconds),
+    };
     let threads = match options.threads {
         Some(0) => return Err(usage("--threads must be at least 1")),
         Some(threads) => threads,
@@ -209,6 +246,22 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
     if let Some(frames) = options.frames_in_flight {
         profile.flow.frames_in_flight_max = frames;
     }
+    let closed_loop = match options.closed_loop_frames {
+        None => None,
+        Some(0) => return Err(usage("--closed-loop-frames must be at least 1")),
+        Some(frames) => {
+            if options.records_per_frame == 0 {
+                return Err(usage("--records-per-frame must be at least 1"));
+            }
+            // One send is one frame: the batch holds exactly a send, and the device
+            // lets every frame of the loop be in flight and queued.
+            profile.batch.records_max = options.records_per_frame;
+            profile.flow.frames_in_flight_max = profile.flow.frames_in_flight_max.max(frames);
+            profile.flow.queue_records_max =
+                profile.flow.queue_records_max.max(frames.saturating_mul(options.records_per_frame));
+            Some(weir_sim::ClosedLoop { frames_in_flight: frames, records_per_frame: options.records_per_frame })
+        }
+    };
     profile.tls.ca = ca;
     profile.tls.certificate = options.certs.join("devices/placeholder.pem");
     profile.tls.key = options.certs.join("devices/placeholder.key");
@@ -229,6 +282,8 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         sends_in_flight: options.sends_in_flight,
         drain_seconds: options.drain_seconds,
         rebind_every: (options.rebind_every_ms > 0).then(|| std::time::Duration::from_millis(options.rebind_every_ms)),
+        closed_loop,
+        faults,
     })
 }
 

@@ -7,7 +7,11 @@
 //! from the start of writing to the last resolved send), `p50_us`, `p99_us`, `p999_us`,
 //! `max_us` (ack latency per record: from the send call to its ack), and the run's
 //! shape: devices, connected, connect_failures, endpoints, generated, failed_sends,
-//! failed_records, abandoned_sends, seconds, elapsed_s, rate, record_bytes, topics.
+//! failed_records, abandoned_sends, seconds, elapsed_s, rate, record_bytes, topics;
+//! `sends_acked` and `send_rtt_p50_us`/`_p99_us`/`_p999_us` (one send's round trip,
+//! counted once per send), and in the closed loop (`--closed-loop-frames`) the same as
+//! `frames_acked`, `frame_rtt_p50_us`/`_p99_us`/`_p999_us` with `closed_loop_frames`
+//! and `records_per_frame`.
 
 use serde_json::json;
 
@@ -36,7 +40,9 @@ impl Summary {
             )
         };
         let errors = outcome.failed_sends + outcome.connect_failures + outcome.abandoned_sends;
-        let json = json!({
+        let rtt = &outcome.send_rtt_us;
+        let rtt_at = |quantile: f64| if rtt.is_empty() { 0 } else { rtt.value_at_quantile(quantile) };
+        let mut json = json!({
             "acked": outcome.acked,
             "errors": errors,
             "records_per_s": (records_per_s * 10.0).round() / 10.0,
@@ -59,7 +65,21 @@ impl Summary {
             "record_bytes": plan.record_bytes,
             "topics": plan.topics,
             "rebinds": outcome.rebinds,
+            "sends_acked": outcome.sends_acked,
+            "send_rtt_p50_us": rtt_at(0.5),
+            "send_rtt_p99_us": rtt_at(0.99),
+            "send_rtt_p999_us": rtt_at(0.999),
         });
+        if let Some(closed_loop) = plan.closed_loop {
+            // A closed-loop send is one frame.
+            let fields = json.as_object_mut().expect("an object");
+            fields.insert("closed_loop_frames".into(), closed_loop.frames_in_flight.into());
+            fields.insert("records_per_frame".into(), closed_loop.records_per_frame.into());
+            fields.insert("frames_acked".into(), outcome.sends_acked.into());
+            fields.insert("frame_rtt_p50_us".into(), rtt_at(0.5).into());
+            fields.insert("frame_rtt_p99_us".into(), rtt_at(0.99).into());
+            fields.insert("frame_rtt_p999_us".into(), rtt_at(0.999).into());
+        }
         let mut lines = vec![
             format!(
                 "weir-sim: {} devices ({} connected, {} failed to connect) on {} endpoints and {} threads; \
@@ -81,6 +101,18 @@ impl Summary {
             format!("throughput {records_per_s:.0} records/s, {mb_per_s:.3} MB/s over {elapsed_s:.3} s"),
             format!("ack latency p50 {p50_us} us, p99 {p99_us} us, p999 {p999_us} us, max {max_us} us"),
         ];
+        if let Some(closed_loop) = plan.closed_loop {
+            lines.push(format!(
+                "closed loop {} frame(s) of {} records in flight per device: {} frames, round trip p50 {} us, \
+                 p99 {} us, p999 {} us",
+                closed_loop.frames_in_flight,
+                closed_loop.records_per_frame,
+                outcome.sends_acked,
+                rtt_at(0.5),
+                rtt_at(0.99),
+                rtt_at(0.999)
+            ));
+        }
         for error in &outcome.first_errors {
             lines.push(format!("error      {error}"));
         }

@@ -163,13 +163,18 @@ fn bad_options_exit_2_with_a_clear_message() {
     let directory = tempfile::tempdir().unwrap();
     device_certs(directory.path(), 2);
     let certs = directory.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--certs", certs, "--devices", "0"], "--devices 0"),
         (&["--certs", certs, "--devices", "3"], "1 of 3 device certificates are missing"),
         (&["--certs", "/nonexistent", "--devices", "1"], "weir certs"),
         (&["--certs", certs, "--rate=-1"], "--rate"),
         (&["--certs", certs, "--topic", ""], "--topic"),
         (&["--certs", certs, "--server", "not-an-address"], "invalid value"),
+        (
+            &["--certs", certs, "--devices", "2", "--stop-devices", "2", "--restart-devices", "1"],
+            "--stop-devices and --restart-devices together exceed --devices",
+        ),
+        (&["--certs", certs, "--seconds", "5", "--stop-after-seconds", "6"], "--stop-after-seconds 6 is not within"),
     ];
     for (arguments, expected) in cases {
         let output = sim().args(arguments).output().unwrap();

@@ -9,8 +9,9 @@
 //! so the shell holds the records in arrival order and the hot path copies nothing.
 //!
 //! What it decides: when a group is complete (the flush window `flush_delay_max`,
-//! taken only by an append that finds the partition idle; `flush_bytes_max`, the
-//! append that would overflow carried to the next group), when the active segment
+//! taken only by an append that finds the partition idle; then, with the core's
+//! `FlushPacer`, the core's next flush slot, gathering until it comes;
+//! `flush_bytes_max`, the append that would overflow carried to the next group), when the active segment
 //! rolls (too full or too old), where each batch goes and how far the file is
 //! preallocated (keeping `disk_reserve_bytes` free on the filesystem), when an index
 //! entry is added and when pending entries are written, the data directory's
@@ -28,11 +29,14 @@
 //!   attempt; a poisoned partition holds no reservation and starts no write.
 //! - `index_written <= index_entries`; the durable end never passes the allocation.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::batch::BATCH_HEADER_BYTES;
 use super::index::IndexEntry;
+use super::pacer::FlushPacer;
 use super::segment::{plan_append, WritePlan};
 
 /// Index entries kept in memory before they are written to the index file together:
@@ -184,9 +188,11 @@ struct Pending {
 enum Stage {
     /// No group: the next append starts one.
     Idle,
-    /// Gathering appends until `window_end` (or the queue runs dry, when busy).
+    /// Gathering appends until `window_end` (or the queue runs dry, when busy);
+    /// `slotted` once the window was extended to the core's flush slot.
     Gathering {
         window_end: Instant,
+        slotted: bool,
     },
     Planning,
     Reserving,
@@ -225,6 +231,9 @@ pub struct PartitionCore {
     last_flush_end: Option<Instant>,
     poisoned: bool,
     drop_oldest: bool,
+    /// The flush slots this partition shares with the other partitions of its core;
+    /// `None`: unpaced.
+    pacer: Option<Rc<RefCell<FlushPacer>>>,
     close_asked: bool,
     input_closed: bool,
     /// Why the group in flight last found the disk full.
@@ -249,6 +258,7 @@ impl PartitionCore {
             last_flush_end: None,
             poisoned: false,
             drop_oldest: false,
+            pacer: None,
             close_asked: false,
             input_closed: false,
             last_full: None,
@@ -261,6 +271,11 @@ impl PartitionCore {
     /// Whether a full disk may drop unshipped segments (`log.disk_full_policy`).
     pub fn set_drop_oldest(&mut self, drop_oldest: bool) {
         self.drop_oldest = drop_oldest;
+    }
+
+    /// Paces this partition's small flushes with the other partitions of its core.
+    pub fn set_pacer(&mut self, pacer: Rc<RefCell<FlushPacer>>) {
+        self.pacer = Some(pacer);
     }
 
     // ----- inputs -----
@@ -290,11 +305,21 @@ impl PartitionCore {
         self.check_invariants();
     }
 
-    /// The shell found no append waiting at `now`.
+    /// The shell found no append waiting at `now`. A group whose window has ended
+    /// takes the core's next flush slot and gathers until it comes (paced), or is
+    /// complete.
     pub fn handle_queue_empty(&mut self, now: Instant) {
-        if let Stage::Gathering { window_end } = self.stage {
+        if let Stage::Gathering { window_end, slotted } = self.stage {
             if now >= window_end {
-                self.group_complete(now);
+                let slot = match (&self.pacer, slotted) {
+                    (Some(pacer), false) => pacer.borrow_mut().take_slot(now),
+                    _ => now,
+                };
+                if slot > now {
+                    self.stage = Stage::Gathering { window_end: slot, slotted: true };
+                } else {
+                    self.group_complete(now);
+                }
             }
         }
         self.check_invariants();
@@ -463,7 +488,7 @@ impl PartitionCore {
         match self.stage {
             _ if !self.actions.is_empty() || self.input_closed => None,
             Stage::Idle => Some(None),
-            Stage::Gathering { window_end } => Some(Some(window_end)),
+            Stage::Gathering { window_end, .. } => Some(Some(window_end)),
             _ => None,
         }
     }
@@ -508,7 +533,7 @@ impl PartitionCore {
         let window_end = if busy { now } else { now + self.config.flush_delay_max };
         self.group_bytes = BATCH_HEADER_BYTES + first.bound_bytes;
         self.group.push_back(first);
-        self.stage = Stage::Gathering { window_end };
+        self.stage = Stage::Gathering { window_end, slotted: false };
         if self.group_bytes >= self.config.flush_bytes_max || self.input_closed {
             self.group_complete(now);
         }

@@ -186,6 +186,71 @@ fn busy_appends_go_at_once() {
     assert_eq!(shell.replies.len(), 3);
 }
 
+/// Two partitions of one core sharing a pacer of one flush per 10 ms.
+fn paced_pair() -> (Shell, Shell) {
+    let pacer = Rc::new(RefCell::new(FlushPacer::new(100)));
+    let (mut first, mut second) = (Shell::new(config()), Shell::new(config()));
+    second.base = first.base;
+    first.core.set_pacer(pacer.clone());
+    second.core.set_pacer(pacer);
+    (first, second)
+}
+
+#[test]
+fn paced_partitions_take_turns_and_gather_while_they_wait() {
+    let (mut first, mut second) = paced_pair();
+    first.append(100, 0);
+    second.append(100, 0);
+    // Both windows end at 2 ms: the first takes the slot at once, the second the next
+    // one, 10 ms on, and keeps gathering until then.
+    first.queue_empty(2);
+    second.queue_empty(2);
+    assert_eq!(first.replies, vec![Ok(0)]);
+    assert!(second.replies.is_empty());
+    assert_eq!(second.core.wants_append(), Some(Some(second.at(12))));
+    second.append(100, 5);
+    second.append(100, 11);
+    second.queue_empty(11);
+    assert!(second.replies.is_empty(), "its slot has not come");
+    second.queue_empty(12);
+    assert_eq!(second.replies, vec![Ok(0), Ok(1), Ok(2)]);
+    assert_eq!(second.log, vec!["plan 3".to_owned(), "write 0 at 0 index None false".to_owned()]);
+}
+
+#[test]
+fn paced_flushes_of_a_busy_core_stay_at_the_limit() {
+    let (mut first, mut second) = paced_pair();
+    // An append every millisecond on each partition for 200 ms.
+    for ms in 0..200 {
+        for shell in [&mut first, &mut second] {
+            shell.append(10, ms);
+            shell.queue_empty(ms);
+        }
+    }
+    for shell in [&mut first, &mut second] {
+        shell.queue_empty(240);
+    }
+    let writes = first.writes() + second.writes();
+    assert!(writes <= 200 / 10 + 3, "{writes} flushes in 200 ms at 100 flushes/s");
+    assert_eq!(first.replies.len() + second.replies.len(), 400, "every append acked");
+    // Unpaced, every millisecond's append would be its own flush after the first.
+    let mut unpaced = Shell::new(config());
+    for ms in 0..200 {
+        unpaced.append(10, ms);
+        unpaced.queue_empty(ms);
+    }
+    assert!(unpaced.writes() >= 190, "{} unpaced flushes", unpaced.writes());
+}
+
+#[test]
+fn a_full_group_goes_without_a_slot() {
+    let (mut first, mut second) = paced_pair();
+    first.append(100, 0);
+    first.queue_empty(2); // takes the slot at 2 ms
+    second.append(1000 - BATCH_HEADER_BYTES, 3);
+    assert_eq!(second.replies, vec![Ok(0)], "a full group does not wait for the slot at 12 ms");
+}
+
 #[test]
 fn a_group_at_flush_bytes_max_carries_the_next_append() {
     let mut shell = Shell::new(config());

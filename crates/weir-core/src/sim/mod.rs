@@ -27,6 +27,7 @@
 
 pub(crate) mod broker;
 mod disk;
+mod watch;
 mod world;
 
 use std::cell::RefCell;
