@@ -6,7 +6,10 @@
 //! the record; Produce is refused with the reason; a fetch past the end is
 //! OFFSET_OUT_OF_RANGE; garbage, an oversized frame or an unknown API close only their
 //! own connection; two subscribers in one group hand partitions over on leave without
-//! losing or repeating a record, and committed offsets survive a SIGKILL.
+//! losing or repeating a record, and committed offsets survive a SIGKILL; a consumer
+//! behind retention (drop-oldest deleted its offsets) is OFFSET_OUT_OF_RANGE and its
+//! own auto.offset.reset = earliest takes it to the new log start, where it reads
+//! exactly the records still stored.
 
 #[path = "common/appliance.rs"]
 mod appliance;
@@ -479,6 +482,88 @@ fn two_subscribers_share_a_group_hand_over_on_leave_and_committed_offsets_surviv
         assert!(read.insert(place, record).is_none(), "{place:?} read twice across the handover");
     }
     assert_eq!(read.len(), stored.len(), "no record lost across the handover");
+    for (place, record) in &read {
+        assert_eq!(record, &stored[place], "at {place:?}");
+    }
+}
+
+#[test]
+fn a_consumer_behind_retention_is_out_of_range_and_resets_by_its_own_policy_to_what_is_stored() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let certs = weir()
+        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
+        .arg(root.join("certs"))
+        .output()
+        .unwrap();
+    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
+    // Small segments and a data directory budget of four: with nothing shipped,
+    // drop-oldest deletes the oldest segments as devices write, moving log starts.
+    let log = "[log]\nsegment_bytes_max = \"64 KiB\"\ndata_dir_bytes_max = \"256 KiB\"\nflush_bytes_max = \"64 KiB\"\n\
+               index_interval_bytes = \"4 KiB\"\npreallocate_bytes = \"64 KiB\"\ndisk_full_policy = \"drop-oldest\"\n";
+    let appliance = Appliance::start(root, "", log, &[(TOPIC, PARTITIONS)], 2);
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+    let sim = Command::new(binary("weir-sim"))
+        .args(["--server", &appliance.quic, "--devices", "16", "--rate", "25", "--seconds", "4"])
+        .args(["--record-bytes", "1000", "--certs"])
+        .arg(appliance.certs())
+        .arg("--acked-log")
+        .arg(root.join("acked.log"))
+        .output()
+        .unwrap();
+    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
+    let acked: BTreeSet<(String, u64, u32, i64)> = std::fs::read_to_string(root.join("acked.log"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields[0].to_owned(), fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
+        })
+        .collect();
+    let ends = ends_of(&acked);
+    let stored = stored_records(root, &ends);
+    // Where each partition's log starts now: past offset 0, or the test proves nothing.
+    let starts: BTreeMap<u64, i64> = stored.keys().fold(BTreeMap::new(), |mut starts, (partition, offset)| {
+        let start = starts.entry(*partition).or_insert(*offset);
+        *start = (*start).min(*offset);
+        starts
+    });
+    let written = ends.values().filter(|end| **end > 0).count();
+    assert_eq!(starts.len(), written, "every partition written to still holds records: {starts:?}");
+    assert!(
+        starts.values().all(|start| *start > 0),
+        "retention deleted every written partition's first segment: {starts:?}"
+    );
+    // On the wire: a fetch at a deleted offset is OFFSET_OUT_OF_RANGE with the new log start.
+    let mut raw = Raw::connect(&kafka);
+    for (partition, start) in &starts {
+        let behind = fetch_one(&mut raw, *partition as i32, 0);
+        let answer = &behind.responses[0].partitions[0];
+        assert_eq!(answer.error_code, 1, "OFFSET_OUT_OF_RANGE at offset 0 of partition {partition}");
+        assert_eq!(answer.log_start_offset, *start, "the new log start of partition {partition}");
+    }
+
+    // confluent-kafka at offset 0 of every partition: OFFSET_OUT_OF_RANGE, then its
+    // own auto.offset.reset = earliest takes it to the new log start.
+    let ends_file = root.join("ends.json");
+    let ends_json: BTreeMap<String, i64> = ends.iter().map(|(partition, end)| (partition.to_string(), *end)).collect();
+    std::fs::write(&ends_file, serde_json::to_string(&ends_json).unwrap()).unwrap();
+    let reader = python()
+        .args(["from-zero", &kafka, TOPIC, &PARTITIONS.to_string()])
+        .arg(&ends_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read = by_place(finish("from-zero", reader));
+    appliance.stop();
+    // Nothing deleted meanwhile (no device wrote): exactly the records still stored.
+    assert_eq!(stored_records(root, &ends).len(), stored.len());
+    for (partition, start) in &starts {
+        let first = read.keys().find(|(read_partition, _)| read_partition == partition).map(|(_, offset)| *offset);
+        assert_eq!(first, Some(*start), "partition {partition} was read from its new log start");
+    }
+    assert_eq!(read.len(), stored.len(), "every stored record read once, no other");
     for (place, record) in &read {
         assert_eq!(record, &stored[place], "at {place:?}");
     }

@@ -8,6 +8,14 @@ usage:
       a consumer that assigns every partition from the beginning (CRCs checked) and
       reads until ENDS_FILE exists ({"partition": end_offset, ...}) and every
       partition reached its end; exits 1 after 120 s without reaching it.
+  kafka_api_read.py from-zero BOOTSTRAP TOPIC PARTITIONS ENDS_FILE
+      a confluent-kafka consumer (auto.offset.reset = earliest) that assigns every
+      partition at offset 0, which retention may have deleted, and reads like
+      `confluent` (CRCs checked) until every partition reached its end in ENDS_FILE.
+  kafka_api_read.py long-poll BOOTSTRAP TOPIC PARTITIONS WAIT_MS
+      a confluent-kafka consumer with fetch.wait.max.ms = WAIT_MS at offset 0 of every
+      partition of an empty topic: prints "parked" once it has polled 2 s with nothing
+      read, then the first record it reads, and exits; exits 1 after 120 s without one.
   kafka_api_read.py produce BOOTSTRAP TOPIC
       tries to produce one record with confluent-kafka and prints the error it got.
   kafka_api_read.py offset-for-time BOOTSTRAP TOPIC PARTITION TIMESTAMP_MS
@@ -72,16 +80,18 @@ def ends_reached(ends_file, positions):
     return all(positions.get(int(partition), 0) >= end for partition, end in ends.items())
 
 
-def confluent(bootstrap, topic, partitions, ends_file):
+def confluent(bootstrap, topic, partitions, ends_file, start=None):
     from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": "weir-test-assign",
         "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
         "check.crcs": True,
         "fetch.wait.max.ms": 200,
     })
-    consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING) for partition in range(partitions)])
+    offset = OFFSET_BEGINNING if start is None else start
+    consumer.assign([TopicPartition(topic, partition, offset) for partition in range(partitions)])
     positions = {}
     deadline = time.monotonic() + DEADLINE_S
     while not ends_reached(ends_file, positions):
@@ -118,6 +128,39 @@ def kafka_python(bootstrap, topic, partitions, ends_file):
             for record in records:
                 line(record.partition, record.offset, record.timestamp, record.key, record.value, record.headers)
                 positions[record.partition] = record.offset + 1
+    consumer.close()
+
+
+def long_poll(bootstrap, topic, partitions, wait_ms):
+    from confluent_kafka import Consumer, TopicPartition
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": "weir-test-long-poll",
+        "enable.auto.commit": False,
+        "check.crcs": True,
+        "fetch.wait.max.ms": wait_ms,
+    })
+    consumer.assign([TopicPartition(topic, partition, 0) for partition in range(partitions)])
+    deadline = time.monotonic() + DEADLINE_S
+    # Polled empty for 2 s: the consumer's fetch is parked at the end by now.
+    parked_at = time.monotonic() + 2
+    parked = False
+    while True:
+        if time.monotonic() > deadline:
+            sys.exit("long-poll: no record")
+        message = consumer.poll(0.2)
+        if message is None:
+            if not parked and time.monotonic() > parked_at:
+                print(json.dumps("parked"), flush=True)
+                parked = True
+            continue
+        if message.error():
+            sys.exit(f"long-poll: {message.error()}")
+        if not parked:
+            sys.exit("long-poll: a record arrived before the consumer parked")
+        _, timestamp = message.timestamp()
+        line(message.partition(), message.offset(), timestamp, message.key(), message.value(), message.headers())
+        break
     consumer.close()
 
 
@@ -183,6 +226,10 @@ def main():
         confluent(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif mode == "kafka-python":
         kafka_python(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+    elif mode == "from-zero":
+        confluent(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], start=0)
+    elif mode == "long-poll":
+        long_poll(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "produce":
         produce(sys.argv[2], sys.argv[3])
     elif mode == "offset-for-time":
