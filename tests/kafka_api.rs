@@ -9,7 +9,9 @@
 //! losing or repeating a record, and committed offsets survive a SIGKILL; a consumer
 //! behind retention (drop-oldest deleted its offsets) is OFFSET_OUT_OF_RANGE and its
 //! own auto.offset.reset = earliest takes it to the new log start, where it reads
-//! exactly the records still stored.
+//! exactly the records still stored; a consumer's fetch parked at the end (20 s
+//! fetch.wait.max.ms) is woken by a device's append and gets the record long before
+//! its wait would have expired.
 
 #[path = "common/appliance.rs"]
 mod appliance;
@@ -567,4 +569,69 @@ fn a_consumer_behind_retention_is_out_of_range_and_resets_by_its_own_policy_to_w
     for (place, record) in &read {
         assert_eq!(record, &stored[place], "at {place:?}");
     }
+}
+
+#[test]
+fn a_long_poll_parked_at_the_end_is_woken_by_a_device_append_before_its_wait_expires() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let certs = weir()
+        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
+        .arg(root.join("certs"))
+        .output()
+        .unwrap();
+    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
+    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+
+    // confluent-kafka at the end (offset 0) of every partition of the empty topic, each
+    // fetch allowed to wait 20 s (kafka_api.fetch_wait_ms_max is 30 s).
+    let out = root.join("long-poll.jsonl");
+    let mut reader = python()
+        .args(["long-poll", &kafka, TOPIC, &PARTITIONS.to_string(), "20000"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !printed(&out).contains(&Value::from("parked")) {
+        if let Some(status) = reader.try_wait().unwrap() {
+            let mut stderr = String::new();
+            reader.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            panic!("the consumer exited with {status}: {stderr}");
+        }
+        assert!(std::time::Instant::now() < deadline, "the consumer parked within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its fetch is parked: none answered in the 2 s it polled empty.
+    let answered = appliance.metric("weir_kafka_api_fetches_total");
+    assert!(answered <= 1.0, "the consumer's fetch waits at the end instead of being answered empty: {answered}");
+    // A device appends while the consumer's fetch is parked.
+    let appended_from = std::time::Instant::now();
+    let sim = Command::new(binary("weir-sim"))
+        .args(["--server", &appliance.quic, "--devices", "1", "--rate", "1", "--seconds", "1"])
+        .args(["--record-bytes", "40", "--certs"])
+        .arg(appliance.certs())
+        .arg("--acked-log")
+        .arg(root.join("acked.log"))
+        .output()
+        .unwrap();
+    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
+    let acked = std::fs::read_to_string(root.join("acked.log")).unwrap();
+    let first: Vec<&str> = acked.lines().next().expect("weir-sim got an append acknowledged").split(' ').collect();
+    let (partition, offset): (u64, i64) = (first[2].parse().unwrap(), first[3].parse().unwrap());
+    let output = reader.wait_with_output().unwrap();
+    let woken_within = appended_from.elapsed();
+    assert!(output.status.success(), "long-poll: {}", String::from_utf8_lossy(&output.stderr));
+    let read: Vec<Value> = printed(&out).into_iter().filter(Value::is_object).collect();
+    assert_eq!(read.len(), 1, "{read:?}");
+    assert_eq!((read[0]["partition"].as_u64(), read[0]["offset"].as_i64()), (Some(partition), Some(offset)));
+    // Behaviour, not speed: unwoken, the fetch would have answered only when its 20 s
+    // wait expired, which is later than this.
+    assert!(woken_within < Duration::from_secs(10), "the parked fetch was woken by the append: {woken_within:?}");
+    assert!(appliance.metric("weir_kafka_api_fetches_total") > answered, "the woken fetch was answered");
+    appliance.stop();
+    let ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, i64::MAX)).collect();
+    let stored = stored_records(root, &ends);
+    assert_eq!(&read[0], &stored[&(partition, offset)], "the record as stored");
 }
