@@ -421,7 +421,7 @@ fn a_flood_of_oversized_frames_is_refused_and_well_behaved_devices_are_still_ser
 }
 
 #[test]
-fn the_admin_endpoint_binds_to_loopback_by_default() {
+fn the_admin_endpoint_and_the_kafka_api_bind_to_loopback_by_default() {
     let _serial = one_at_a_time();
     let root = tempfile::tempdir().unwrap();
     make_certs(&root.path().join("certs"), &["dev-1"]);
@@ -444,7 +444,9 @@ fn the_admin_endpoint_binds_to_loopback_by_default() {
         .arg(&config);
     let (mut child, lines) = start_serving(command);
     let admin: SocketAddr = field(&lines, "admin=http://").expect("the admin address is logged").parse().unwrap();
-    // Every TCP socket weir listens on (its only TCP listener is the admin endpoint).
+    let kafka_api: SocketAddr = field(&lines, "kafka_api=").expect("the Kafka API address is logged").parse().unwrap();
+    // Every TCP socket weir listens on (its TCP listeners are the admin endpoint and the
+    // read-only Kafka API, both on by default).
     let listening: Vec<String> = ["tcp", "tcp6"]
         .iter()
         .flat_map(|table| {
@@ -460,9 +462,10 @@ fn the_admin_endpoint_binds_to_loopback_by_default() {
     Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0), "weir stops cleanly");
     assert!(admin.ip().is_loopback(), "admin endpoint on {admin}");
-    assert_eq!(
-        listening,
-        vec![format!("0100007F:{:04X}", admin.port())],
-        "one TCP listener, on 127.0.0.1 (never 0.0.0.0 or ::)"
-    );
+    assert!(kafka_api.ip().is_loopback(), "Kafka API on {kafka_api}");
+    let mut listening = listening;
+    listening.sort();
+    let mut expected = vec![format!("0100007F:{:04X}", admin.port()), format!("0100007F:{:04X}", kafka_api.port())];
+    expected.sort();
+    assert_eq!(listening, expected, "the admin and Kafka API listeners, both on 127.0.0.1 (never 0.0.0.0 or ::)");
 }
