@@ -159,7 +159,47 @@ pub struct KafkaApiConfig {
     pub groups_max: u32,
     #[serde(default = "default_kafka_api_members_per_group_max")]
     pub members_per_group_max: u32,
+    /// From accept until the connection is authenticated (the TLS handshake and the
+    /// SASL exchange): a connection that takes longer is closed.
+    #[serde(default = "default_kafka_api_authentication_ms_max")]
+    pub authentication_ms_max: Millis,
+    /// TLS on the listener (off by default); with `client_ca_file`, mTLS.
+    #[serde(default)]
+    pub tls: KafkaApiTlsConfig,
 }
+
+/// `[kafka_api.tls]`: TLS (rustls) on the Kafka listener. With `client_ca_file` every
+/// client must present a certificate that CA signed (mTLS); its subject CN is the
+/// principal when SASL does not name one.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct KafkaApiTlsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM certificate chain weir presents (leaf first).
+    #[serde(default)]
+    pub certificate_file: Option<PathBuf>,
+    /// PEM private key of `certificate_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// PEM file of the CAs trusted to sign client certificates; when set, a client
+    /// certificate is required.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl KafkaApiConfig {
+    /// Whether clients must prove who they are (mTLS or SASL): then every topic is
+    /// denied unless an ACL permits it.
+    pub fn authenticates(&self) -> bool {
+        self.tls.enabled && self.tls.client_ca_file.is_some()
+    }
+}
+
+fn default_kafka_api_authentication_ms_max() -> Millis {
+    Millis(10_000)
+}
+/// The longest `kafka_api.authentication_ms_max`.
+pub const KAFKA_API_AUTHENTICATION_MS_MAX: u64 = 120_000;
 
 /// Limits of `[kafka_api]`'s fields.
 pub const KAFKA_API_CONNECTIONS_MAX: u32 = 100_000;
@@ -209,6 +249,8 @@ impl Default for KafkaApiConfig {
             fetch_wait_ms_max: default_kafka_api_fetch_wait_ms_max(),
             groups_max: default_kafka_api_groups_max(),
             members_per_group_max: default_kafka_api_members_per_group_max(),
+            authentication_ms_max: default_kafka_api_authentication_ms_max(),
+            tls: KafkaApiTlsConfig::default(),
         }
     }
 }
@@ -690,7 +732,14 @@ pub struct Host {
     /// password) the way `serve` will, when shipping is on and the settings fit
     /// together: `shell::kafka_secure::check_files` on a probed host.
     pub upstream_files: UpstreamFilesCheck,
+    /// Loads the files `[kafka_api.tls]` and `[kafka_api.sasl]` name the way `serve`
+    /// will, when the listener is enabled and the settings fit together:
+    /// `shell::kafka_api::check_files` on a probed host.
+    pub kafka_api_files: KafkaApiFilesCheck,
 }
+
+/// How validation loads the Kafka API's TLS and SASL files: each problem names its field.
+pub type KafkaApiFilesCheck = fn(&KafkaApiConfig) -> Vec<ConfigProblem>;
 
 /// How validation loads the upstream TLS and SASL files: a problem names the field.
 pub type UpstreamFilesCheck = fn(&UpstreamConfig) -> Result<(), ConfigProblem>;
@@ -699,7 +748,7 @@ impl Host {
     /// A host with these CPUs whose upstream files are not read (the fuzzer and tests
     /// that validate configs naming files that do not exist here).
     pub fn with_cpus(usable_cpus: BTreeSet<usize>) -> Host {
-        Host { usable_cpus, upstream_files: |_| Ok(()) }
+        Host { usable_cpus, upstream_files: |_| Ok(()), kafka_api_files: |_| Vec::new() }
     }
 }
 
@@ -777,6 +826,7 @@ fn known_keys(table: &str) -> &'static [&'static str] {
         "admin" => field_names::<AdminConfig>(),
         "quic" => field_names::<QuicConfig>(),
         "kafka_api" => field_names::<KafkaApiConfig>(),
+        "kafka_api.tls" => field_names::<KafkaApiTlsConfig>(),
         "topics" => field_names::<TopicConfig>(),
         "watch" => field_names::<WatchSection>(),
         "upstream" => field_names::<UpstreamConfig>(),
@@ -888,6 +938,7 @@ impl Config {
         self.validate_log(&mut problem);
         self.validate_admin(&mut problem);
         self.validate_kafka_api(&mut problem);
+        self.validate_kafka_api_security(host.kafka_api_files, &mut problem);
         self.validate_quic(&mut problem);
         self.validate_process(&mut problem);
         self.validate_topics(&mut problem);
@@ -1086,6 +1137,64 @@ impl Config {
         }
         if api.fetch_wait_ms_max.0 > KAFKA_API_FETCH_WAIT_MS_MAX {
             problem("kafka_api.fetch_wait_ms_max", format!("must be at most {KAFKA_API_FETCH_WAIT_MS_MAX} ms"));
+        }
+    }
+
+    /// `[kafka_api.tls]` (and `.sasl`, `.acl`): the settings fit together, a listener
+    /// off loopback authenticates its clients, and when the listener is enabled the
+    /// files load (`files`).
+    fn validate_kafka_api_security(&self, files: KafkaApiFilesCheck, problem: &mut impl FnMut(&str, String)) {
+        let api = &self.kafka_api;
+        let tls = &api.tls;
+        let mut consistent = true;
+        if !(1..=KAFKA_API_AUTHENTICATION_MS_MAX).contains(&api.authentication_ms_max.0) {
+            problem(
+                "kafka_api.authentication_ms_max",
+                format!("must be within 1..={KAFKA_API_AUTHENTICATION_MS_MAX} ms"),
+            );
+        }
+        if tls.enabled {
+            for (path, set) in
+                [("kafka_api.tls.certificate_file", &tls.certificate_file), ("kafka_api.tls.key_file", &tls.key_file)]
+            {
+                if set.is_none() {
+                    consistent = false;
+                    problem(path, "needed with kafka_api.tls.enabled = true".into());
+                }
+            }
+        } else {
+            for (path, set) in [
+                ("kafka_api.tls.certificate_file", tls.certificate_file.is_some()),
+                ("kafka_api.tls.key_file", tls.key_file.is_some()),
+                ("kafka_api.tls.client_ca_file", tls.client_ca_file.is_some()),
+            ] {
+                if set {
+                    consistent = false;
+                    problem(
+                        path,
+                        "set while kafka_api.tls.enabled = false: enable TLS or remove it (weir never serves \
+                         in plain text by surprise)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        let loopback = api.listen.parse::<SocketAddr>().is_ok_and(|address| address.ip().is_loopback());
+        if api.enabled && !loopback && !api.authenticates() {
+            problem(
+                "kafka_api.listen",
+                format!(
+                    "{:?} is reachable from the network but clients are not authenticated, so anyone there \
+                     could read every topic: configure mTLS ([kafka_api.tls] with client_ca_file) or SASL \
+                     ([kafka_api.sasl]), or listen on loopback",
+                    api.listen
+                ),
+            );
+        }
+        if consistent && api.enabled {
+            for found in files(api) {
+                problem(&found.path, found.why);
+            }
         }
     }
 

@@ -102,6 +102,9 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
             ("fetch_wait_ms_max", old.fetch_wait_ms_max != new.fetch_wait_ms_max),
             ("groups_max", old.groups_max != new.groups_max),
             ("members_per_group_max", old.members_per_group_max != new.members_per_group_max),
+            // Security: the TLS setup is built at start (its files are not reread).
+            ("authentication_ms_max", old.authentication_ms_max != new.authentication_ms_max),
+            ("tls", old.tls != new.tls),
         ]
     });
     section(&mut plan, "upstream", &running.upstream, upstream, |old, new| {

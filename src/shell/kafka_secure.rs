@@ -465,7 +465,11 @@ mod tests {
     use crate::config::{Config, ConfigError, Host};
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
-        let host = Host { usable_cpus: [0, 1].into_iter().collect(), upstream_files: check_files };
+        let host = Host {
+            usable_cpus: [0, 1].into_iter().collect(),
+            upstream_files: check_files,
+            kafka_api_files: |_| Vec::new(),
+        };
         match Config::parse(text, "test").and_then(|config| config.validate(&host, "test")) {
             Err(ConfigError::Invalid { problems, .. }) => problems,
             other => panic!("expected problems, got {other:?}"),
@@ -489,7 +493,11 @@ mod tests {
         let text = format!(
             "[upstream]\nenabled = true\nbootstrap_servers = [\"k:9093\"]\n[upstream.tls]\nenabled = true\n[upstream.sasl]\nmechanism = \"SCRAM-SHA-256\"\nusername = \"weir\"\npassword_file = {password:?}\n"
         );
-        let host = Host { usable_cpus: [0, 1].into_iter().collect(), upstream_files: check_files };
+        let host = Host {
+            usable_cpus: [0, 1].into_iter().collect(),
+            upstream_files: check_files,
+            kafka_api_files: |_| Vec::new(),
+        };
         let valid = Config::parse(&text, "test").unwrap().validate(&host, "test").unwrap();
         let security = Security::load(&valid.config.upstream).unwrap();
         assert!(security.tls.is_some());

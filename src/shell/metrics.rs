@@ -78,6 +78,48 @@ pub struct KafkaApiMetrics {
     pub fetched_bytes: Counter,
     pub requests_refused: Counter,
     pub offset_commits: Counter,
+    /// Authentications by mechanism (weir's fixed names) and result.
+    pub authentications: Family<AuthenticationLabels, Counter>,
+    /// Requests or topics refused for a principal without read permission.
+    pub authorization_refusals: Counter,
+}
+
+/// How a Kafka API client authenticated: weir's own names, never the client's text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMechanism {
+    Mtls,
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl AuthMechanism {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthMechanism::Mtls => "mtls",
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::ScramSha256 => "SCRAM-SHA-256",
+            AuthMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthenticationLabels {
+    pub mechanism: &'static str,
+    pub result: &'static str,
+}
+
+impl KafkaApiMetrics {
+    pub fn authenticated(&self, mechanism: AuthMechanism) {
+        self.authentications.get_or_create(&AuthenticationLabels { mechanism: mechanism.label(), result: "ok" }).inc();
+    }
+
+    pub fn authentication_failed(&self, mechanism: AuthMechanism) {
+        self.authentications
+            .get_or_create(&AuthenticationLabels { mechanism: mechanism.label(), result: "failed" })
+            .inc();
+    }
 }
 
 /// The process and the data directory, sampled when `/metrics` is scraped.
@@ -464,6 +506,16 @@ impl Metrics {
             kafka.requests_refused.clone(),
         );
         registry.register("kafka_api_offset_commits", "OffsetCommit requests stored", kafka.offset_commits.clone());
+        registry.register(
+            "kafka_api_authentications",
+            "Kafka API authentications by mechanism (mtls, PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) and result (ok, failed)",
+            kafka.authentications.clone(),
+        );
+        registry.register(
+            "kafka_api_authorization_refusals",
+            "Kafka API topics refused to a principal without read permission (TOPIC_AUTHORIZATION_FAILED)",
+            kafka.authorization_refusals.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
     }
 

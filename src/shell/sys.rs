@@ -14,7 +14,11 @@ impl crate::config::Host {
     /// This host's facts for config validation: its usable CPUs, and the upstream TLS
     /// and SASL files loaded as `serve` loads them.
     pub fn probe() -> crate::config::Host {
-        crate::config::Host { usable_cpus: usable_cpus(), upstream_files: crate::shell::kafka_secure::check_files }
+        crate::config::Host {
+            usable_cpus: usable_cpus(),
+            upstream_files: crate::shell::kafka_secure::check_files,
+            kafka_api_files: crate::shell::kafka_api::check_files,
+        }
     }
 }
 

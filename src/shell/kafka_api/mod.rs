@@ -9,21 +9,26 @@
 //! the reader waits for room. A request that does not decode, or whose key or version
 //! weir does not answer, closes its own connection and nothing else. What to answer is
 //! decided in `core::kafka_api`; `answer` builds the responses.
+//!
+//! Security (`auth_tls`): with `[kafka_api.tls]` a connection first completes its TLS
+//! handshake, then speaks Kafka inside it; a connection that is not authenticated by
+//! `kafka_api.authentication_ms_max` after accept is closed.
 
 mod answer;
+mod auth_tls;
 mod groups;
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 
-use crate::config::ValidConfig;
+use crate::config::{ConfigProblem, KafkaApiConfig, ValidConfig};
 use crate::shell::engine::CoreAppender;
 use crate::shell::shutdown;
 
@@ -46,6 +51,10 @@ pub struct KafkaApiSettings {
     pub group_limits: crate::core::consumer_group::GroupLimits,
     /// The committed offsets, loaded at start, and their file.
     pub offsets: (std::path::PathBuf, groups::OffsetsFile),
+    /// TLS on every connection (`[kafka_api.tls]`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// From accept until a connection must be authenticated.
+    pub authentication_time_max: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +66,21 @@ pub enum KafkaApiError {
     Advertised { address: String },
     #[error("the committed offsets cannot be read: {0}")]
     Offsets(#[from] groups::OffsetsError),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Security(Vec<ConfigProblem>),
+}
+
+/// Config validation's check of the files `[kafka_api.tls]` and `[kafka_api.sasl]`
+/// name (`config::Host::kafka_api_files` on a probed host): they load now as `serve`
+/// will load them.
+pub fn check_files(config: &KafkaApiConfig) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    if config.tls.enabled {
+        if let Err(found) = auth_tls::server_config(&config.tls) {
+            problems.extend(found);
+        }
+    }
+    problems
 }
 
 /// Session timeouts a group member may ask for (Kafka's broker defaults).
@@ -101,6 +125,11 @@ impl KafkaApiSettings {
                 session_timeout_ms_max: SESSION_TIMEOUT_MS_MAX,
             },
             offsets: groups::load_offsets(&valid.config.data_dir)?,
+            tls: match config.tls.enabled {
+                true => Some(auth_tls::server_config(&config.tls).map_err(KafkaApiError::Security)?),
+                false => None,
+            },
+            authentication_time_max: Duration::from_millis(config.authentication_ms_max.0),
         }))
     }
 
@@ -176,9 +205,14 @@ pub async fn run(
         // Detached: the connection watches the shutdown flag itself.
         glommio::spawn_local(async move {
             let peer = stream.peer_addr().ok();
-            if let Err(why) = serve_connection(&serving, stream).await {
+            if let Err(why) = open_and_serve(&serving, stream).await {
                 if matches!(why, ConnectionEnd::Request(_) | ConnectionEnd::TooLarge { .. }) {
                     serving.metrics.connections_closed_bad_request.inc();
+                }
+                if let ConnectionEnd::Handshake(error) = &why {
+                    if error.is_certificate_refused() {
+                        serving.metrics.authentication_failed(AuthMechanism::Mtls);
+                    }
                 }
                 tracing::info!(?peer, %why, "Kafka connection closed");
             }
@@ -204,10 +238,61 @@ enum ConnectionEnd {
     TooLarge { bytes: i64, max: usize },
     #[error("weir is stopping")]
     ShuttingDown,
+    #[error("{0}")]
+    Handshake(auth_tls::HandshakeError),
+    #[error("not authenticated within kafka_api.authentication_ms_max")]
+    AuthenticationTimeout,
+    #[error("the client certificate's subject CN is not a principal name (1..=64 of a-z A-Z 0-9 . _ -)")]
+    CertificateName,
+}
+
+pub use crate::shell::metrics::AuthMechanism;
+
+/// What a connection knows about its client.
+struct Session {
+    /// `User:NAME`: the SASL user, else the client certificate's CN; `None` without
+    /// authentication.
+    principal: Option<String>,
+    /// Whether the client may send more than the authentication requests.
+    authenticated: Cell<bool>,
+}
+
+/// Runs the TLS handshake when configured, then serves the connection.
+async fn open_and_serve(listener: &Rc<Listener>, stream: glommio::net::TcpStream) -> Result<(), ConnectionEnd> {
+    let deadline = Instant::now() + listener.settings.authentication_time_max;
+    let Some(tls) = &listener.settings.tls else {
+        let session = Session { principal: None, authenticated: Cell::new(true) };
+        return serve_connection(listener, stream, session, deadline).await;
+    };
+    let handshake = async { Some(auth_tls::accept(stream, tls.clone()).await) };
+    let expired = async {
+        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        None
+    };
+    let stream = future::or(handshake, expired)
+        .await
+        .ok_or(ConnectionEnd::AuthenticationTimeout)?
+        .map_err(ConnectionEnd::Handshake)?;
+    let principal = match stream.client_certificate() {
+        None => None,
+        Some(certificate) => {
+            let name = crate::certs::device_id_of(certificate).ok_or(ConnectionEnd::CertificateName)?;
+            listener.metrics.authenticated(AuthMechanism::Mtls);
+            Some(format!("User:{name}"))
+        }
+    };
+    let session = Session { principal, authenticated: Cell::new(true) };
+    serve_connection(listener, stream, session, deadline).await
 }
 
 /// One connection: reader and writer halves until either ends.
-async fn serve_connection(listener: &Rc<Listener>, stream: glommio::net::TcpStream) -> Result<(), ConnectionEnd> {
+async fn serve_connection(
+    listener: &Rc<Listener>,
+    stream: impl futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+    session: Session,
+    deadline: Instant,
+) -> Result<(), ConnectionEnd> {
+    tracing::debug!(principal = session.principal.as_deref().unwrap_or("(none)"), "Kafka connection open");
     let (mut reading, mut writing) = futures_lite::io::split(stream);
     let (pending, answers) = local_channel::new_bounded(listener.settings.requests_in_flight_max);
     let read_side = async {
@@ -225,12 +310,16 @@ async fn serve_connection(listener: &Rc<Listener>, stream: glommio::net::TcpStre
         while let Some(task) = answers.recv().await {
             let response: Bytes = task.await?;
             writing.write_all(&response).await.map_err(ConnectionEnd::Write)?;
+            writing.flush().await.map_err(ConnectionEnd::Write)?;
         }
         Err(ConnectionEnd::ShuttingDown)
     };
     let stopping = async {
         while !shutdown::is_signalled(&listener.shutdown) {
             glommio::timer::sleep(SHUTDOWN_POLL).await;
+            if !session.authenticated.get() && Instant::now() >= deadline {
+                return Err(ConnectionEnd::AuthenticationTimeout);
+            }
         }
         Err(ConnectionEnd::ShuttingDown)
     };
