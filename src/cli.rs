@@ -1,7 +1,7 @@
 //! The command line: parse arguments, load and validate config, run one command. Every
 //! failure ends here with a message and a distinct exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -34,6 +34,36 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `weir kafka-user` actions.
+#[derive(Debug, Subcommand)]
+pub enum KafkaUserAction {
+    /// Add a user (or replace its credentials) with SCRAM-SHA-256 and SCRAM-SHA-512
+    /// entries; the file is made if missing (mode 0600).
+    Add {
+        name: String,
+        /// The credentials file (kafka_api.sasl.credentials_file).
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Read the password from this file (its first line) instead of stdin.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// PBKDF2 rounds (4096..=16384).
+        #[arg(long, default_value_t = crate::shell::kafka_api::CREDENTIAL_ITERATIONS_DEFAULT)]
+        iterations: u32,
+    },
+    /// Remove a user.
+    Remove {
+        name: String,
+        #[arg(long)]
+        credentials: PathBuf,
+    },
+    /// List the users, one a line.
+    List {
+        #[arg(long)]
+        credentials: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +113,13 @@ pub enum Command {
         /// Validity of the server and device certificates, in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+    },
+    /// Manage the Kafka API's SASL users (kafka_api.sasl.credentials_file): SCRAM
+    /// credentials only, never a password. The password is read from stdin (its first
+    /// line) or --password-file, never from the command line.
+    KafkaUser {
+        #[command(subcommand)]
+        action: KafkaUserAction,
     },
     /// Load and validate a config, print every problem, exit 2 if there is one.
     CheckConfig {
@@ -296,6 +333,7 @@ pub fn run_with_log_filter(cli: Cli, set_log_filter: Option<SetLogFilter>) -> i3
             }
         }
         Command::Doctor { config, json, measure } => crate::doctor::command(config.as_deref(), json, measure),
+        Command::KafkaUser { action } => kafka_user(action),
         Command::Tail { topic, partition, from, follow, limit, json, config } => {
             match load_config(config.as_ref(), None) {
                 Ok(valid) => tail(&valid, &topic, partition, from, follow, limit, json),
@@ -464,4 +502,63 @@ fn tail(
         }
         std::thread::sleep(crate::tail::FOLLOW_POLL_INTERVAL);
     }
+}
+
+/// `weir kafka-user`: exit 0 on success, 1 on a problem (said on stderr).
+fn kafka_user(action: KafkaUserAction) -> i32 {
+    use crate::shell::kafka_api::{add_user, remove_user, Credentials};
+    let result = match action {
+        KafkaUserAction::Add { name, credentials, password_file, iterations } => {
+            let password = match read_password(password_file.as_deref()) {
+                Ok(password) => password,
+                Err(why) => {
+                    eprintln!("weir kafka-user add: {why}");
+                    return exit_code::PROBLEMS_FOUND;
+                }
+            };
+            add_user(&credentials, &name, password.as_bytes(), iterations).map(|existed| {
+                let done = if existed { "replaced" } else { "added" };
+                println!("{done} {name} (SCRAM-SHA-256, SCRAM-SHA-512) in {}", credentials.display());
+            })
+        }
+        KafkaUserAction::Remove { name, credentials } => remove_user(&credentials, &name).map(|existed| {
+            if existed {
+                println!("removed {name} from {}", credentials.display());
+            } else {
+                println!("{name} is not in {}", credentials.display());
+            }
+        }),
+        KafkaUserAction::List { credentials } => Credentials::load(&credentials).map(|loaded| {
+            for name in loaded.names() {
+                println!("{name}");
+            }
+        }),
+    };
+    match result {
+        Ok(()) => exit_code::CLEAN,
+        Err(error) => {
+            eprintln!("weir kafka-user: {error}");
+            exit_code::PROBLEMS_FOUND
+        }
+    }
+}
+
+/// The first line of `file`, or of stdin: the password (its line end removed).
+fn read_password(file: Option<&Path>) -> Result<String, String> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+            line = text.lines().next().unwrap_or_default().to_owned();
+        }
+        None => {
+            std::io::stdin().lock().read_line(&mut line).map_err(|error| format!("stdin: {error}"))?;
+        }
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err("no password given (its first line on stdin, or --password-file)".into());
+    }
+    Ok(password.to_owned())
 }

@@ -166,6 +166,37 @@ pub struct KafkaApiConfig {
     /// TLS on the listener (off by default); with `client_ca_file`, mTLS.
     #[serde(default)]
     pub tls: KafkaApiTlsConfig,
+    /// SASL on the listener (off by default).
+    #[serde(default)]
+    pub sasl: KafkaApiSaslConfig,
+}
+
+/// `[kafka_api.sasl]`: SASL authentication of Kafka clients. The users and their SCRAM
+/// credentials (never passwords) are in `credentials_file`, made by `weir kafka-user`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct KafkaApiSaslConfig {
+    /// The mechanisms offered; empty: no SASL.
+    #[serde(default)]
+    pub mechanisms: Vec<KafkaApiSaslMechanism>,
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// A SASL mechanism the Kafka listener offers, by its Kafka name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KafkaApiSaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaApiSaslConfig {
+    pub fn enabled(&self) -> bool {
+        !self.mechanisms.is_empty()
+    }
 }
 
 /// `[kafka_api.tls]`: TLS (rustls) on the Kafka listener. With `client_ca_file` every
@@ -191,7 +222,7 @@ impl KafkaApiConfig {
     /// Whether clients must prove who they are (mTLS or SASL): then every topic is
     /// denied unless an ACL permits it.
     pub fn authenticates(&self) -> bool {
-        self.tls.enabled && self.tls.client_ca_file.is_some()
+        (self.tls.enabled && self.tls.client_ca_file.is_some()) || self.sasl.enabled()
     }
 }
 
@@ -251,6 +282,7 @@ impl Default for KafkaApiConfig {
             members_per_group_max: default_kafka_api_members_per_group_max(),
             authentication_ms_max: default_kafka_api_authentication_ms_max(),
             tls: KafkaApiTlsConfig::default(),
+            sasl: KafkaApiSaslConfig::default(),
         }
     }
 }
@@ -827,6 +859,7 @@ fn known_keys(table: &str) -> &'static [&'static str] {
         "quic" => field_names::<QuicConfig>(),
         "kafka_api" => field_names::<KafkaApiConfig>(),
         "kafka_api.tls" => field_names::<KafkaApiTlsConfig>(),
+        "kafka_api.sasl" => field_names::<KafkaApiSaslConfig>(),
         "topics" => field_names::<TopicConfig>(),
         "watch" => field_names::<WatchSection>(),
         "upstream" => field_names::<UpstreamConfig>(),
@@ -1180,6 +1213,38 @@ impl Config {
             }
         }
         let loopback = api.listen.parse::<SocketAddr>().is_ok_and(|address| address.ip().is_loopback());
+        let sasl = &api.sasl;
+        match (sasl.enabled(), &sasl.credentials_file) {
+            (true, None) => {
+                consistent = false;
+                problem(
+                    "kafka_api.sasl.credentials_file",
+                    "needed with kafka_api.sasl.mechanisms (make it with `weir kafka-user add`)".into(),
+                );
+            }
+            (false, Some(_)) => {
+                consistent = false;
+                problem(
+                    "kafka_api.sasl.mechanisms",
+                    "empty while credentials_file is set: name the mechanisms to offer (\"SCRAM-SHA-256\", \
+                     \"SCRAM-SHA-512\", \"PLAIN\") or remove credentials_file"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        let mut offered = BTreeSet::new();
+        for mechanism in &sasl.mechanisms {
+            if !offered.insert(format!("{mechanism:?}")) {
+                problem("kafka_api.sasl.mechanisms", format!("{mechanism:?} is named twice"));
+            }
+        }
+        if sasl.mechanisms.contains(&KafkaApiSaslMechanism::Plain) && !tls.enabled && !loopback {
+            problem(
+                "kafka_api.sasl.mechanisms",
+                "PLAIN sends the password as it is: off loopback it needs [kafka_api.tls] enabled".into(),
+            );
+        }
         if api.enabled && !loopback && !api.authenticates() {
             problem(
                 "kafka_api.listen",

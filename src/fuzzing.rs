@@ -219,3 +219,34 @@ pub fn kafka_request(bytes: &[u8]) {
         }
     }
 }
+
+/// A Kafka client's SCRAM or PLAIN messages, as the listener's SASL server reads them
+/// (`core::sasl_server`): the first part of the input (its first byte says how long)
+/// is a client-first message, the rest a client-final one; the whole input is also a
+/// PLAIN message. Nothing panics, and a forged client-final never authenticates.
+pub fn scram_server(bytes: &[u8]) {
+    use crate::core::sasl::Mechanism;
+    use crate::core::sasl_server::{parse_client_first, parse_plain, AuthStep, SaslConversation, ScramCredential};
+    static CREDENTIAL: std::sync::OnceLock<ScramCredential> = std::sync::OnceLock::new();
+    let credential = CREDENTIAL
+        .get_or_init(|| ScramCredential::derive(Mechanism::ScramSha256, b"pencil", b"fuzzing salt", 4096))
+        .clone();
+    let split = bytes.first().map_or(0, |first| usize::from(*first).min(bytes.len()));
+    let (first, last) = bytes.split_at(split);
+    if let Ok(parsed) = parse_client_first(first) {
+        assert!(!parsed.username.is_empty() && !parsed.client_nonce.contains(','));
+    }
+    let _ = parse_plain(bytes);
+    let mut conversation = SaslConversation::new(vec![Mechanism::ScramSha256]);
+    conversation.handshake("SCRAM-SHA-256").expect("offered");
+    let lookup = |_: &str, _: Mechanism| Some(credential.clone());
+    match conversation.authenticate(first, "fuzzNonce", lookup) {
+        AuthStep::Continue(server_first) => {
+            assert!(server_first.starts_with(b"r="));
+            // The proof needs the password: random bytes never carry it.
+            assert!(!matches!(conversation.authenticate(last, "fuzzNonce", lookup), AuthStep::Done { .. }));
+        }
+        AuthStep::Done { .. } => panic!("a client-first message alone authenticated"),
+        AuthStep::Failed { .. } => {}
+    }
+}

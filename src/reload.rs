@@ -105,6 +105,8 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
             // Security: the TLS setup is built at start (its files are not reread).
             ("authentication_ms_max", old.authentication_ms_max != new.authentication_ms_max),
             ("tls", old.tls != new.tls),
+            // The credentials file is read at start: a new user takes a restart too.
+            ("sasl", old.sasl != new.sasl),
         ]
     });
     section(&mut plan, "upstream", &running.upstream, upstream, |old, new| {

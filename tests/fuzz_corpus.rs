@@ -19,6 +19,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("kafka_response", weir::fuzzing::kafka_response),
     ("config_file", weir::fuzzing::config_file),
     ("kafka_request", weir::fuzzing::kafka_request),
+    ("scram_server", weir::fuzzing::scram_server),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {

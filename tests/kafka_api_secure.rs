@@ -3,7 +3,12 @@
 //! acknowledged record exactly as the segment files hold it, and a client without a
 //! certificate, or with one another CA signed, is refused and reads nothing; garbage
 //! in place of a TLS handshake, and a handshake that never comes, close only their
-//! own connection.
+//! own connection. Over SASL_SSL, confluent-kafka (SCRAM-SHA-256), kafka-python
+//! (SCRAM-SHA-512), a subscribe()d group member (SCRAM-SHA-512) and kcat (PLAIN) read
+//! every record; a wrong password or an unknown user is refused with an
+//! authentication error; requests before authentication, an unknown mechanism,
+//! oversized auth bytes and a flood of SaslAuthenticate close only their connection;
+//! `weir kafka-user` never takes a password on its command line.
 
 #[path = "common/appliance.rs"]
 mod appliance;
@@ -19,6 +24,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use appliance::Appliance;
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiVersionsRequest, MetadataRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
+    SaslHandshakeResponse,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use serde_json::{json, Value};
 use server::{weir, Server};
 
@@ -195,6 +206,15 @@ fn refused(kafka: &str, security: &Value, topic: &str) -> (String, u64) {
     (seen["error"].as_str().unwrap_or_default().to_owned(), seen["records"].as_u64().unwrap())
 }
 
+/// confluent-kafka's Metadata with `security`: {"all": {topic: error}, "asked": error of
+/// `topic` asked for by name}.
+fn metadata(kafka: &str, topic: &str, security: &Value) -> Value {
+    let output =
+        python("kafka_api_secure.py").args(["metadata", kafka, topic, &security.to_string()]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// kcat with `security` (librdkafka settings): every record of the topic, then exit.
 fn kcat(kafka: &str, security: &Value) -> std::process::Output {
     let mut command = Command::new("kcat");
@@ -333,10 +353,285 @@ fn garbage_and_stalled_tls_handshakes_close_only_their_own_connection() {
     }
     assert!(closed_by_weir(&mut flood), "an endless handshake closes its connection");
     // Meanwhile a real client is served.
-    let (error, records) = refused(&kafka, &pki.librdkafka(Some("dashboard")), "no-such-topic");
-    assert_eq!(records, 0);
-    assert!(error.contains("UNKNOWN_TOPIC"), "a served client sees the topic is unknown: {error}");
+    let seen = metadata(&kafka, "no-such-topic", &pki.librdkafka(Some("dashboard")));
+    assert!(seen["asked"].as_str().unwrap_or_default().contains("UNKNOWN_TOPIC"), "a client is served: {seen}");
+    assert!(seen["all"].get(TOPIC).is_some(), "{seen}");
     // The stalled client is closed once kafka_api.authentication_ms_max passes.
     assert!(closed_by_weir(&mut stalled), "a handshake that never comes is closed");
     appliance.stop();
+}
+
+/// `weir kafka-user add NAME` with the password on stdin; the command's output.
+fn add_user(credentials: &Path, name: &str, password: &str) -> String {
+    let mut child = weir()
+        .args(["kafka-user", "add", name, "--credentials"])
+        .arg(credentials)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// librdkafka settings for SASL over TLS (the server's certificate checked against `pki`).
+fn sasl_ssl(pki: &Pki, mechanism: &str, user: &str, password: &str) -> Value {
+    json!({
+        "security.protocol": "sasl_ssl", "ssl.ca.location": pki.ca(),
+        "sasl.mechanism": mechanism, "sasl.username": user, "sasl.password": password,
+    })
+}
+
+fn sasl_table(credentials: &Path) -> String {
+    format!(
+        "[kafka_api.sasl]\nmechanisms = [\"SCRAM-SHA-256\", \"SCRAM-SHA-512\", \"PLAIN\"]\ncredentials_file = {:?}\n",
+        credentials.display()
+    )
+}
+
+/// The TLS table without client certificates.
+fn server_tls_table(pki: &Pki) -> String {
+    format!(
+        "[kafka_api.tls]\nenabled = true\ncertificate_file = {:?}\nkey_file = {:?}\n",
+        pki.path("server.pem"),
+        pki.path("server.key")
+    )
+}
+
+#[test]
+fn sasl_ssl_clients_read_with_scram_and_plain_in_a_group_too_and_bad_credentials_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let pki = Pki::new(&root.join("kafka-pki"), &[]);
+    let credentials = root.join("kafka-users.toml");
+    assert!(add_user(&credentials, "dashboard", "correct horse battery").starts_with("added dashboard"));
+    assert!(add_user(&credentials, "alarms", "staple").starts_with("added alarms"));
+    let file = std::fs::read_to_string(&credentials).unwrap();
+    assert!(!file.contains("correct horse") && file.contains("stored_key"), "{file}");
+    let acl = "";
+    let appliance = start(root, TLS_CONFIG, &format!("{}{}{acl}", server_tls_table(&pki), sasl_table(&credentials)));
+    let kafka = kafka(&appliance);
+    let scram_256 = sasl_ssl(&pki, "SCRAM-SHA-256", "dashboard", "correct horse battery");
+    let scram_512 = sasl_ssl(&pki, "SCRAM-SHA-512", "alarms", "staple");
+    let kafka_python = json!({
+        "security_protocol": "SASL_SSL", "ssl_cafile": pki.ca(), "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "dashboard", "sasl_plain_password": "correct horse battery",
+    });
+    let confluent = reader("confluent", &kafka, root, &scram_256, None);
+    let kafka_python_reader = reader("kafka-python", &kafka, root, &kafka_python, None);
+    let group = reader("group", &kafka, root, &scram_512, Some("alarms-group"));
+    let ends = simulate(&appliance);
+    let confluent = finish("confluent-kafka SCRAM-SHA-256", confluent);
+    let kafka_python_read = finish("kafka-python SCRAM-SHA-512", kafka_python_reader);
+    let group = finish("confluent-kafka subscribe() SCRAM-SHA-512", group);
+    let kcat_output = kcat(&kafka, &sasl_ssl(&pki, "PLAIN", "alarms", "staple"));
+    let stored = stored(&appliance, &ends);
+    assert_read_exactly("confluent-kafka over SASL_SSL SCRAM-SHA-256", &confluent, &stored);
+    assert_read_exactly("kafka-python over SASL_SSL SCRAM-SHA-512", &kafka_python_read, &stored);
+    assert_read_exactly("a group member over SASL_SSL SCRAM-SHA-512", &group, &stored);
+    assert_kcat_read_everything(&kcat_output, &stored);
+    let metric = |mechanism: &str, result: &str| {
+        appliance
+            .metric(&format!("weir_kafka_api_authentications_total{{mechanism=\"{mechanism}\",result=\"{result}\"}}"))
+    };
+    assert!(
+        metric("SCRAM-SHA-256", "ok") >= 1.0 && metric("SCRAM-SHA-512", "ok") >= 2.0 && metric("PLAIN", "ok") >= 1.0
+    );
+
+    // A wrong password, an unknown user, each mechanism: the client sees an
+    // authentication error and reads nothing.
+    for (mechanism, user, password) in [
+        ("SCRAM-SHA-256", "dashboard", "wrong horse"),
+        ("SCRAM-SHA-512", "nobody", "staple"),
+        ("PLAIN", "dashboard", "correct horse"),
+        ("PLAIN", "nobody", "x"),
+    ] {
+        let (error, records) = refused(&kafka, &sasl_ssl(&pki, mechanism, user, password), TOPIC);
+        assert_eq!(records, 0, "{mechanism} {user}");
+        assert!(error.contains("Authentication failed") || error.contains("SASL"), "{mechanism} {user}: {error}");
+    }
+    let output = python("kafka_api_secure.py")
+        .args(["kafka-python-refused", &kafka, TOPIC])
+        .arg(
+            json!({
+                "security_protocol": "SASL_SSL", "ssl_cafile": pki.ca(), "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_plain_username": "dashboard", "sasl_plain_password": "wrong",
+            })
+            .to_string(),
+        )
+        .output()
+        .unwrap();
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // kafka-python raises that it could not bootstrap (it reports weir's close, not the
+    // refusal's text); weir counts the failure below.
+    assert!(seen["error"].as_str().is_some_and(|error| error.contains("Unable to bootstrap")), "kafka-python: {seen}");
+    assert!(metric("PLAIN", "failed") >= 2.0 && metric("SCRAM-SHA-256", "failed") >= 2.0);
+    assert!(metric("SCRAM-SHA-512", "failed") >= 1.0);
+    appliance.stop();
+}
+
+/// A raw Kafka connection: frames out, frames in.
+struct Raw {
+    stream: TcpStream,
+    correlation_id: i32,
+}
+
+impl Raw {
+    fn connect(address: &str) -> Raw {
+        let stream = TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        Raw { stream, correlation_id: 0 }
+    }
+
+    fn frame<R: Request>(&mut self, request: &R, version: i16) -> BytesMut {
+        self.correlation_id += 1;
+        let mut header = RequestHeader::default();
+        header.request_api_key = R::KEY;
+        header.request_api_version = version;
+        header.correlation_id = self.correlation_id;
+        header.client_id = Some(StrBytes::from_static_str("raw-test"));
+        let mut frame = BytesMut::new();
+        frame.put_i32(0);
+        header.encode(&mut frame, R::header_version(version)).unwrap();
+        request.encode(&mut frame, version).unwrap();
+        let size = (frame.len() - 4) as i32;
+        frame[..4].copy_from_slice(&size.to_be_bytes());
+        frame
+    }
+
+    /// Sends `request`; its answer, or None when weir closed the connection.
+    fn send<R: Request>(&mut self, request: &R, version: i16) -> Option<R::Response> {
+        let frame = self.frame(request, version);
+        self.stream.write_all(&frame).ok()?;
+        let mut answer = self.read_frame()?;
+        let header =
+            ResponseHeader::decode(&mut answer, <R::Response as HeaderVersion>::header_version(version)).unwrap();
+        assert_eq!(header.correlation_id, self.correlation_id);
+        Some(<R::Response as Decodable>::decode(&mut answer, version).unwrap())
+    }
+
+    fn read_frame(&mut self) -> Option<Bytes> {
+        let mut size = [0u8; 4];
+        self.stream.read_exact(&mut size).ok()?;
+        let mut frame = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.stream.read_exact(&mut frame).ok()?;
+        Some(Bytes::from(frame))
+    }
+}
+
+fn sasl_handshake(raw: &mut Raw, mechanism: &str) -> SaslHandshakeResponse {
+    let mut request = SaslHandshakeRequest::default();
+    request.mechanism = StrBytes::from_string(mechanism.to_owned());
+    raw.send(&request, 1).expect("a handshake answer")
+}
+
+fn sasl_authenticate(bytes: &[u8]) -> SaslAuthenticateRequest {
+    let mut request = SaslAuthenticateRequest::default();
+    request.auth_bytes = Bytes::copy_from_slice(bytes);
+    request
+}
+
+#[test]
+fn unauthenticated_requests_auth_floods_and_oversized_auth_bytes_close_only_their_own_connection() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let credentials = root.join("kafka-users.toml");
+    add_user(&credentials, "dashboard", "pw");
+    // SASL without TLS: allowed on loopback (PLAIN off loopback needs TLS).
+    let acl = "";
+    let appliance = start(root, TLS_CONFIG, &format!("{}{acl}", sasl_table(&credentials)));
+    let kafka = kafka(&appliance);
+    // A connection that never authenticates (it asks ApiVersions, which is allowed).
+    let mut stalled = Raw::connect(&kafka);
+    let mut versions = ApiVersionsRequest::default();
+    versions.client_software_name = StrBytes::from_static_str("raw-test");
+    versions.client_software_version = StrBytes::from_static_str("1");
+    let listed = stalled.send(&versions, 3).expect("ApiVersions is answered before authentication");
+    assert!(listed.api_keys.iter().any(|api| api.api_key == 36 && api.max_version == 2), "SaslAuthenticate listed");
+
+    // Metadata before authentication closes the connection.
+    let mut early = Raw::connect(&kafka);
+    assert!(early.send(&MetadataRequest::default(), 12).is_none(), "Metadata before authentication is not answered");
+
+    // An unknown mechanism is refused with the list, then closed.
+    let mut other = Raw::connect(&kafka);
+    let answer = sasl_handshake(&mut other, "GSSAPI");
+    assert_eq!(answer.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    assert_eq!(answer.mechanisms.len(), 3);
+    assert!(other.read_frame().is_none(), "closed after the refusal");
+
+    // Auth bytes far beyond a SCRAM message: answered SASL_AUTHENTICATION_FAILED, closed.
+    let mut oversized = Raw::connect(&kafka);
+    assert_eq!(sasl_handshake(&mut oversized, "SCRAM-SHA-256").error_code, 0);
+    let answer = oversized.send(&sasl_authenticate(&vec![b'n'; 200_000]), 2).expect("an answer");
+    assert_eq!(answer.error_code, 58, "SASL_AUTHENTICATION_FAILED");
+    assert!(oversized.read_frame().is_none(), "closed after the failure");
+
+    // A flood of SaslAuthenticate requests, pipelined: one answer, then closed.
+    let mut flood = Raw::connect(&kafka);
+    assert_eq!(sasl_handshake(&mut flood, "PLAIN").error_code, 0);
+    let mut frames = BytesMut::new();
+    for _ in 0..200 {
+        frames.extend_from_slice(&flood.frame(&sasl_authenticate(b"\0dashboard\0wrong"), 2));
+    }
+    let _ = flood.stream.write_all(&frames);
+    let first = flood.read_frame().expect("the first attempt is answered");
+    assert!(first.len() > 4);
+    assert!(flood.read_frame().is_none(), "no second attempt on a connection");
+
+    // Meanwhile a real client authenticates and reads.
+    let plaintext = json!({
+        "security.protocol": "sasl_plaintext", "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "dashboard", "sasl.password": "pw",
+    });
+    let seen = metadata(&kafka, "no-such-topic", &plaintext);
+    assert!(seen["asked"].as_str().unwrap_or_default().contains("UNKNOWN_TOPIC"), "a client is served: {seen}");
+    assert!(seen["all"].get(TOPIC).is_some(), "{seen}");
+    // The stalled connection is closed once kafka_api.authentication_ms_max passes.
+    assert!(closed_by_weir(&mut stalled.stream), "a connection that never authenticates is closed");
+    let failed = appliance.metric("weir_kafka_api_authentications_total{mechanism=\"PLAIN\",result=\"failed\"}");
+    assert!(failed >= 1.0, "{failed}");
+    appliance.stop();
+}
+
+#[test]
+fn kafka_user_reads_the_password_from_stdin_or_a_file_never_argv_and_lists_and_removes_users() {
+    let root = tempfile::tempdir().unwrap();
+    let credentials = root.path().join("users.toml");
+    add_user(&credentials, "dashboard", "one");
+    let password_file = root.path().join("password");
+    std::fs::write(&password_file, "two\n").unwrap();
+    let output = weir()
+        .args(["kafka-user", "add", "alarms", "--credentials"])
+        .arg(&credentials)
+        .arg("--password-file")
+        .arg(&password_file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let list = weir().args(["kafka-user", "list", "--credentials"]).arg(&credentials).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "alarms\ndashboard\n");
+    // No password on stdin: refused, nothing written.
+    let output = weir()
+        .args(["kafka-user", "add", "empty", "--credentials"])
+        .arg(&credentials)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no password"));
+    // There is no way to pass a password as an argument.
+    let output = weir()
+        .args(["kafka-user", "add", "x", "--password", "secret", "--credentials"])
+        .arg(&credentials)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "clap refuses --password");
+    let removed = weir().args(["kafka-user", "remove", "alarms", "--credentials"]).arg(&credentials).output().unwrap();
+    assert!(removed.status.success());
+    let list = weir().args(["kafka-user", "list", "--credentials"]).arg(&credentials).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&list.stdout), "dashboard\n");
 }

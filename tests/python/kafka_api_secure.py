@@ -18,7 +18,8 @@ usage:
       confluent-kafka's list_topics(): {"all": {topic: error or null}, "asked":
       error of TOPIC asked for by name or null}.
   kafka_api_secure.py kafka-python-refused BOOTSTRAP TOPIC SECURITY
-      kafka-python tries to connect and read partition 0: prints {"error": ...}.
+      kafka-python tries to connect and read partition 0: prints {"error": what it
+      raised, "log": its warnings and errors}.
 """
 import json
 import sys
@@ -147,15 +148,25 @@ def metadata(bootstrap, topic, security):
 
 
 def kafka_python_refused(bootstrap, topic, security):
+    import logging
     from kafka import KafkaConsumer, TopicPartition
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logging.getLogger("kafka").addHandler(Keep(level=logging.WARNING))
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=10000, **security)
         consumer.assign([TopicPartition(topic, 0)])
         consumer.seek_to_beginning()
         records = consumer.poll(timeout_ms=5000)
-        print(json.dumps({"error": None, "records": sum(len(batch) for batch in records.values())}), flush=True)
+        count = sum(len(batch) for batch in records.values())
+        print(json.dumps({"error": None, "records": count, "log": seen}), flush=True)
     except Exception as error:  # the refusal is what is tested
-        print(json.dumps({"error": f"{type(error).__name__}: {error}"}), flush=True)
+        print(json.dumps({"error": f"{type(error).__name__}: {error}", "log": seen}), flush=True)
 
 
 def main():

@@ -15,6 +15,7 @@ pub mod log;
 pub mod quota;
 pub mod rate;
 pub mod sasl;
+pub mod sasl_server;
 pub mod session;
 pub mod ship;
 #[cfg(test)]

@@ -86,7 +86,12 @@ fn sasl_name(username: &str) -> String {
 }
 
 /// The keys derived from the password and the broker's salt: (ClientKey, ServerKey).
-fn client_and_server_keys(mechanism: Mechanism, password: &[u8], salt: &[u8], iterations: u32) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn client_and_server_keys(
+    mechanism: Mechanism,
+    password: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> (Vec<u8>, Vec<u8>) {
     macro_rules! derive {
         ($hash:ty) => {{
             let mut salted = vec![0u8; <$hash as Digest>::output_size()];
@@ -107,7 +112,7 @@ fn client_and_server_keys(mechanism: Mechanism, password: &[u8], salt: &[u8], it
 }
 
 /// HMAC(key, message) with the mechanism's hash.
-fn hmac(mechanism: Mechanism, key: &[u8], message: &[u8]) -> Vec<u8> {
+pub(crate) fn hmac(mechanism: Mechanism, key: &[u8], message: &[u8]) -> Vec<u8> {
     macro_rules! mac {
         ($hash:ty) => {{
             let mut mac = <Hmac<$hash> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
@@ -138,7 +143,7 @@ fn verify_hmac(mechanism: Mechanism, key: &[u8], message: &[u8], signature: &[u8
     }
 }
 
-fn hash(mechanism: Mechanism, data: &[u8]) -> Vec<u8> {
+pub(crate) fn hash(mechanism: Mechanism, data: &[u8]) -> Vec<u8> {
     match mechanism {
         Mechanism::ScramSha256 => Sha256::digest(data).to_vec(),
         Mechanism::ScramSha512 => Sha512::digest(data).to_vec(),

@@ -66,6 +66,16 @@ pub enum DecodedRequest {
     },
 }
 
+impl DecodedRequest {
+    /// The request's API key.
+    pub fn key(&self) -> i16 {
+        match self {
+            DecodedRequest::Decoded { api_key, .. } => *api_key as i16,
+            DecodedRequest::NewerApiVersions { .. } => decide::api_key::API_VERSIONS,
+        }
+    }
+}
+
 /// Decodes one request frame (the bytes after its size). Never panics on any input
 /// (the fuzz target `kafka_request` holds it to that).
 pub fn decode_request(frame: Bytes) -> Result<DecodedRequest, RequestError> {
@@ -144,7 +154,12 @@ pub(super) async fn answer(listener: &Listener, request: DecodedRequest) -> Resu
 }
 
 /// Size, response header, body.
-fn frame(correlation_id: i32, api_key: ApiKey, version: i16, response: &ResponseKind) -> Result<Bytes, RequestError> {
+pub(super) fn frame(
+    correlation_id: i32,
+    api_key: ApiKey,
+    version: i16,
+    response: &ResponseKind,
+) -> Result<Bytes, RequestError> {
     let encode_error = |error: String| RequestError::Encode { key: api_key as i16, version, reason: error };
     let mut bytes = BytesMut::with_capacity(256);
     bytes.put_i32(0);

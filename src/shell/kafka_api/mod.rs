@@ -10,15 +10,24 @@
 //! weir does not answer, closes its own connection and nothing else. What to answer is
 //! decided in `core::kafka_api`; `answer` builds the responses.
 //!
-//! Security (`auth_tls`): with `[kafka_api.tls]` a connection first completes its TLS
-//! handshake, then speaks Kafka inside it; a connection that is not authenticated by
-//! `kafka_api.authentication_ms_max` after accept is closed.
+//! Security (`auth_tls`, `auth_sasl`): with `[kafka_api.tls]` a connection first
+//! completes its TLS handshake, then speaks Kafka inside it; with `[kafka_api.sasl]` it
+//! may send only ApiVersions, SaslHandshake and SaslAuthenticate until it has
+//! authenticated, and a failed authentication is answered and then closes it. A
+//! connection that is not authenticated by `kafka_api.authentication_ms_max` after
+//! accept is closed.
 
 mod answer;
+mod auth_credentials;
+mod auth_sasl;
 mod auth_tls;
 mod groups;
 
-use std::cell::Cell;
+pub use auth_credentials::{
+    add_user, remove_user, Credentials, CredentialsError, ITERATIONS_DEFAULT as CREDENTIAL_ITERATIONS_DEFAULT,
+};
+
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -29,8 +38,10 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 
 use crate::config::{ConfigProblem, KafkaApiConfig, ValidConfig};
+use crate::core::sasl_server::allowed_before_authentication;
 use crate::shell::engine::CoreAppender;
 use crate::shell::shutdown;
+use auth_sasl::After;
 
 pub use answer::{decode_request, DecodedRequest, RequestError};
 
@@ -55,6 +66,8 @@ pub struct KafkaApiSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// From accept until a connection must be authenticated.
     pub authentication_time_max: Duration,
+    /// SASL on every connection (`[kafka_api.sasl]`).
+    pub sasl: Option<auth_sasl::SaslSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +93,11 @@ pub fn check_files(config: &KafkaApiConfig) -> Vec<ConfigProblem> {
             problems.extend(found);
         }
     }
+    if config.sasl.enabled() {
+        if let Err(found) = auth_sasl::SaslSettings::load(&config.sasl) {
+            problems.push(found);
+        }
+    }
     problems
 }
 
@@ -93,6 +111,13 @@ impl KafkaApiSettings {
         let config = &valid.config.kafka_api;
         if !config.enabled {
             return Ok(None);
+        }
+        if config.sasl.enabled() && !config.tls.enabled && !is_loopback(&config.listen) {
+            tracing::warn!(
+                listen = %config.listen,
+                "kafka_api: SASL without TLS off loopback: clients authenticate, but records travel unencrypted \
+                 (enable [kafka_api.tls])"
+            );
         }
         let listener = std::net::TcpListener::bind(&config.listen)
             .map_err(|source| KafkaApiError::Bind { listen: config.listen.clone(), source })?;
@@ -130,6 +155,13 @@ impl KafkaApiSettings {
                 false => None,
             },
             authentication_time_max: Duration::from_millis(config.authentication_ms_max.0),
+            sasl: match config.sasl.enabled() {
+                true => Some(
+                    auth_sasl::SaslSettings::load(&config.sasl)
+                        .map_err(|found| KafkaApiError::Security(vec![found]))?,
+                ),
+                false => None,
+            },
         }))
     }
 
@@ -137,6 +169,10 @@ impl KafkaApiSettings {
         self.listener.local_addr()
     }
 }
+
+/// How long a connection refused during authentication stays open after its refusal
+/// was sent (and its write side closed), so the client reads the reason.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 /// How often the accept loop checks the shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
@@ -244,24 +280,53 @@ enum ConnectionEnd {
     AuthenticationTimeout,
     #[error("the client certificate's subject CN is not a principal name (1..=64 of a-z A-Z 0-9 . _ -)")]
     CertificateName,
+    #[error("api key {key} before authentication (only ApiVersions, SaslHandshake, SaslAuthenticate are answered)")]
+    Unauthenticated { key: i16 },
+    #[error("SASL authentication failed (answered, then closed)")]
+    AuthenticationFailed,
+}
+
+fn is_loopback(listen: &str) -> bool {
+    listen.parse::<std::net::SocketAddr>().is_ok_and(|address| address.ip().is_loopback())
 }
 
 pub use crate::shell::metrics::AuthMechanism;
 
 /// What a connection knows about its client.
-struct Session {
+pub(crate) struct Session {
     /// `User:NAME`: the SASL user, else the client certificate's CN; `None` without
     /// authentication.
-    principal: Option<String>,
+    principal: RefCell<Option<String>>,
     /// Whether the client may send more than the authentication requests.
     authenticated: Cell<bool>,
+    /// The SASL conversation, from the handshake on.
+    sasl: RefCell<Option<crate::core::sasl_server::SaslConversation>>,
+    mechanism: Cell<Option<crate::core::sasl::Mechanism>>,
+}
+
+impl Session {
+    /// `principal` from the TLS handshake; authenticated at once unless SASL is on.
+    fn new(listener: &Listener, principal: Option<String>) -> Session {
+        Session {
+            principal: RefCell::new(principal),
+            authenticated: Cell::new(listener.settings.sasl.is_none()),
+            sasl: RefCell::new(None),
+            mechanism: Cell::new(None),
+        }
+    }
+
+    /// SASL authenticated the client as `principal`.
+    fn authenticate(&self, principal: String) {
+        *self.principal.borrow_mut() = Some(principal);
+        self.authenticated.set(true);
+    }
 }
 
 /// Runs the TLS handshake when configured, then serves the connection.
 async fn open_and_serve(listener: &Rc<Listener>, stream: glommio::net::TcpStream) -> Result<(), ConnectionEnd> {
     let deadline = Instant::now() + listener.settings.authentication_time_max;
     let Some(tls) = &listener.settings.tls else {
-        let session = Session { principal: None, authenticated: Cell::new(true) };
+        let session = Session::new(listener, None);
         return serve_connection(listener, stream, session, deadline).await;
     };
     let handshake = async { Some(auth_tls::accept(stream, tls.clone()).await) };
@@ -281,7 +346,7 @@ async fn open_and_serve(listener: &Rc<Listener>, stream: glommio::net::TcpStream
             Some(format!("User:{name}"))
         }
     };
-    let session = Session { principal, authenticated: Cell::new(true) };
+    let session = Session::new(listener, principal);
     serve_connection(listener, stream, session, deadline).await
 }
 
@@ -292,25 +357,49 @@ async fn serve_connection(
     session: Session,
     deadline: Instant,
 ) -> Result<(), ConnectionEnd> {
-    tracing::debug!(principal = session.principal.as_deref().unwrap_or("(none)"), "Kafka connection open");
+    tracing::debug!(principal = session.principal.borrow().as_deref().unwrap_or("(none)"), "Kafka connection open");
     let (mut reading, mut writing) = futures_lite::io::split(stream);
     let (pending, answers) = local_channel::new_bounded(listener.settings.requests_in_flight_max);
     let read_side = async {
         loop {
             let frame = read_frame(&mut reading, listener.settings.request_bytes_max).await?;
             let request = decode_request(frame)?;
-            let listener = listener.clone();
-            let task = glommio::spawn_local(async move { answer::answer(&listener, request).await });
-            if pending.send(task).await.is_err() {
+            let key = request.key();
+            if !session.authenticated.get() && !allowed_before_authentication(key) {
+                return Err(ConnectionEnd::Unauthenticated { key });
+            }
+            let (task, after) = match auth_sasl::respond(listener, &session, &request)? {
+                Some((response, after)) => (glommio::spawn_local(async move { Ok(response) }), after),
+                None => {
+                    let listener = listener.clone();
+                    (glommio::spawn_local(async move { answer::answer(&listener, request).await }), After::GoOn)
+                }
+            };
+            let closing = matches!(after, After::Close);
+            if pending.send((task, after)).await.is_err() {
                 return Err(ConnectionEnd::ShuttingDown);
+            }
+            if closing {
+                // The writer sends the refusal and ends the connection; what the
+                // client sends meanwhile is read and dropped, so the close is a FIN
+                // after the refusal, not a reset that could discard it.
+                let mut discard = [0u8; 4096];
+                while matches!(reading.read(&mut discard).await, Ok(bytes) if bytes > 0) {}
+                future::pending::<()>().await;
             }
         }
     };
     let write_side = async {
-        while let Some(task) = answers.recv().await {
+        while let Some((task, after)) = answers.recv().await {
             let response: Bytes = task.await?;
             writing.write_all(&response).await.map_err(ConnectionEnd::Write)?;
             writing.flush().await.map_err(ConnectionEnd::Write)?;
+            if matches!(after, After::Close) {
+                // TLS close_notify and FIN, then a moment for the client to read.
+                let _ = writing.close().await;
+                glommio::timer::sleep(CLOSE_LINGER).await;
+                return Err(ConnectionEnd::AuthenticationFailed);
+            }
         }
         Err(ConnectionEnd::ShuttingDown)
     };
