@@ -6,7 +6,8 @@
 //! `/metrics` exports). When nothing answers there, it reads the data directory
 //! instead: offsets by verifying every segment (as `weir inspect`, so it takes as long
 //! as reading the log) and the cursor from `ship.state`; the lag in bytes and seconds
-//! and the shipper's live state are then unknown.
+//! and the shipper's live state are then unknown. The Kafka API's consumer groups are
+//! then those with offsets in `kafka-offsets.json`, in state "not running".
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -16,7 +17,10 @@ use std::time::Duration;
 use crate::config::ValidConfig;
 use crate::shell::runtime::{exit_code, partition_directory};
 use crate::shell::ship::read_state;
-use crate::shell::status::{render_text, PartitionStatus, ShipperState, ShipperStatus, Status};
+use crate::shell::status::{
+    kafka_group_status, render_text, KafkaGroupStatus, PartitionStatus, PublishedGroup, ShipperState, ShipperStatus,
+    Status,
+};
 
 /// How long `weir status` waits for the admin endpoint.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,6 +85,7 @@ pub fn offline(valid: &ValidConfig) -> Status {
         }
     }
     let free = crate::shell::sys::available_bytes(&config.data_dir).ok();
+    let kafka_groups = offline_kafka_groups(&config.data_dir, &partitions);
     Status {
         source: "data directory (weir is not answering on admin.listen)".to_owned(),
         data_dir: Some(config.data_dir.clone()),
@@ -90,7 +95,34 @@ pub fn offline(valid: &ValidConfig) -> Status {
         filesystem_free_bytes: free,
         partitions,
         quarantined: Vec::new(),
+        kafka_groups,
     }
+}
+
+/// The groups with stored offsets, against the offsets read from the segments. A file
+/// that cannot be read is reported on stderr and shows no groups.
+fn offline_kafka_groups(data_dir: &Path, partitions: &[PartitionStatus]) -> Vec<KafkaGroupStatus> {
+    let offsets = match crate::shell::kafka_api::load_offsets(data_dir) {
+        Ok((_, offsets)) => offsets,
+        Err(error) => {
+            eprintln!("weir status: the Kafka API's committed offsets are not shown: {error}");
+            return Vec::new();
+        }
+    };
+    let mut published: Vec<PublishedGroup> = Vec::new();
+    for (group, topic, partition, offset) in offsets.entries() {
+        if published.last().is_none_or(|last| last.group != group) {
+            published.push(PublishedGroup {
+                group: group.to_owned(),
+                state: "not running",
+                generation: 0,
+                members: 0,
+                committed: Vec::new(),
+            });
+        }
+        published.last_mut().expect("just pushed").committed.push((topic.to_owned(), partition, offset));
+    }
+    kafka_group_status(&published, partitions)
 }
 
 fn offline_partition(valid: &ValidConfig, topic: &str, partition: u32, directory: &Path) -> PartitionStatus {

@@ -18,6 +18,8 @@ mod appliance;
 mod common;
 #[path = "common/server.rs"]
 mod server;
+#[path = "common/sim.rs"]
+mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -37,15 +39,10 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use serde_json::Value;
 use server::weir;
+use sim::{ends_of, sim_certs, Place};
 
 const TOPIC: &str = "telemetry";
 const PARTITIONS: u32 = 4;
-
-fn binary(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_weir")).with_file_name(name);
-    assert!(path.exists(), "{} is missing: build the workspace (tools/test does)", path.display());
-    path
-}
 
 fn python() -> Command {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -55,25 +52,18 @@ fn python() -> Command {
     command
 }
 
-/// (device, sequence, partition, offset) of every record weir-sim saw acknowledged.
-fn simulate(appliance: &Appliance, acked_log: &Path) -> BTreeSet<(String, u64, u32, i64)> {
-    let sim = Command::new(binary("weir-sim"))
-        .args(["--server", &appliance.quic, "--devices", "16", "--rate", "25", "--seconds", "4"])
-        .args(["--record-bytes", "40", "--certs"])
-        .arg(appliance.certs())
-        .arg("--acked-log")
-        .arg(acked_log)
-        .output()
-        .unwrap();
-    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
-    std::fs::read_to_string(acked_log)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields[0].to_owned(), fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
-        })
-        .collect()
+/// A config of one topic with `PARTITIONS` on two cores (partitions 1 and 3 on the
+/// core without the Kafka listener), `extra` sections added, and a PKI for 16 weir-sim
+/// devices.
+fn start(root: &Path, extra: &str) -> Appliance {
+    sim_certs(&root.join("certs"), 16);
+    Appliance::start(root, "", extra, &[(TOPIC, PARTITIONS)], 2)
+}
+
+/// 16 weir-sim devices writing 40-byte records for 4 s: every record acknowledged.
+fn simulate(appliance: &Appliance, acked_log: &Path) -> BTreeSet<Place> {
+    let args = ["--devices", "16", "--rate", "25", "--seconds", "4", "--record-bytes", "40"];
+    sim::simulate(&appliance.quic, &appliance.certs(), acked_log, &args)
 }
 
 fn records_of(output: &[u8]) -> Vec<Value> {
@@ -109,14 +99,7 @@ fn unhex(text: &str) -> String {
 fn kafka_clients_read_every_acknowledged_record_exactly_as_stored_while_devices_write() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let certs = weir()
-        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
-    // Two cores: partitions 1 and 3 live on the core without the Kafka listener.
-    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let appliance = start(root, "");
     let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
     let ends_file = root.join("ends.json");
     let consumer = |client: &str| {
@@ -132,11 +115,7 @@ fn kafka_clients_read_every_acknowledged_record_exactly_as_stored_while_devices_
 
     let acked = simulate(&appliance, &root.join("acked.log"));
     assert!(acked.len() > 100, "weir-sim acknowledged only {} records", acked.len());
-    let mut ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, 0)).collect();
-    for (_, _, partition, offset) in &acked {
-        let end = ends.get_mut(partition).unwrap();
-        *end = (*end).max(offset + 1);
-    }
+    let ends = ends_of(&acked, PARTITIONS);
     // Partitions 0 and 2 live on the listener's core, 1 and 3 on the other.
     assert!(ends[&0] + ends[&2] > 0 && ends[&1] + ends[&3] > 0, "both cores' partitions got records: {ends:?}");
     let ends_json: BTreeMap<String, i64> = ends.iter().map(|(partition, end)| (partition.to_string(), *end)).collect();
@@ -174,12 +153,7 @@ fn kafka_clients_read_every_acknowledged_record_exactly_as_stored_while_devices_
     assert!(produce_error.contains("INVALID_REQUEST"), "{produce}");
 
     appliance.stop();
-    let stored =
-        python().arg("segments").arg(root.join("data")).args([TOPIC, &PARTITIONS.to_string()]).output().unwrap();
-    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
-    let stored = by_place(records_of(&stored.stdout));
-    let stored: BTreeMap<(u64, i64), Value> =
-        stored.into_iter().filter(|((partition, offset), _)| *offset < ends[&(*partition as u32)]).collect();
+    let stored = stored_records(root, &ends);
 
     // Every client read exactly the stored records up to the ends, field for field.
     assert_eq!(confluent.len(), stored.len());
@@ -371,15 +345,6 @@ fn stored_records(root: &Path, ends: &BTreeMap<u32, i64>) -> BTreeMap<(u64, i64)
         .collect()
 }
 
-fn ends_of(acked: &BTreeSet<(String, u64, u32, i64)>) -> BTreeMap<u32, i64> {
-    let mut ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, 0)).collect();
-    for (_, _, partition, offset) in acked {
-        let end = ends.get_mut(partition).unwrap();
-        *end = (*end).max(offset + 1);
-    }
-    ends
-}
-
 /// The records a group member printed so far (its stdout file).
 fn printed(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -398,13 +363,7 @@ fn committed(kafka: &str, group: &str) -> BTreeMap<u32, i64> {
 fn two_subscribers_share_a_group_hand_over_on_leave_and_committed_offsets_survive_sigkill() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let certs = weir()
-        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
-    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let appliance = start(root, "");
     let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
 
     let member = |name: &str| {
@@ -442,7 +401,7 @@ fn two_subscribers_share_a_group_hand_over_on_leave_and_committed_offsets_surviv
     let first_output = first.wait_with_output().unwrap();
     assert!(first_output.status.success(), "first member: {}", String::from_utf8_lossy(&first_output.stderr));
     acked.extend(simulate(&appliance, &root.join("acked-2.log")));
-    let ends = ends_of(&acked);
+    let ends = ends_of(&acked, PARTITIONS);
     let total: i64 = ends.values().sum();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while (printed(&out_first).len() + printed(&out_second).len()) < total as usize {
@@ -493,36 +452,15 @@ fn two_subscribers_share_a_group_hand_over_on_leave_and_committed_offsets_surviv
 fn a_consumer_behind_retention_is_out_of_range_and_resets_by_its_own_policy_to_what_is_stored() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let certs = weir()
-        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
     // Small segments and a data directory budget of four: with nothing shipped,
     // drop-oldest deletes the oldest segments as devices write, moving log starts.
     let log = "[log]\nsegment_bytes_max = \"64 KiB\"\ndata_dir_bytes_max = \"256 KiB\"\nflush_bytes_max = \"64 KiB\"\n\
                index_interval_bytes = \"4 KiB\"\npreallocate_bytes = \"64 KiB\"\ndisk_full_policy = \"drop-oldest\"\n";
-    let appliance = Appliance::start(root, "", log, &[(TOPIC, PARTITIONS)], 2);
+    let appliance = start(root, log);
     let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
-    let sim = Command::new(binary("weir-sim"))
-        .args(["--server", &appliance.quic, "--devices", "16", "--rate", "25", "--seconds", "4"])
-        .args(["--record-bytes", "1000", "--certs"])
-        .arg(appliance.certs())
-        .arg("--acked-log")
-        .arg(root.join("acked.log"))
-        .output()
-        .unwrap();
-    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
-    let acked: BTreeSet<(String, u64, u32, i64)> = std::fs::read_to_string(root.join("acked.log"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields[0].to_owned(), fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
-        })
-        .collect();
-    let ends = ends_of(&acked);
+    let args = ["--devices", "16", "--rate", "25", "--seconds", "4", "--record-bytes", "1000"];
+    let acked = sim::simulate(&appliance.quic, &appliance.certs(), &root.join("acked.log"), &args);
+    let ends = ends_of(&acked, PARTITIONS);
     let stored = stored_records(root, &ends);
     // Where each partition's log starts now: past offset 0, or the test proves nothing.
     let starts: BTreeMap<u64, i64> = stored.keys().fold(BTreeMap::new(), |mut starts, (partition, offset)| {
@@ -575,13 +513,7 @@ fn a_consumer_behind_retention_is_out_of_range_and_resets_by_its_own_policy_to_w
 fn a_long_poll_parked_at_the_end_is_woken_by_a_device_append_before_its_wait_expires() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let certs = weir()
-        .args(["certs", "--device-count", "16", "--device-prefix", "sim-", "--dir"])
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(certs.status.success(), "{}", String::from_utf8_lossy(&certs.stderr));
-    let appliance = Appliance::start(root, "", "", &[(TOPIC, PARTITIONS)], 2);
+    let appliance = start(root, "");
     let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
 
     // confluent-kafka at the end (offset 0) of every partition of the empty topic, each
@@ -608,18 +540,10 @@ fn a_long_poll_parked_at_the_end_is_woken_by_a_device_append_before_its_wait_exp
     assert!(answered <= 1.0, "the consumer's fetch waits at the end instead of being answered empty: {answered}");
     // A device appends while the consumer's fetch is parked.
     let appended_from = std::time::Instant::now();
-    let sim = Command::new(binary("weir-sim"))
-        .args(["--server", &appliance.quic, "--devices", "1", "--rate", "1", "--seconds", "1"])
-        .args(["--record-bytes", "40", "--certs"])
-        .arg(appliance.certs())
-        .arg("--acked-log")
-        .arg(root.join("acked.log"))
-        .output()
-        .unwrap();
-    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
-    let acked = std::fs::read_to_string(root.join("acked.log")).unwrap();
-    let first: Vec<&str> = acked.lines().next().expect("weir-sim got an append acknowledged").split(' ').collect();
-    let (partition, offset): (u64, i64) = (first[2].parse().unwrap(), first[3].parse().unwrap());
+    let args = ["--devices", "1", "--rate", "1", "--seconds", "1", "--record-bytes", "40"];
+    let acked = sim::simulate(&appliance.quic, &appliance.certs(), &root.join("acked.log"), &args);
+    let (_, _, partition, offset) = acked.first().expect("weir-sim got an append acknowledged").clone();
+    let (partition, offset) = (u64::from(partition), offset);
     let output = reader.wait_with_output().unwrap();
     let woken_within = appended_from.elapsed();
     assert!(output.status.success(), "long-poll: {}", String::from_utf8_lossy(&output.stderr));
@@ -634,4 +558,151 @@ fn a_long_poll_parked_at_the_end_is_woken_by_a_device_append_before_its_wait_exp
     let ends: BTreeMap<u32, i64> = (0..PARTITIONS).map(|partition| (partition, i64::MAX)).collect();
     let stored = stored_records(root, &ends);
     assert_eq!(&read[0], &stored[&(partition, offset)], "the record as stored");
+}
+
+/// `weir status` with `args` (and the test's config): (exit code, stdout).
+fn weir_status(root: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = weir().arg("status").args(args).arg("--config").arg(root.join("weir.toml")).output().unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The group `name` in a `weir status --json` answer.
+fn status_group(json: &str, name: &str) -> Value {
+    let status: Value = serde_json::from_str(json).unwrap_or_else(|error| panic!("{error}: {json}"));
+    let groups = status["kafka_groups"].as_array().unwrap_or_else(|| panic!("no kafka_groups: {status}"));
+    groups.iter().find(|group| group["group"] == name).unwrap_or_else(|| panic!("no group {name}: {status}")).clone()
+}
+
+/// (partition, committed, log end, lag) of the group's one topic.
+fn group_partitions(group: &Value) -> Vec<(u64, i64, i64, i64)> {
+    let topics = group["topics"].as_array().unwrap();
+    assert_eq!(topics.len(), 1, "{group}");
+    assert_eq!(topics[0]["topic"], TOPIC);
+    let partitions: Vec<(u64, i64, i64, i64)> = topics[0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|partition| {
+            let field = |name: &str| partition[name].as_i64().unwrap();
+            (
+                partition["partition"].as_u64().unwrap(),
+                field("committed_offset"),
+                field("log_end_offset"),
+                field("lag_records"),
+            )
+        })
+        .collect();
+    let lag: i64 = partitions.iter().map(|partition| partition.3).sum();
+    assert_eq!(topics[0]["lag_records"].as_i64(), Some(lag), "the topic's lag is its partitions' sum: {group}");
+    assert_eq!(group["lag_records"].as_i64(), Some(lag), "{group}");
+    partitions
+}
+
+#[test]
+fn weir_status_and_the_lag_metric_show_a_group_committed_at_known_offsets() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let appliance = start(root, "");
+    let kafka = appliance.server.kafka.clone().expect("the Kafka API address is logged");
+    let ends = ends_of(&simulate(&appliance, &root.join("acked.log")), PARTITIONS);
+    // weir-sim's devices land on some partitions only (by key): two written ones are needed.
+    let written: Vec<u64> =
+        ends.iter().filter(|(_, end)| **end > 2).map(|(partition, _)| u64::from(*partition)).collect();
+    assert!(written.len() >= 2, "two partitions got records: {ends:?}");
+    let unwritten: Vec<u64> =
+        ends.iter().filter(|(_, end)| **end == 0).map(|(partition, _)| u64::from(*partition)).collect();
+
+    // A confluent-kafka member of "lagging" commits half of one written partition, one
+    // record of another, offset 0 of an empty one (lag 0) and nothing of the rest, then
+    // stays in the group.
+    let mut committed: BTreeMap<u64, i64> = [(written[0], ends[&(written[0] as u32)] / 2), (written[1], 1)].into();
+    if let Some(empty) = unwritten.first() {
+        committed.insert(*empty, 0);
+    }
+    let left_out = (0..u64::from(PARTITIONS)).filter(|partition| !committed.contains_key(partition)).count();
+    assert!(left_out >= 1, "a partition stays uncommitted: {committed:?}");
+    let offsets_json: BTreeMap<String, i64> =
+        committed.iter().map(|(partition, offset)| (partition.to_string(), *offset)).collect();
+    let stop = root.join("stop");
+    let mut member = python()
+        .args(["commit-at", &kafka, TOPIC, "lagging", &serde_json::to_string(&offsets_json).unwrap()])
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(member.stdout.take().unwrap()), &mut said).unwrap();
+    if said.trim() != "committed" {
+        let output = member.wait_with_output().unwrap();
+        panic!("commit-at: {said:?} {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let expected: Vec<(u64, i64, i64, i64)> = committed
+        .iter()
+        .map(|(partition, offset)| {
+            let end = ends[&(*partition as u32)];
+            (*partition, *offset, end, end - offset)
+        })
+        .collect();
+    let lag: i64 = expected.iter().map(|partition| partition.3).sum();
+    assert!(lag > 0);
+
+    // /status (weir status --json): the live group, its member, and each partition's lag.
+    let (code, json) = weir_status(root, &["--json", "--admin", &appliance.server.admin]);
+    assert_eq!(code, Some(0), "{json}");
+    let group = status_group(&json, "lagging");
+    assert_eq!((group["state"].as_str(), group["members"].as_u64()), (Some("Stable"), Some(1)), "{group}");
+    assert!(group["generation"].as_i64() >= Some(1), "{group}");
+    assert_eq!(group_partitions(&group), expected, "committed vs end; a partition never committed is left out");
+    // The same in the table, and in the metric, summed over the topic's partitions.
+    let (code, text) = weir_status(root, &["--admin", &appliance.server.admin]);
+    assert_eq!(code, Some(0), "{text}");
+    let title =
+        format!("kafka group \"lagging\": Stable, generation {}, 1 members, lag {lag} records", group["generation"]);
+    assert!(text.contains(&title), "{text}");
+    for (partition, offset, end, partition_lag) in &expected {
+        let row = text
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{TOPIC}-{partition} ")) && line.contains("committed"))
+            .unwrap_or_else(|| panic!("no row of partition {partition}: {text}"));
+        let words: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            words[1..],
+            ["committed", &offset.to_string(), "log_end", &end.to_string(), "lag", &partition_lag.to_string()]
+        );
+    }
+    let series = format!("weir_kafka_api_group_lag_records{{group=\"lagging\",topic=\"{TOPIC}\"}}");
+    assert_eq!(appliance.metric(&series), lag as f64);
+
+    // The member leaves: the group is empty, its offsets and lag stay.
+    std::fs::write(&stop, "").unwrap();
+    let output = member.wait_with_output().unwrap();
+    assert!(output.status.success(), "commit-at: {}", String::from_utf8_lossy(&output.stderr));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let group = loop {
+        let (_, json) = weir_status(root, &["--json", "--admin", &appliance.server.admin]);
+        let group = status_group(&json, "lagging");
+        if group["members"] == 0 {
+            break group;
+        }
+        assert!(std::time::Instant::now() < deadline, "the group is empty within 10 s of the leave: {group}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(group["state"], "Empty", "{group}");
+    assert_eq!(group_partitions(&group), expected);
+    assert_eq!(appliance.metric(&series), lag as f64, "the series stays while the offsets do");
+    appliance.stop();
+
+    // weir stopped: `weir status` reads the committed offsets from the data directory
+    // (with admin.listen on a port nothing answers: port 0 cannot be asked).
+    let config = std::fs::read_to_string(root.join("weir.toml")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = config.replacen("[admin]\nlisten = \"127.0.0.1:0\"", &format!("[admin]\nlisten = \"{closed}\""), 1);
+    assert!(config.contains(&closed.to_string()));
+    std::fs::write(root.join("weir.toml"), config).unwrap();
+    let (code, json) = weir_status(root, &["--json"]);
+    assert_eq!(code, Some(0), "{json}");
+    let group = status_group(&json, "lagging");
+    assert_eq!(group["state"], "not running", "{group}");
+    assert_eq!(group_partitions(&group), expected);
 }

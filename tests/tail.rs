@@ -9,43 +9,23 @@ mod appliance;
 mod common;
 #[path = "common/server.rs"]
 mod server;
+#[path = "common/sim.rs"]
+mod sim;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use appliance::Appliance;
 use server::weir;
+use sim::Place;
 
-/// (device, sequence, partition, offset)
-type Place = (String, u64, u32, i64);
-
-fn binary(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_weir")).with_file_name(name);
-    assert!(path.exists(), "{} is missing: build the workspace (tools/test does)", path.display());
-    path
-}
-
+/// 4 weir-sim devices writing 40-byte records for `seconds`: every record acknowledged.
 fn simulate(appliance: &Appliance, acked_log: &Path, seconds: &str) -> BTreeSet<Place> {
-    let sim = Command::new(binary("weir-sim"))
-        .args(["--server", &appliance.quic, "--devices", "4", "--rate", "50", "--seconds", seconds])
-        .args(["--record-bytes", "40", "--certs"])
-        .arg(appliance.certs())
-        .arg("--acked-log")
-        .arg(acked_log)
-        .output()
-        .unwrap();
-    assert!(sim.status.success(), "weir-sim failed: {}", String::from_utf8_lossy(&sim.stderr));
-    std::fs::read_to_string(acked_log)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields[0].to_owned(), fields[1].parse().unwrap(), fields[2].parse().unwrap(), fields[3].parse().unwrap())
-        })
-        .collect()
+    let args = ["--devices", "4", "--rate", "50", "--seconds", seconds, "--record-bytes", "40"];
+    sim::simulate(&appliance.quic, &appliance.certs(), acked_log, &args)
 }
 
 fn place(line: &str) -> Place {
@@ -72,12 +52,7 @@ fn tail(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 fn tail_prints_exactly_the_records_weir_sim_saw_acknowledged() {
     let root = tempfile::tempdir().unwrap();
     let root = root.path();
-    let output = weir()
-        .args(["certs", "--device-count", "4", "--device-prefix", "sim-", "--dir"])
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    sim::sim_certs(&root.join("certs"), 4);
     let appliance = Appliance::start(root, "", "", &[("telemetry", 2)], 1);
     let config = root.join("weir.toml");
     let acked = simulate(&appliance, &root.join("acked-1.txt"), "2");

@@ -59,14 +59,20 @@ pub struct Metrics {
     quic: QuicFamilies,
     /// The Kafka API's listener (one core; atomics all the same).
     pub kafka_api: KafkaApiMetrics,
+    /// Each local consumer group's lag per topic, set when scraped from `/status`'s
+    /// view; a group's series go when the group and its offsets are gone.
+    kafka_group_lag: Family<GroupTopicLabels, Gauge>,
     /// The stream watch's figures and open alerts (`shell::watch`).
     pub watch: Arc<crate::shell::watch::WatchBoard>,
 }
 
-/// The Kafka API's metric handles. No label carries a client-chosen value (group,
-/// client id), so the series stay bounded.
+/// The Kafka API's metric handles. No label carries a client-chosen value but the
+/// group of the lag gauge, which `kafka_api.groups_max` bounds.
 #[derive(Clone, Default)]
 pub struct KafkaApiMetrics {
+    /// The consumer groups as the listener last published them (the lag gauge and
+    /// `/status` read it).
+    pub groups: Arc<crate::shell::status::KafkaGroupsBoard>,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     /// Refused at accept: `kafka_api.connections_max` reached.
@@ -140,6 +146,12 @@ pub struct ShipStateLabels {
     pub topic: String,
     pub partition: u32,
     pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupTopicLabels {
+    pub group: String,
+    pub topic: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -223,6 +235,8 @@ struct ShipFamilies {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("weir");
+        let status = StatusBoard::default();
+        let kafka_api = KafkaApiMetrics { groups: status.kafka_groups(), ..KafkaApiMetrics::default() };
         let metrics = Metrics {
             appended_records: Family::default(),
             appended_bytes: Family::default(),
@@ -247,9 +261,10 @@ impl Metrics {
             process: ProcessGauges::default(),
             registry: Registry::default(),
             ship: ShipFamilies::default(),
-            status: StatusBoard::default(),
+            status,
             quic: QuicFamilies::default(),
-            kafka_api: KafkaApiMetrics::default(),
+            kafka_api,
+            kafka_group_lag: Family::default(),
             watch: Arc::default(),
         };
         metrics.watch.register(&mut registry);
@@ -516,6 +531,11 @@ impl Metrics {
             "Kafka API topics refused to a principal without read permission (TOPIC_AUTHORIZATION_FAILED)",
             kafka.authorization_refusals.clone(),
         );
+        registry.register(
+            "kafka_api_group_lag_records",
+            "A local consumer group's lag: stored records from its committed offsets to the durable end, summed over the topic's committed partitions",
+            metrics.kafka_group_lag.clone(),
+        );
         Arc::new(Metrics { registry, ..metrics })
     }
 
@@ -634,6 +654,14 @@ impl Metrics {
             .set(status.partitions.first().map_or(0, |partition| partition.partition_bytes_max) as i64);
         if let Some(free) = status.filesystem_free_bytes {
             process.filesystem_free_bytes.set(free as i64);
+        }
+        // Rebuilt whole: a group gone from `/status` loses its series.
+        self.kafka_group_lag.clear();
+        for group in &status.kafka_groups {
+            for topic in &group.topics {
+                let labels = GroupTopicLabels { group: group.group.clone(), topic: topic.topic.clone() };
+                self.kafka_group_lag.get_or_create(&labels).set(topic.lag_records);
+            }
         }
     }
 }

@@ -1,13 +1,14 @@
 //! What `/status` (and so `weir status`) reports per partition: the log's offsets and
 //! disk use against its budgets, the shipper's cursor, lag and state, and what the
-//! disk-full policy dropped. It reads the same atomics `/metrics` exports; the only
+//! disk-full policy dropped; and per local consumer group of the Kafka API, its state
+//! and members and, per committed partition, its offset against the durable end. It reads the same atomics `/metrics` exports; the only
 //! non-atomic parts (a shipper's state and error text, the last dropped ranges) sit
 //! behind small mutexes that change only on a state transition or a drop, never per
 //! record.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -40,6 +41,109 @@ struct Entry {
 pub struct StatusBoard {
     settings: Mutex<Option<StatusSettings>>,
     partitions: Mutex<BTreeMap<(String, u32), Entry>>,
+    kafka_groups: Arc<KafkaGroupsBoard>,
+}
+
+/// A consumer group as the Kafka listener's core last published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedGroup {
+    pub group: String,
+    pub state: &'static str,
+    pub generation: i32,
+    pub members: u32,
+    /// (topic, partition, committed offset) of every stored offset.
+    pub committed: Vec<(String, u32, i64)>,
+}
+
+/// The consumer groups, handed from the listener's core to the admin thread. Written
+/// on a commit or a membership change, never per fetch.
+#[derive(Debug, Default)]
+pub struct KafkaGroupsBoard {
+    groups: Mutex<Vec<PublishedGroup>>,
+}
+
+impl KafkaGroupsBoard {
+    pub fn set(&self, groups: Vec<PublishedGroup>) {
+        *self.groups.lock().unwrap_or_else(PoisonError::into_inner) = groups;
+    }
+
+    pub fn get(&self) -> Vec<PublishedGroup> {
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// A local consumer group in `/status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KafkaGroupStatus {
+    pub group: String,
+    /// Empty, PreparingRebalance, CompletingRebalance, Stable; "not running" offline.
+    pub state: String,
+    pub generation: i32,
+    pub members: u32,
+    /// Summed over `topics`.
+    pub lag_records: i64,
+    pub topics: Vec<KafkaGroupTopic>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KafkaGroupTopic {
+    pub topic: String,
+    /// Summed over the partitions the group committed.
+    pub lag_records: i64,
+    pub partitions: Vec<KafkaGroupPartition>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KafkaGroupPartition {
+    pub partition: u32,
+    pub committed_offset: i64,
+    pub log_end_offset: i64,
+    pub lag_records: i64,
+}
+
+/// The groups' lag against the partitions' offsets. A committed partition that is no
+/// longer in the config (its topic was removed) is left out.
+pub fn kafka_group_status(published: &[PublishedGroup], partitions: &[PartitionStatus]) -> Vec<KafkaGroupStatus> {
+    let logs: BTreeMap<(&str, u32), &PartitionStatus> =
+        partitions.iter().map(|partition| ((partition.topic.as_str(), partition.partition), partition)).collect();
+    published
+        .iter()
+        .map(|group| {
+            let mut topics: BTreeMap<&str, KafkaGroupTopic> = BTreeMap::new();
+            for (topic, partition, committed_offset) in &group.committed {
+                let Some(log) = logs.get(&(topic.as_str(), *partition)) else { continue };
+                let lag_records = crate::core::consumer_group::lag_records(
+                    *committed_offset,
+                    log.log_start_offset,
+                    log.log_end_offset,
+                );
+                let entry = topics.entry(topic.as_str()).or_insert_with(|| KafkaGroupTopic {
+                    topic: topic.clone(),
+                    lag_records: 0,
+                    partitions: Vec::new(),
+                });
+                entry.lag_records += lag_records;
+                entry.partitions.push(KafkaGroupPartition {
+                    partition: *partition,
+                    committed_offset: *committed_offset,
+                    log_end_offset: log.log_end_offset,
+                    lag_records,
+                });
+            }
+            let mut topics: Vec<KafkaGroupTopic> = topics.into_values().collect();
+            for topic in &mut topics {
+                topic.partitions.sort_by_key(|partition| partition.partition);
+            }
+            KafkaGroupStatus {
+                group: group.group.clone(),
+                state: group.state.to_owned(),
+                generation: group.generation,
+                members: group.members,
+                lag_records: topics.iter().map(|topic| topic.lag_records).sum(),
+                topics,
+            }
+        })
+        .collect()
 }
 
 /// `/status` as JSON (also what `weir status --json` prints).
@@ -58,6 +162,9 @@ pub struct Status {
     /// Partitions `serve --quarantine` left closed (not in `partitions`).
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// The Kafka API's local consumer groups: live ones and those with stored offsets.
+    #[serde(default)]
+    pub kafka_groups: Vec<KafkaGroupStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -102,6 +209,11 @@ pub struct ShipperStatus {
 impl StatusBoard {
     pub fn set_settings(&self, settings: StatusSettings) {
         *self.settings.lock().unwrap_or_else(PoisonError::into_inner) = Some(settings);
+    }
+
+    /// The board the Kafka listener publishes its groups to.
+    pub fn kafka_groups(&self) -> Arc<KafkaGroupsBoard> {
+        self.kafka_groups.clone()
     }
 
     pub fn register_partition(&self, topic: &str, partition: u32, log: PartitionMetrics) {
@@ -195,6 +307,7 @@ impl StatusBoard {
             });
         }
         let free = settings.as_ref().and_then(|settings| crate::shell::sys::available_bytes(&settings.data_dir).ok());
+        let kafka_groups = kafka_group_status(&self.kafka_groups.get(), &list);
         Status {
             source: "server".to_owned(),
             data_dir: settings.as_ref().map(|settings| settings.data_dir.clone()),
@@ -204,6 +317,7 @@ impl StatusBoard {
             filesystem_free_bytes: free,
             partitions: list,
             quarantined: crate::shell::quarantine::names(),
+            kafka_groups,
         }
     }
 }
@@ -270,7 +384,32 @@ pub fn render_text(status: &Status) -> String {
     for name in &status.quarantined {
         let _ = writeln!(text, "{name:<24} QUARANTINED (weir serve --quarantine): not opened, not shipped");
     }
+    render_kafka_groups(&mut text, &status.kafka_groups);
     text
+}
+
+/// The local consumer groups: a line per group, then one per committed partition.
+fn render_kafka_groups(text: &mut String, groups: &[KafkaGroupStatus]) {
+    use std::fmt::Write;
+    for group in groups {
+        let _ = writeln!(
+            text,
+            "kafka group {:?}: {}, generation {}, {} members, lag {} records",
+            group.group, group.state, group.generation, group.members, group.lag_records
+        );
+        for topic in &group.topics {
+            for partition in &topic.partitions {
+                let _ = writeln!(
+                    text,
+                    "  {:<22} committed {:>12}  log_end {:>12}  lag {:>10}",
+                    format!("{}-{}", topic.topic, partition.partition),
+                    partition.committed_offset,
+                    partition.log_end_offset,
+                    partition.lag_records,
+                );
+            }
+        }
+    }
 }
 
 fn now_s() -> f64 {
@@ -318,6 +457,7 @@ mod tests {
             filesystem_free_bytes: Some(12_884_901_888 + (300 << 20)),
             partitions: vec![partition(338_830, 1 << 30, Some(1536))],
             quarantined: Vec::new(),
+            kafka_groups: Vec::new(),
         };
         let text = render_text(&status);
         let first = text.lines().next().unwrap();

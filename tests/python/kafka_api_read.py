@@ -24,6 +24,11 @@ usage:
       a confluent-kafka consumer that subscribe()s in GROUP, prints every record it
       reads and commits it synchronously before reading on; on STOP_FILE it closes
       (leaving the group) and exits.
+  kafka_api_read.py commit-at BOOTSTRAP TOPIC GROUP OFFSETS_JSON STOP_FILE
+      a confluent-kafka consumer that subscribe()s in GROUP, waits until it is
+      assigned every partition named in OFFSETS_JSON ({"partition": offset, ...}),
+      commits exactly those offsets synchronously, prints "committed", and stays in
+      the group (polling, committing nothing more) until STOP_FILE exists.
   kafka_api_read.py committed BOOTSTRAP TOPIC GROUP PARTITIONS
       the group's committed offsets: {"partition": offset, ...} (-1001 when none).
 
@@ -210,6 +215,42 @@ def group_member(bootstrap, topic, group, stop_file):
     consumer.close()
 
 
+def commit_at(bootstrap, topic, group, offsets_json, stop_file):
+    from confluent_kafka import Consumer, TopicPartition
+    offsets = {int(partition): offset for partition, offset in json.loads(offsets_json).items()}
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "fetch.wait.max.ms": 200,
+    })
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + DEADLINE_S
+    while not set(offsets) <= {entry.partition for entry in consumer.assignment()}:
+        if time.monotonic() > deadline:
+            sys.exit(f"commit-at: never assigned {sorted(offsets)}")
+        message = consumer.poll(0.2)
+        if message is not None and message.error():
+            sys.exit(f"commit-at: {message.error()}")
+    answered = consumer.commit(
+        offsets=[TopicPartition(topic, partition, offset) for partition, offset in offsets.items()],
+        asynchronous=False)
+    failed = [entry for entry in answered if entry.error]
+    if failed:
+        sys.exit(f"commit-at: {failed}")
+    print("committed", flush=True)
+    while not os.path.exists(stop_file):
+        if time.monotonic() > deadline:
+            sys.exit("commit-at: never told to stop")
+        message = consumer.poll(0.2)
+        if message is not None and message.error():
+            sys.exit(f"commit-at: {message.error()}")
+    consumer.close()
+
+
 def committed(bootstrap, topic, group, partitions):
     from confluent_kafka import Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
@@ -236,6 +277,8 @@ def main():
         offset_for_time(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif mode == "group-member":
         group_member(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+    elif mode == "commit-at":
+        commit_at(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
     elif mode == "committed":
         committed(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:

@@ -13,7 +13,7 @@
 //! has a leader that is a member; every pending join or sync belongs to a member; the
 //! group and member counts stay within their limits.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::kafka_api::error_code;
 
@@ -126,7 +126,8 @@ pub struct JoinAnswer {
 }
 
 impl JoinAnswer {
-    fn error(error_code: i16, member_id: &str) -> JoinAnswer {
+    /// An answer carrying only `error_code` (no generation, no members).
+    pub fn error(error_code: i16, member_id: &str) -> JoinAnswer {
         JoinAnswer {
             error_code,
             generation: -1,
@@ -149,7 +150,8 @@ pub struct SyncAnswer {
 }
 
 impl SyncAnswer {
-    fn error(error_code: i16) -> SyncAnswer {
+    /// An answer carrying only `error_code` (no assignment).
+    pub fn error(error_code: i16) -> SyncAnswer {
         SyncAnswer { error_code, protocol_type: None, protocol: None, assignment: Vec::new() }
     }
 }
@@ -417,6 +419,19 @@ impl Coordinator {
         self.ready.pop_front()
     }
 
+    /// Whether `group_id` may be used (joined, or its offsets committed): a group
+    /// already live or holding stored offsets always may; a new one only while live
+    /// and stored groups together are fewer than `groups_max`. This bounds the
+    /// committed-offsets file and the per-group metric series, whose group names the
+    /// clients choose.
+    pub fn admits_group(&self, group_id: &str, stored: &BTreeSet<String>) -> bool {
+        if self.groups.contains_key(group_id) || stored.contains(group_id) {
+            return true;
+        }
+        let known = stored.len() + self.groups.keys().filter(|live| !stored.contains(*live)).count();
+        known < self.limits.groups_max
+    }
+
     pub fn groups(&self) -> Vec<GroupView> {
         self.groups
             .iter()
@@ -582,6 +597,14 @@ fn sync_answer(group: &Group, member_id: &str) -> SyncAnswer {
     }
 }
 
+/// A group's lag on one partition: the records still stored from its committed offset
+/// to the durable end. A committed offset behind the log start (retention deleted
+/// what it had not read) counts from the start, one past the end counts none: lag is
+/// what the group can still read, never negative.
+pub fn lag_records(committed_offset: i64, log_start_offset: i64, log_end_offset: i64) -> i64 {
+    (log_end_offset - committed_offset.max(log_start_offset)).max(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,5 +733,26 @@ mod tests {
             pending(coordinator.handle_join(0, group, join("")));
         }
         assert!(matches!(coordinator.handle_join(0, "e", join("")), Outcome::Now(JoinAnswer { error_code: 15, .. })));
+    }
+
+    #[test]
+    fn lag_counts_the_stored_records_from_the_committed_offset_to_the_end() {
+        assert_eq!(lag_records(120, 0, 200), 80);
+        assert_eq!(lag_records(200, 0, 200), 0);
+        assert_eq!(lag_records(10, 50, 200), 150, "behind retention: from the log start");
+        assert_eq!(lag_records(-1, 50, 200), 150);
+        assert_eq!(lag_records(250, 0, 200), 0, "past the end: none");
+    }
+
+    #[test]
+    fn stored_offsets_count_toward_groups_max() {
+        let mut coordinator = Coordinator::new(limits());
+        pending(coordinator.handle_join(0, "live", join("")));
+        let stored: BTreeSet<String> = ["live", "old-1", "old-2"].map(str::to_owned).into();
+        assert!(coordinator.admits_group("live", &stored) && coordinator.admits_group("old-1", &stored));
+        assert!(coordinator.admits_group("new", &stored), "3 known of 4");
+        let stored: BTreeSet<String> = ["old-1", "old-2", "old-3"].map(str::to_owned).into();
+        assert!(!coordinator.admits_group("new", &stored), "live + 3 stored = groups_max");
+        assert!(coordinator.admits_group("old-3", &stored));
     }
 }

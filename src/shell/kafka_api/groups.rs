@@ -6,18 +6,29 @@
 //! rewrites it whole (a temporary file, fdatasync, rename, directory sync), off the
 //! core on a blocking thread, one write at a time, and the commit is answered only
 //! after its write is durable — so an answered commit survives a SIGKILL. The file is
-//! bounded by `groups_max` × the appliance's partitions.
+//! bounded by `groups_max` × the appliance's partitions: a group that is neither live
+//! nor in the file is admitted (joined, or its offsets committed) only while fewer than
+//! `groups_max` groups are known (`Coordinator::admits_group`).
+//!
+//! What `/status` and the lag metric show of the groups is published to a board the
+//! admin thread reads (`KafkaGroupsBoard`): after each durable commit, and on the
+//! coordinator's tick when a group's state, generation or members changed.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use local_sync::oneshot;
 use serde::{Deserialize, Serialize};
 
-use crate::core::consumer_group::{Coordinator, Deferred, GroupLimits, JoinAnswer, JoinRequest, Outcome, SyncAnswer};
+use crate::core::consumer_group::group_error::{COORDINATOR_NOT_AVAILABLE, UNKNOWN_MEMBER_ID};
+use crate::core::consumer_group::{
+    Coordinator, Deferred, GroupLimits, GroupView, JoinAnswer, JoinRequest, Outcome, SyncAnswer,
+};
+use crate::shell::status::{KafkaGroupsBoard, PublishedGroup};
 
 /// The committed-offsets file in the data directory.
 pub const OFFSETS_FILE: &str = "kafka-offsets.json";
@@ -36,6 +47,18 @@ pub struct Committed {
 pub struct OffsetsFile {
     version: u32,
     groups: BTreeMap<String, BTreeMap<String, Committed>>,
+}
+
+impl OffsetsFile {
+    /// Every stored offset: (group, topic, partition, offset).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str, u32, i64)> {
+        self.groups.iter().flat_map(|(group, stored)| {
+            stored.iter().filter_map(move |(name, committed)| {
+                let (topic, partition) = name.rsplit_once('/')?;
+                Some((group.as_str(), topic, partition.parse().ok()?, committed.offset))
+            })
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +86,9 @@ pub(crate) struct Groups {
     /// One write of the file at a time; each writes the latest contents.
     writing: glommio::sync::Semaphore,
     started: Instant,
+    board: Arc<KafkaGroupsBoard>,
+    /// The live groups as last published.
+    published: RefCell<Vec<GroupView>>,
 }
 
 /// Loads the committed offsets of `data_dir` (none when the file does not exist yet).
@@ -79,8 +105,8 @@ pub fn load_offsets(data_dir: &Path) -> Result<(PathBuf, OffsetsFile), OffsetsEr
 }
 
 impl Groups {
-    pub fn new(path: PathBuf, offsets: OffsetsFile, limits: GroupLimits) -> Groups {
-        Groups {
+    pub fn new(path: PathBuf, offsets: OffsetsFile, limits: GroupLimits, board: Arc<KafkaGroupsBoard>) -> Groups {
+        let groups = Groups {
             coordinator: RefCell::new(Coordinator::new(limits)),
             joins: RefCell::new(HashMap::new()),
             syncs: RefCell::new(HashMap::new()),
@@ -88,7 +114,53 @@ impl Groups {
             path,
             writing: glommio::sync::Semaphore::new(1),
             started: Instant::now(),
+            board,
+            published: RefCell::new(Vec::new()),
+        };
+        groups.publish();
+        groups
+    }
+
+    /// Whether `group` may be used (see `Coordinator::admits_group`).
+    fn admits(&self, group: &str) -> bool {
+        let stored: BTreeSet<String> = self.offsets.borrow().groups.keys().cloned().collect();
+        let admitted = self.coordinator.borrow().admits_group(group, &stored);
+        if !admitted {
+            tracing::warn!(group, "Kafka API: a new consumer group refused: kafka_api.groups_max groups are known");
         }
+        admitted
+    }
+
+    /// Hands the admin thread what it shows of the groups: the live ones and every
+    /// group with stored offsets.
+    fn publish(&self) {
+        let live = self.coordinator.borrow().groups();
+        let offsets = self.offsets.borrow();
+        let mut published: BTreeMap<&str, PublishedGroup> = live
+            .iter()
+            .map(|view| {
+                let group = PublishedGroup {
+                    group: view.group.clone(),
+                    state: view.state.name(),
+                    generation: view.generation,
+                    members: view.members as u32,
+                    committed: Vec::new(),
+                };
+                (view.group.as_str(), group)
+            })
+            .collect();
+        for (group, topic, partition, offset) in offsets.entries() {
+            let entry = published.entry(group).or_insert_with(|| PublishedGroup {
+                group: group.to_owned(),
+                state: "Empty",
+                generation: 0,
+                members: 0,
+                committed: Vec::new(),
+            });
+            entry.committed.push((topic.to_owned(), partition, offset));
+        }
+        self.board.set(published.into_values().collect());
+        *self.published.borrow_mut() = live;
     }
 
     fn now_ms(&self) -> u64 {
@@ -97,6 +169,9 @@ impl Groups {
 
     pub async fn join(&self, group: &str, request: JoinRequest) -> JoinAnswer {
         let member_hint = request.member_id.clone();
+        if !self.admits(group) {
+            return JoinAnswer::error(COORDINATOR_NOT_AVAILABLE, &member_hint);
+        }
         let outcome = self.coordinator.borrow_mut().handle_join(self.now_ms(), group, request);
         match outcome {
             Outcome::Now(answer) => answer,
@@ -104,7 +179,7 @@ impl Groups {
                 let (sender, receiver) = oneshot::channel();
                 self.joins.borrow_mut().entry((group.to_owned(), member_id.clone())).or_default().push(sender);
                 self.deliver();
-                receiver.await.unwrap_or_else(|_| gone_join(&member_hint))
+                receiver.await.unwrap_or_else(|_| JoinAnswer::error(UNKNOWN_MEMBER_ID, &member_hint))
             }
         }
     }
@@ -124,7 +199,7 @@ impl Groups {
                 let (sender, receiver) = oneshot::channel();
                 self.syncs.borrow_mut().entry((group.to_owned(), member_id)).or_default().push(sender);
                 self.deliver();
-                receiver.await.unwrap_or_else(|_| gone_sync())
+                receiver.await.unwrap_or_else(|_| SyncAnswer::error(UNKNOWN_MEMBER_ID))
             }
         }
     }
@@ -145,6 +220,9 @@ impl Groups {
     pub fn tick(&self) {
         self.coordinator.borrow_mut().handle_tick(self.now_ms());
         self.deliver();
+        if *self.published.borrow() != self.coordinator.borrow().groups() {
+            self.publish();
+        }
     }
 
     /// Every committed offset of `group`: (topic, partition) -> offset.
@@ -160,8 +238,12 @@ impl Groups {
             .collect()
     }
 
-    /// Checks a commit against the group's members and generation.
+    /// Checks a commit against the group's members and generation, and a new group
+    /// against `groups_max`.
     pub fn check_commit(&self, group: &str, member_id: &str, generation: i32) -> Result<(), i16> {
+        if !self.admits(group) {
+            return Err(COORDINATOR_NOT_AVAILABLE);
+        }
         self.coordinator.borrow().check_commit(group, member_id, generation)
     }
 
@@ -180,7 +262,9 @@ impl Groups {
         })?;
         let text = serde_json::to_vec_pretty(&*self.offsets.borrow()).expect("offsets serialize");
         let path = self.path.clone();
-        glommio::executor().spawn_blocking(move || write_durably(&path, &text)).await
+        glommio::executor().spawn_blocking(move || write_durably(&path, &text)).await?;
+        self.publish();
+        Ok(())
     }
 
     fn deliver(&self) {
@@ -199,27 +283,6 @@ impl Groups {
                 }
             }
         }
-    }
-}
-
-fn gone_join(member_id: &str) -> JoinAnswer {
-    JoinAnswer {
-        error_code: crate::core::consumer_group::group_error::UNKNOWN_MEMBER_ID,
-        generation: -1,
-        protocol_type: None,
-        protocol: None,
-        leader: String::new(),
-        member_id: member_id.to_owned(),
-        members: Vec::new(),
-    }
-}
-
-fn gone_sync() -> SyncAnswer {
-    SyncAnswer {
-        error_code: crate::core::consumer_group::group_error::UNKNOWN_MEMBER_ID,
-        protocol_type: None,
-        protocol: None,
-        assignment: Vec::new(),
     }
 }
 

@@ -44,6 +44,7 @@ use crate::shell::shutdown;
 use auth_sasl::After;
 
 pub use answer::{decode_request, DecodedRequest, RequestError};
+pub use groups::{load_offsets, OffsetsFile};
 
 /// What the listener needs, prepared in `serve` (the socket is bound there, so a taken
 /// port stops the start with a clear error).
@@ -202,7 +203,7 @@ pub async fn run(
         }
     };
     let (path, offsets) = std::mem::take(&mut settings.offsets);
-    let groups = Rc::new(groups::Groups::new(path, offsets, settings.group_limits));
+    let groups = Rc::new(groups::Groups::new(path, offsets, settings.group_limits, metrics.groups.clone()));
     let stopping = shutdown.clone();
     glommio::spawn_local(groups::keep_time(groups.clone(), move || shutdown::is_signalled(&stopping))).detach();
     let listener = Rc::new(Listener { settings, metrics, reader, shutdown, groups, connections: Cell::new(0) });
