@@ -340,6 +340,9 @@ pub struct QuicConfig {
     pub bytes_in_flight_per_connection_max: ByteSize,
     #[serde(default = "default_handshakes_max")]
     pub handshakes_max: u32,
+    /// Seconds a handshake may take before weir gives it up (`core::handshake`).
+    #[serde(default = "default_handshake_timeout_s")]
+    pub handshake_timeout_s: Seconds,
     #[serde(default = "default_true")]
     pub reuseport_steering: bool,
 }
@@ -363,7 +366,10 @@ fn default_bytes_in_flight_per_connection_max() -> ByteSize {
     ByteSize(1 << 20)
 }
 fn default_handshakes_max() -> u32 {
-    4096
+    64
+}
+fn default_handshake_timeout_s() -> Seconds {
+    Seconds(10)
 }
 
 fn default_dedup_devices_max() -> u32 {
@@ -386,7 +392,7 @@ fn default_connections_max() -> u32 {
     10_000
 }
 fn default_handshakes_before_retry() -> u32 {
-    256
+    32
 }
 fn default_streams_per_connection_max() -> u32 {
     4
@@ -407,7 +413,7 @@ fn default_connection_window_bytes() -> ByteSize {
     ByteSize(1 << 20)
 }
 fn default_idle_timeout_s() -> Seconds {
-    Seconds(30)
+    Seconds(150)
 }
 
 impl QuicConfig {
@@ -455,6 +461,7 @@ impl Default for QuicConfig {
             device_records_per_s_max: 0,
             bytes_in_flight_per_connection_max: default_bytes_in_flight_per_connection_max(),
             handshakes_max: default_handshakes_max(),
+            handshake_timeout_s: default_handshake_timeout_s(),
             reuseport_steering: true,
         }
     }
@@ -1332,6 +1339,9 @@ impl Config {
         }
         if quic.handshakes_max == 0 || quic.handshakes_max > 1_000_000 {
             problem("quic.handshakes_max", "must be within 1..=1000000".into());
+        }
+        if quic.handshake_timeout_s.0 == 0 || quic.handshake_timeout_s.0 > 600 {
+            problem("quic.handshake_timeout_s", "must be within 1..=600 s".into());
         }
         if quic.dedup_devices_max == 0 || quic.dedup_devices_max > 1_000_000 {
             problem("quic.dedup_devices_max", "must be within 1..=1000000".into());

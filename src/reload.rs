@@ -178,6 +178,7 @@ fn quic_plan(old: &QuicConfig, new: &QuicConfig, certificates_changed: &[&str], 
         device_records_per_s_max,
         bytes_in_flight_per_connection_max,
         handshakes_max,
+        handshake_timeout_s,
         reuseport_steering,
     } = new;
     // Live.
@@ -228,6 +229,7 @@ fn quic_plan(old: &QuicConfig, new: &QuicConfig, certificates_changed: &[&str], 
             *bytes_in_flight_per_connection_max != old.bytes_in_flight_per_connection_max,
         ),
         ("handshakes_max", *handshakes_max != old.handshakes_max),
+        ("handshake_timeout_s", *handshake_timeout_s != old.handshake_timeout_s),
         ("reuseport_steering", *reuseport_steering != old.reuseport_steering),
     ];
     for (field, differs) in restart {

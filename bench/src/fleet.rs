@@ -31,6 +31,7 @@ use serde_json::json;
 use weir::config::{Config, Host};
 use weir_sim::fleet::Outcome;
 
+use crate::fleet_shape::{self, FleetShape};
 use crate::ingest::{self, IngestError, ServerChild};
 
 /// The issue's targets (issue 18) for 10,000 devices x 1 record/s on 2 cores.
@@ -38,9 +39,7 @@ pub const P99_US_TARGET_MAX: u64 = 20_000;
 pub const P999_US_TARGET_MAX: u64 = 50_000;
 pub const CPU_CORES_TARGET_MAX: f64 = 0.25;
 
-const DEVICES_MAX: u32 = 100_000;
 const ROUNDS_MAX: u32 = 100;
-const SECONDS_MAX: u64 = 3600;
 const RATE_MAX: f64 = 10_000.0;
 /// How often the sampler reads /proc and weir's metrics.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
@@ -82,28 +81,22 @@ pub struct FleetArgs {
     /// "core_flushes_per_s_max = 0"), to compare settings.
     #[arg(long, value_name = "TOML")]
     pub log_config: Option<String>,
+    /// Extra lines for the generated weir config's `[quic]` section (e.g.
+    /// "handshakes_max = 4096"), to compare settings.
+    #[arg(long, value_name = "TOML")]
+    pub quic_config: Option<String>,
+    /// The reconnect storm: SIGKILL weir S seconds into the writing and start it again
+    /// at once on the same data and port; reports how long the devices took to write
+    /// again, the restarted weir's handshakes, Retry and refusals, and checks the
+    /// acked log against the log. weir rounds only (no ceiling).
+    #[arg(long, value_name = "S")]
+    pub storm_at: Option<u64>,
 }
 
 impl FleetArgs {
     fn check(&self, host: &Host) -> Result<(), IngestError> {
         let mut problems = Vec::new();
-        let usable = host.usable_cpus.len();
-        if self.cores == 0 || self.cores > usable {
-            problems.push(format!("--cores {}: must be within 1..={usable} (the usable CPUs here)", self.cores));
-        }
-        if self.devices == 0 || self.devices > DEVICES_MAX {
-            problems.push(format!("--devices {}: must be within 1..={DEVICES_MAX}", self.devices));
-        }
-        if !self.rate.is_finite() || self.rate <= 0.0 || self.rate > RATE_MAX {
-            problems.push(format!("--rate {}: must be within (0, {RATE_MAX}] records/s", self.rate));
-        }
-        let value_bytes_max = weir::core::protocol::FRAME_LIMITS_V1.value_bytes_max;
-        if self.record_bytes == 0 || self.record_bytes > value_bytes_max {
-            problems.push(format!("--record-bytes {}: must be within 1..={value_bytes_max}", self.record_bytes));
-        }
-        if self.seconds == 0 || self.seconds > SECONDS_MAX {
-            problems.push(format!("--seconds {}: must be within 1..={SECONDS_MAX}", self.seconds));
-        }
+        self.shape().check(host, &mut problems);
         if self.warmup_seconds >= self.seconds {
             problems.push(format!(
                 "--warmup-seconds {}: must be below --seconds {} (something must be measured)",
@@ -113,15 +106,8 @@ impl FleetArgs {
         if self.rounds == 0 || self.rounds > ROUNDS_MAX {
             problems.push(format!("--rounds {}: must be within 1..={ROUNDS_MAX}", self.rounds));
         }
-        if self.partitions == 0 || self.partitions > weir::config::TOPIC_PARTITIONS_MAX {
-            problems.push(format!(
-                "--partitions {}: must be within 1..={}",
-                self.partitions,
-                weir::config::TOPIC_PARTITIONS_MAX
-            ));
-        }
-        if self.threads == Some(0) {
-            problems.push("--threads 0: must be at least 1".to_owned());
+        if let Some(storm_at) = self.storm_at.filter(|storm_at| *storm_at == 0 || *storm_at >= self.seconds) {
+            problems.push(format!("--storm-at {storm_at}: must be within 1..--seconds {}", self.seconds));
         }
         if problems.is_empty() {
             Ok(())
@@ -130,8 +116,21 @@ impl FleetArgs {
         }
     }
 
-    fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |count| count.get()))
+    fn shape(&self) -> FleetShape {
+        FleetShape {
+            cores: self.cores,
+            devices: self.devices,
+            rate: self.rate,
+            rate_max: RATE_MAX,
+            record_bytes: self.record_bytes,
+            seconds: self.seconds,
+            partitions: self.partitions,
+            threads: self.threads,
+        }
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        fleet_shape::threads(self.threads)
     }
 }
 
@@ -311,12 +310,15 @@ pub fn run(args: &FleetArgs) -> Result<(), IngestError> {
 
     let connections_max = args.devices + ingest::CONNECTIONS_MARGIN;
     let config_path = root.path().join("weir.toml");
+    // A restarted weir must come back on the port the devices know.
+    let port = if args.storm_at.is_some() { crate::storm::free_udp_port()? } else { 0 };
     let config_text = format!(
-        "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n\
-         generate_dev_certs = false\nconnections_max = {connections_max}\n[log]\n{}\n[[topics]]\nname = \"{}\"\n\
+        "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:{port}\"\ncerts_dir = {:?}\n\
+         generate_dev_certs = false\nconnections_max = {connections_max}\n{}\n[log]\n{}\n[[topics]]\nname = \"{}\"\n\
          partitions = {}\n",
         root.path().join("data").display().to_string(),
         certs.display().to_string(),
+        args.quic_config.as_deref().unwrap_or(""),
         args.log_config.as_deref().unwrap_or(""),
         ingest::TOPIC,
         args.partitions
@@ -337,6 +339,10 @@ pub fn run(args: &FleetArgs) -> Result<(), IngestError> {
         .build()
         .map_err(|source| IngestError::Io { operation: "start tokio", path: Default::default(), source })?;
 
+    if let Some(storm_at) = args.storm_at {
+        let paths = (root.path(), config_path.as_path(), certs.as_path());
+        return crate::storm::run(args, storm_at, &runtime, paths, &device_ids);
+    }
     let mut weir_rounds = Vec::new();
     let mut raw_rounds = Vec::new();
     for round in 1..=args.rounds {
@@ -408,6 +414,7 @@ fn phase(
         rebind_every: None,
         closed_loop: None,
         faults: weir_sim::Faults::default(),
+        on_writing: None,
     };
     let sampler = Sampler::start(server.pid(), server.admin);
     let outcome = runtime.block_on(weir_sim::fleet::run(&plan));

@@ -57,9 +57,7 @@ pub const CLOSED_LOOP_FRAME_P99_US_TARGET_MAX: u64 = 3_000;
 pub const IDLE_CONNECTION_BYTES_TARGET_MAX: u64 = 32 << 10;
 
 /// Flag limits.
-const DEVICES_MAX: u32 = 100_000;
 const IDLE_CONNECTIONS_MAX: u32 = 100_000;
-const SECONDS_MAX: u64 = 3600;
 const RATE_MAX: f64 = 1_000_000.0;
 const QUEUE_RECORDS_MAX: usize = 4096;
 pub(crate) const TOPIC: &str = "telemetry";
@@ -170,30 +168,17 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
 impl IngestArgs {
     fn check(&self, host: &Host) -> Result<(), IngestError> {
         let mut problems = Vec::new();
-        let usable = host.usable_cpus.len();
-        if self.cores == 0 || self.cores > usable {
-            problems.push(format!("--cores {}: must be within 1..={usable} (the usable CPUs here)", self.cores));
-        }
-        if self.devices == 0 || self.devices > DEVICES_MAX {
-            problems.push(format!("--devices {}: must be within 1..={DEVICES_MAX}", self.devices));
-        }
-        if !self.rate.is_finite() || self.rate <= 0.0 || self.rate > RATE_MAX {
-            problems.push(format!("--rate {}: must be within (0, {RATE_MAX}] records/s", self.rate));
-        }
-        let value_bytes_max = weir::core::protocol::FRAME_LIMITS_V1.value_bytes_max;
-        if self.record_bytes == 0 || self.record_bytes > value_bytes_max {
-            problems.push(format!("--record-bytes {}: must be within 1..={value_bytes_max}", self.record_bytes));
-        }
-        if self.seconds == 0 || self.seconds > SECONDS_MAX {
-            problems.push(format!("--seconds {}: must be within 1..={SECONDS_MAX}", self.seconds));
-        }
-        if self.partitions == 0 || self.partitions > weir::config::TOPIC_PARTITIONS_MAX {
-            problems.push(format!(
-                "--partitions {}: must be within 1..={}",
-                self.partitions,
-                weir::config::TOPIC_PARTITIONS_MAX
-            ));
-        }
+        let shape = crate::fleet_shape::FleetShape {
+            cores: self.cores,
+            devices: self.devices,
+            rate: self.rate,
+            rate_max: RATE_MAX,
+            record_bytes: self.record_bytes,
+            seconds: self.seconds,
+            partitions: self.partitions,
+            threads: self.threads,
+        };
+        shape.check(host, &mut problems);
         if self.idle_connections == 0 || self.idle_connections > IDLE_CONNECTIONS_MAX {
             problems.push(format!(
                 "--idle-connections {}: must be within 1..={IDLE_CONNECTIONS_MAX}",
@@ -205,9 +190,6 @@ impl IngestArgs {
         }
         if self.queue_records == 0 || self.queue_records > QUEUE_RECORDS_MAX {
             problems.push(format!("--queue-records {}: must be within 1..={QUEUE_RECORDS_MAX}", self.queue_records));
-        }
-        if self.threads == Some(0) {
-            problems.push("--threads 0: must be at least 1".to_owned());
         }
         let records_per_frame_max = weir::core::protocol::FRAME_LIMITS_V1.records_per_frame_max;
         if let Some(frames) = self.closed_loop_frames {
@@ -229,7 +211,7 @@ impl IngestArgs {
     }
 
     fn threads(&self) -> usize {
-        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |count| count.get()))
+        crate::fleet_shape::threads(self.threads)
     }
 }
 
@@ -423,6 +405,7 @@ fn fleet_plan(args: &IngestArgs, server: SocketAddr, certs: &Path, device_ids: &
             .closed_loop_frames
             .map(|frames| weir_sim::ClosedLoop { frames_in_flight: frames, records_per_frame: args.records_per_frame }),
         faults: weir_sim::Faults::default(),
+        on_writing: None,
     }
 }
 
@@ -528,6 +511,12 @@ impl ServerChild {
 
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL (a crash, for `weir-bench fleet --storm-at`), and wait for it.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGINT, then wait (bounded) for a clean exit; returns its stdout.

@@ -28,6 +28,7 @@
 
 mod cores;
 mod fleet;
+mod fleet_shape;
 mod ingest;
 mod options;
 mod plain_phase;
@@ -35,6 +36,7 @@ mod raw_phase;
 mod records;
 mod report;
 mod ship;
+mod storm;
 mod weir_phase;
 
 use std::io::Write;

@@ -19,8 +19,15 @@
 //! Limits: connections (per core), connections per device (all cores), streams per
 //! connection (transport config), frame bytes and records per frame (protocol limits),
 //! frames and bytes in flight per connection (unread bytes wait under QUIC flow
-//! control); past `handshakes_before_retry` handshakes in progress new connections must
-//! prove their address (Retry), past `handshakes_max` they are refused.
+//! control). New connections are admitted by `core::handshake`: past
+//! `handshakes_before_retry` handshakes in progress they must prove their address
+//! (Retry), past `handshakes_max` they are refused at once (CONNECTION_REFUSED), and a
+//! handshake not done `handshake_timeout_s` after it was accepted is closed.
+//!
+//! Restarts: every core's endpoint derives its stateless-reset key from the server's
+//! private key, so after weir restarts (same key) a device's next packet on its old
+//! connection is answered with a stateless reset the device accepts: it learns at once
+//! that the connection is gone instead of after its answer timeout.
 //!
 //! Order on a stream: a frame is stored only after the stream's previous frame was.
 //! When a frame gets a retryable error, the frames behind it on the stream are refused
@@ -52,6 +59,7 @@ use quinn_proto::{
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 
 use crate::certs;
+use crate::core::handshake::{self, CoreLoad, HandshakeLimits};
 use crate::core::ingest::{self, Admission, StreamOrder};
 use crate::core::log::batch::Record;
 use crate::core::protocol::{self, ErrorCode, FrameLimits};
@@ -128,6 +136,10 @@ pub struct QuicSettings {
     pub bytes_in_flight_per_connection_max: usize,
     /// Handshakes in progress per core beyond which new connections are refused.
     pub handshakes_max: usize,
+    /// How long an accepted handshake may take before it is closed.
+    pub handshake_timeout: Duration,
+    /// The stateless-reset key every core's endpoint uses (`stateless_reset_key`).
+    pub reset_key: Arc<dyn quinn_proto::crypto::HmacKey>,
     /// Open connections per device, shared by every core.
     pub device_connections: Arc<DeviceConnections>,
     /// One "denied device refused" line per device per minute, over all cores.
@@ -169,6 +181,50 @@ pub fn core_of_datagram(datagram: &[u8]) -> Option<u32> {
         datagram.get(6..6 + CONNECTION_ID_BYTES)?
     };
     Some(u32::from_be_bytes(id[..4].try_into().expect("4 bytes")))
+}
+
+/// The shortest interval between two stateless resets of one endpoint (quinn's default,
+/// 20 ms, would take 100 s to tell 10,000 devices of a restart on 2 cores). A reset is
+/// one HMAC and a datagram smaller than the one that caused it.
+const STATELESS_RESET_INTERVAL_MIN: Duration = Duration::from_micros(50);
+
+/// The stateless-reset key of weir's endpoints: HMAC-SHA256 under a key derived from
+/// `secret` (the server's private key PEM), so the same on every core and across
+/// restarts with the same key, and secret as long as the private key is.
+pub fn stateless_reset_key(secret: &[u8]) -> Arc<dyn quinn_proto::crypto::HmacKey> {
+    use hmac::Mac;
+    let mut derive = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    derive.update(b"weir quic stateless reset key v1");
+    Arc::new(ResetKey(derive.finalize().into_bytes().into()))
+}
+
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn mac(&self) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length")
+    }
+}
+
+impl quinn_proto::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        use hmac::Mac;
+        let mut mac = self.mac();
+        mac.update(data);
+        signature_out.copy_from_slice(&mac.finalize().into_bytes());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn_proto::crypto::CryptoError> {
+        use hmac::Mac;
+        let mut mac = self.mac();
+        mac.update(data);
+        mac.verify_slice(signature).map_err(|_| quinn_proto::crypto::CryptoError)
+    }
 }
 
 /// Connection ids carry the owning core in their first 4 bytes (for reuseport steering);
@@ -305,11 +361,17 @@ struct Conn {
     /// The deadline of this connection's live entry in the core's timer heap, if any
     /// (older entries of it there are stale and skipped when they come up).
     timer_scheduled: Option<Instant>,
+    /// When the handshake is given up if it has not finished (`core::handshake`).
+    handshake_deadline: Instant,
 }
 
 impl Conn {
     /// A connection just accepted: handshaking, no device yet.
-    fn new(connection: quinn_proto::Connection, quota: Option<Rc<RefCell<RecordQuota>>>) -> Conn {
+    fn new(
+        connection: quinn_proto::Connection,
+        quota: Option<Rc<RefCell<RecordQuota>>>,
+        handshake_deadline: Instant,
+    ) -> Conn {
         Conn {
             connection,
             device: None,
@@ -322,6 +384,7 @@ impl Conn {
             violated: false,
             unread: false,
             timer_scheduled: None,
+            handshake_deadline,
         }
     }
 
@@ -369,6 +432,7 @@ pub async fn run_core(
         driver.take_completions();
         // 3. Every connection with something to do: timers, events, streams, transmits.
         driver.expire_timers(now);
+        driver.expire_handshakes(now);
         driver.drive_dirty(now);
         // 4. Sleep until there is something to do.
         driver.wait_for_work().await;
@@ -395,6 +459,10 @@ struct CoreDriver {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Connections of this core whose handshake is in progress.
     handshaking: usize,
+    /// Handshakes accepted, by deadline (accepted in order, so deadlines grow): the
+    /// ones still in progress at their deadline are closed (`expire_handshakes`).
+    handshake_deadlines: VecDeque<(Instant, ConnectionHandle)>,
+    handshake_limits: HandshakeLimits,
     stats: QuicStats,
     /// When shutdown began, if it did.
     closing: Option<Instant>,
@@ -417,8 +485,9 @@ impl CoreDriver {
     ) -> std::io::Result<CoreDriver> {
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         let readiness = glommio::net::UdpSocket::from(socket2::Socket::from(socket.try_clone()?));
-        let mut endpoint_config = EndpointConfig::default();
+        let mut endpoint_config = EndpointConfig::new(settings.reset_key.clone());
         endpoint_config.cid_generator(move || Box::new(CoreConnectionIds::new(core)));
+        endpoint_config.min_reset_interval(STATELESS_RESET_INTERVAL_MIN);
         // The reloadable settings this core uses: replaced between passes when a reload
         // publishes newer ones (`shell::live`).
         let (live_generation, live) = settings.live.load();
@@ -434,6 +503,12 @@ impl CoreDriver {
         let gro = state.gro_segments().max(1);
         let receive_buffers: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; 65_535 * gro.min(8)]).collect();
         let gso_segments_max = state.max_gso_segments().max(1);
+        let handshake_limits = HandshakeLimits {
+            connections_max: settings.connections_max,
+            handshakes_before_retry: settings.handshakes_before_retry,
+            handshakes_max: settings.handshakes_max,
+            handshake_timeout: settings.handshake_timeout,
+        };
         Ok(CoreDriver {
             core,
             settings: settings.clone(),
@@ -447,6 +522,8 @@ impl CoreDriver {
             driving: Vec::new(),
             timers: BinaryHeap::new(),
             handshaking: 0,
+            handshake_deadlines: VecDeque::new(),
+            handshake_limits,
             stats: QuicStats::default(),
             closing: None,
             udp: Udp { socket, state, readiness, gso_segments_max },
@@ -548,37 +625,50 @@ impl CoreDriver {
         }
     }
 
-    /// A new connection is refused (shutting down, or at a limit), asked to prove its
-    /// address (Retry, past `handshakes_before_retry`), or accepted.
+    /// A new connection is refused, asked to prove its address (Retry) or accepted, as
+    /// `core::handshake::admit` decides from this core's load.
     fn admit_incoming(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
-        if let Some(reason) = self.refusal() {
-            self.stats.connections_refused += 1;
-            self.metrics.refused(reason);
-            let transmit = self.endpoint.refuse(incoming, &mut self.response_buffer);
-            self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
-        } else if !incoming.remote_address_validated()
-            && self.handshaking >= self.settings.handshakes_before_retry
-            && incoming.may_retry()
-        {
-            if let Ok(transmit) = self.endpoint.retry(incoming, &mut self.response_buffer) {
-                self.metrics.retries_sent.inc();
+        let load = CoreLoad {
+            shutting_down: self.closing.is_some(),
+            connections: self.connections.len(),
+            handshaking: self.handshaking,
+        };
+        let validated = incoming.remote_address_validated();
+        match handshake::admit(&self.handshake_limits, load, validated, incoming.may_retry()) {
+            handshake::Admission::Refuse(reason) => {
+                self.stats.connections_refused += 1;
+                self.metrics.refused(reason.name());
+                let transmit = self.endpoint.refuse(incoming, &mut self.response_buffer);
                 self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
             }
-        } else {
-            self.accept(incoming, now);
+            handshake::Admission::Retry => {
+                if let Ok(transmit) = self.endpoint.retry(incoming, &mut self.response_buffer) {
+                    self.metrics.retries_sent.inc();
+                    self.udp.send(&transmit, &self.response_buffer, &mut self.stats);
+                }
+            }
+            handshake::Admission::Accept => self.accept(incoming, now),
         }
     }
 
-    /// Why a new connection is refused now, if it is.
-    fn refusal(&self) -> Option<&'static str> {
-        if self.closing.is_some() {
-            Some("shutting_down")
-        } else if self.connections.len() >= self.settings.connections_max {
-            Some("connections_max")
-        } else if self.handshaking >= self.settings.handshakes_max {
-            Some("handshakes_max")
-        } else {
-            None
+    /// Handshakes still in progress at their deadline are closed: their places go to
+    /// the devices waiting (`weir_quic_refusals_total{reason="handshake_timeout"}`).
+    fn expire_handshakes(&mut self, now: Instant) {
+        while let Some(&(deadline, handle)) = self.handshake_deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.handshake_deadlines.pop_front();
+            let Some(conn) = self.connections.get_mut(&handle) else { continue };
+            if !conn.handshaking || conn.handshake_deadline != deadline {
+                continue; // done, or the handle now names a later connection
+            }
+            conn.handshaking = false;
+            self.handshaking -= 1;
+            self.metrics.handshakes_in_progress.dec();
+            self.metrics.refused("handshake_timeout");
+            conn.connection.close(now, VarInt::from_u32(CLOSE_SHUTDOWN), "the handshake took too long".into());
+            self.dirty.insert(handle);
         }
     }
 
@@ -594,7 +684,9 @@ impl CoreDriver {
                 self.handshaking += 1;
                 self.dirty.insert(handle);
                 let quota = connection_quota(&self.intake.live, &self.settings);
-                self.connections.insert(handle, Conn::new(connection, quota));
+                let deadline = handshake::handshake_deadline(&self.handshake_limits, now);
+                self.handshake_deadlines.push_back((deadline, handle));
+                self.connections.insert(handle, Conn::new(connection, quota, deadline));
             }
             Err(error) => {
                 self.metrics.refused("handshake_failed");
@@ -708,7 +800,12 @@ impl CoreDriver {
     /// finished or another core forwarded a datagram (`SHUTDOWN_POLL` at most); only
     /// yields when there is work already.
     async fn wait_for_work(&self) {
+        let next_handshake = self.handshake_deadlines.front().map(|(deadline, _)| *deadline);
         let next_timer = self.timers.peek().map(|Reverse((deadline, _))| *deadline);
+        let next_timer = match (next_timer, next_handshake) {
+            (Some(timer), Some(handshake)) => Some(timer.min(handshake)),
+            (timer, handshake) => timer.or(handshake),
+        };
         let wait = next_timer
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             .unwrap_or(SHUTDOWN_POLL)

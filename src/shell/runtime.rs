@@ -617,6 +617,10 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
             );
         }
     }
+    // The stateless-reset key is derived from the server's private key (the same after
+    // a restart, so devices learn at once that their connections are gone).
+    let reset_secret =
+        tls::read_pem_files(&config.certs_dir).map_err(|error| Fatal::Quic { reason: error.to_string() })?.key;
     let v1 = crate::core::protocol::FRAME_LIMITS_V1;
     let settings = QuicSettings {
         live: Arc::new(quic::LiveCell::new(live)),
@@ -639,6 +643,8 @@ pub fn prepare_quic_measured(valid: &ValidConfig, metrics: &Metrics) -> Result<P
         connections_per_device_max: config.connections_per_device_max as usize,
         bytes_in_flight_per_connection_max: config.bytes_in_flight_per_connection_max.0 as usize,
         handshakes_max: config.handshakes_max as usize,
+        handshake_timeout: std::time::Duration::from_secs(config.handshake_timeout_s.0),
+        reset_key: quic::stateless_reset_key(&reset_secret),
         device_connections: Arc::new(quic::DeviceConnections::default()),
         denied_log: std::sync::Mutex::new(crate::core::throttle::LogThrottle::new(
             quic::DENIED_LOG_INTERVAL,

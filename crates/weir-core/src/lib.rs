@@ -9,6 +9,7 @@ pub use weir_protocol as protocol;
 
 pub mod consumer_group;
 pub mod dedup;
+pub mod handshake;
 pub mod ingest;
 pub mod kafka_api;
 pub mod log;

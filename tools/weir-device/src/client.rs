@@ -23,7 +23,7 @@ use weir_protocol::{FRAME_LENGTH_PREFIX_BYTES, FRAME_LIMITS_V1};
 
 use crate::batch::{check_record, check_topic};
 use crate::error::{DeviceError, LinkError};
-use crate::pipeline::{Output, Pipeline, PipelineSettings};
+use crate::pipeline::{Output, Pipeline, PipelineSettings, REFUSALS_PER_TRY};
 use crate::profile::DeviceProfile;
 use crate::retry::Jitter;
 use crate::tls::Credentials;
@@ -100,15 +100,17 @@ impl DeviceClient {
             generation: 0,
         };
         // The first connection: up to retry.attempts_max tries, rotating through the
-        // addresses, with the same jittered backoff as every reconnect.
+        // addresses, with the same jittered backoff as every reconnect (and, as there,
+        // `REFUSALS_PER_TRY` refusals for load count as one try).
         let seed = seed_for(&credentials.device_id);
         let mut jitter = Jitter::new(seed ^ 0x5eed);
         let mut last_failure = None;
         let mut connected = None;
-        for attempt in 0..settings.attempts_max {
-            let address_index = attempt as usize % settings.addresses.len();
-            if attempt > 0 {
-                tokio::time::sleep(settings.backoff.delay(attempt, jitter.unit())).await;
+        let (mut tries, mut refusals, mut failures) = (0u32, 0u32, 0u32);
+        while tries < settings.attempts_max {
+            let address_index = failures as usize % settings.addresses.len();
+            if failures > 0 {
+                tokio::time::sleep(settings.backoff.delay(failures, jitter.unit())).await;
             }
             match connector.open(settings.addresses[address_index]).await {
                 Ok(link) => {
@@ -116,7 +118,16 @@ impl DeviceClient {
                     break;
                 }
                 Err(cause) if cause.is_credentials_refused() => return Err(DeviceError::CredentialsRefused(cause)),
-                Err(cause) => last_failure = Some(cause),
+                Err(cause) => {
+                    failures += 1;
+                    if cause.is_refused() {
+                        refusals += 1;
+                        tries += u32::from(refusals.is_multiple_of(REFUSALS_PER_TRY));
+                    } else {
+                        tries += 1;
+                    }
+                    last_failure = Some(cause);
+                }
             }
         }
         let Some((address_index, link)) = connected else {

@@ -38,6 +38,17 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// Whether the server turned the connection away for load (QUIC CONNECTION_REFUSED:
+    /// weir at `handshakes_max` or `connections_max`, or restarting): it is there and
+    /// asks the device to come back later, after its backoff.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Connection { source: quinn::ConnectionError::ConnectionClosed(close), .. }
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
+
     /// Whether this failure means the server refused this device's credentials (a TLS
     /// alert: unknown CA, expired or revoked certificate), which no retry can fix.
     pub fn is_credentials_refused(&self) -> bool {

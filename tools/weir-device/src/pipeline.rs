@@ -17,7 +17,13 @@
 //!   frames in flight, the log still holds a device's frames in sequence order.
 //! - Everything is bounded: `frames_in_flight_max` frames formed and unanswered, the
 //!   records the shell admitted (it holds `queue_records_max` permits, released through
-//!   `Output::Release`), and `attempts_max` tries per frame (failed connects count).
+//!   `Output::Release`), and `attempts_max` tries per frame (failed connects count;
+//!   connects the server refused for load, CONNECTION_REFUSED, count one try per
+//!   `REFUSALS_PER_TRY`: a fleet reconnecting after a restart is refused often while
+//!   weir admits its handshakes a core-load at a time, and must not give up for it).
+//! - Reconnects wait a capped exponential backoff of the consecutive failures with the
+//!   profile's jitter (default 1.0, full jitter: uniform in [0, cap]), so a fleet that
+//!   lost its server at once comes back spread over the backoff, not in one wave.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -35,6 +41,9 @@ use crate::error::{DeviceError, LinkError};
 use crate::profile::DeviceProfile;
 use crate::retry::{Backoff, Jitter};
 use crate::{Ack, RecordAck, Sequence, WaiterId};
+
+/// Connects refused for load (CONNECTION_REFUSED) that count as one try of a frame.
+pub const REFUSALS_PER_TRY: u32 = 8;
 
 /// What the pipeline needs from a profile.
 #[derive(Debug, Clone)]
@@ -98,6 +107,8 @@ struct Frame {
     record_count: u32,
     segments: Vec<Segment>,
     attempts: u32,
+    /// Connects refused for load while this frame waited (`REFUSALS_PER_TRY`).
+    refusals: u32,
     state: FrameState,
     not_before: Instant,
     last_failure: Option<LinkError>,
@@ -202,12 +213,20 @@ impl Pipeline {
             return;
         }
         // A failed connect is a try for every frame waiting for it, so a send is bounded
-        // even when no server can be reached.
+        // even when no server can be reached; a refusal for load is a fraction of one.
+        let refused = cause.is_refused();
         let mut index = 0;
         while index < self.frames.len() {
             let frame = &mut self.frames[index];
-            frame.attempts += 1;
             frame.last_failure = Some(cause.clone());
+            if refused {
+                frame.refusals += 1;
+                if !frame.refusals.is_multiple_of(REFUSALS_PER_TRY) {
+                    index += 1;
+                    continue;
+                }
+            }
+            frame.attempts += 1;
             if frame.attempts >= self.settings.attempts_max {
                 self.fail_exhausted(index);
             } else {
@@ -445,6 +464,7 @@ impl Pipeline {
                 record_count: u32::try_from(batch.records.len()).expect("records_max fits u32"),
                 segments: batch.segments,
                 attempts: 0,
+                refusals: 0,
                 state: FrameState::Unsent,
                 not_before: now,
                 last_failure: None,
@@ -919,6 +939,46 @@ mod tests {
         assert!(
             matches!(&others[..], [Output::CloseConnection { cause: LinkError::Protocol { why, .. } }] if why.contains("not acknowledged"))
         );
+    }
+
+    #[test]
+    fn connects_refused_for_load_count_one_try_per_refusals_per_try_and_back_off_exponentially() {
+        let now = Instant::now();
+        let settings = PipelineSettings { attempts_max: 2, ..settings() };
+        let mut pipeline = Pipeline::new(settings, Sequence(1), false, 1, Some(0), now);
+        pipeline.submit(&topic(), records(1), now);
+        pipeline.flush(now);
+        assert_eq!(transmit_all(&mut pipeline, now).len(), 1);
+        let address = "127.0.0.1:4433".parse().unwrap();
+        pipeline.handle_connection_lost(LinkError::StreamEnded { address }, now); // try 1
+        let refused = || LinkError::Connection {
+            address,
+            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::CONNECTION_REFUSED,
+                frame_type: None,
+                reason: Bytes::new(),
+            }),
+        };
+        assert!(refused().is_refused() && !refused().is_credentials_refused());
+        let mut at = now;
+        let mut waits = Vec::new();
+        for _ in 0..REFUSALS_PER_TRY - 1 {
+            let retry_at = pipeline.poll_timeout().unwrap();
+            waits.push(retry_at - at);
+            at = retry_at;
+            assert!(pipeline.poll_connect(at).is_some());
+            pipeline.handle_connect_failed(refused(), at);
+            let (delivered, _, _) = drain(&mut pipeline);
+            assert!(delivered.is_empty(), "a refusal is not a whole try");
+        }
+        // Jitter 0 in these settings: the waits double up to the cap (10 ms .. 100 ms).
+        let waits_ms: Vec<u64> = waits.iter().map(|wait| wait.as_millis() as u64).collect();
+        assert_eq!(waits_ms, [10, 20, 40, 80, 100, 100, 100]);
+        at = pipeline.poll_timeout().unwrap();
+        assert!(pipeline.poll_connect(at).is_some());
+        pipeline.handle_connect_failed(refused(), at); // the 8th refusal: try 2 of 2
+        let (delivered, _, _) = drain(&mut pipeline);
+        let Err(DeviceError::RetriesExhausted { attempts: 2, .. }) = &delivered[0].1 else { panic!("{delivered:?}") };
     }
 
     #[test]

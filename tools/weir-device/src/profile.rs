@@ -165,7 +165,7 @@ fn default_backoff_ms_max() -> u64 {
     5_000
 }
 fn default_jitter() -> f64 {
-    0.5
+    1.0
 }
 fn default_connect_ms() -> u64 {
     5_000
@@ -174,10 +174,10 @@ fn default_answer_ms() -> u64 {
     10_000
 }
 fn default_idle_ms() -> u64 {
-    30_000
+    150_000
 }
 fn default_keep_alive_ms() -> u64 {
-    10_000
+    60_000
 }
 fn default_sequence_reserve() -> u64 {
     1024

@@ -7,6 +7,11 @@
 //! land in one partition, in order) and a value that starts with `<device> <n> `, n
 //! counting that device's records from 0, padded with '.' to --record-bytes; a test can
 //! check the server's log against the acked log by these.
+//!
+//! Per device, the longest time between two of its acks (`ack_gap_us`, one value per
+//! device that got two): with a device sending every second it is about one second,
+//! and after the server went away and came back (a reconnect storm) it is how long that
+//! device could not write.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -69,6 +74,28 @@ pub struct Outcome {
     pub writing_from: std::time::Instant,
     pub writing_until: std::time::Instant,
     pub first_errors: Vec<String>,
+    /// Each device's longest time between two of its acks (devices with two or more).
+    pub ack_gap_us: Histogram<u64>,
+    /// The earliest of the devices' last acks, from the start of writing (`None` when
+    /// some device got no ack at all): every device wrote until at least then.
+    pub last_ack_min: Option<Duration>,
+}
+
+/// When one device's sends were acked, from the start of writing.
+#[derive(Default)]
+struct DeviceAcks {
+    /// The latest ack, in microseconds + 1 (0: none yet).
+    last_us: AtomicU64,
+    longest_gap_us: AtomicU64,
+}
+
+impl DeviceAcks {
+    fn note(&self, at_us: u64) {
+        let previous = self.last_us.fetch_max(at_us + 1, Ordering::Relaxed);
+        if previous > 0 && at_us + 1 > previous {
+            self.longest_gap_us.fetch_max(at_us + 1 - previous, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Stats {
@@ -201,12 +228,18 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs_f64(plan.seconds);
     let drain_end = end + Duration::from_secs_f64(plan.drain_seconds);
+    if let Some(on_writing) = &plan.on_writing {
+        let _ = on_writing.send(start.into_std());
+    }
     let topics: Arc<Vec<Arc<str>>> = Arc::new(plan.topics.iter().map(|topic| Arc::from(topic.as_str())).collect());
     let records_per_send_max = plan.profile_template.flow.queue_records_max.min(4096);
     let running = progress_bar((plan.seconds * 10.0).ceil() as u64, "{elapsed_precise} [{bar:30}] {msg}");
     let in_flight = Arc::new(AtomicUsize::new(0));
     let mut fleet = JoinSet::new();
+    let mut device_acks = Vec::with_capacity(clients.len());
     for (index, client) in clients {
+        let acks = Arc::new(DeviceAcks::default());
+        device_acks.push(acks.clone());
         let restart = plan.faults.restart_of(index).map(|after| {
             let device_id = &plan.device_ids[index];
             let mut profile = plan.profile_template.clone();
@@ -231,6 +264,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
             drain_end,
             in_flight: in_flight.clone(),
             closed_loop: plan.closed_loop,
+            acks,
         };
         fleet.spawn(device.run());
     }
@@ -309,6 +343,18 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         Histogram::new(1).expect("valid"),
     );
     let first_errors = std::mem::take(&mut *stats.errors.lock().expect("no panics while held"));
+    let mut ack_gap_us = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds");
+    let mut last_ack_min = (!device_acks.is_empty() && connected == devices).then_some(Duration::MAX);
+    for acks in &device_acks {
+        let gap = acks.longest_gap_us.load(Ordering::Relaxed);
+        if gap > 0 {
+            ack_gap_us.saturating_record(gap.clamp(1, LATENCY_US_MAX));
+        }
+        last_ack_min = match acks.last_us.load(Ordering::Relaxed) {
+            0 => None,
+            last => last_ack_min.map(|least| least.min(Duration::from_micros(last - 1))),
+        };
+    }
     Ok(Outcome {
         devices,
         connected,
@@ -327,6 +373,8 @@ pub async fn run(plan: &Plan) -> Result<Outcome, FleetError> {
         writing_from: start.into_std(),
         writing_until: end.into_std(),
         first_errors,
+        ack_gap_us,
+        last_ack_min,
     })
 }
 
@@ -367,6 +415,7 @@ struct DeviceRun {
     drain_end: Instant,
     in_flight: Arc<AtomicUsize>,
     closed_loop: Option<crate::ClosedLoop>,
+    acks: Arc<DeviceAcks>,
 }
 
 impl DeviceRun {
@@ -448,7 +497,7 @@ impl DeviceRun {
                         topic,
                         self.stats.clone(),
                         self.acked_log.clone(),
-                        self.start,
+                        (self.start, self.acks.clone()),
                         self.in_flight.clone(),
                     ));
                 }
@@ -506,7 +555,7 @@ impl DeviceRun {
                     topic,
                     self.stats.clone(),
                     self.acked_log.clone(),
-                    self.start,
+                    (self.start, self.acks.clone()),
                     self.in_flight.clone(),
                 ));
             }
@@ -542,7 +591,7 @@ async fn send(
     topic: Arc<str>,
     stats: Arc<Stats>,
     acked_log: Option<mpsc::Sender<AckedBatch>>,
-    start: Instant,
+    (start, acks): (Instant, Arc<DeviceAcks>),
     in_flight: Arc<AtomicUsize>,
 ) {
     in_flight.fetch_add(1, Ordering::Relaxed);
@@ -566,6 +615,7 @@ async fn send(
                 .expect("no panics while held")
                 .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
             stats.sends_acked.fetch_add(1, Ordering::Relaxed);
+            acks.note(resolved.saturating_duration_since(start).as_micros() as u64);
             stats.acked.fetch_add(count, Ordering::Relaxed);
             if let Some(log) = acked_log {
                 let _ = log.send(AckedBatch { device, topic, records: ack.records }).await;

@@ -32,6 +32,9 @@ pub struct Plan {
     pub closed_loop: Option<ClosedLoop>,
     /// Faults of single devices, for the stream watch's tests.
     pub faults: Faults,
+    /// Told when the devices begin writing (after every one connected), for a caller
+    /// that does something to the server at a set time into the run (a restart).
+    pub on_writing: Option<std::sync::mpsc::Sender<std::time::Instant>>,
 }
 
 /// The closed-loop fleet mode (issue 14): each device keeps exactly `frames_in_flight`

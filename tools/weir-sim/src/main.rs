@@ -284,6 +284,7 @@ fn plan(options: Options) -> Result<Plan, UsageError> {
         rebind_every: (options.rebind_every_ms > 0).then(|| std::time::Duration::from_millis(options.rebind_every_ms)),
         closed_loop,
         faults,
+        on_writing: None,
     })
 }
 

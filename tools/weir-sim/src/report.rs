@@ -11,7 +11,10 @@
 //! `sends_acked` and `send_rtt_p50_us`/`_p99_us`/`_p999_us` (one send's round trip,
 //! counted once per send), and in the closed loop (`--closed-loop-frames`) the same as
 //! `frames_acked`, `frame_rtt_p50_us`/`_p99_us`/`_p999_us` with `closed_loop_frames`
-//! and `records_per_frame`.
+//! and `records_per_frame`; `ack_gap_p50_us`/`_p99_us`/`max_us` (over devices, each
+//! device's longest time between two of its acks: how long it could not write when the
+//! server restarted) and `last_ack_min_s` (the earliest of the devices' last acks from
+//! the start of writing; null when some device got no ack).
 
 use serde_json::json;
 
@@ -42,6 +45,8 @@ impl Summary {
         let errors = outcome.failed_sends + outcome.connect_failures + outcome.abandoned_sends;
         let rtt = &outcome.send_rtt_us;
         let rtt_at = |quantile: f64| if rtt.is_empty() { 0 } else { rtt.value_at_quantile(quantile) };
+        let gap = &outcome.ack_gap_us;
+        let gap_at = |quantile: f64| if gap.is_empty() { 0 } else { gap.value_at_quantile(quantile) };
         let mut json = json!({
             "acked": outcome.acked,
             "errors": errors,
@@ -69,6 +74,10 @@ impl Summary {
             "send_rtt_p50_us": rtt_at(0.5),
             "send_rtt_p99_us": rtt_at(0.99),
             "send_rtt_p999_us": rtt_at(0.999),
+            "ack_gap_p50_us": gap_at(0.5),
+            "ack_gap_p99_us": gap_at(0.99),
+            "ack_gap_max_us": outcome.ack_gap_us.max(),
+            "last_ack_min_s": outcome.last_ack_min.map(|at| (at.as_secs_f64() * 1000.0).round() / 1000.0),
         });
         if let Some(closed_loop) = plan.closed_loop {
             // A closed-loop send is one frame.
@@ -100,6 +109,12 @@ impl Summary {
             ),
             format!("throughput {records_per_s:.0} records/s, {mb_per_s:.3} MB/s over {elapsed_s:.3} s"),
             format!("ack latency p50 {p50_us} us, p99 {p99_us} us, p999 {p999_us} us, max {max_us} us"),
+            format!(
+                "ack gaps   per device, longest: p50 {} us, p99 {} us, max {} us",
+                gap_at(0.5),
+                gap_at(0.99),
+                gap.max()
+            ),
         ];
         if let Some(closed_loop) = plan.closed_loop {
             lines.push(format!(
