@@ -132,6 +132,10 @@ pub struct IngestArgs {
     /// watch's CPU per record against a run with it on (the default).
     #[arg(long)]
     pub no_watch: bool,
+    /// Run weir with `log.core_flushes_per_s_max` at N (the core's flush pacer; 0
+    /// paces nothing) instead of the default, to measure what the pacer costs.
+    #[arg(long, value_name = "N")]
+    pub core_flushes_per_s: Option<u32>,
 }
 
 /// Why an ingest run failed.
@@ -253,10 +257,11 @@ pub fn run(args: &IngestArgs) -> Result<(), IngestError> {
     let config_text = format!(
         "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n[kafka_api]\nlisten = \"127.0.0.1:0\"\n[quic]\nlisten = \"127.0.0.1:0\"\n\
          certs_dir = {:?}\ngenerate_dev_certs = false\nconnections_max = {connections_max}\n[watch]\nenabled = {}\n\
-         [[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
+         {}[[topics]]\nname = \"{TOPIC}\"\npartitions = {}\n",
         root.path().join("data").display().to_string(),
         certs.display().to_string(),
         !args.no_watch,
+        args.core_flushes_per_s.map_or(String::new(), |pace| format!("[log]\ncore_flushes_per_s_max = {pace}\n")),
         args.partitions
     );
     std::fs::write(&config_path, config_text).map_err(io_error("write", &config_path))?;

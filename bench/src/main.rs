@@ -52,7 +52,7 @@ use weir::shell::metrics::Metrics;
 
 use crate::options::{LogArgs, Plan, UsageError};
 use crate::plain_phase::PlainCoreInput;
-use crate::raw_phase::RawCoreInput;
+use crate::raw_phase::{RawCoreInput, RawCoreResult};
 use crate::report::{RawFigures, Report, WeirFigures};
 use crate::weir_phase::{PartitionSpec, WeirCoreInput};
 
@@ -311,11 +311,34 @@ fn weir_phase(plan: &Plan, data_dir: &Path, next_sequences: &mut [Vec<u64>]) -> 
         elapsed,
         flushes: all_metrics.iter().map(|metrics| metrics.flushes.get()).sum(),
         batch_bytes: all_metrics.iter().map(|metrics| metrics.appended_bytes.get()).sum(),
+        // Process-wide histograms: every partition's handle shares them.
+        flush_us: all_metrics.first().map(|metrics| metrics.flush_latency.histogram_micros()).expect("a partition"),
+        sync_us: all_metrics.first().map(|metrics| metrics.sync_latency.histogram_micros()).expect("a partition"),
     })
 }
 
-/// Removes the raw phase's scratch directory however the phase ends.
+/// Removes a ceiling phase's scratch directory however the phase ends.
 struct ScratchDirectory(PathBuf);
+
+impl ScratchDirectory {
+    /// Creates the scratch directory of one ceiling round (`phase` names it in errors).
+    fn create(data_dir: &Path, phase: &'static str) -> Result<ScratchDirectory, BenchError> {
+        let path = data_dir.join(RAW_SCRATCH_DIRECTORY);
+        std::fs::create_dir_all(&path).map_err(|source| BenchError::DataDir {
+            operation: phase,
+            path: path.clone(),
+            source,
+        })?;
+        Ok(ScratchDirectory(path))
+    }
+
+    /// Core `core`'s scratch files, one per partition it would own, named `prefix-N.dat`.
+    fn files(&self, plan: &Plan, core: u32, prefix: &str) -> Vec<PathBuf> {
+        (0..plan.partitions_per_core)
+            .map(|local| self.0.join(format!("{prefix}-{}.dat", core * plan.partitions_per_core + local)))
+            .collect()
+    }
+}
 
 impl Drop for ScratchDirectory {
     fn drop(&mut self) {
@@ -323,18 +346,30 @@ impl Drop for ScratchDirectory {
     }
 }
 
+/// One ceiling round's per-core results added up: the slowest core's time, every
+/// core's writes and bytes, the latency histograms merged.
+fn ceiling_figures(results: Vec<RawCoreResult>, write_bytes: usize) -> RawFigures {
+    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
+    let writes = results.iter().map(|result| result.writes).sum();
+    let bytes = results.iter().map(|result| result.bytes).sum();
+    let (fsync, write_and_fsync): (Vec<_>, Vec<_>) =
+        results.into_iter().map(|result| (result.fsync_ns, result.write_and_fsync_ns)).unzip();
+    RawFigures {
+        fsync_ns: merged(fsync.into_iter()),
+        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
+        write_bytes,
+        writes,
+        bytes,
+        elapsed,
+    }
+}
+
+/// One round of the raw glommio ceiling (`raw_phase.rs`).
 fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigures, BenchError> {
-    let scratch = ScratchDirectory(data_dir.join(RAW_SCRATCH_DIRECTORY));
-    std::fs::create_dir_all(&scratch.0).map_err(|source| BenchError::DataDir {
-        operation: "create raw scratch dir",
-        path: scratch.0.clone(),
-        source,
-    })?;
+    let scratch = ScratchDirectory::create(data_dir, "create raw scratch dir")?;
     let inputs = (0..plan.cores() as u32)
         .map(|core| RawCoreInput {
-            files: (0..plan.partitions_per_core)
-                .map(|local| scratch.0.join(format!("raw-{}.dat", core * plan.partitions_per_core + local)))
-                .collect(),
+            files: scratch.files(plan, core, "raw"),
             write_bytes,
             preallocate_bytes: plan.log_options.preallocate_bytes,
             duration: plan.slice_duration,
@@ -343,43 +378,20 @@ fn raw_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigu
     let results =
         cores::run_phase("raw", &plan.cpus, plan.io_memory_bytes, plan.slice_duration, inputs, raw_phase::run_core)?;
     drop(scratch);
-    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
-    let writes = results.iter().map(|result| result.writes).sum();
-    let bytes = results.iter().map(|result| result.bytes).sum();
-    let mut fsync = Vec::new();
-    let mut write_and_fsync = Vec::new();
-    for result in results {
-        fsync.push(result.fsync_ns);
-        write_and_fsync.push(result.write_and_fsync_ns);
-    }
-    Ok(RawFigures {
-        fsync_ns: merged(fsync.into_iter()),
-        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
-        write_bytes,
-        writes,
-        bytes,
-        elapsed,
-    })
+    Ok(ceiling_figures(results, write_bytes))
 }
 
 /// One round of the plain io_uring ceiling: the raw phase's files and sizes, written by
 /// one pinned thread per core through its own ring instead of glommio.
 fn plain_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFigures, BenchError> {
-    let scratch = ScratchDirectory(data_dir.join(RAW_SCRATCH_DIRECTORY));
-    std::fs::create_dir_all(&scratch.0).map_err(|source| BenchError::DataDir {
-        operation: "create plain scratch dir",
-        path: scratch.0.clone(),
-        source,
-    })?;
+    let scratch = ScratchDirectory::create(data_dir, "create plain scratch dir")?;
     let inputs = plan
         .cpus
         .iter()
         .enumerate()
         .map(|(core, &cpu)| PlainCoreInput {
             cpu,
-            files: (0..plan.partitions_per_core)
-                .map(|local| scratch.0.join(format!("plain-{}.dat", core as u32 * plan.partitions_per_core + local)))
-                .collect(),
+            files: scratch.files(plan, core as u32, "plain"),
             write_bytes,
             preallocate_bytes: plan.log_options.preallocate_bytes,
             duration: plan.slice_duration,
@@ -388,21 +400,5 @@ fn plain_phase(plan: &Plan, data_dir: &Path, write_bytes: usize) -> Result<RawFi
         .collect();
     let results = plain_phase::run_phase(inputs)?;
     drop(scratch);
-    let elapsed = results.iter().map(|result| result.elapsed).max().unwrap_or_default();
-    let writes = results.iter().map(|result| result.writes).sum();
-    let bytes = results.iter().map(|result| result.bytes).sum();
-    let mut fsync = Vec::new();
-    let mut write_and_fsync = Vec::new();
-    for result in results {
-        fsync.push(result.fsync_ns);
-        write_and_fsync.push(result.write_and_fsync_ns);
-    }
-    Ok(RawFigures {
-        fsync_ns: merged(fsync.into_iter()),
-        write_and_fsync_ns: merged(write_and_fsync.into_iter()),
-        write_bytes,
-        writes,
-        bytes,
-        elapsed,
-    })
+    Ok(ceiling_figures(results, write_bytes))
 }

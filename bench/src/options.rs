@@ -80,6 +80,9 @@ pub struct LogArgs {
     /// Override engine.io_memory_bytes (each core's DMA buffer pool, bytes).
     #[arg(long, value_name = "BYTES")]
     pub io_memory_bytes: Option<u64>,
+    /// Override log.core_flushes_per_s_max (the core's flush pacer; 0 paces nothing).
+    #[arg(long, value_name = "N")]
+    pub core_flushes_per_s: Option<u32>,
     /// How the plain io_uring ceiling makes a write durable: a write linked to an
     /// fdatasync, or one O_DIRECT write with RWF_DSYNC.
     #[arg(long, value_enum, default_value_t = PlainDurable::Linked)]
@@ -117,6 +120,7 @@ const FLAG_OF_CONFIG_PATH: &[(&str, &str)] = &[
     ("log.segment_bytes_max", "--segment-bytes-max"),
     ("log.index_interval_bytes", "--index-interval-bytes"),
     ("engine.io_memory_bytes", "--io-memory-bytes"),
+    ("log.core_flushes_per_s_max", "--core-flushes-per-s"),
 ];
 
 /// A validated run.
@@ -220,6 +224,9 @@ impl LogArgs {
         }
         if let Some(value) = self.io_memory_bytes {
             config.engine.io_memory_bytes = ByteSize(value);
+        }
+        if let Some(value) = self.core_flushes_per_s {
+            config.log.core_flushes_per_s_max = value;
         }
         let log_config = config.log.clone();
         let io_memory_bytes = config.engine.io_memory_bytes.0 as usize;

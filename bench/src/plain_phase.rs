@@ -27,10 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::options::PlainDurable;
+use crate::raw_phase::RawCoreResult;
 use crate::{latency_histogram, BenchError};
 
 /// What one core measures in the plain phase.
@@ -41,15 +41,6 @@ pub struct PlainCoreInput {
     pub preallocate_bytes: u64,
     pub duration: Duration,
     pub durable: PlainDurable,
-}
-
-/// What one core measured.
-pub struct PlainCoreResult {
-    pub fsync_ns: Histogram<u64>,
-    pub write_and_fsync_ns: Histogram<u64>,
-    pub writes: u64,
-    pub bytes: u64,
-    pub elapsed: Duration,
 }
 
 /// The page-aligned buffer every write of a core sends (the kernel only reads it).
@@ -100,7 +91,7 @@ fn raw_error(operation: &'static str, path: &Path, position: u64, source: io::Er
 
 /// Runs the plain phase on every core at once (one pinned thread each), started
 /// together after every thread has created its files; returns results in core order.
-pub fn run_phase(inputs: Vec<PlainCoreInput>) -> Result<Vec<PlainCoreResult>, BenchError> {
+pub fn run_phase(inputs: Vec<PlainCoreInput>) -> Result<Vec<RawCoreResult>, BenchError> {
     let start = Arc::new(Barrier::new(inputs.len()));
     let threads = inputs
         .into_iter()
@@ -125,7 +116,7 @@ pub fn run_phase(inputs: Vec<PlainCoreInput>) -> Result<Vec<PlainCoreResult>, Be
     first_error.map_or(Ok(results), Err)
 }
 
-fn run_core(input: PlainCoreInput, start: &Barrier) -> Result<PlainCoreResult, BenchError> {
+fn run_core(input: PlainCoreInput, start: &Barrier) -> Result<RawCoreResult, BenchError> {
     pin_to_cpu(input.cpu);
     let opened = open_files(&input.files);
     // Every thread passes the barrier, failed or not, so none waits forever.
@@ -188,7 +179,7 @@ fn user_data(file: usize, is_sync: bool) -> u64 {
     (file as u64) << 1 | u64::from(is_sync)
 }
 
-fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<PlainCoreResult, BenchError> {
+fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<RawCoreResult, BenchError> {
     assert!(input.write_bytes > 0 && input.preallocate_bytes > 0);
     let buffer = AlignedBuffer::new(input.write_bytes);
     let entries = (files.len() * 2).next_power_of_two().max(8) as u32;
@@ -277,7 +268,7 @@ fn measure(files: &mut [PlainFile], input: &PlainCoreInput) -> Result<PlainCoreR
     if let Some(error) = first_error {
         return Err(error);
     }
-    Ok(PlainCoreResult { fsync_ns, write_and_fsync_ns, writes, bytes: writes * input.write_bytes as u64, elapsed })
+    Ok(RawCoreResult { fsync_ns, write_and_fsync_ns, writes, bytes: writes * input.write_bytes as u64, elapsed })
 }
 
 /// Queues file `index`'s next write linked to its fdatasync (preallocating first, as

@@ -30,7 +30,7 @@ pub struct RawCoreInput {
     pub duration: Duration,
 }
 
-/// What one core measured.
+/// What one core measured, in the raw phase or the plain one.
 pub struct RawCoreResult {
     pub fsync_ns: Histogram<u64>,
     /// One write plus its fdatasync.

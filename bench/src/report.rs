@@ -26,6 +26,11 @@ pub struct WeirFigures {
     pub flushes: u64,
     /// Bytes of the batches those flushes wrote (headers and framing included).
     pub batch_bytes: u64,
+    /// One group commit, write start to durable (`log_flush_seconds`), in µs.
+    pub flush_us: Histogram<u64>,
+    /// Its fdatasync alone, submission to completion as the flusher saw it
+    /// (`log_sync_seconds`), in µs.
+    pub sync_us: Histogram<u64>,
 }
 
 pub struct RawFigures {
@@ -47,6 +52,8 @@ impl WeirFigures {
         self.elapsed += round.elapsed;
         self.flushes += round.flushes;
         self.batch_bytes += round.batch_bytes;
+        self.flush_us.add(&round.flush_us).expect("histograms share their bounds");
+        self.sync_us.add(&round.sync_us).expect("histograms share their bounds");
         self
     }
 }
@@ -131,6 +138,10 @@ impl Report<'_> {
             "raw_write_fsync_p50_us": quantile_us(&raw.write_and_fsync_ns, 0.5),
             "raw_write_fsync_p99_us": quantile_us(&raw.write_and_fsync_ns, 0.99),
             "p99_over_raw_fsync_p99": round_thousandth(p99_over),
+            "flush_p50_us": weir.flush_us.value_at_quantile(0.5),
+            "flush_p99_us": weir.flush_us.value_at_quantile(0.99),
+            "sync_p50_us": weir.sync_us.value_at_quantile(0.5),
+            "sync_p99_us": weir.sync_us.value_at_quantile(0.99),
             "plain_mb_per_s": round_thousandth(self.plain_mb_per_s()),
             "ratio_plain": round_thousandth(ratio_plain),
             "plain_fsync_p50_us": quantile_us(&plain.fsync_ns, 0.5),
@@ -164,6 +175,7 @@ impl Report<'_> {
             "seconds": plan.seconds,
             "rounds": plan.rounds,
             "flush_delay_us_max": plan.log_options.flush_delay_max.as_micros() as u64,
+            "core_flushes_per_s_max": plan.log_options.core_flushes_per_s_max,
             "flush_bytes_max": plan.log_options.flush_bytes_max,
             "appends_pending_max": plan.log_options.appends_pending_max,
             "preallocate_bytes": plan.log_options.preallocate_bytes,
@@ -224,6 +236,13 @@ impl Report<'_> {
                 weir.flushes,
                 self.batch_bytes_avg(),
                 weir.records as f64 / weir.flushes.max(1) as f64
+            ),
+            format!(
+                "      one flush (write start to durable) p50 {} us, p99 {} us; its fdatasync p50 {} us, p99 {} us",
+                weir.flush_us.value_at_quantile(0.5),
+                weir.flush_us.value_at_quantile(0.99),
+                weir.sync_us.value_at_quantile(0.5),
+                weir.sync_us.value_at_quantile(0.99)
             ),
             format!(
                 "raw:  {:.1} MB/s, {} O_DIRECT writes of {} bytes + fdatasync in {:.3} s",

@@ -97,6 +97,11 @@ impl LatencyHistogram {
         (sum_micros as f64 / 1e6, histogram.len(), buckets)
     }
 
+    /// Every shard merged, in microseconds (benches split a flush into its steps).
+    pub fn histogram_micros(&self) -> Histogram<u64> {
+        self.merged().0
+    }
+
     /// The latency at `quantile` (0..=1), for `weir status` and tests.
     pub fn quantile(&self, quantile: f64) -> Duration {
         Duration::from_micros(self.merged().0.value_at_quantile(quantile))

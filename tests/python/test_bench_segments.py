@@ -32,6 +32,10 @@ REQUIRED_KEYS = {
     "plain_fsync_p99_us",
     "plain_write_fsync_p99_us",
     "plain_writes",
+    "flush_p50_us",
+    "flush_p99_us",
+    "sync_p50_us",
+    "sync_p99_us",
     "batch_bytes_avg",
     "records",
     "cores",
@@ -175,6 +179,10 @@ def test_bench_segments_decode_with_kafka_python_and_pass_inspect(tmp_path):
     assert summary["plain_writes"] > 0 and summary["plain_mb_per_s"] > 0
     assert summary["ratio_plain"] == pytest.approx(summary["mb_per_s"] / summary["plain_mb_per_s"], rel=0.01, abs=0.002)
     assert 0 < summary["plain_fsync_p99_us"] <= summary["plain_write_fsync_p99_us"]
+    # weir's flush split (issue 14): every flush includes its fdatasync, so each
+    # quantile of the flushes is at least the same quantile of the syncs.
+    assert 0 < summary["sync_p50_us"] <= summary["flush_p50_us"]
+    assert 0 < summary["sync_p99_us"] <= summary["flush_p99_us"]
 
     rule = ValueRule(summary.get("record_bytes", 1024))
     partitions = sorted(path for path in data_dir.iterdir() if path.is_dir())
