@@ -423,6 +423,8 @@ pub(crate) struct ServerChild {
     pub(crate) address: SocketAddr,
     /// Its admin endpoint, when it logged one (weir does, the ceiling does not).
     pub(crate) admin: Option<SocketAddr>,
+    /// Its Kafka API, when it logged one (weir with `[kafka_api]` on).
+    pub(crate) kafka: Option<SocketAddr>,
 }
 
 /// What the ceiling child logs once it serves, after `quic=<address>`.
@@ -474,6 +476,7 @@ impl ServerChild {
         let deadline = Instant::now() + SERVE_START_MAX;
         let mut address = None;
         let mut admin = None;
+        let mut kafka = None;
         let mut seen = Vec::new();
         loop {
             if Instant::now() > deadline {
@@ -488,6 +491,9 @@ impl ServerChild {
                     }
                     if let Some(at) = line.find("admin=http://") {
                         admin = line[at + 13..].split_whitespace().next().and_then(|text| text.parse().ok());
+                    }
+                    if let Some(at) = line.find("kafka_api=") {
+                        kafka = line[at + 10..].split_whitespace().next().and_then(|text| text.parse().ok());
                     }
                     let ready = line.contains(serving);
                     seen.push(line);
@@ -505,7 +511,7 @@ impl ServerChild {
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || while received.recv().is_ok() {});
         match address {
-            Some(address) => Ok(ServerChild { name, child, address, admin }),
+            Some(address) => Ok(ServerChild { name, child, address, admin, kafka }),
             None => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -22,10 +22,16 @@
 //! `weir-bench fleet` runs many devices each sending a small record now and then
 //! against weir and the raw QUIC ceiling in alternating rounds (`fleet.rs`).
 //!
+//! `weir-bench consume` reads weir over its Kafka API with confluent-kafka: the tail
+//! latency from device ack to consumer, the backlog read against the same client on
+//! tansu and a raw read of the segments, ingest with and without a tailing consumer
+//! (`consume.rs`).
+//!
 //! Exit codes: 0 measured, 1 the run failed (a disk or executor error), 2 bad flags.
 #![deny(unsafe_code)]
 #![recursion_limit = "256"] // the log report's json! object has over 40 fields
 
+mod consume;
 mod cores;
 mod fleet;
 mod fleet_shape;
@@ -97,6 +103,9 @@ enum Command {
         #[arg(long)]
         cores: usize,
     },
+    /// Local consumers over the Kafka API: tail latency from device ack, backlog read
+    /// against the same client on tansu and a raw read, ingest with a tailing consumer.
+    Consume(consume::ConsumeArgs),
     /// Drain a backlog of the log into tansu with weir's shipper, against a
     /// confluent-kafka producer sending the same records to the same broker.
     Ship(ship::ShipArgs),
@@ -121,6 +130,8 @@ pub enum BenchError {
     Aborted,
     #[error("{0}")]
     Ingest(#[from] ingest::IngestError),
+    #[error("consume: {0}")]
+    Consume(#[from] consume::ConsumeError),
     /// Boxed: the ship bench's errors are large and rare.
     #[error("ship: {0}")]
     Ship(Box<ship::ShipBenchError>),
@@ -137,6 +148,7 @@ impl BenchError {
         match self {
             BenchError::Usage(_) => EXIT_BAD_FLAGS,
             BenchError::Ingest(error) if error.is_usage() => EXIT_BAD_FLAGS,
+            BenchError::Consume(error) if error.is_usage() => EXIT_BAD_FLAGS,
             _ => EXIT_RUN_FAILED,
         }
     }
@@ -165,6 +177,7 @@ fn main() {
         Command::ServeWeir { args } => std::process::exit(ingest::serve_weir(args)),
         Command::ServeCeiling { config, cores } => std::process::exit(ingest::serve_ceiling(&config, cores)),
         Command::Ship(args) => ship::run_ship(&args),
+        Command::Consume(args) => consume::run(&args).map_err(BenchError::from),
     };
     match outcome {
         Ok(()) => {}

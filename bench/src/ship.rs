@@ -283,11 +283,11 @@ fn setup_error(what: impl Into<String>, why: impl std::fmt::Display) -> ShipBenc
     ShipBenchError::Setup { what: what.into(), why: why.to_string() }
 }
 
-fn repo() -> &'static Path {
+pub(crate) fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     std::env::var_os("WEIR_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv/bin/python"))
 }
 
@@ -310,14 +310,14 @@ fn tansu_path() -> Result<PathBuf, ShipBenchError> {
 }
 
 /// tansu with memory storage on a free loopback port; killed on drop.
-struct Broker {
+pub(crate) struct Broker {
     child: Child,
     port: u16,
     tansu: PathBuf,
 }
 
 impl Broker {
-    fn start() -> Result<Broker, ShipBenchError> {
+    pub(crate) fn start() -> Result<Broker, ShipBenchError> {
         let tansu = tansu_path()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -342,11 +342,11 @@ impl Broker {
         Ok(broker)
     }
 
-    fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ShipBenchError> {
+    pub(crate) fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ShipBenchError> {
         let output = Command::new(&self.tansu)
             .args(["topic", "create", name, "--partitions", &partitions.to_string(), "--broker"])
             .arg(format!("tcp://{}", self.address()))
