@@ -295,6 +295,7 @@ impl Bench<'_> {
             rebind_every: None,
             closed_loop: None,
             faults: weir_sim::Faults::default(),
+            on_writing: None,
         }
     }
 
