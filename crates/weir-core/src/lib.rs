@@ -10,6 +10,7 @@ pub use weir_protocol as protocol;
 pub mod consumer_group;
 pub mod dedup;
 pub mod ingest;
+pub mod kafka_acl;
 pub mod kafka_api;
 pub mod log;
 pub mod quota;
