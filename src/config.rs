@@ -169,6 +169,17 @@ pub struct KafkaApiConfig {
     /// SASL on the listener (off by default).
     #[serde(default)]
     pub sasl: KafkaApiSaslConfig,
+    /// Who may read which topic, once clients authenticate (default deny).
+    #[serde(default)]
+    pub acl: Vec<KafkaApiAclRule>,
+}
+
+/// `[[kafka_api.acl]]`: `principal` (`User:NAME`, or `User:*`) may read `topics`
+/// (edge topic names, or `*`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct KafkaApiAclRule {
+    pub principal: String,
+    pub topics: Vec<String>,
 }
 
 /// `[kafka_api.sasl]`: SASL authentication of Kafka clients. The users and their SCRAM
@@ -229,6 +240,8 @@ impl KafkaApiConfig {
 fn default_kafka_api_authentication_ms_max() -> Millis {
     Millis(10_000)
 }
+/// Rules `[[kafka_api.acl]]` may hold.
+pub const KAFKA_API_ACL_RULES_MAX: usize = 10_000;
 /// The longest `kafka_api.authentication_ms_max`.
 pub const KAFKA_API_AUTHENTICATION_MS_MAX: u64 = 120_000;
 
@@ -283,6 +296,7 @@ impl Default for KafkaApiConfig {
             authentication_ms_max: default_kafka_api_authentication_ms_max(),
             tls: KafkaApiTlsConfig::default(),
             sasl: KafkaApiSaslConfig::default(),
+            acl: Vec::new(),
         }
     }
 }
@@ -867,6 +881,7 @@ fn known_keys(table: &str) -> &'static [&'static str] {
         "kafka_api" => field_names::<KafkaApiConfig>(),
         "kafka_api.tls" => field_names::<KafkaApiTlsConfig>(),
         "kafka_api.sasl" => field_names::<KafkaApiSaslConfig>(),
+        "kafka_api.acl" => field_names::<KafkaApiAclRule>(),
         "topics" => field_names::<TopicConfig>(),
         "watch" => field_names::<WatchSection>(),
         "upstream" => field_names::<UpstreamConfig>(),
@@ -1263,9 +1278,57 @@ impl Config {
                 ),
             );
         }
+        self.validate_kafka_api_acl(problem);
         if consistent && api.enabled {
             for found in files(api) {
                 problem(&found.path, found.why);
+            }
+        }
+    }
+
+    /// `[[kafka_api.acl]]`: rules only where clients authenticate, each naming a
+    /// principal weir can make and edge topics.
+    fn validate_kafka_api_acl(&self, problem: &mut impl FnMut(&str, String)) {
+        let api = &self.kafka_api;
+        if !api.acl.is_empty() && !api.authenticates() {
+            problem(
+                "kafka_api.acl",
+                "rules need principals, but clients do not authenticate: configure mTLS ([kafka_api.tls] \
+                 client_ca_file) or [kafka_api.sasl], or remove the rules (without authentication every \
+                 client reads every topic)"
+                    .into(),
+            );
+        }
+        if api.acl.len() > KAFKA_API_ACL_RULES_MAX {
+            problem("kafka_api.acl", format!("at most {KAFKA_API_ACL_RULES_MAX} rules"));
+        }
+        let edge: BTreeSet<&str> = self.topics.iter().map(|topic| topic.name.as_str()).collect();
+        for (index, rule) in api.acl.iter().enumerate() {
+            let name = rule.principal.strip_prefix("User:").unwrap_or_default();
+            let named = name == "*"
+                || (!name.is_empty()
+                    && name.len() <= 255
+                    && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-@".contains(&byte)));
+            if !named {
+                problem(
+                    &format!("kafka_api.acl[{index}].principal"),
+                    format!(
+                        "{:?} is not User:NAME (a SASL user or a certificate CN: 1..=255 of a-z A-Z 0-9 . _ - @) \
+                         or User:*",
+                        rule.principal
+                    ),
+                );
+            }
+            if rule.topics.is_empty() {
+                problem(&format!("kafka_api.acl[{index}].topics"), "names no topic (an edge topic, or \"*\")".into());
+            }
+            for topic in &rule.topics {
+                if topic != "*" && !edge.contains(topic.as_str()) {
+                    problem(
+                        &format!("kafka_api.acl[{index}].topics"),
+                        format!("{topic:?} is not an edge topic ([[topics]]) nor \"*\""),
+                    );
+                }
             }
         }
     }

@@ -107,6 +107,7 @@ pub fn plan(running: &Config, candidate: &Config, certificates_changed: &[&str])
             ("tls", old.tls != new.tls),
             // The credentials file is read at start: a new user takes a restart too.
             ("sasl", old.sasl != new.sasl),
+            ("acl", old.acl != new.acl),
         ]
     });
     section(&mut plan, "upstream", &running.upstream, upstream, |old, new| {

@@ -8,7 +8,10 @@
 //! every record; a wrong password or an unknown user is refused with an
 //! authentication error; requests before authentication, an unknown mechanism,
 //! oversized auth bytes and a flood of SaslAuthenticate close only their connection;
-//! `weir kafka-user` never takes a password on its command line.
+//! `weir kafka-user` never takes a password on its command line. Per-principal read
+//! permission: a principal reads only the topics a `[[kafka_api.acl]]` rule names;
+//! Metadata lists only those, and every API answers TOPIC_AUTHORIZATION_FAILED for
+//! the others.
 
 #[path = "common/appliance.rs"]
 mod appliance;
@@ -26,8 +29,14 @@ use std::time::Duration;
 use appliance::Appliance;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiVersionsRequest, MetadataRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
-    SaslHandshakeResponse,
+    fetch_request::{FetchPartition, FetchTopic},
+    list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic},
+    metadata_request::MetadataRequestTopic,
+    offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic},
+    offset_fetch_request::OffsetFetchRequestTopic,
+    ApiVersionsRequest, BrokerId, FetchRequest, GroupId, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
+    OffsetFetchRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
+    SaslHandshakeResponse, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use serde_json::{json, Value};
@@ -259,7 +268,8 @@ const TLS_CONFIG: &str = "authentication_ms_max = 3000\n";
 
 fn tls_table(pki: &Pki) -> String {
     format!(
-        "[kafka_api.tls]\nenabled = true\ncertificate_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+        "[kafka_api.tls]\nenabled = true\ncertificate_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\
+         [[kafka_api.acl]]\nprincipal = \"User:dashboard\"\ntopics = [\"*\"]\n",
         pki.path("server.pem"),
         pki.path("server.key"),
         pki.ca()
@@ -411,7 +421,7 @@ fn sasl_ssl_clients_read_with_scram_and_plain_in_a_group_too_and_bad_credentials
     assert!(add_user(&credentials, "alarms", "staple").starts_with("added alarms"));
     let file = std::fs::read_to_string(&credentials).unwrap();
     assert!(!file.contains("correct horse") && file.contains("stored_key"), "{file}");
-    let acl = "";
+    let acl = "[[kafka_api.acl]]\nprincipal = \"User:*\"\ntopics = [\"*\"]\n";
     let appliance = start(root, TLS_CONFIG, &format!("{}{}{acl}", server_tls_table(&pki), sasl_table(&credentials)));
     let kafka = kafka(&appliance);
     let scram_256 = sasl_ssl(&pki, "SCRAM-SHA-256", "dashboard", "correct horse battery");
@@ -541,7 +551,7 @@ fn unauthenticated_requests_auth_floods_and_oversized_auth_bytes_close_only_thei
     let credentials = root.join("kafka-users.toml");
     add_user(&credentials, "dashboard", "pw");
     // SASL without TLS: allowed on loopback (PLAIN off loopback needs TLS).
-    let acl = "";
+    let acl = "[[kafka_api.acl]]\nprincipal = \"User:dashboard\"\ntopics = [\"*\"]\n";
     let appliance = start(root, TLS_CONFIG, &format!("{}{acl}", sasl_table(&credentials)));
     let kafka = kafka(&appliance);
     // A connection that never authenticates (it asks ApiVersions, which is allowed).
@@ -634,4 +644,120 @@ fn kafka_user_reads_the_password_from_stdin_or_a_file_never_argv_and_lists_and_r
     assert!(removed.status.success());
     let list = weir().args(["kafka-user", "list", "--credentials"]).arg(&credentials).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout), "dashboard\n");
+}
+
+/// A raw connection authenticated with SASL PLAIN (SASL without TLS on loopback).
+fn raw_plain(kafka: &str, user: &str, password: &str) -> Raw {
+    let mut raw = Raw::connect(kafka);
+    assert_eq!(sasl_handshake(&mut raw, "PLAIN").error_code, 0);
+    let answer = raw.send(&sasl_authenticate(format!("\0{user}\0{password}").as_bytes()), 2).expect("an answer");
+    assert_eq!(answer.error_code, 0, "{user} authenticated: {:?}", answer.error_message);
+    raw
+}
+
+#[test]
+fn a_principal_reads_only_the_topics_an_acl_permits_every_api_answers_topic_authorization_failed() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let credentials = root.join("kafka-users.toml");
+    add_user(&credentials, "dashboard", "pw");
+    add_user(&credentials, "auditor", "pw2");
+    let acl = "[[kafka_api.acl]]\nprincipal = \"User:dashboard\"\ntopics = [\"telemetry\"]\n\
+               [[kafka_api.acl]]\nprincipal = \"User:auditor\"\ntopics = [\"secret\"]\n";
+    let appliance = start(root, TLS_CONFIG, &format!("{}{acl}", sasl_table(&credentials)));
+    let kafka = kafka(&appliance);
+    let ends = simulate(&appliance);
+    let stored = stored(&appliance, &ends);
+    // The permitted principal reads every record with confluent-kafka.
+    let plaintext = |user: &str, password: &str| {
+        json!({"security.protocol": "sasl_plaintext", "sasl.mechanism": "SCRAM-SHA-512",
+               "sasl.username": user, "sasl.password": password})
+    };
+    let dashboard = finish("dashboard", reader("confluent", &kafka, root, &plaintext("dashboard", "pw"), None));
+    assert_read_exactly("dashboard (permitted)", &dashboard, &stored);
+    // Another principal, not permitted on telemetry, gets TOPIC_AUTHORIZATION_FAILED.
+    let seen = metadata(&kafka, TOPIC, &plaintext("auditor", "pw2"));
+    assert_eq!(seen["asked"], "TOPIC_AUTHORIZATION_FAILED", "{seen}");
+    assert_eq!(seen["all"], json!({"secret": null}), "{seen}");
+    let output = python("kafka_api_secure.py")
+        .args(["metadata", &kafka, "secret", &plaintext("dashboard", "pw").to_string()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(seen["all"], json!({"telemetry": null}), "Metadata lists only the permitted topics");
+    assert_eq!(seen["asked"], "TOPIC_AUTHORIZATION_FAILED", "a named topic not permitted");
+
+    // Every API, raw: ListOffsets, Fetch, OffsetCommit, OffsetFetch on a topic not
+    // permitted answer TOPIC_AUTHORIZATION_FAILED (29); on the permitted one they work.
+    let mut raw = raw_plain(&kafka, "dashboard", "pw");
+    let topic_request = |name: &str| {
+        let mut topic = MetadataRequestTopic::default();
+        topic.name = Some(TopicName(StrBytes::from_string(name.to_owned())));
+        topic
+    };
+    let mut metadata = MetadataRequest::default();
+    metadata.topics = Some(vec![topic_request("secret"), topic_request(TOPIC)]);
+    let answer = raw.send(&metadata, 12).unwrap();
+    let codes: Vec<i16> = answer.topics.iter().map(|topic| topic.error_code).collect();
+    assert_eq!(codes, [29, 0]);
+    for (topic, expected) in [("secret", 29), (TOPIC, 0)] {
+        let mut partition = ListOffsetsPartition::default();
+        partition.partition_index = 0;
+        partition.timestamp = -2;
+        let mut asked = ListOffsetsTopic::default();
+        asked.name = TopicName(StrBytes::from_string(topic.to_owned()));
+        asked.partitions = vec![partition];
+        let mut request = ListOffsetsRequest::default();
+        request.replica_id = BrokerId(-1);
+        request.topics = vec![asked];
+        assert_eq!(raw.send(&request, 6).unwrap().topics[0].partitions[0].error_code, expected, "ListOffsets {topic}");
+
+        let mut partition = FetchPartition::default();
+        partition.partition = 0;
+        partition.partition_max_bytes = 1 << 20;
+        let mut asked = FetchTopic::default();
+        asked.topic = TopicName(StrBytes::from_string(topic.to_owned()));
+        asked.partitions = vec![partition];
+        let mut request = FetchRequest::default();
+        request.max_bytes = 1 << 20;
+        request.min_bytes = 1;
+        request.replica_id = BrokerId(-1);
+        request.topics = vec![asked];
+        assert_eq!(raw.send(&request, 11).unwrap().responses[0].partitions[0].error_code, expected, "Fetch {topic}");
+
+        let mut partition = OffsetCommitRequestPartition::default();
+        partition.partition_index = 0;
+        partition.committed_offset = 1;
+        let mut asked = OffsetCommitRequestTopic::default();
+        asked.name = TopicName(StrBytes::from_string(topic.to_owned()));
+        asked.partitions = vec![partition];
+        let mut request = OffsetCommitRequest::default();
+        request.group_id = GroupId(StrBytes::from_static_str("raw-group"));
+        request.generation_id_or_member_epoch = -1;
+        request.topics = vec![asked];
+        assert_eq!(raw.send(&request, 8).unwrap().topics[0].partitions[0].error_code, expected, "OffsetCommit {topic}");
+
+        let mut asked = OffsetFetchRequestTopic::default();
+        asked.name = TopicName(StrBytes::from_string(topic.to_owned()));
+        asked.partition_indexes = vec![0];
+        let mut request = OffsetFetchRequest::default();
+        request.group_id = GroupId(StrBytes::from_static_str("raw-group"));
+        request.topics = Some(vec![asked]);
+        let answer = raw.send(&request, 7).unwrap();
+        let partition = &answer.topics[0].partitions[0];
+        assert_eq!(partition.error_code, expected, "OffsetFetch {topic}");
+        if expected == 0 {
+            assert_eq!(partition.committed_offset, 1, "the permitted commit was stored");
+        }
+    }
+    // The whole group's offsets, as the other principal: the topic it may not read is
+    // left out.
+    let mut auditor = raw_plain(&kafka, "auditor", "pw2");
+    let mut request = OffsetFetchRequest::default();
+    request.group_id = GroupId(StrBytes::from_static_str("raw-group"));
+    request.topics = None;
+    assert!(auditor.send(&request, 7).unwrap().topics.is_empty());
+    assert!(appliance.metric("weir_kafka_api_authorization_refusals_total") >= 5.0);
+    appliance.stop();
 }

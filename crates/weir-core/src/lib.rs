@@ -11,6 +11,7 @@ pub mod consumer_group;
 pub mod dedup;
 pub mod handshake;
 pub mod ingest;
+pub mod kafka_acl;
 pub mod kafka_api;
 pub mod log;
 pub mod quota;

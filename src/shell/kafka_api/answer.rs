@@ -31,6 +31,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
 use super::Listener;
+use crate::core::kafka_acl::Permissions;
 use crate::core::kafka_api::{self as decide, error_code, Disposition, ListOffsetsPlan, APIS_ANSWERED};
 use crate::shell::log_query::{LogAnswer, LogQuery, PartitionFailure, ReadOutcome};
 
@@ -103,7 +104,11 @@ pub fn decode_request(frame: Bytes) -> Result<DecodedRequest, RequestError> {
 }
 
 /// The framed response to `request`.
-pub(super) async fn answer(listener: &Listener, request: DecodedRequest) -> Result<Bytes, RequestError> {
+pub(super) async fn answer(
+    listener: &Listener,
+    request: DecodedRequest,
+    permissions: &Permissions,
+) -> Result<Bytes, RequestError> {
     let (api_key, version, header, body, disposition) = match request {
         DecodedRequest::NewerApiVersions { correlation_id } => {
             let mut response = api_versions();
@@ -120,10 +125,12 @@ pub(super) async fn answer(listener: &Listener, request: DecodedRequest) -> Resu
             refuse(body, code, reason)?
         }
         (RequestKind::ApiVersions(_), _) => ResponseKind::ApiVersions(api_versions()),
-        (RequestKind::Metadata(request), _) => ResponseKind::Metadata(metadata(listener, &request)),
-        (RequestKind::ListOffsets(request), _) => ResponseKind::ListOffsets(list_offsets(listener, request).await),
+        (RequestKind::Metadata(request), _) => ResponseKind::Metadata(metadata(listener, &request, permissions)),
+        (RequestKind::ListOffsets(request), _) => {
+            ResponseKind::ListOffsets(list_offsets(listener, request, permissions).await)
+        }
         (RequestKind::Fetch(request), _) => {
-            let response = fetch(listener, request).await;
+            let response = fetch(listener, request, permissions).await;
             listener.metrics.fetches.inc();
             let bytes: usize = response
                 .responses
@@ -146,8 +153,12 @@ pub(super) async fn answer(listener: &Listener, request: DecodedRequest) -> Resu
             ResponseKind::Heartbeat(response)
         }
         (RequestKind::LeaveGroup(request), _) => ResponseKind::LeaveGroup(leave_group(listener, request)),
-        (RequestKind::OffsetCommit(request), _) => ResponseKind::OffsetCommit(offset_commit(listener, request).await),
-        (RequestKind::OffsetFetch(request), _) => ResponseKind::OffsetFetch(offset_fetch(listener, request)),
+        (RequestKind::OffsetCommit(request), _) => {
+            ResponseKind::OffsetCommit(offset_commit(listener, request, permissions).await)
+        }
+        (RequestKind::OffsetFetch(request), _) => {
+            ResponseKind::OffsetFetch(offset_fetch(listener, request, permissions))
+        }
         (_, _) => return Err(RequestError::Unanswered { key: api_key as i16, version }),
     };
     frame(header.correlation_id, api_key, version, &response)
@@ -204,11 +215,20 @@ fn partitions_of(listener: &Listener, topic: &str) -> Option<u32> {
     listener.settings.topics.iter().find(|(name, _)| name == topic).map(|(_, partitions)| *partitions)
 }
 
+/// Whether the connection's principal may read `topic`; a refusal is counted.
+fn authorized(listener: &Listener, permissions: &Permissions, topic: &str) -> bool {
+    let permitted = permissions.may_read(topic);
+    if !permitted {
+        listener.metrics.authorization_refusals.inc();
+    }
+    permitted
+}
+
 fn known_partition(listener: &Listener, topic: &str, partition: i32) -> bool {
     partitions_of(listener, topic).is_some_and(|count| partition >= 0 && (partition as u32) < count)
 }
 
-fn metadata(listener: &Listener, request: &MetadataRequest) -> MetadataResponse {
+fn metadata(listener: &Listener, request: &MetadataRequest, permissions: &Permissions) -> MetadataResponse {
     let mut response = MetadataResponse::default();
     let mut broker = MetadataResponseBroker::default();
     broker.node_id = BrokerId(BROKER_ID);
@@ -219,7 +239,14 @@ fn metadata(listener: &Listener, request: &MetadataRequest) -> MetadataResponse 
     response.controller_id = BrokerId(BROKER_ID);
     response.cluster_authorized_operations = OPERATIONS_NOT_ASKED;
     let wanted: Vec<String> = match &request.topics {
-        None => listener.settings.topics.iter().map(|(name, _)| name.clone()).collect(),
+        // Every topic: only those the principal may read are listed.
+        None => listener
+            .settings
+            .topics
+            .iter()
+            .filter(|(name, _)| permissions.may_read(name))
+            .map(|(name, _)| name.clone())
+            .collect(),
         Some(topics) => topics.iter().filter_map(|topic| topic.name.as_ref().map(|name| name.0.to_string())).collect(),
     };
     response.topics = wanted
@@ -227,7 +254,7 @@ fn metadata(listener: &Listener, request: &MetadataRequest) -> MetadataResponse 
         .map(|topic| {
             let mut entry = MetadataResponseTopic::default();
             entry.topic_authorized_operations = OPERATIONS_NOT_ASKED;
-            match partitions_of(listener, &topic) {
+            match partitions_of(listener, &topic).filter(|_| authorized(listener, permissions, &topic)) {
                 Some(count) => {
                     entry.partitions = (0..count as i32)
                         .map(|index| {
@@ -241,6 +268,7 @@ fn metadata(listener: &Listener, request: &MetadataRequest) -> MetadataResponse 
                         })
                         .collect();
                 }
+                None if !permissions.may_read(&topic) => entry.error_code = error_code::TOPIC_AUTHORIZATION_FAILED,
                 None => entry.error_code = error_code::UNKNOWN_TOPIC_OR_PARTITION,
             }
             entry.name = Some(name(&topic));
@@ -266,10 +294,15 @@ async fn range_of(listener: &Listener, topic: &str, partition: u32) -> Result<(i
     }
 }
 
-async fn list_offsets(listener: &Listener, request: ListOffsetsRequest) -> ListOffsetsResponse {
+async fn list_offsets(
+    listener: &Listener,
+    request: ListOffsetsRequest,
+    permissions: &Permissions,
+) -> ListOffsetsResponse {
     let mut response = ListOffsetsResponse::default();
     for topic in request.topics {
         let topic_name = topic.name.0.to_string();
+        let permitted = authorized(listener, permissions, &topic_name);
         let mut answered = ListOffsetsTopicResponse::default();
         answered.name = topic.name.clone();
         for asked in topic.partitions {
@@ -278,7 +311,10 @@ async fn list_offsets(listener: &Listener, request: ListOffsetsRequest) -> ListO
             partition.leader_epoch = LEADER_EPOCH_NONE;
             partition.timestamp = -1;
             partition.offset = -1;
-            let found = list_offset(listener, &topic_name, asked.partition_index, asked.timestamp).await;
+            let found = match permitted {
+                true => list_offset(listener, &topic_name, asked.partition_index, asked.timestamp).await,
+                false => Err(error_code::TOPIC_AUTHORIZATION_FAILED),
+            };
             match found {
                 Ok(Some((offset, timestamp))) => {
                     partition.offset = offset;
@@ -329,27 +365,34 @@ struct FetchedPartition {
     records: Vec<Bytes>,
 }
 
-async fn fetch(listener: &Listener, request: FetchRequest) -> FetchResponse {
+async fn fetch(listener: &Listener, request: FetchRequest, permissions: &Permissions) -> FetchResponse {
+    for topic in &request.topics {
+        authorized(listener, permissions, &topic.topic.0);
+    }
     let started = Instant::now();
     let wait =
         std::time::Duration::from_millis(request.max_wait_ms.max(0) as u64).min(listener.settings.fetch_wait_max);
     let deadline = started + wait;
     loop {
-        let (fetched, bytes) = fetch_pass(listener, &request).await;
+        let (fetched, bytes) = fetch_pass(listener, &request, permissions).await;
         let now_ms = started.elapsed().as_millis() as u64;
         if decide::fetch_done(bytes, request.min_bytes, now_ms, wait.as_millis() as u64) {
             return fetch_response(&request, fetched);
         }
         wait_for_appends(listener, &request, &fetched, deadline).await;
         if Instant::now() >= deadline {
-            let (fetched, _) = fetch_pass(listener, &request).await;
+            let (fetched, _) = fetch_pass(listener, &request, permissions).await;
             return fetch_response(&request, fetched);
         }
     }
 }
 
 /// Reads every asked partition once, within the response's byte budget.
-async fn fetch_pass(listener: &Listener, request: &FetchRequest) -> (Vec<FetchedPartition>, usize) {
+async fn fetch_pass(
+    listener: &Listener,
+    request: &FetchRequest,
+    permissions: &Permissions,
+) -> (Vec<FetchedPartition>, usize) {
     let mut response_left = decide::response_budget(request.max_bytes, listener.settings.response_bytes_max);
     let mut response_bytes = 0usize;
     let mut fetched = Vec::new();
@@ -357,6 +400,11 @@ async fn fetch_pass(listener: &Listener, request: &FetchRequest) -> (Vec<Fetched
         let topic_name = topic.topic.0.to_string();
         for asked in &topic.partitions {
             let mut entry = FetchedPartition { error_code: 0, start: -1, end: -1, records: Vec::new() };
+            if !permissions.may_read(&topic_name) {
+                entry.error_code = error_code::TOPIC_AUTHORIZATION_FAILED;
+                fetched.push(entry);
+                continue;
+            }
             if !known_partition(listener, &topic_name, asked.partition) {
                 entry.error_code = error_code::UNKNOWN_TOPIC_OR_PARTITION;
                 fetched.push(entry);
@@ -661,19 +709,25 @@ fn leave_group(listener: &Listener, request: LeaveGroupRequest) -> LeaveGroupRes
     response
 }
 
-async fn offset_commit(listener: &Listener, request: OffsetCommitRequest) -> OffsetCommitResponse {
+async fn offset_commit(
+    listener: &Listener,
+    request: OffsetCommitRequest,
+    permissions: &Permissions,
+) -> OffsetCommitResponse {
     let group = request.group_id.0.to_string();
     let checked = listener.groups.check_commit(&group, &request.member_id, request.generation_id_or_member_epoch);
     let mut entries = Vec::new();
     let mut response = OffsetCommitResponse::default();
     for topic in &request.topics {
         let topic_name = topic.name.0.to_string();
+        let permitted = authorized(listener, permissions, &topic_name);
         let mut answered = OffsetCommitResponseTopic::default();
         answered.name = topic.name.clone();
         for asked in &topic.partitions {
             let mut partition = OffsetCommitResponsePartition::default();
             partition.partition_index = asked.partition_index;
             partition.error_code = match checked {
+                _ if !permitted => error_code::TOPIC_AUTHORIZATION_FAILED,
                 Err(code) => code,
                 Ok(()) if !known_partition(listener, &topic_name, asked.partition_index) => {
                     error_code::UNKNOWN_TOPIC_OR_PARTITION
@@ -708,14 +762,15 @@ async fn offset_commit(listener: &Listener, request: OffsetCommitRequest) -> Off
     response
 }
 
-fn offset_fetch(listener: &Listener, request: OffsetFetchRequest) -> OffsetFetchResponse {
+fn offset_fetch(listener: &Listener, request: OffsetFetchRequest, permissions: &Permissions) -> OffsetFetchResponse {
     let group = request.group_id.0.to_string();
     let committed = listener.groups.committed(&group);
     let asked: Vec<(TopicName, Vec<i32>)> = match request.topics {
         Some(topics) => topics.into_iter().map(|topic| (topic.name, topic.partition_indexes)).collect(),
         None => {
             let mut by_topic: std::collections::BTreeMap<String, Vec<i32>> = std::collections::BTreeMap::new();
-            for (topic, partition) in committed.keys() {
+            // The whole group: only the topics the principal may read.
+            for (topic, partition) in committed.keys().filter(|(topic, _)| permissions.may_read(topic)) {
                 by_topic.entry(topic.clone()).or_default().push(*partition);
             }
             by_topic.into_iter().map(|(topic, partitions)| (name(&topic), partitions)).collect()
@@ -724,12 +779,19 @@ fn offset_fetch(listener: &Listener, request: OffsetFetchRequest) -> OffsetFetch
     let mut response = OffsetFetchResponse::default();
     for (topic, partitions) in asked {
         let topic_name = topic.0.to_string();
+        let permitted = authorized(listener, permissions, &topic_name);
         let mut answered = OffsetFetchResponseTopic::default();
         answered.name = topic;
         for partition_index in partitions {
             let mut partition = OffsetFetchResponsePartition::default();
             partition.partition_index = partition_index;
             partition.committed_leader_epoch = LEADER_EPOCH_NONE;
+            if !permitted {
+                partition.committed_offset = -1;
+                partition.error_code = error_code::TOPIC_AUTHORIZATION_FAILED;
+                answered.partitions.push(partition);
+                continue;
+            }
             match committed.get(&(topic_name.clone(), partition_index)) {
                 Some(found) => {
                     partition.committed_offset = found.offset;

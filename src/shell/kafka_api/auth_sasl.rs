@@ -148,7 +148,7 @@ fn authenticate(
             listener.metrics.authenticated(metric_mechanism(mechanism));
             let principal = format!("User:{username}");
             tracing::info!(%principal, mechanism = mechanism.name(), "Kafka client authenticated");
-            session.authenticate(principal);
+            session.authenticate(listener, principal);
             response.auth_bytes = Bytes::from(bytes);
             (response, After::GoOn)
         }

@@ -38,6 +38,7 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel;
 
 use crate::config::{ConfigProblem, KafkaApiConfig, ValidConfig};
+use crate::core::kafka_acl::{Acl, Permissions, Rule};
 use crate::core::sasl_server::allowed_before_authentication;
 use crate::shell::engine::CoreAppender;
 use crate::shell::shutdown;
@@ -69,6 +70,8 @@ pub struct KafkaApiSettings {
     pub authentication_time_max: Duration,
     /// SASL on every connection (`[kafka_api.sasl]`).
     pub sasl: Option<auth_sasl::SaslSettings>,
+    /// Who reads what (`[[kafka_api.acl]]`; open without authentication).
+    pub acl: Acl,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,16 @@ impl KafkaApiSettings {
                 false => None,
             },
             authentication_time_max: Duration::from_millis(config.authentication_ms_max.0),
+            acl: match config.authenticates() {
+                true => Acl::enforced(
+                    config
+                        .acl
+                        .iter()
+                        .map(|rule| Rule { principal: rule.principal.clone(), topics: rule.topics.clone() })
+                        .collect(),
+                ),
+                false => Acl::open(),
+            },
             sasl: match config.sasl.enabled() {
                 true => Some(
                     auth_sasl::SaslSettings::load(&config.sasl)
@@ -303,23 +316,35 @@ pub(crate) struct Session {
     /// The SASL conversation, from the handshake on.
     sasl: RefCell<Option<crate::core::sasl_server::SaslConversation>>,
     mechanism: Cell<Option<crate::core::sasl::Mechanism>>,
+    /// What the principal may read: decided once it is known.
+    permissions: RefCell<Rc<Permissions>>,
 }
 
 impl Session {
     /// `principal` from the TLS handshake; authenticated at once unless SASL is on.
     fn new(listener: &Listener, principal: Option<String>) -> Session {
-        Session {
+        let session = Session {
             principal: RefCell::new(principal),
             authenticated: Cell::new(listener.settings.sasl.is_none()),
             sasl: RefCell::new(None),
             mechanism: Cell::new(None),
-        }
+            permissions: RefCell::new(Rc::new(Permissions::Topics(Default::default()))),
+        };
+        session.decide_permissions(listener);
+        session
     }
 
     /// SASL authenticated the client as `principal`.
-    fn authenticate(&self, principal: String) {
+    fn authenticate(&self, listener: &Listener, principal: String) {
         *self.principal.borrow_mut() = Some(principal);
         self.authenticated.set(true);
+        self.decide_permissions(listener);
+    }
+
+    fn decide_permissions(&self, listener: &Listener) {
+        let principal = self.principal.borrow();
+        let topics = listener.settings.topics.iter().map(|(name, _)| name.as_str());
+        *self.permissions.borrow_mut() = Rc::new(listener.settings.acl.permissions(principal.as_deref(), topics));
     }
 }
 
@@ -373,7 +398,9 @@ async fn serve_connection(
                 Some((response, after)) => (glommio::spawn_local(async move { Ok(response) }), after),
                 None => {
                     let listener = listener.clone();
-                    (glommio::spawn_local(async move { answer::answer(&listener, request).await }), After::GoOn)
+                    let permissions = session.permissions.borrow().clone();
+                    let answering = async move { answer::answer(&listener, request, &permissions).await };
+                    (glommio::spawn_local(answering), After::GoOn)
                 }
             };
             let closing = matches!(after, After::Close);
@@ -438,4 +465,83 @@ async fn read_frame(
     let mut frame = BytesMut::zeroed(size as usize);
     reading.read_exact(&mut frame).await.map_err(ConnectionEnd::Read)?;
     Ok(frame.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError, Host};
+
+    fn problems(text: &str) -> Vec<String> {
+        let host = Host {
+            usable_cpus: [0, 1].into_iter().collect(),
+            upstream_files: |_| Ok(()),
+            kafka_api_files: check_files,
+        };
+        match Config::parse(text, "test").and_then(|config| config.validate(&host, "test")) {
+            Err(ConfigError::Invalid { problems, .. }) => problems.iter().map(ToString::to_string).collect(),
+            Ok(_) => Vec::new(),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn every_bad_security_field_is_named() {
+        let directory = tempfile::tempdir().unwrap();
+        crate::certs::generate(directory.path(), &[], &[], 2).unwrap();
+        let path = |name: &str| directory.path().join(name);
+        let missing = path("missing.pem");
+        let found = problems(&format!(
+            "[[topics]]\nname = \"telemetry\"\npartitions = 1\n\
+             [kafka_api]\nlisten = \"0.0.0.0:9092\"\nadvertised_address = \"edge:9092\"\nauthentication_ms_max = 0\n\
+             [kafka_api.tls]\nclient_ca_file = {missing:?}\n"
+        ));
+        let text = found.join("\n");
+        for field in
+            ["kafka_api.authentication_ms_max:", "kafka_api.tls.client_ca_file: set while", "kafka_api.listen:"]
+        {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        // TLS on: files that do not load are named with their path.
+        let found = problems(&format!(
+            "[kafka_api.tls]\nenabled = true\ncertificate_file = {missing:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+            path("server.key"),
+            path("ca.key"),
+        ));
+        let text = found.join("\n");
+        assert!(text.contains("kafka_api.tls.certificate_file:") && text.contains("missing.pem"), "{text}");
+        assert!(text.contains("kafka_api.tls.client_ca_file:"), "{text}");
+        // SASL: a credentials file needed, PLAIN off loopback needs TLS, rules name
+        // principals and edge topics.
+        let found = problems(
+            "[[topics]]\nname = \"telemetry\"\npartitions = 1\n[kafka_api]\nlisten = \"10.1.2.3:9092\"\n\
+             [kafka_api.sasl]\nmechanisms = [\"PLAIN\"]\n\
+             [[kafka_api.acl]]\nprincipal = \"dashboard\"\ntopics = [\"nope\"]\n",
+        );
+        let text = found.join("\n");
+        for field in [
+            "kafka_api.sasl.credentials_file:",
+            "kafka_api.sasl.mechanisms: PLAIN",
+            "kafka_api.acl[0].principal:",
+            "kafka_api.acl[0].topics: \"nope\"",
+        ] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        // Rules without authentication are refused; a good secure config passes.
+        assert!(problems("[[kafka_api.acl]]\nprincipal = \"User:x\"\ntopics = [\"*\"]\n")
+            .iter()
+            .any(|problem| problem.starts_with("kafka_api.acl:")));
+        let users = path("users.toml");
+        auth_credentials::add_user(&users, "dashboard", b"pw", 4096).unwrap();
+        let good = format!(
+            "[[topics]]\nname = \"telemetry\"\npartitions = 1\n[kafka_api]\nlisten = \"0.0.0.0:9092\"\n\
+             advertised_address = \"edge:9092\"\n[kafka_api.tls]\nenabled = true\ncertificate_file = {:?}\n\
+             key_file = {:?}\nclient_ca_file = {:?}\n[kafka_api.sasl]\nmechanisms = [\"SCRAM-SHA-512\", \"PLAIN\"]\n\
+             credentials_file = {users:?}\n[[kafka_api.acl]]\nprincipal = \"User:dashboard\"\ntopics = [\"telemetry\"]\n",
+            path("server.pem"),
+            path("server.key"),
+            path("ca.pem"),
+        );
+        assert_eq!(problems(&good), Vec::<String>::new());
+    }
 }
