@@ -765,9 +765,9 @@ fn a_principal_reads_only_the_topics_an_acl_permits_every_api_answers_topic_auth
 /// firmware-config/examples/kafka-api-secure.toml as an operator would use it: with its
 /// /etc/weir and /var/lib/weir paths moved into `root`, `weir check-config` accepts it
 /// as it stands (listening off loopback, which needs authentication); served on
-/// loopback, kcat as `User:dashboard` over PLAIN reads every acknowledged record, and
-/// confluent-kafka as `User:alarms` over SCRAM-SHA-512 is refused telemetry (its rule
-/// names only alarms).
+/// loopback, kcat as `User:dashboard` over SCRAM-SHA-512 reads every acknowledged
+/// record, and confluent-kafka as `User:alarms` over SCRAM-SHA-512 is refused
+/// telemetry (its rule names only alarms).
 #[test]
 fn the_secure_example_config_validates_and_serves_as_its_comments_say() {
     let root = tempfile::tempdir().unwrap();
@@ -815,9 +815,9 @@ fn the_secure_example_config_validates_and_serves_as_its_comments_say() {
     let kafka = kafka(&appliance);
     let ends = simulate(&appliance);
     let stored = stored(&appliance, &ends);
-    // kcat's librdkafka (Debian's 2.0.2) fails SCRAM against weir (closing note of
-    // 2026-12-07); confluent-kafka's newer librdkafka does SCRAM below.
-    let dashboard = sasl_ssl(&pki, "PLAIN", "dashboard", "dashboard-password");
+    // kcat's librdkafka (Debian's 2.0.2) repeats its nonce in the client-final
+    // message (core::sasl_server accepts it, as Kafka does).
+    let dashboard = sasl_ssl(&pki, "SCRAM-SHA-512", "dashboard", "dashboard-password");
     assert_kcat_read_everything(&kcat(&kafka, &dashboard), &stored);
     let alarms = sasl_ssl(&pki, "SCRAM-SHA-512", "alarms", "alarms-password");
     let seen = metadata(&kafka, TOPIC, &alarms);

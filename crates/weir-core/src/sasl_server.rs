@@ -187,6 +187,8 @@ pub struct ScramServer {
     credential: ScramCredential,
     username: String,
     nonce: String,
+    /// The client's part at the start of `nonce`.
+    client_nonce_bytes: usize,
     gs2_header: String,
     /// client-first-bare + "," + server-first.
     auth_message_start: String,
@@ -218,10 +220,23 @@ impl ScramServer {
             credential,
             username: first.username.clone(),
             nonce,
+            client_nonce_bytes: first.client_nonce.len(),
             gs2_header: first.gs2_header.clone(),
             auth_message_start,
         };
         (server, server_first.into_bytes())
+    }
+
+    /// The client-final message repeats the nonce of the server-first message (RFC
+    /// 5802). librdkafka before 2.x's fix (Debian's 2.0.2, which kcat uses) puts its
+    /// own nonce before that again; Kafka's broker accepts any nonce that ends with
+    /// the server's (`endsWith`). weir accepts exactly these two forms; the
+    /// AuthMessage the proof covers is built from the text the client sent either way.
+    fn nonce_matches(&self, nonce: &str) -> bool {
+        nonce == self.nonce
+            || (nonce.len() == self.client_nonce_bytes + self.nonce.len()
+                && nonce.ends_with(self.nonce.as_str())
+                && nonce.starts_with(&self.nonce[..self.client_nonce_bytes]))
     }
 
     /// Checks the client-final message's proof; on success the user name and the
@@ -245,7 +260,7 @@ impl ScramServer {
             .next()
             .and_then(|second| second.strip_prefix("r="))
             .ok_or(AuthError::Malformed("expected r= second"))?;
-        if nonce != self.nonce {
+        if !self.nonce_matches(nonce) {
             return Err(AuthError::InvalidCredentials);
         }
         let proof = BASE64.decode(proof).map_err(|_| AuthError::Malformed("the proof is not base64"))?;
@@ -524,6 +539,40 @@ mod tests {
         assert!(allowed_before_authentication(api_key::API_VERSIONS));
         assert!(!allowed_before_authentication(api_key::FETCH));
         assert!(!allowed_before_authentication(api_key::METADATA));
+    }
+
+    /// librdkafka 2.0.2 (kcat on Debian) sends `r=` as its own nonce followed by the
+    /// server-first nonce; its proof covers that text. Accepted, like Kafka's broker;
+    /// any other extra text before the nonce is not.
+    #[test]
+    fn librdkafkas_client_nonce_repeated_before_the_nonce_is_accepted_nothing_else() {
+        let salt = BASE64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let (client_key, _) = client_and_server_keys(Mechanism::ScramSha256, b"pencil", &salt, 4096);
+        let stored_key = hash(Mechanism::ScramSha256, &client_key);
+        let final_with = |nonce: &str| {
+            let without_proof = format!("c=biws,r={nonce}");
+            let auth_message = format!("{},{SERVER_FIRST},{without_proof}", &CLIENT_FIRST[3..]);
+            let signature = hmac(Mechanism::ScramSha256, &stored_key, auth_message.as_bytes());
+            let proof: Vec<u8> = client_key.iter().zip(&signature).map(|(key, signature)| key ^ signature).collect();
+            format!("{without_proof},p={}", BASE64.encode(proof))
+        };
+        let combined = &SERVER_FIRST[2..SERVER_FIRST.find(",s=").unwrap()];
+        let client_nonce = "rOprNGfwEbeRWgbNEkqO";
+        for (nonce, accepted) in [
+            (format!("{client_nonce}{combined}"), true),
+            (format!("X{}{combined}", &client_nonce[1..]), false),
+            (format!("{client_nonce}{client_nonce}{combined}"), false),
+            (format!("{combined}{client_nonce}"), false),
+        ] {
+            let mut conversation = SaslConversation::new(vec![Mechanism::ScramSha256]);
+            conversation.handshake("SCRAM-SHA-256").unwrap();
+            assert!(matches!(
+                conversation.authenticate(CLIENT_FIRST.as_bytes(), SERVER_NONCE, users),
+                AuthStep::Continue(_)
+            ));
+            let step = conversation.authenticate(final_with(&nonce).as_bytes(), SERVER_NONCE, users);
+            assert_eq!(matches!(step, AuthStep::Done { .. }), accepted, "{nonce}: {step:?}");
+        }
     }
 
     #[test]
