@@ -9,6 +9,7 @@ pub mod dir_lock;
 pub mod disk;
 pub mod engine;
 pub mod handles;
+pub mod host;
 pub mod kafka;
 pub mod kafka_api;
 pub mod kafka_error;

@@ -10,18 +10,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-impl crate::config::Host {
-    /// This host's facts for config validation: its usable CPUs, and the upstream TLS
-    /// and SASL files loaded as `serve` loads them.
-    pub fn probe() -> crate::config::Host {
-        crate::config::Host {
-            usable_cpus: usable_cpus(),
-            upstream_files: crate::shell::kafka_secure::check_files,
-            kafka_api_files: crate::shell::kafka_api::check_files,
-        }
-    }
-}
-
 /// CPU ids that are online and in this process's affinity mask: the cores an executor
 /// can be pinned to.
 pub fn usable_cpus() -> BTreeSet<usize> {
